@@ -1,0 +1,90 @@
+//! Starting a berth process: privileges, pool, crash reconciliation, then serving.
+
+use std::{path::PathBuf, sync::Arc, time::Instant};
+
+use crate::{
+    error::{Error, Result},
+    server::{self, Endpoint, Roles},
+    service::{Context, DriverInfo},
+    storage::{guard::InFlight, node::NodeState, pool::Pool, setup},
+};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub roles: Roles,
+    pub endpoint: Endpoint,
+    pub node_id: String,
+    pub driver_name: String,
+    pub state_dir: PathBuf,
+    pub pool: setup::PoolSource,
+    pub max_volumes_per_node: Option<u32>,
+    pub direct_io: bool,
+}
+
+/// Loop devices are the limit on how many volumes a node can attach: the kernel's
+/// `max_loop` when it is set, less the one the embedded pool uses. With no fixed limit
+/// (max_loop=0, devices made on demand) berth promises a figure it has tested.
+fn default_max_volumes() -> u32 {
+    const ON_DEMAND: u32 = 1000;
+    std::fs::read_to_string("/sys/module/loop/parameters/max_loop")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|&n| n > 1)
+        .map_or(ON_DEMAND, |n| n - 1)
+}
+
+/// Builds the shared context: pool up, records reconciled. Separate from [`run`] so tests
+/// and benchmarks can build it without serving.
+pub async fn prepare(cfg: &Config) -> Result<Arc<Context>> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(Error::PoolUnavailable(
+            "berth must run as root: it creates loop devices, formats and mounts filesystems (as every CSI node plugin does)".into(),
+        ));
+    }
+    let root = setup::prepare(&cfg.state_dir, &cfg.pool).await?;
+    let pool = Arc::new(Pool::open(&root).await?);
+    let node = Arc::new(NodeState::open(
+        &cfg.state_dir,
+        pool.clone(),
+        cfg.direct_io,
+    )?);
+    // Each role repairs only what it owns: a node process must never discard a volume a
+    // live controller is half-way through creating.
+    if cfg.roles.controller {
+        let n = pool.reconcile()?;
+        if n > 0 {
+            tracing::info!(repaired = n, "pool reconciled after an unclean stop");
+        }
+    }
+    if cfg.roles.node {
+        let n = node.reconcile().await?;
+        if n > 0 {
+            tracing::info!(repaired = n, "node state reconciled after an unclean stop");
+        }
+    }
+    Ok(Arc::new(Context {
+        info: DriverInfo {
+            name: cfg.driver_name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            node_id: cfg.node_id.clone(),
+            max_volumes_per_node: cfg.max_volumes_per_node.unwrap_or_else(default_max_volumes),
+        },
+        pool,
+        node,
+        inflight: InFlight::default(),
+        state_dir: cfg.state_dir.clone(),
+    }))
+}
+
+pub async fn run(cfg: Config) -> Result<()> {
+    let started = Instant::now();
+    let ctx = prepare(&cfg).await?;
+    tracing::info!(
+        node.id = %cfg.node_id,
+        pool = %ctx.pool.root().display(),
+        reflink = ctx.pool.reflink(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "berth ready"
+    );
+    server::serve(ctx, cfg.roles, &cfg.endpoint).await
+}

@@ -1,0 +1,183 @@
+//! Serving the CSI services on a unix socket (0600, stale socket replaced) or TCP, with a
+//! graceful drain on SIGTERM/SIGINT.
+
+use std::{
+    fs,
+    os::unix::fs::{FileTypeExt, PermissionsExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::Server;
+
+use crate::{
+    error::{Error, Result},
+    proto::csi::v1::{
+        controller_server::ControllerServer, group_controller_server::GroupControllerServer,
+        identity_server::IdentityServer, node_server::NodeServer,
+    },
+    service::{
+        Context, controller::ControllerService, group::GroupService, identity::IdentityService,
+        node::NodeService,
+    },
+};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl Endpoint {
+    pub fn parse(s: &str) -> Result<Endpoint> {
+        if let Some(p) = s.strip_prefix("unix://") {
+            // unix:///abs/path and unix:/abs/path both occur in the wild.
+            let path = PathBuf::from(p);
+            if !path.is_absolute() {
+                return Err(Error::invalid(
+                    "endpoint",
+                    format!("{s:?}: the socket path must be absolute"),
+                ));
+            }
+            Ok(Endpoint::Unix(path))
+        } else if let Some(p) = s.strip_prefix("unix:") {
+            Endpoint::parse(&format!("unix://{p}"))
+        } else if let Some(a) = s.strip_prefix("tcp://") {
+            Ok(Endpoint::Tcp(a.to_string()))
+        } else {
+            Err(Error::invalid(
+                "endpoint",
+                format!("{s:?}: expected unix:///path or tcp://host:port"),
+            ))
+        }
+    }
+}
+
+/// Which services this process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub controller: bool,
+    pub node: bool,
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
+    }
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            // A socket left by a previous (crashed) run: nobody can be listening, because two
+            // drivers on one socket path would be a deployment error caught by the bind below.
+            fs::remove_file(path).map_err(Error::io("remove stale socket", path))?;
+        }
+        Ok(_) => {
+            return Err(Error::invalid(
+                "endpoint",
+                format!(
+                    "{} exists and is not a socket; refusing to replace it",
+                    path.display()
+                ),
+            ));
+        }
+        Err(_) => {}
+    }
+    // Created under a 0177 umask so there is no window in which the socket is open to others.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = listener.map_err(Error::io("bind", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .map_err(Error::io("chmod", path))?;
+    Ok(listener)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining in-flight requests"),
+        _ = int.recv() => tracing::info!("SIGINT: draining in-flight requests"),
+    }
+}
+
+/// Serves until SIGTERM/SIGINT, then lets in-flight RPCs finish and removes the socket.
+pub async fn serve(ctx: Arc<Context>, roles: Roles, endpoint: &Endpoint) -> Result<()> {
+    let mut router = Server::builder().add_service(IdentityServer::new(IdentityService::new(
+        ctx.clone(),
+        roles.controller,
+    )));
+    if roles.controller {
+        router = router
+            .add_service(ControllerServer::new(ControllerService::new(ctx.clone())))
+            .add_service(GroupControllerServer::new(GroupService::new(ctx.clone())));
+    }
+    if roles.node {
+        router = router.add_service(NodeServer::new(NodeService::new(ctx.clone())));
+    }
+    let served = match endpoint {
+        Endpoint::Unix(path) => {
+            let listener = bind_unix(path)?;
+            tracing::info!(endpoint = %path.display(), "serving CSI");
+            let r = router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+                .await;
+            let _ = fs::remove_file(path);
+            r
+        }
+        Endpoint::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(Error::io("bind", addr.as_str()))?;
+            tracing::info!(endpoint = %addr, "serving CSI");
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
+                .await
+        }
+    };
+    served.map_err(|e| Error::Io {
+        op: "serve",
+        path: PathBuf::from(format!("{endpoint:?}")),
+        source: std::io::Error::other(e),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(
+            Endpoint::parse("unix:///run/csi.sock").unwrap(),
+            Endpoint::Unix("/run/csi.sock".into())
+        );
+        assert_eq!(
+            Endpoint::parse("unix:/run/csi.sock").unwrap(),
+            Endpoint::Unix("/run/csi.sock".into())
+        );
+        assert_eq!(
+            Endpoint::parse("tcp://127.0.0.1:10000").unwrap(),
+            Endpoint::Tcp("127.0.0.1:10000".into())
+        );
+        for bad in ["", "/run/csi.sock", "unix://relative", "http://x"] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn socket_is_private_and_stale_one_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("csi.sock");
+        drop(bind_unix(&p).unwrap());
+        let l = bind_unix(&p).expect("stale socket replaced");
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(l);
+        let f = dir.path().join("file");
+        fs::write(&f, b"x").unwrap();
+        assert!(bind_unix(&f).is_err(), "a regular file is never removed");
+    }
+}

@@ -1,0 +1,283 @@
+//! CSI GroupController service: crash-consistent snapshots across several volumes.
+
+use std::{collections::BTreeSet, sync::Arc};
+
+use tonic::{Request, Response, Status};
+
+use super::{
+    Context, capabilities,
+    convert::{self, required},
+    params, respond,
+};
+use crate::{
+    error::{Error, Result},
+    proto::csi::v1::{self as csi, group_controller_server::GroupController},
+    storage::{
+        GroupSnapshotId, GroupSnapshotRecord, RecordState, SnapshotRecord, VolumeId, now_nanos,
+    },
+    util::failpoint,
+};
+
+#[derive(Debug, Clone)]
+pub struct GroupService {
+    ctx: Arc<Context>,
+}
+
+impl GroupService {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self { ctx }
+    }
+
+    async fn create(
+        &self,
+        req: csi::CreateVolumeGroupSnapshotRequest,
+    ) -> Result<csi::CreateVolumeGroupSnapshotResponse> {
+        let name = required(&req.name, "name")?;
+        if req.source_volume_ids.is_empty() {
+            return Err(Error::Missing("source_volume_ids"));
+        }
+        params::snapshot_params(&req.parameters)?;
+        let mut volumes = Vec::new();
+        for raw in &req.source_volume_ids {
+            let id = convert::existing_volume_id(raw)?;
+            if volumes.contains(&id) {
+                return Err(Error::invalid(
+                    "source_volume_ids",
+                    format!("{id} is listed twice"),
+                ));
+            }
+            volumes.push(id);
+        }
+        let id = GroupSnapshotId::for_name(name);
+        let keys = std::iter::once(id.to_string()).chain(volumes.iter().map(|v| v.to_string()));
+        let _guard = self.ctx.inflight.try_lock(keys.collect::<Vec<_>>())?;
+        let pool = &self.ctx.pool;
+
+        if let Some(g) = pool.group(&id)?
+            && g.state == RecordState::Ready
+        {
+            let same = g.source_volumes.iter().collect::<BTreeSet<_>>()
+                == volumes.iter().collect::<BTreeSet<_>>();
+            if !same {
+                return Err(Error::AlreadyExists {
+                    kind: "group snapshot",
+                    name: name.to_string(),
+                    detail: format!("it was taken of {:?}", g.source_volumes),
+                });
+            }
+            return self.response(&g);
+        }
+        for v in &volumes {
+            pool.ready_volume(v)?;
+        }
+        let member_name = |v: &VolumeId| format!("{name}/{v}");
+        let mut record = GroupSnapshotRecord {
+            id: id.clone(),
+            name: name.to_string(),
+            source_volumes: volumes.clone(),
+            snapshots: volumes
+                .iter()
+                .map(|v| crate::storage::SnapshotId::for_name(&member_name(v)))
+                .collect(),
+            state: RecordState::Creating,
+            created_unix_nanos: now_nanos(),
+        };
+        pool.save_group(&record)?;
+
+        let mut pending = Vec::new();
+        for v in &volumes {
+            match pool.begin_snapshot(&member_name(v), v, Some(&id)).await? {
+                Ok(rec) => pending.push(rec),
+                Err(done) => pending.push(done),
+            }
+        }
+        let members = self.cut(pending).await?;
+        record.state = RecordState::Ready;
+        record.created_unix_nanos = members
+            .iter()
+            .map(|s| s.created_unix_nanos)
+            .max()
+            .unwrap_or_else(now_nanos);
+        pool.save_group(&record)?;
+        self.response(&record)
+    }
+
+    /// Freezes every mounted member, reflinks them all, thaws: one cut across all volumes.
+    /// The thaw runs whatever happened in between; a crash in between is caught by the
+    /// node's reconcile, which thaws what its records say is frozen.
+    async fn cut(&self, pending: Vec<SnapshotRecord>) -> Result<Vec<SnapshotRecord>> {
+        let pool = &self.ctx.pool;
+        let mut frozen = Vec::new();
+        let mut result = Ok(());
+        for s in &pending {
+            if s.state == RecordState::Ready {
+                continue;
+            }
+            match self.ctx.node.freeze(&s.source_volume).await {
+                Ok(true) => frozen.push(s.source_volume.clone()),
+                Ok(false) => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        failpoint::hit("group-snapshot:while-frozen");
+        let mut copied = Vec::new();
+        if result.is_ok() {
+            for s in &pending {
+                if s.state == RecordState::Ready {
+                    continue;
+                }
+                if let Err(e) = pool.copy_snapshot(s).await {
+                    result = Err(e);
+                    break;
+                }
+                copied.push(s.id.clone());
+            }
+        }
+        for v in frozen.iter().rev() {
+            if let Err(e) = self.ctx.node.thaw(v).await {
+                tracing::error!(volume.id = %v, error = %e, "failed to thaw after group snapshot");
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        result?;
+        pending
+            .into_iter()
+            .map(|s| {
+                if s.state == RecordState::Ready {
+                    Ok(s)
+                } else {
+                    pool.finish_snapshot(s)
+                }
+            })
+            .collect()
+    }
+
+    fn response(&self, g: &GroupSnapshotRecord) -> Result<csi::CreateVolumeGroupSnapshotResponse> {
+        Ok(csi::CreateVolumeGroupSnapshotResponse {
+            group_snapshot: Some(self.to_group(g)?),
+        })
+    }
+
+    fn to_group(&self, g: &GroupSnapshotRecord) -> Result<csi::VolumeGroupSnapshot> {
+        let snapshots = g
+            .snapshots
+            .iter()
+            .map(|s| {
+                self.ctx
+                    .pool
+                    .ready_snapshot(s)
+                    .map(|r| convert::to_snapshot(&r))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(csi::VolumeGroupSnapshot {
+            group_snapshot_id: g.id.to_string(),
+            snapshots,
+            creation_time: Some(convert::timestamp(g.created_unix_nanos)),
+            ready_to_use: true,
+        })
+    }
+
+    fn check_members(g: &GroupSnapshotRecord, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let given: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+        let have: BTreeSet<&str> = g.snapshots.iter().map(|s| s.as_str()).collect();
+        if given != have {
+            return Err(Error::invalid(
+                "snapshot_ids",
+                format!("group snapshot {} holds {have:?}, not {given:?}", g.id),
+            ));
+        }
+        Ok(())
+    }
+
+    fn delete(
+        &self,
+        req: csi::DeleteVolumeGroupSnapshotRequest,
+    ) -> Result<csi::DeleteVolumeGroupSnapshotResponse> {
+        let Some(id) = convert::group_id(&req.group_snapshot_id)? else {
+            return Ok(csi::DeleteVolumeGroupSnapshotResponse {});
+        };
+        let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
+        let pool = &self.ctx.pool;
+        let Some(mut g) = pool.group(&id)? else {
+            return Ok(csi::DeleteVolumeGroupSnapshotResponse {});
+        };
+        Self::check_members(&g, &req.snapshot_ids)?;
+        if g.state != RecordState::Deleting {
+            g.state = RecordState::Deleting;
+            pool.save_group(&g)?;
+        }
+        for s in &g.snapshots {
+            pool.delete_snapshot(s)?;
+        }
+        pool.remove_group(&id)?;
+        Ok(csi::DeleteVolumeGroupSnapshotResponse {})
+    }
+
+    fn get(
+        &self,
+        req: csi::GetVolumeGroupSnapshotRequest,
+    ) -> Result<csi::GetVolumeGroupSnapshotResponse> {
+        let id = convert::group_id(&req.group_snapshot_id)?
+            .ok_or_else(|| Error::GroupSnapshotNotFound(req.group_snapshot_id.clone()))?;
+        let g = self
+            .ctx
+            .pool
+            .group(&id)?
+            .filter(|g| g.state == RecordState::Ready)
+            .ok_or_else(|| Error::GroupSnapshotNotFound(id.to_string()))?;
+        Self::check_members(&g, &req.snapshot_ids)?;
+        Ok(csi::GetVolumeGroupSnapshotResponse {
+            group_snapshot: Some(self.to_group(&g)?),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl GroupController for GroupService {
+    async fn group_controller_get_capabilities(
+        &self,
+        _: Request<csi::GroupControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::GroupControllerGetCapabilitiesResponse>, Status> {
+        use csi::group_controller_service_capability::{Rpc, Type};
+        Ok(Response::new(csi::GroupControllerGetCapabilitiesResponse {
+            capabilities: capabilities::GROUP
+                .iter()
+                .map(|&t| csi::GroupControllerServiceCapability {
+                    r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
+                })
+                .collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(name = %req.get_ref().name))]
+    async fn create_volume_group_snapshot(
+        &self,
+        req: Request<csi::CreateVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<csi::CreateVolumeGroupSnapshotResponse>, Status> {
+        respond(self.create(req.into_inner()).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(group_snapshot.id = %req.get_ref().group_snapshot_id))]
+    async fn delete_volume_group_snapshot(
+        &self,
+        req: Request<csi::DeleteVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<csi::DeleteVolumeGroupSnapshotResponse>, Status> {
+        respond(self.delete(req.into_inner()))
+    }
+
+    #[tracing::instrument(skip_all, fields(group_snapshot.id = %req.get_ref().group_snapshot_id))]
+    async fn get_volume_group_snapshot(
+        &self,
+        req: Request<csi::GetVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<csi::GetVolumeGroupSnapshotResponse>, Status> {
+        respond(self.get(req.into_inner()))
+    }
+}

@@ -1,0 +1,68 @@
+//! CSI Identity service.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{Context, capabilities, respond};
+use crate::proto::csi::v1::{self as csi, identity_server::Identity, plugin_capability};
+
+#[derive(Debug, Clone)]
+pub struct IdentityService {
+    ctx: Arc<Context>,
+    controller: bool,
+}
+
+impl IdentityService {
+    pub fn new(ctx: Arc<Context>, controller: bool) -> Self {
+        Self { ctx, controller }
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn get_plugin_info(
+        &self,
+        _: Request<csi::GetPluginInfoRequest>,
+    ) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
+        Ok(Response::new(csi::GetPluginInfoResponse {
+            name: self.ctx.info.name.clone(),
+            vendor_version: self.ctx.info.version.clone(),
+            manifest: Default::default(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<csi::GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
+        use plugin_capability::{Service, Type, VolumeExpansion};
+        let mut caps: Vec<csi::PluginCapability> = capabilities::plugin_services(self.controller)
+            .into_iter()
+            .map(|t| csi::PluginCapability {
+                r#type: Some(Type::Service(Service { r#type: t as i32 })),
+            })
+            .collect();
+        caps.push(csi::PluginCapability {
+            r#type: Some(Type::VolumeExpansion(VolumeExpansion {
+                r#type: capabilities::EXPANSION as i32,
+            })),
+        });
+        Ok(Response::new(csi::GetPluginCapabilitiesResponse {
+            capabilities: caps,
+        }))
+    }
+
+    /// Ready only while the pool is mounted and takes a durable write.
+    #[tracing::instrument(skip_all)]
+    async fn probe(
+        &self,
+        _: Request<csi::ProbeRequest>,
+    ) -> Result<Response<csi::ProbeResponse>, Status> {
+        let pool = self.ctx.pool.clone();
+        let result = tokio::task::spawn_blocking(move || pool.probe())
+            .await
+            .expect("probe task panicked");
+        respond(result.map(|()| csi::ProbeResponse { ready: Some(true) }))
+    }
+}

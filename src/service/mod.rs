@@ -1,0 +1,58 @@
+//! The gRPC edge. Each handler validates the request, takes the per-volume guard, calls the
+//! storage domain and maps the result; no business logic lives here.
+
+pub mod capabilities;
+pub mod controller;
+pub mod convert;
+pub mod group;
+pub mod identity;
+pub mod node;
+pub mod params;
+
+use std::{path::PathBuf, sync::Arc};
+
+use tonic::{Response, Status};
+
+use crate::{
+    error::Result,
+    storage::{guard::InFlight, node::NodeState, pool::Pool},
+};
+
+/// The topology key every berth node reports and every volume is accessible by.
+pub const TOPOLOGY_KEY: &str = "topology.berth.csi.dev/node";
+
+#[derive(Debug, Clone)]
+pub struct DriverInfo {
+    pub name: String,
+    pub version: String,
+    pub node_id: String,
+    pub max_volumes_per_node: u32,
+}
+
+/// What every service shares: injected, so tests build it over a temp pool.
+#[derive(Debug)]
+pub struct Context {
+    pub info: DriverInfo,
+    pub pool: Arc<Pool>,
+    pub node: Arc<NodeState>,
+    pub inflight: InFlight,
+    pub state_dir: PathBuf,
+}
+
+/// Maps a domain result to a gRPC response, logging a failure once, here, inside the RPC's
+/// span.
+pub(crate) fn respond<T>(result: Result<T>) -> Result<Response<T>, Status> {
+    match result {
+        Ok(v) => Ok(Response::new(v)),
+        Err(e) => {
+            let code = e.code();
+            match code {
+                tonic::Code::Internal | tonic::Code::Unavailable => {
+                    tracing::error!(error = %e, ?code, "request failed")
+                }
+                _ => tracing::info!(error = %e, ?code, "request refused"),
+            }
+            Err(e.into())
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! CSI Node service.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{Context, capabilities, convert, respond};
+use crate::{
+    error::{Error, Result},
+    proto::csi::v1::{self as csi, node_server::Node},
+};
+
+#[derive(Debug, Clone)]
+pub struct NodeService {
+    ctx: Arc<Context>,
+}
+
+impl NodeService {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self { ctx }
+    }
+
+    async fn stage(
+        &self,
+        req: csi::NodeStageVolumeRequest,
+    ) -> Result<csi::NodeStageVolumeResponse> {
+        let id = convert::existing_volume_id(&req.volume_id)?;
+        let staging = convert::co_path(&req.staging_target_path, "staging_target_path")?;
+        let cap = req
+            .volume_capability
+            .as_ref()
+            .ok_or(Error::Missing("volume_capability"))?;
+        let usage = node_usage(&id, cap)?;
+        let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
+        self.ctx.node.stage(&id, &staging, usage).await?;
+        Ok(csi::NodeStageVolumeResponse {})
+    }
+
+    async fn unstage(
+        &self,
+        req: csi::NodeUnstageVolumeRequest,
+    ) -> Result<csi::NodeUnstageVolumeResponse> {
+        let id = convert::existing_volume_id(&req.volume_id)?;
+        let staging = convert::co_path(&req.staging_target_path, "staging_target_path")?;
+        let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
+        self.ctx.node.unstage(&id, &staging).await?;
+        Ok(csi::NodeUnstageVolumeResponse {})
+    }
+
+    async fn publish(
+        &self,
+        req: csi::NodePublishVolumeRequest,
+    ) -> Result<csi::NodePublishVolumeResponse> {
+        let id = convert::existing_volume_id(&req.volume_id)?;
+        let target = convert::co_path(&req.target_path, "target_path")?;
+        let cap = req
+            .volume_capability
+            .as_ref()
+            .ok_or(Error::Missing("volume_capability"))?;
+        if req.staging_target_path.is_empty() {
+            // Spec table: STAGE_UNSTAGE_VOLUME is advertised, so a publish without a staging
+            // path is FAILED_PRECONDITION.
+            return Err(Error::FailedPrecondition(
+                "staging_target_path is required: this plugin stages volumes".into(),
+            ));
+        }
+        let staging = convert::co_path(&req.staging_target_path, "staging_target_path")?;
+        let usage = node_usage(&id, cap)?;
+        let readonly = req.readonly || capabilities::read_only_mode(convert::mode(cap));
+        let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
+        self.ctx
+            .node
+            .publish(&id, &staging, &target, &usage, readonly)
+            .await?;
+        Ok(csi::NodePublishVolumeResponse {})
+    }
+
+    async fn unpublish(
+        &self,
+        req: csi::NodeUnpublishVolumeRequest,
+    ) -> Result<csi::NodeUnpublishVolumeResponse> {
+        let id = convert::existing_volume_id(&req.volume_id)?;
+        let target = convert::co_path(&req.target_path, "target_path")?;
+        let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
+        self.ctx.node.unpublish(&id, &target).await?;
+        Ok(csi::NodeUnpublishVolumeResponse {})
+    }
+
+    async fn stats(
+        &self,
+        req: csi::NodeGetVolumeStatsRequest,
+    ) -> Result<csi::NodeGetVolumeStatsResponse> {
+        use csi::volume_usage::Unit;
+        let id = convert::existing_volume_id(&req.volume_id)?;
+        let path = convert::co_path(&req.volume_path, "volume_path")?;
+        let st = self.ctx.node.stats(&id, &path).await?;
+        let mut usage = vec![csi::VolumeUsage {
+            available: st.available_bytes as i64,
+            total: st.total_bytes as i64,
+            used: st.used_bytes as i64,
+            unit: Unit::Bytes as i32,
+        }];
+        if let Some((total, free, used)) = st.inodes {
+            usage.push(csi::VolumeUsage {
+                available: free as i64,
+                total: total as i64,
+                used: used as i64,
+                unit: Unit::Inodes as i32,
+            });
+        }
+        let volume_condition = Some(match st.abnormal {
+            Some(message) => csi::VolumeCondition {
+                abnormal: true,
+                message,
+            },
+            None => csi::VolumeCondition {
+                abnormal: false,
+                message: "volume attached and healthy".into(),
+            },
+        });
+        Ok(csi::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition,
+        })
+    }
+
+    async fn expand(
+        &self,
+        req: csi::NodeExpandVolumeRequest,
+    ) -> Result<csi::NodeExpandVolumeResponse> {
+        let id = convert::existing_volume_id(&req.volume_id)?;
+        let path = convert::co_path(&req.volume_path, "volume_path")?;
+        if let Some(cap) = &req.volume_capability
+            && let Some(why) = convert::unsupported(cap)
+        {
+            return Err(Error::invalid("volume_capability", why));
+        }
+        let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
+        let bytes = self.ctx.node.expand(&id, &path).await?;
+        Ok(csi::NodeExpandVolumeResponse {
+            capacity_bytes: bytes as i64,
+        })
+    }
+}
+
+/// Node RPCs answer an unusable capability with FAILED_PRECONDITION ("Exceeds capabilities").
+fn node_usage(
+    id: &crate::storage::VolumeId,
+    cap: &csi::VolumeCapability,
+) -> Result<crate::storage::node::Usage> {
+    if let Some(reason) = convert::unsupported(cap) {
+        return Err(Error::CapabilityMismatch {
+            volume: id.to_string(),
+            reason,
+        });
+    }
+    convert::usage(cap)
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id))]
+    async fn node_stage_volume(
+        &self,
+        req: Request<csi::NodeStageVolumeRequest>,
+    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
+        respond(self.stage(req.into_inner()).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id))]
+    async fn node_unstage_volume(
+        &self,
+        req: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        respond(self.unstage(req.into_inner()).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id))]
+    async fn node_publish_volume(
+        &self,
+        req: Request<csi::NodePublishVolumeRequest>,
+    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
+        respond(self.publish(req.into_inner()).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id))]
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        respond(self.unpublish(req.into_inner()).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id))]
+    async fn node_get_volume_stats(
+        &self,
+        req: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        respond(self.stats(req.into_inner()).await)
+    }
+
+    #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id))]
+    async fn node_expand_volume(
+        &self,
+        req: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        respond(self.expand(req.into_inner()).await)
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
+        use csi::node_service_capability::{Rpc, Type};
+        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
+            capabilities: capabilities::NODE
+                .iter()
+                .map(|&t| csi::NodeServiceCapability {
+                    r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<csi::NodeGetInfoRequest>,
+    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
+        let info = &self.ctx.info;
+        Ok(Response::new(csi::NodeGetInfoResponse {
+            node_id: info.node_id.clone(),
+            max_volumes_per_node: info.max_volumes_per_node as i64,
+            accessible_topology: Some(convert::topology(&info.node_id)),
+        }))
+    }
+}

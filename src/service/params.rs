@@ -1,0 +1,188 @@
+//! StorageClass `parameters` and VolumeAttributesClass `mutable_parameters`, typed.
+//!
+//! Keys are explicit renames; a key berth does not know is INVALID_ARGUMENT rather than
+//! silently ignored, so a typo in a StorageClass fails the first provisioning loudly instead
+//! of producing a volume that lacks what the user asked for.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Deserialize;
+
+use crate::{
+    error::{Error, Result},
+    storage::{FsType, MutableSettings},
+};
+
+/// The StorageClass parameter that names the filesystem (the CO may also pass it in the
+/// capability's fs_type, which wins).
+pub const FSTYPE_KEY: &str = "csi.storage.k8s.io/fstype";
+/// Object names the external-provisioner adds with `--extra-create-metadata`.
+const METADATA_KEYS: [&str; 3] = [
+    "csi.storage.k8s.io/pvc/name",
+    "csi.storage.k8s.io/pvc/namespace",
+    "csi.storage.k8s.io/pv/name",
+];
+/// The same for the external-snapshotter.
+const SNAPSHOT_METADATA_KEYS: [&str; 3] = [
+    "csi.storage.k8s.io/volumesnapshot/name",
+    "csi.storage.k8s.io/volumesnapshot/namespace",
+    "csi.storage.k8s.io/volumesnapshotcontent/name",
+];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Mutable {
+    /// "true" / "false": allocate every block of the image up front.
+    #[serde(rename = "preallocate")]
+    preallocate: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CreateParams {
+    pub fs_type: Option<FsType>,
+    pub settings: MutableSettings,
+    /// PVC/PV names, kept for events and for operators reading records.
+    pub labels: BTreeMap<String, String>,
+}
+
+fn parse_bool(key: &'static str, v: &str) -> Result<bool> {
+    match v {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(Error::invalid(
+            key,
+            format!("{other:?} is not \"true\" or \"false\""),
+        )),
+    }
+}
+
+fn parse_mutable(map: &HashMap<String, String>, into: &mut MutableSettings) -> Result<()> {
+    let value = serde_json::to_value(map).expect("string maps serialize");
+    let m: Mutable =
+        serde_json::from_value(value).map_err(|e| Error::invalid("parameters", e.to_string()))?;
+    if let Some(p) = m.preallocate {
+        into.preallocate = parse_bool("preallocate", &p)?;
+    }
+    Ok(())
+}
+
+/// Parses CreateVolume's `parameters` and `mutable_parameters`.
+pub fn create_params(
+    params: &HashMap<String, String>,
+    mutable: &HashMap<String, String>,
+) -> Result<CreateParams> {
+    let mut out = CreateParams::default();
+    let mut rest = HashMap::new();
+    for (k, v) in params {
+        if k == FSTYPE_KEY {
+            out.fs_type = Some(FsType::parse(v).ok_or_else(|| {
+                Error::invalid(
+                    "parameters",
+                    format!("{FSTYPE_KEY} {v:?} is not ext4 or xfs"),
+                )
+            })?);
+        } else if METADATA_KEYS.contains(&k.as_str()) {
+            out.labels.insert(k.clone(), v.clone());
+        } else {
+            rest.insert(k.clone(), v.clone());
+        }
+    }
+    parse_mutable(&rest, &mut out.settings)?;
+    parse_mutable(mutable, &mut out.settings)?;
+    Ok(out)
+}
+
+/// Parses ControllerModifyVolume's `mutable_parameters` on top of the current settings.
+pub fn modify_params(
+    current: &MutableSettings,
+    mutable: &HashMap<String, String>,
+) -> Result<MutableSettings> {
+    let mut out = current.clone();
+    parse_mutable(mutable, &mut out)?;
+    Ok(out)
+}
+
+/// CreateSnapshot / CreateVolumeGroupSnapshot take no parameters of their own.
+pub fn snapshot_params(params: &HashMap<String, String>) -> Result<()> {
+    match params
+        .keys()
+        .find(|k| !SNAPSHOT_METADATA_KEYS.contains(&k.as_str()))
+    {
+        Some(k) => Err(Error::invalid(
+            "parameters",
+            format!("unknown snapshot parameter {k:?}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn create_parameters_table() {
+        type Case<'a> = (
+            Vec<(&'a str, &'a str)>,
+            Vec<(&'a str, &'a str)>,
+            Result<(Option<FsType>, bool), &'a str>,
+        );
+        let cases: Vec<Case> = vec![
+            (vec![], vec![], Ok((None, false))),
+            (
+                vec![(FSTYPE_KEY, "xfs")],
+                vec![],
+                Ok((Some(FsType::Xfs), false)),
+            ),
+            (vec![(FSTYPE_KEY, "btrfs")], vec![], Err("btrfs")),
+            (vec![("preallocate", "true")], vec![], Ok((None, true))),
+            (vec![], vec![("preallocate", "true")], Ok((None, true))),
+            (vec![("preallocate", "yes")], vec![], Err("yes")),
+            (vec![("replicas", "3")], vec![], Err("replicas")),
+            (
+                vec![("csi.storage.k8s.io/pvc/name", "db")],
+                vec![],
+                Ok((None, false)),
+            ),
+            (vec![], vec![("bogus", "1")], Err("bogus")),
+        ];
+        for (params, mutable, want) in cases {
+            let got = create_params(&map(&params), &map(&mutable));
+            match (got, want) {
+                (Ok(p), Ok((fs, pre))) => {
+                    assert_eq!(
+                        (p.fs_type, p.settings.preallocate),
+                        (fs, pre),
+                        "{params:?} {mutable:?}"
+                    )
+                }
+                (Err(e), Err(word)) => {
+                    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+                    assert!(e.to_string().contains(word), "{e} should mention {word}");
+                }
+                (got, want) => panic!("{params:?} {mutable:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn labels_keep_kubernetes_names() {
+        let p = create_params(
+            &map(&[("csi.storage.k8s.io/pvc/namespace", "prod")]),
+            &HashMap::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            p.labels
+                .get("csi.storage.k8s.io/pvc/namespace")
+                .map(String::as_str),
+            Some("prod")
+        );
+    }
+}

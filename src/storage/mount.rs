@@ -1,0 +1,189 @@
+//! Formatting, mounting and resizing filesystems on berth's devices.
+
+use std::path::Path;
+
+use nix::mount::{MntFlags, MsFlags};
+
+use super::model::FsType;
+use crate::{
+    error::{Error, Result},
+    util::{exec, fsutil},
+};
+
+/// What is on a device, per `blkid -p` (a low-level probe that does not trust caches).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    Blank,
+    Filesystem(String),
+    /// A partition table or other non-filesystem signature: never formatted over.
+    Other(String),
+}
+
+pub async fn probe(device: &Path) -> Result<Content> {
+    let (code, out) = exec::status(
+        "blkid",
+        [
+            "-p".as_ref(),
+            "-o".as_ref(),
+            "export".as_ref(),
+            device.as_os_str(),
+        ],
+    )
+    .await?;
+    match code {
+        // blkid exits 2 when it finds no signature at all.
+        2 => Ok(Content::Blank),
+        0 => {
+            let field = |key: &str| {
+                out.lines()
+                    .find_map(|l| l.strip_prefix(key).map(str::to_string))
+            };
+            Ok(match (field("TYPE="), field("PTTYPE=")) {
+                (Some(t), _) => Content::Filesystem(t),
+                (None, Some(pt)) => Content::Other(format!("partition table {pt}")),
+                (None, None) => Content::Other(out.trim().to_string()),
+            })
+        }
+        _ => Err(Error::Command {
+            command: format!("blkid -p {}", device.display()),
+            status: format!("exit status: {code}"),
+            stderr: out,
+        }),
+    }
+}
+
+pub async fn mkfs(device: &Path, fs: FsType) -> Result<()> {
+    let dev = device.as_os_str();
+    match fs {
+        // The image is freshly sparse: discarding it is wasted work, and lazy init keeps
+        // mkfs time independent of the volume size. 4 KiB blocks always: mke2fs picks 1 KiB
+        // for small devices, which a direct-I/O loop device (4 KiB logical blocks on an XFS
+        // pool) cannot mount.
+        FsType::Ext4 => exec::run(
+            "mkfs.ext4",
+            [
+                "-q".as_ref(),
+                "-F".as_ref(),
+                "-b".as_ref(),
+                "4096".as_ref(),
+                "-E".as_ref(),
+                "nodiscard,lazy_itable_init=1,lazy_journal_init=1".as_ref(),
+                dev,
+            ],
+        )
+        .await
+        .map(drop),
+        FsType::Xfs => exec::run("mkfs.xfs", ["-q".as_ref(), "-K".as_ref(), dev])
+            .await
+            .map(drop),
+    }
+}
+
+/// Mount options come from the CO (capability mount_flags); they are passed to mount(8) as
+/// one `-o` argument, so only the characters mount options are made of are accepted.
+pub fn validate_mount_flags(flags: &[String]) -> Result<()> {
+    for f in flags {
+        let ok = !f.is_empty()
+            && f.len() <= 256
+            && f.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-=.:/+@".contains(&b));
+        if !ok {
+            return Err(Error::invalid(
+                "mount_flags",
+                format!("unsupported mount option {f:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub async fn mount_fs(device: &Path, target: &Path, fs: FsType, flags: &[String]) -> Result<()> {
+    validate_mount_flags(flags)?;
+    let mut args: Vec<&std::ffi::OsStr> = vec!["-t".as_ref(), fs.as_str().as_ref()];
+    let opts = flags.join(",");
+    if !opts.is_empty() {
+        args.push("-o".as_ref());
+        args.push(opts.as_ref());
+    }
+    args.push(device.as_os_str());
+    args.push(target.as_os_str());
+    exec::run("mount", args).await.map(drop)
+}
+
+/// Bind-mounts `source` (a directory or a device node) at `target`, read-only if asked.
+/// A read-only bind needs a second remount call: MS_RDONLY is ignored on the first.
+pub fn bind(source: &Path, target: &Path, readonly: bool) -> Result<()> {
+    nix::mount::mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| Error::io("bind mount", target)(e.into()))?;
+    if readonly {
+        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        if let Err(e) = nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
+            let _ = nix::mount::umount2(target, MntFlags::empty());
+            return Err(Error::io("remount read-only", target)(e.into()));
+        }
+    }
+    Ok(())
+}
+
+/// Unmounts every mount stacked at `target`; nothing mounted there is success.
+pub fn unmount_all(target: &Path) -> Result<()> {
+    while fsutil::is_mount_point(target)? {
+        nix::mount::umount2(target, MntFlags::empty())
+            .map_err(|e| Error::io("unmount", target)(e.into()))?;
+    }
+    Ok(())
+}
+
+pub async fn freeze(mount_point: &Path) -> Result<()> {
+    exec::run("fsfreeze", ["-f".as_ref(), mount_point.as_os_str()])
+        .await
+        .map(drop)
+}
+
+/// Thaws; a filesystem that is not frozen is success (EINVAL from the ioctl).
+pub async fn thaw(mount_point: &Path) -> Result<()> {
+    match exec::run("fsfreeze", ["-u".as_ref(), mount_point.as_os_str()]).await {
+        Err(Error::Command { stderr, .. }) if stderr.contains("Invalid argument") => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// Grows a mounted filesystem to its device's size, online.
+pub async fn grow_fs(device: &Path, mount_point: &Path, fs: FsType) -> Result<()> {
+    match fs {
+        FsType::Ext4 => exec::run("resize2fs", [device.as_os_str()]).await.map(drop),
+        FsType::Xfs => exec::run("xfs_growfs", [mount_point.as_os_str()])
+            .await
+            .map(drop),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_flags_are_checked() {
+        let ok =
+            |v: &[&str]| validate_mount_flags(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(ok(&[]).is_ok());
+        assert!(
+            ok(&[
+                "noatime",
+                "discard",
+                "commit=30",
+                "context=system_u:object_r:x:s0"
+            ])
+            .is_ok()
+        );
+        for bad in [&["a,b"][..], &[""], &["x y"], &["$(reboot)"], &["a\nb"]] {
+            assert!(ok(bad).is_err(), "{bad:?}");
+        }
+    }
+}

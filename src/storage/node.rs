@@ -1,0 +1,535 @@
+//! The node's half: attaching volume images as loop devices, formatting, staging and
+//! publishing them, and undoing all of it — including after a crash.
+//!
+//! Node records live in `<state_dir>/node/<vol-id>.json`, outside the pool: they describe
+//! this machine's mounts and devices, which do not travel with the data.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    loopdev,
+    model::*,
+    mount::{self, Content},
+    pool::Pool,
+};
+use crate::{
+    error::{Error, Result},
+    util::{failpoint, fsutil},
+};
+
+/// How the CO wants to use a volume on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum Usage {
+    Block,
+    Mount {
+        /// Empty: whatever the volume was created as.
+        fs_type: Option<FsType>,
+        flags: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publication {
+    pub readonly: bool,
+    pub block: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub volume_id: VolumeId,
+    pub staging_path: PathBuf,
+    pub device: Option<PathBuf>,
+    pub usage: Usage,
+    /// False until the device is attached and (for filesystems) mounted.
+    pub complete: bool,
+    #[serde(default)]
+    pub published: BTreeMap<PathBuf, Publication>,
+    /// Set while a group snapshot holds the filesystem frozen; a crash then must thaw it.
+    #[serde(default)]
+    pub frozen: bool,
+}
+
+/// Volume health as NodeGetVolumeStats reports it.
+#[derive(Debug, Clone)]
+pub struct VolumeStats {
+    pub block: bool,
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub used_bytes: u64,
+    pub inodes: Option<(u64, u64, u64)>,
+    /// `Some(message)` when something is wrong with the volume.
+    pub abnormal: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct NodeState {
+    dir: PathBuf,
+    pool: Arc<Pool>,
+    direct_io: bool,
+}
+
+impl NodeState {
+    pub fn open(state_dir: &Path, pool: Arc<Pool>, direct_io: bool) -> Result<NodeState> {
+        let dir = state_dir.join("node");
+        fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
+        Ok(NodeState {
+            dir,
+            pool,
+            direct_io,
+        })
+    }
+
+    fn record_path(&self, id: &VolumeId) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    pub fn record(&self, id: &VolumeId) -> Result<Option<StageRecord>> {
+        fsutil::read_json(&self.record_path(id))
+    }
+
+    fn save(&self, r: &StageRecord) -> Result<()> {
+        fsutil::write_json(&self.record_path(&r.volume_id), r)
+    }
+
+    pub fn records(&self) -> Result<Vec<StageRecord>> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(&self.dir)
+            .map_err(Error::io("list", &self.dir))?
+            .flatten()
+        {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "json")
+                && let Some(r) = fsutil::read_json(&p)?
+            {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many volumes this node has attached (for max_volumes_per_node).
+    pub fn attached_count(&self) -> Result<usize> {
+        Ok(self.records()?.len())
+    }
+
+    // ---- stage ---------------------------------------------------------------------
+
+    pub async fn stage(&self, id: &VolumeId, staging: &Path, usage: Usage) -> Result<()> {
+        let vol = self.pool.ready_volume(id)?;
+        let fs_type = check_usage(&vol, &usage)?;
+        if let Some(existing) = self.record(id)? {
+            if existing.staging_path != staging {
+                return Err(Error::AlreadyExists {
+                    kind: "staged volume",
+                    name: id.to_string(),
+                    detail: format!("it is staged at {}", existing.staging_path.display()),
+                });
+            }
+            if existing.usage != usage {
+                return Err(Error::AlreadyExists {
+                    kind: "staged volume",
+                    name: id.to_string(),
+                    detail: format!("it is staged as {:?}", existing.usage),
+                });
+            }
+            if existing.complete && self.stage_intact(&existing)? {
+                return Ok(());
+            }
+        }
+        let mut rec = StageRecord {
+            volume_id: id.clone(),
+            staging_path: staging.to_owned(),
+            device: None,
+            usage: usage.clone(),
+            complete: false,
+            published: BTreeMap::new(),
+            frozen: false,
+        };
+        self.save(&rec)?;
+
+        let device = loopdev::attach(&self.pool.volume_image(id), self.direct_io).await?;
+        rec.device = Some(device.clone());
+        self.save(&rec)?;
+        failpoint::hit("node-stage:after-attach");
+
+        if let (Some(fs_type), Usage::Mount { flags, .. }) = (fs_type, &usage) {
+            match mount::probe(&device).await? {
+                // Formatted only when blank: an existing filesystem is the user's data.
+                Content::Blank => {
+                    mount::mkfs(&device, fs_type).await?;
+                    failpoint::hit("node-stage:after-mkfs");
+                }
+                Content::Filesystem(found) if found == fs_type.as_str() => {}
+                Content::Filesystem(found) => {
+                    return Err(Error::CapabilityMismatch {
+                        volume: id.to_string(),
+                        reason: format!(
+                            "it holds a {found} filesystem, {} was requested",
+                            fs_type.as_str()
+                        ),
+                    });
+                }
+                Content::Other(what) => {
+                    return Err(Error::CapabilityMismatch {
+                        volume: id.to_string(),
+                        reason: format!("it holds {what}, not a filesystem"),
+                    });
+                }
+            }
+            fs::create_dir_all(staging).map_err(Error::io("create", staging))?;
+            if !is_mounted_from(staging, &device)? {
+                mount::mount_fs(&device, staging, fs_type, flags).await?;
+            }
+            failpoint::hit("node-stage:after-mount");
+        }
+        rec.complete = true;
+        self.save(&rec)
+    }
+
+    /// A complete stage whose device and mount are still in place (they may not be after a
+    /// reboot, when the CO stages again).
+    fn stage_intact(&self, r: &StageRecord) -> Result<bool> {
+        let Some(dev) = &r.device else {
+            return Ok(false);
+        };
+        if !dev.exists() {
+            return Ok(false);
+        }
+        match r.usage {
+            Usage::Block => Ok(true),
+            Usage::Mount { .. } => is_mounted_from(&r.staging_path, dev),
+        }
+    }
+
+    pub async fn unstage(&self, id: &VolumeId, staging: &Path) -> Result<()> {
+        let rec = self.record(id)?;
+        if rec.is_none() && self.pool.volume(id)?.is_none() && !fsutil::is_mount_point(staging)? {
+            // Spec table: NOT_FOUND when the volume does not exist; with nothing of it left on
+            // this node either, there is nothing to undo.
+            return Err(Error::VolumeNotFound(id.to_string()));
+        }
+        if let Some(r) = &rec {
+            if r.staging_path != staging {
+                return Err(Error::invalid(
+                    "staging_target_path",
+                    format!(
+                        "volume {id} is staged at {}, not {}",
+                        r.staging_path.display(),
+                        staging.display()
+                    ),
+                ));
+            }
+            let live: Vec<_> = r
+                .published
+                .keys()
+                .filter(|p| fsutil::is_mount_point(p).unwrap_or(false))
+                .collect();
+            if !live.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} is still published at {live:?}"
+                )));
+            }
+        }
+        mount::unmount_all(staging)?;
+        failpoint::hit("node-unstage:after-unmount");
+        let image = self.pool.volume_image(id);
+        let device = match rec.as_ref().and_then(|r| r.device.clone()) {
+            Some(d) => Some(d),
+            None => loopdev::find(&image).await?,
+        };
+        if let Some(dev) = device {
+            // Only detach the device if it is still ours (a reused number may now be another's).
+            let ours = loopdev::list()
+                .await?
+                .into_iter()
+                .any(|l| l.device == dev && l.backing_file == image);
+            if ours {
+                loopdev::detach(&dev).await?;
+            }
+        }
+        fsutil::remove_file_durable(&self.record_path(id))
+    }
+
+    // ---- publish -------------------------------------------------------------------
+
+    pub async fn publish(
+        &self,
+        id: &VolumeId,
+        staging: &Path,
+        target: &Path,
+        usage: &Usage,
+        readonly: bool,
+    ) -> Result<()> {
+        self.pool.ready_volume(id)?;
+        let Some(mut rec) = self.record(id)?.filter(|r| r.complete) else {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is not staged on this node; NodeStageVolume must succeed first"
+            )));
+        };
+        if rec.staging_path != staging {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is staged at {}, not {}",
+                rec.staging_path.display(),
+                staging.display()
+            )));
+        }
+        let block = matches!(usage, Usage::Block);
+        if block != matches!(rec.usage, Usage::Block) {
+            return Err(Error::CapabilityMismatch {
+                volume: id.to_string(),
+                reason: format!("it is staged as {:?}", rec.usage),
+            });
+        }
+        let want = Publication { readonly, block };
+        if let Some(have) = rec.published.get(target) {
+            if have != &want {
+                return Err(Error::AlreadyExists {
+                    kind: "published volume",
+                    name: id.to_string(),
+                    detail: format!("{} is already published with {have:?}", target.display()),
+                });
+            }
+            if fsutil::is_mount_point(target)? {
+                return Ok(());
+            }
+        }
+        rec.published.insert(target.to_owned(), want);
+        self.save(&rec)?;
+
+        if !fsutil::is_mount_point(target)? {
+            let source = if block {
+                let dev = rec.device.clone().expect("complete stages have a device");
+                if let Some(parent) = target.parent() {
+                    fs::create_dir_all(parent).map_err(Error::io("create", parent))?;
+                }
+                if !target.exists() {
+                    fs::File::create(target).map_err(Error::io("create", target))?;
+                }
+                dev
+            } else {
+                fs::create_dir_all(target).map_err(Error::io("create", target))?;
+                staging.to_owned()
+            };
+            mount::bind(&source, target, readonly)?;
+        }
+        failpoint::hit("node-publish:after-mount");
+        Ok(())
+    }
+
+    pub async fn unpublish(&self, id: &VolumeId, target: &Path) -> Result<()> {
+        let rec = self.record(id)?;
+        let mounted = fsutil::is_mount_point(target)?;
+        if rec.is_none() && !mounted && self.pool.volume(id)?.is_none() {
+            return Err(Error::VolumeNotFound(id.to_string()));
+        }
+        mount::unmount_all(target)?;
+        match fs::symlink_metadata(target) {
+            Ok(m) if m.is_dir() => fs::remove_dir(target).map_err(Error::io("remove", target))?,
+            Ok(_) => fs::remove_file(target).map_err(Error::io("remove", target))?,
+            Err(_) => {}
+        }
+        if let Some(mut r) = rec
+            && r.published.remove(target).is_some()
+        {
+            self.save(&r)?;
+        }
+        Ok(())
+    }
+
+    // ---- expansion and stats -------------------------------------------------------
+
+    /// Grows what the node sees: the loop device, then the filesystem, online.
+    pub async fn expand(&self, id: &VolumeId, volume_path: &Path) -> Result<u64> {
+        let vol = self.pool.ready_volume(id)?;
+        let rec = self.record(id)?.filter(|r| r.complete).ok_or_else(|| {
+            Error::FailedPrecondition(format!("volume {id} is not staged on this node"))
+        })?;
+        if volume_path != rec.staging_path && !rec.published.contains_key(volume_path) {
+            return Err(Error::VolumeNotFound(format!(
+                "{id} at {}",
+                volume_path.display()
+            )));
+        }
+        let dev = rec.device.clone().expect("complete stages have a device");
+        loopdev::refresh_capacity(&dev).await?;
+        if let (VolumeKind::Filesystem { fs_type }, Usage::Mount { .. }) = (&vol.kind, &rec.usage) {
+            mount::grow_fs(&dev, &rec.staging_path, *fs_type).await?;
+        }
+        Ok(vol.capacity_bytes)
+    }
+
+    pub async fn stats(&self, id: &VolumeId, volume_path: &Path) -> Result<VolumeStats> {
+        let vol = self.pool.ready_volume(id)?;
+        let rec = self
+            .record(id)?
+            .ok_or_else(|| Error::VolumeNotFound(format!("{id} on this node")))?;
+        if volume_path != rec.staging_path && !rec.published.contains_key(volume_path) {
+            return Err(Error::VolumeNotFound(format!(
+                "{id} at {}",
+                volume_path.display()
+            )));
+        }
+        let image = self.pool.volume_image(id);
+        let mut abnormal = None;
+        if !image.exists() {
+            abnormal = Some(format!("backing image {} is missing", image.display()));
+        } else if let Some(dev) = &rec.device {
+            let attached = loopdev::list()
+                .await?
+                .into_iter()
+                .any(|l| &l.device == dev && l.backing_file == image && !l.deleted);
+            if !attached {
+                abnormal = Some(format!(
+                    "loop device {} no longer backs this volume",
+                    dev.display()
+                ));
+            }
+        }
+        let block = matches!(rec.usage, Usage::Block);
+        if block {
+            return Ok(VolumeStats {
+                block,
+                total_bytes: vol.capacity_bytes,
+                available_bytes: 0,
+                used_bytes: 0,
+                inodes: None,
+                abnormal,
+            });
+        }
+        if abnormal.is_none() && !fsutil::is_mount_point(volume_path)? {
+            abnormal = Some(format!("{} is not mounted", volume_path.display()));
+        }
+        let st = fsutil::fs_stats(volume_path)?;
+        Ok(VolumeStats {
+            block,
+            total_bytes: st.total_bytes,
+            available_bytes: st.available_bytes,
+            used_bytes: st.used_bytes,
+            inodes: Some((st.total_inodes, st.free_inodes, st.used_inodes)),
+            abnormal,
+        })
+    }
+
+    // ---- freeze (group snapshots) ----------------------------------------------------
+
+    /// The mount point to freeze for a consistent cut of `id`, if it is mounted here.
+    pub fn freeze_target(&self, id: &VolumeId) -> Result<Option<PathBuf>> {
+        Ok(self
+            .record(id)?
+            .filter(|r| r.complete && matches!(r.usage, Usage::Mount { .. }))
+            .map(|r| r.staging_path))
+    }
+
+    pub async fn freeze(&self, id: &VolumeId) -> Result<bool> {
+        let Some(mut rec) = self
+            .record(id)?
+            .filter(|r| r.complete && matches!(r.usage, Usage::Mount { .. }))
+        else {
+            return Ok(false);
+        };
+        // Recorded before freezing: a crash while frozen would otherwise leave the database
+        // blocked on a frozen filesystem that nobody knows to thaw.
+        rec.frozen = true;
+        self.save(&rec)?;
+        mount::freeze(&rec.staging_path).await?;
+        Ok(true)
+    }
+
+    pub async fn thaw(&self, id: &VolumeId) -> Result<()> {
+        if let Some(mut rec) = self.record(id)? {
+            mount::thaw(&rec.staging_path).await?;
+            if rec.frozen {
+                rec.frozen = false;
+                self.save(&rec)?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- crash recovery ------------------------------------------------------------
+
+    /// Repairs what a crash left on this node: thaws filesystems left frozen, rolls back
+    /// stages that never completed, and detaches loop devices of berth's pool that no stage
+    /// owns. Complete stages are left alone: pods are using them.
+    pub async fn reconcile(&self) -> Result<usize> {
+        let mut repaired = 0;
+        let mut owned = Vec::new();
+        for r in self.records()? {
+            if r.frozen {
+                tracing::warn!(volume.id = %r.volume_id, "thawing a filesystem left frozen by a crash");
+                self.thaw(&r.volume_id).await?;
+                repaired += 1;
+            }
+            if !r.complete {
+                tracing::info!(volume.id = %r.volume_id, "rolling back a stage left half-done by a crash");
+                self.unstage(&r.volume_id, &r.staging_path).await?;
+                repaired += 1;
+            } else if let Some(dev) = &r.device {
+                owned.push(dev.clone());
+            }
+        }
+        let volumes_dir = self
+            .pool
+            .volume_image(&VolumeId::for_name(""))
+            .parent()
+            .map(Path::to_path_buf);
+        let mounts = fsutil::mounts()?;
+        for l in loopdev::list().await? {
+            let in_pool = volumes_dir
+                .as_deref()
+                .is_some_and(|d| l.backing_file.parent() == Some(d));
+            if !in_pool || owned.contains(&l.device) {
+                continue;
+            }
+            let dev = l.device.to_string_lossy();
+            if mounts.iter().any(|m| m.source == dev) {
+                tracing::warn!(device = %dev, "unowned berth loop device is mounted; leaving it");
+                continue;
+            }
+            tracing::info!(device = %dev, backing = %l.backing_file.display(), "detaching loop device no stage owns");
+            loopdev::detach(&l.device).await?;
+            repaired += 1;
+        }
+        Ok(repaired)
+    }
+}
+
+/// Checks a usage against what the volume is; returns the filesystem to mount, if any.
+fn check_usage(vol: &VolumeRecord, usage: &Usage) -> Result<Option<FsType>> {
+    let mismatch = |reason: String| Error::CapabilityMismatch {
+        volume: vol.id.to_string(),
+        reason,
+    };
+    match (&vol.kind, usage) {
+        (VolumeKind::Block, Usage::Block) => Ok(None),
+        (VolumeKind::Filesystem { fs_type }, Usage::Mount { fs_type: want, .. }) => match want {
+            Some(w) if w != fs_type => Err(mismatch(format!(
+                "it is formatted {}, {} was requested",
+                fs_type.as_str(),
+                w.as_str()
+            ))),
+            _ => Ok(Some(*fs_type)),
+        },
+        (VolumeKind::Block, Usage::Mount { .. }) => {
+            Err(mismatch("it is a raw block volume".into()))
+        }
+        (VolumeKind::Filesystem { .. }, Usage::Block) => {
+            Err(mismatch("it is a filesystem volume".into()))
+        }
+    }
+}
+
+fn is_mounted_from(path: &Path, device: &Path) -> Result<bool> {
+    let dev = device.to_string_lossy();
+    Ok(fsutil::mounts()?
+        .iter()
+        .any(|m| m.mount_point == path && m.source == dev))
+}

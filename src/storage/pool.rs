@@ -1,0 +1,727 @@
+//! The pool: volume and snapshot images plus their records, on one filesystem.
+//!
+//! Layout under the pool root (records sit beside their images on the same filesystem, so
+//! a rename is atomic across both and the data never outlives its description):
+//!
+//! ```text
+//! berth/volumes/<vol-id>.img  .json
+//! berth/snapshots/<snap-id>.img  .json
+//! berth/groups/<group-id>.json
+//! berth/tmp/                  images being built; never visible as volumes
+//! ```
+//!
+//! Every change follows one order: write the record (`Creating`/`Deleting`), change the
+//! data, write the record again. A crash leaves a record saying what was under way, and
+//! [`Pool::reconcile`] or the retried RPC finishes or undoes it.
+
+use std::{
+    fs::{self, File},
+    path::{Path, PathBuf},
+};
+
+use tokio::sync::Mutex;
+
+use super::{loopdev, model::*};
+use crate::{
+    error::{Error, Result},
+    util::{
+        exec, failpoint,
+        fsutil::{self, CopyMethod},
+    },
+};
+
+/// Sizes are multiples of this: loop devices want 512-byte sectors and filesystems want
+/// whole blocks; a MiB keeps every filesystem and device alignment happy.
+pub const ALIGN: u64 = MIB;
+pub const DEFAULT_VOLUME_BYTES: u64 = GIB;
+
+#[derive(Debug)]
+pub struct Pool {
+    root: PathBuf,
+    dir: PathBuf,
+    reflink: bool,
+    /// Serializes "is there room?" with "record the reservation", so two concurrent creates
+    /// cannot both take the last free space.
+    alloc: Mutex<()>,
+}
+
+/// A CreateVolume request in berth's terms.
+#[derive(Debug, Clone)]
+pub struct NewVolume {
+    pub name: String,
+    pub required_bytes: u64,
+    pub limit_bytes: u64,
+    pub kind: VolumeKind,
+    pub source: Option<VolumeSource>,
+    pub settings: MutableSettings,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Capacity {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+impl Pool {
+    /// Opens the pool rooted at `root` (an already mounted filesystem), creating its layout.
+    pub async fn open(root: &Path) -> Result<Pool> {
+        let dir = root.join("berth");
+        for sub in ["volumes", "snapshots", "groups", "tmp"] {
+            let d = dir.join(sub);
+            fs::create_dir_all(&d).map_err(Error::io("create", &d))?;
+        }
+        let reflink = probe_reflink(&dir.join("tmp"))?;
+        if reflink {
+            // Allocation hints inherited by every new image: large extents keep a volume's
+            // extent count — and so the cost of reflinking it — low even after random writes.
+            for sub in ["volumes", "snapshots", "tmp"] {
+                let d = dir.join(sub);
+                let _ = exec::run(
+                    "xfs_io",
+                    [
+                        "-c".as_ref(),
+                        "extsize 1m".as_ref(),
+                        "-c".as_ref(),
+                        "cowextsize 1m".as_ref(),
+                        d.as_os_str(),
+                    ],
+                )
+                .await;
+            }
+        } else {
+            tracing::warn!(pool = %root.display(), "pool filesystem has no reflink support: snapshots and clones fall back to sparse copies, which take time proportional to the data");
+        }
+        Ok(Pool {
+            root: root.to_owned(),
+            dir,
+            reflink,
+            alloc: Mutex::new(()),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn reflink(&self) -> bool {
+        self.reflink
+    }
+
+    pub fn volume_image(&self, id: &VolumeId) -> PathBuf {
+        self.dir.join("volumes").join(format!("{id}.img"))
+    }
+    fn volume_meta(&self, id: &VolumeId) -> PathBuf {
+        self.dir.join("volumes").join(format!("{id}.json"))
+    }
+    pub fn snapshot_image(&self, id: &SnapshotId) -> PathBuf {
+        self.dir.join("snapshots").join(format!("{id}.img"))
+    }
+    fn snapshot_meta(&self, id: &SnapshotId) -> PathBuf {
+        self.dir.join("snapshots").join(format!("{id}.json"))
+    }
+    fn group_meta(&self, id: &GroupSnapshotId) -> PathBuf {
+        self.dir.join("groups").join(format!("{id}.json"))
+    }
+    fn tmp(&self, name: &str) -> PathBuf {
+        self.dir.join("tmp").join(name)
+    }
+
+    /// Ready when the pool directory accepts a durable write.
+    pub fn probe(&self) -> Result<()> {
+        let p = self.tmp(".probe");
+        fsutil::write_atomic(&p, b"ok").map_err(|e| Error::PoolUnavailable(e.to_string()))?;
+        fsutil::remove_file_durable(&p).map_err(|e| Error::PoolUnavailable(e.to_string()))
+    }
+
+    // ---- records -------------------------------------------------------------------
+
+    pub fn volume(&self, id: &VolumeId) -> Result<Option<VolumeRecord>> {
+        fsutil::read_json(&self.volume_meta(id))
+    }
+
+    /// A volume that exists and is fully created, else NOT_FOUND.
+    pub fn ready_volume(&self, id: &VolumeId) -> Result<VolumeRecord> {
+        match self.volume(id)? {
+            Some(v) if v.state == RecordState::Ready => Ok(v),
+            _ => Err(Error::VolumeNotFound(id.to_string())),
+        }
+    }
+
+    pub fn save_volume(&self, v: &VolumeRecord) -> Result<()> {
+        fsutil::write_json(&self.volume_meta(&v.id), v)
+    }
+
+    pub fn snapshot(&self, id: &SnapshotId) -> Result<Option<SnapshotRecord>> {
+        fsutil::read_json(&self.snapshot_meta(id))
+    }
+
+    pub fn ready_snapshot(&self, id: &SnapshotId) -> Result<SnapshotRecord> {
+        match self.snapshot(id)? {
+            Some(s) if s.state == RecordState::Ready => Ok(s),
+            _ => Err(Error::SnapshotNotFound(id.to_string())),
+        }
+    }
+
+    pub fn group(&self, id: &GroupSnapshotId) -> Result<Option<GroupSnapshotRecord>> {
+        fsutil::read_json(&self.group_meta(id))
+    }
+
+    pub fn save_group(&self, g: &GroupSnapshotRecord) -> Result<()> {
+        fsutil::write_json(&self.group_meta(&g.id), g)
+    }
+
+    pub fn remove_group(&self, id: &GroupSnapshotId) -> Result<()> {
+        fsutil::remove_file_durable(&self.group_meta(id))
+    }
+
+    fn records<T: serde::de::DeserializeOwned>(&self, sub: &str) -> Result<Vec<T>> {
+        let d = self.dir.join(sub);
+        let mut names: Vec<PathBuf> = fs::read_dir(&d)
+            .map_err(Error::io("list", &d))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        names.sort();
+        let mut out = Vec::with_capacity(names.len());
+        for p in names {
+            // A record deleted between listing and reading is simply not listed.
+            if let Some(r) = fsutil::read_json(&p)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// All volume records, sorted by id.
+    pub fn volumes(&self) -> Result<Vec<VolumeRecord>> {
+        self.records("volumes")
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+        self.records("snapshots")
+    }
+
+    pub fn groups(&self) -> Result<Vec<GroupSnapshotRecord>> {
+        self.records("groups")
+    }
+
+    // ---- capacity ------------------------------------------------------------------
+
+    /// What the pool can still promise. Volumes are thin images but every byte of their
+    /// capacity is reserved (a database must never see ENOSPC below its PVC size), and a
+    /// snapshot reserves what it holds allocated: shared with its volume today, but every
+    /// block the volume overwrites becomes the snapshot's alone.
+    pub fn capacity(&self) -> Result<Capacity> {
+        let fs = fsutil::fs_stats(&self.root)?;
+        let mut reserved = 0u64;
+        for v in self.volumes()? {
+            reserved += v.capacity_bytes;
+        }
+        for s in self.snapshots()? {
+            reserved += fsutil::allocated_bytes(&self.snapshot_image(&s.id)).unwrap_or(0);
+        }
+        // Anything not accounted above (files outside berth, fs metadata) shows up in the
+        // real free space; never promise more than either bound.
+        let by_reservation = fs.total_bytes.saturating_sub(reserved);
+        let available = by_reservation.min(fs.available_bytes + self.allocated_volume_bytes()?);
+        Ok(Capacity {
+            total_bytes: fs.total_bytes,
+            available_bytes: align_down(available.min(by_reservation)),
+        })
+    }
+
+    /// Blocks volumes already hold: they are inside their reservations, so they count as
+    /// promised-and-used, not as free space lost.
+    fn allocated_volume_bytes(&self) -> Result<u64> {
+        let mut sum = 0;
+        for v in self.volumes()? {
+            sum += fsutil::allocated_bytes(&self.volume_image(&v.id)).unwrap_or(0);
+        }
+        Ok(sum)
+    }
+
+    fn ensure_room(&self, bytes: u64) -> Result<()> {
+        let cap = self.capacity()?;
+        if bytes > cap.available_bytes {
+            return Err(Error::NoSpace {
+                requested: bytes,
+                available: cap.available_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    // ---- volumes -------------------------------------------------------------------
+
+    /// Creates (or finds, for a retry) the volume for `req.name`.
+    pub async fn create_volume(&self, req: NewVolume) -> Result<VolumeRecord> {
+        let id = VolumeId::for_name(&req.name);
+        let source_bytes = match &req.source {
+            None => 0,
+            Some(VolumeSource::Snapshot(s)) => self.ready_snapshot(s)?.size_bytes,
+            Some(VolumeSource::Volume(v)) => self.ready_volume(v)?.capacity_bytes,
+        };
+        let min = match &req.kind {
+            VolumeKind::Filesystem { fs_type } => fs_type.min_bytes(),
+            VolumeKind::Block => ALIGN,
+        };
+        let capacity = size_for(req.required_bytes, req.limit_bytes, min.max(source_bytes))?;
+        if let Some(src) = &req.source {
+            self.check_source_kind(src, &req.kind)?;
+        }
+
+        let record = {
+            let _alloc = self.alloc.lock().await;
+            match self.volume(&id)? {
+                Some(existing) if existing.state == RecordState::Ready => {
+                    return compatible_volume(existing, &req);
+                }
+                Some(existing) if existing.state == RecordState::Deleting => {
+                    self.finish_delete_volume(&existing.id)?;
+                }
+                // A previous attempt crashed half-way: nothing of it was acknowledged, so it is
+                // discarded and built again from the start.
+                Some(_) => self.discard_volume_data(&id)?,
+                None => {}
+            }
+            self.ensure_room(capacity)?;
+            let record = VolumeRecord {
+                id: id.clone(),
+                name: req.name.clone(),
+                capacity_bytes: capacity,
+                kind: req.kind.clone(),
+                source: req.source.clone(),
+                settings: req.settings.clone(),
+                labels: req.labels.clone(),
+                state: RecordState::Creating,
+                published: Default::default(),
+                created_unix_nanos: now_nanos(),
+            };
+            self.save_volume(&record)?;
+            record
+        };
+        failpoint::hit("create-volume:after-record");
+
+        let tmp = self.tmp(&format!("{id}.img"));
+        fsutil::remove_file_durable(&tmp)?;
+        let src = record.source.as_ref().map(|s| match s {
+            VolumeSource::Snapshot(s) => self.snapshot_image(s),
+            VolumeSource::Volume(v) => self.volume_image(v),
+        });
+        let reflink = self.reflink;
+        let preallocate = record.settings.preallocate;
+        let tmp2 = tmp.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            match src {
+                Some(src) => {
+                    fsutil::clone_file(&src, &tmp2, reflink)?;
+                    let f = fs::OpenOptions::new()
+                        .write(true)
+                        .open(&tmp2)
+                        .map_err(Error::io("open", &tmp2))?;
+                    f.set_len(capacity).map_err(Error::io("grow", &tmp2))?;
+                    finish_image(&f, &tmp2, capacity, preallocate)
+                }
+                None => {
+                    let f = File::create_new(&tmp2).map_err(Error::io("create", &tmp2))?;
+                    f.set_len(capacity).map_err(Error::io("truncate", &tmp2))?;
+                    finish_image(&f, &tmp2, capacity, preallocate)
+                }
+            }
+        })
+        .await
+        .expect("image task panicked")?;
+        failpoint::hit("create-volume:after-image");
+
+        fsutil::rename_durable(&tmp, &self.volume_image(&id))?;
+        failpoint::hit("create-volume:after-rename");
+
+        let record = VolumeRecord {
+            state: RecordState::Ready,
+            ..record
+        };
+        self.save_volume(&record)?;
+        Ok(record)
+    }
+
+    fn check_source_kind(&self, src: &VolumeSource, kind: &VolumeKind) -> Result<()> {
+        let source_kind = match src {
+            VolumeSource::Snapshot(s) => {
+                let snap = self.ready_snapshot(s)?;
+                match self.volume(&snap.source_volume)? {
+                    Some(v) => v.kind,
+                    // The source volume is gone; the snapshot alone cannot tell, so any kind
+                    // is allowed (a wrong one shows at stage as a filesystem mismatch).
+                    None => return Ok(()),
+                }
+            }
+            VolumeSource::Volume(v) => self.ready_volume(v)?.kind,
+        };
+        let same_family = matches!(
+            (&source_kind, kind),
+            (VolumeKind::Block, VolumeKind::Block)
+                | (VolumeKind::Filesystem { .. }, VolumeKind::Filesystem { .. })
+        );
+        if !same_family || (matches!(kind, VolumeKind::Filesystem { .. }) && &source_kind != kind) {
+            return Err(Error::invalid(
+                "volume_content_source",
+                format!("source holds a {source_kind:?} volume, the request asks for {kind:?}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Deletes a volume; one that does not exist is success. A volume that is published or
+    /// attached on this node is refused: its data is in use.
+    pub async fn delete_volume(&self, id: &VolumeId) -> Result<()> {
+        let Some(mut v) = self.volume(id)? else {
+            return Ok(());
+        };
+        if !v.published.is_empty() {
+            let nodes: Vec<_> = v.published.keys().cloned().collect();
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is still published to {nodes:?}"
+            )));
+        }
+        if let Some(dev) = loopdev::find(&self.volume_image(id)).await? {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is still attached as {} on this node",
+                dev.display()
+            )));
+        }
+        if v.state != RecordState::Deleting {
+            v.state = RecordState::Deleting;
+            self.save_volume(&v)?;
+        }
+        failpoint::hit("delete-volume:after-mark");
+        self.finish_delete_volume(id)
+    }
+
+    fn discard_volume_data(&self, id: &VolumeId) -> Result<()> {
+        fsutil::remove_file_durable(&self.tmp(&format!("{id}.img")))?;
+        fsutil::remove_file_durable(&self.volume_image(id))
+    }
+
+    fn finish_delete_volume(&self, id: &VolumeId) -> Result<()> {
+        self.discard_volume_data(id)?;
+        fsutil::remove_file_durable(&self.volume_meta(id))
+    }
+
+    /// Grows a volume's image. Returns the new capacity. Growing to a size it already has is
+    /// success (the spec's idempotency), shrinking is refused.
+    pub async fn expand_volume(
+        &self,
+        id: &VolumeId,
+        required: u64,
+        limit: u64,
+    ) -> Result<VolumeRecord> {
+        let _alloc = self.alloc.lock().await;
+        let mut v = self.ready_volume(id)?;
+        let image = self.volume_image(id);
+        if limit != 0 && limit < v.capacity_bytes {
+            return Err(Error::OutOfRange(format!(
+                "limit_bytes {limit} is below the volume's current size {} (volumes never shrink)",
+                v.capacity_bytes
+            )));
+        }
+        let target = size_for(required, limit, v.capacity_bytes)?;
+        if target > v.capacity_bytes {
+            self.ensure_room(target - v.capacity_bytes)?;
+            let img = image.clone();
+            let preallocate = v.settings.preallocate;
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .open(&img)
+                    .map_err(Error::io("open", &img))?;
+                f.set_len(target).map_err(Error::io("grow", &img))?;
+                finish_image(&f, &img, target, preallocate)
+            })
+            .await
+            .expect("grow task panicked")?;
+            failpoint::hit("expand-volume:after-truncate");
+            v.capacity_bytes = target;
+            self.save_volume(&v)?;
+        }
+        // A device attached on this node keeps its old size until told to look again; doing
+        // it here means a block volume needs no node step at all.
+        if let Some(dev) = loopdev::find(&image).await? {
+            loopdev::refresh_capacity(&dev).await?;
+        }
+        Ok(v)
+    }
+
+    /// Applies new mutable settings to a volume (ControllerModifyVolume).
+    pub async fn modify_volume(
+        &self,
+        id: &VolumeId,
+        settings: MutableSettings,
+    ) -> Result<VolumeRecord> {
+        let mut v = self.ready_volume(id)?;
+        if settings.preallocate && !v.settings.preallocate {
+            let _alloc = self.alloc.lock().await;
+            let img = self.volume_image(id);
+            let cap = v.capacity_bytes;
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .open(&img)
+                    .map_err(Error::io("open", &img))?;
+                finish_image(&f, &img, cap, true)
+            })
+            .await
+            .expect("preallocate task panicked")?;
+        }
+        v.settings = settings;
+        self.save_volume(&v)?;
+        Ok(v)
+    }
+
+    // ---- snapshots -----------------------------------------------------------------
+
+    /// First step of a snapshot: validates, reserves, records `Creating`. Returns `Ok(Err(rec))`
+    /// when a compatible snapshot already exists (a retry), so the caller can answer at once.
+    pub async fn begin_snapshot(
+        &self,
+        name: &str,
+        source: &VolumeId,
+        group: Option<&GroupSnapshotId>,
+    ) -> Result<std::result::Result<SnapshotRecord, SnapshotRecord>> {
+        let id = SnapshotId::for_name(name);
+        let _alloc = self.alloc.lock().await;
+        match self.snapshot(&id)? {
+            Some(s) if s.state == RecordState::Ready => {
+                if &s.source_volume != source {
+                    return Err(Error::AlreadyExists {
+                        kind: "snapshot",
+                        name: name.to_string(),
+                        detail: format!("it was taken of volume {}", s.source_volume),
+                    });
+                }
+                return Ok(Err(s));
+            }
+            Some(s) if s.state == RecordState::Deleting => self.finish_delete_snapshot(&s.id)?,
+            Some(_) => fsutil::remove_file_durable(&self.tmp(&format!("{id}.img")))?,
+            None => {}
+        }
+        let vol = self.ready_volume(source)?;
+        let needed = fsutil::allocated_bytes(&self.volume_image(source))?;
+        self.ensure_room(needed)?;
+        let rec = SnapshotRecord {
+            id,
+            name: name.to_string(),
+            source_volume: source.clone(),
+            size_bytes: vol.capacity_bytes,
+            group: group.cloned(),
+            state: RecordState::Creating,
+            created_unix_nanos: now_nanos(),
+        };
+        fsutil::write_json(&self.snapshot_meta(&rec.id), &rec)?;
+        failpoint::hit("create-snapshot:after-record");
+        Ok(Ok(rec))
+    }
+
+    /// Second step: the point-in-time copy. The image goes to tmp/ so a crash never leaves a
+    /// half-copied file where a snapshot is expected.
+    pub async fn copy_snapshot(&self, rec: &SnapshotRecord) -> Result<CopyMethod> {
+        let tmp = self.tmp(&format!("{}.img", rec.id));
+        fsutil::remove_file_durable(&tmp)?;
+        let src = self.volume_image(&rec.source_volume);
+        let reflink = self.reflink;
+        tokio::task::spawn_blocking(move || fsutil::clone_file(&src, &tmp, reflink))
+            .await
+            .expect("snapshot task panicked")
+    }
+
+    /// Last step: publish the image and mark the record ready.
+    pub fn finish_snapshot(&self, rec: SnapshotRecord) -> Result<SnapshotRecord> {
+        failpoint::hit("create-snapshot:after-copy");
+        fsutil::rename_durable(
+            &self.tmp(&format!("{}.img", rec.id)),
+            &self.snapshot_image(&rec.id),
+        )?;
+        let rec = SnapshotRecord {
+            state: RecordState::Ready,
+            // The snapshot's time is when its data was cut, not when it was requested.
+            created_unix_nanos: now_nanos(),
+            ..rec
+        };
+        fsutil::write_json(&self.snapshot_meta(&rec.id), &rec)?;
+        Ok(rec)
+    }
+
+    /// Removes a snapshot; one that does not exist is success.
+    pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        let Some(mut s) = self.snapshot(id)? else {
+            return Ok(());
+        };
+        if s.state != RecordState::Deleting {
+            s.state = RecordState::Deleting;
+            fsutil::write_json(&self.snapshot_meta(id), &s)?;
+        }
+        failpoint::hit("delete-snapshot:after-mark");
+        self.finish_delete_snapshot(id)
+    }
+
+    fn finish_delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        fsutil::remove_file_durable(&self.tmp(&format!("{id}.img")))?;
+        fsutil::remove_file_durable(&self.snapshot_image(id))?;
+        fsutil::remove_file_durable(&self.snapshot_meta(id))
+    }
+
+    // ---- crash recovery ------------------------------------------------------------
+
+    /// Finishes or undoes what a crash interrupted: half-created volumes and snapshots are
+    /// discarded (never acknowledged, the CO retries them), half-deleted ones are finished,
+    /// and tmp/ is emptied. Returns how many records it repaired.
+    pub fn reconcile(&self) -> Result<usize> {
+        let mut repaired = 0;
+        for v in self.volumes()? {
+            match v.state {
+                RecordState::Ready => {}
+                RecordState::Creating | RecordState::Deleting => {
+                    tracing::info!(volume.id = %v.id, state = ?v.state, "removing volume left half-done by a crash");
+                    self.finish_delete_volume(&v.id)?;
+                    repaired += 1;
+                }
+            }
+        }
+        for s in self.snapshots()? {
+            if s.state != RecordState::Ready {
+                tracing::info!(snapshot.id = %s.id, state = ?s.state, "removing snapshot left half-done by a crash");
+                self.finish_delete_snapshot(&s.id)?;
+                repaired += 1;
+            }
+        }
+        for g in self.groups()? {
+            if g.state != RecordState::Ready {
+                for s in &g.snapshots {
+                    self.finish_delete_snapshot(s)?;
+                }
+                self.remove_group(&g.id)?;
+                repaired += 1;
+            }
+        }
+        let tmp = self.dir.join("tmp");
+        for e in fs::read_dir(&tmp)
+            .map_err(Error::io("list", &tmp))?
+            .flatten()
+        {
+            fsutil::remove_file_durable(&e.path())?;
+        }
+        Ok(repaired)
+    }
+}
+
+/// Allocates the whole image when asked to (thick provisioning) and makes it durable.
+fn finish_image(f: &File, path: &Path, len: u64, preallocate: bool) -> Result<()> {
+    if preallocate && len > 0 {
+        rustix::fs::fallocate(f, rustix::fs::FallocateFlags::KEEP_SIZE, 0, len)
+            .map_err(|e| Error::io("fallocate", path)(e.into()))?;
+    }
+    f.sync_all().map_err(Error::io("fsync", path))
+}
+
+fn align_up(n: u64) -> Option<u64> {
+    n.checked_add(ALIGN - 1).map(|x| x / ALIGN * ALIGN)
+}
+
+fn align_down(n: u64) -> u64 {
+    n / ALIGN * ALIGN
+}
+
+/// Chooses a size from a CSI capacity range: at least `required` and `min`, rounded up to
+/// [`ALIGN`], never above `limit` (0 = no limit). With neither bound, the default size.
+pub fn size_for(required: u64, limit: u64, min: u64) -> Result<u64> {
+    let want = if required == 0 && limit == 0 {
+        DEFAULT_VOLUME_BYTES.max(min)
+    } else if required == 0 {
+        // Only a ceiling: the largest aligned size under it, but at least the minimum.
+        align_down(limit).min(DEFAULT_VOLUME_BYTES).max(min)
+    } else {
+        required.max(min)
+    };
+    let size =
+        align_up(want).ok_or_else(|| Error::OutOfRange(format!("{want} bytes is too large")))?;
+    if limit != 0 && size > limit {
+        return Err(Error::OutOfRange(format!(
+            "needs {size} bytes (required {required}, minimum {min}, {ALIGN}-byte aligned) but limit_bytes is {limit}"
+        )));
+    }
+    Ok(size)
+}
+
+fn compatible_volume(existing: VolumeRecord, req: &NewVolume) -> Result<VolumeRecord> {
+    let mismatch = |detail: String| Error::AlreadyExists {
+        kind: "volume",
+        name: req.name.clone(),
+        detail,
+    };
+    if existing.capacity_bytes < req.required_bytes
+        || (req.limit_bytes != 0 && existing.capacity_bytes > req.limit_bytes)
+    {
+        return Err(mismatch(format!(
+            "its size {} is outside the requested range",
+            existing.capacity_bytes
+        )));
+    }
+    if existing.kind != req.kind {
+        return Err(mismatch(format!("it is {:?}", existing.kind)));
+    }
+    if existing.source != req.source {
+        return Err(mismatch(format!(
+            "its content source is {:?}",
+            existing.source
+        )));
+    }
+    if existing.settings != req.settings {
+        return Err(mismatch(format!(
+            "its settings are {:?}",
+            existing.settings
+        )));
+    }
+    Ok(existing)
+}
+
+/// Whether this filesystem can share extents, tried for real on a scratch file.
+fn probe_reflink(dir: &Path) -> Result<bool> {
+    let a = dir.join(".reflink-probe-a");
+    let b = dir.join(".reflink-probe-b");
+    let _ = fs::remove_file(&a);
+    let _ = fs::remove_file(&b);
+    fs::write(&a, [0u8; 4096]).map_err(Error::io("write", &a))?;
+    let ok = File::open(&a)
+        .and_then(|s| File::create(&b).map(|d| (s, d)))
+        .map(|(s, d)| rustix::fs::ioctl_ficlone(&d, &s).is_ok())
+        .map_err(Error::io("probe reflink", &b))?;
+    let _ = fs::remove_file(&a);
+    let _ = fs::remove_file(&b);
+    Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_follow_the_capacity_range() {
+        let cases: &[(u64, u64, u64, Result<u64, ()>)] = &[
+            // (required, limit, min) -> size
+            (0, 0, MIB, Ok(GIB)),
+            (1, 0, MIB, Ok(MIB)),
+            (MIB + 1, 0, MIB, Ok(2 * MIB)),
+            (10 * MIB, 10 * MIB, MIB, Ok(10 * MIB)),
+            (0, 5 * GIB, MIB, Ok(GIB)),
+            (0, 100 * MIB + 5, MIB, Ok(100 * MIB)),
+            (MIB + 1, MIB + 2, MIB, Err(())),
+            (100 * MIB, 0, 300 * MIB, Ok(300 * MIB)),
+            (100 * MIB, 200 * MIB, 300 * MIB, Err(())),
+            (u64::MAX, 0, MIB, Err(())),
+        ];
+        for &(req, lim, min, ref want) in cases {
+            let got = size_for(req, lim, min).map_err(|_| ());
+            assert_eq!(&got, want, "required={req} limit={lim} min={min}");
+        }
+    }
+}

@@ -1,0 +1,3 @@
+pub mod exec;
+pub mod failpoint;
+pub mod fsutil;

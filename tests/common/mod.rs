@@ -1,0 +1,444 @@
+//! Shared harness for the integration tests: runs the real `berth` binary as root on a real
+//! pool (sparse image, loop device, XFS with reflink) in a temp dir, and talks to it over its
+//! unix socket exactly as a container orchestrator would.
+//!
+//! These tests need root, loop devices and mkfs.{ext4,xfs}; they fail loudly (never skip)
+//! when the machine cannot run them.
+#![allow(dead_code)]
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+pub use berth::proto::csi::v1 as csi;
+use csi::{
+    controller_client::ControllerClient, group_controller_client::GroupControllerClient,
+    identity_client::IdentityClient, node_client::NodeClient, volume_capability,
+};
+use tonic::transport::Channel;
+
+pub const NODE_ID: &str = "node-1";
+pub const MIB: i64 = 1 << 20;
+pub const GIB: i64 = 1 << 30;
+
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests drive real loop devices and mounts: run them as root (CI does)"
+    );
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub pool_size: &'static str,
+    pub failpoint: Option<String>,
+    pub max_volumes_per_node: Option<u32>,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            pool_size: "16Gi",
+            failpoint: None,
+            max_volumes_per_node: None,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// One all-in-one berth process with its own state dir, pool and socket.
+pub struct Driver {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub opts: Options,
+}
+
+impl Driver {
+    pub async fn start() -> Driver {
+        Driver::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(opts: Options) -> Driver {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("berth-test-")
+            .tempdir()
+            .expect("tempdir");
+        let mut d = Driver {
+            dir,
+            child: None,
+            opts,
+        };
+        d.spawn().await;
+        d
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("csi.sock")
+    }
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+    pub fn pool_root(&self) -> PathBuf {
+        self.state_dir().join("pool")
+    }
+    /// A path under the test dir for staging/target mounts (the CO's directories).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join("k8s").join(name)
+    }
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("berth.log")).unwrap_or_default()
+    }
+
+    async fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.socket());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("berth.log"))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+        cmd.arg("all-in-one")
+            .arg("--endpoint")
+            .arg(self.endpoint())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--node-id")
+            .arg(NODE_ID)
+            .arg("--pool-size")
+            .arg(self.opts.pool_size)
+            .args(&self.opts.extra_args)
+            .env("RUST_LOG", "info,berth=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if let Some(n) = self.opts.max_volumes_per_node {
+            cmd.arg("--max-volumes-per-node").arg(n.to_string());
+        }
+        match &self.opts.failpoint {
+            Some(fp) => cmd.env("BERTH_FAILPOINT", fp),
+            None => cmd.env_remove("BERTH_FAILPOINT"),
+        };
+        self.child = Some(cmd.spawn().expect("spawn berth"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("berth exited during start-up ({status}):\n{}", self.log());
+            }
+            if self.socket().exists() && berth::client::connect(&self.endpoint()).await.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "berth did not start within 60s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// kill -9, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to die by itself (e.g. at a failpoint).
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.as_mut().expect("running").try_wait().unwrap() {
+                self.child = None;
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "berth did not exit within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub async fn stop(&mut self) -> ExitStatus {
+        let pid = self.child.as_ref().expect("running").id();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        self.wait_exit(Duration::from_secs(30)).await
+    }
+
+    /// Starts the process again on the same state dir (with a new failpoint setting).
+    pub async fn restart(&mut self, failpoint: Option<&str>) {
+        self.kill9();
+        self.opts.failpoint = failpoint.map(str::to_string);
+        self.spawn().await;
+    }
+
+    pub async fn channel(&self) -> Channel {
+        berth::client::connect(&self.endpoint())
+            .await
+            .expect("connect")
+    }
+    pub async fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.channel().await)
+    }
+    pub async fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel().await)
+    }
+    pub async fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.channel().await)
+    }
+    pub async fn group(&self) -> GroupControllerClient<Channel> {
+        GroupControllerClient::new(self.channel().await)
+    }
+
+    /// Loop devices whose backing file is inside this driver's pool (volumes only).
+    pub fn volume_loop_devices(&self) -> Vec<String> {
+        let out = Command::new("losetup")
+            .args(["--list", "--noheadings", "-O", "NAME,BACK-FILE"])
+            .output()
+            .unwrap();
+        let pool = self.pool_root().join("berth");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(&*pool.to_string_lossy()))
+            .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// Mounts under the CO's directories of this test (staging and target paths).
+    pub fn test_mounts(&self) -> Vec<String> {
+        let k8s = self.dir.path().join("k8s");
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|m| m.starts_with(&*k8s.to_string_lossy()))
+            .collect()
+    }
+
+    /// Files in the pool's volume/snapshot/group/tmp directories.
+    pub fn pool_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for sub in ["volumes", "snapshots", "groups", "tmp"] {
+            if let Ok(rd) = std::fs::read_dir(self.pool_root().join("berth").join(sub)) {
+                out.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Asserts nothing of any volume is left: no loop devices, mounts or pool files.
+    pub fn assert_clean(&self) {
+        assert_eq!(
+            self.volume_loop_devices(),
+            Vec::<String>::new(),
+            "loop devices left"
+        );
+        assert_eq!(self.test_mounts(), Vec::<String>::new(), "mounts left");
+        assert_eq!(self.pool_files(), Vec::<PathBuf>::new(), "pool files left");
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.kill9();
+        // Unmount everything under the test dir, deepest first, then free its loop devices,
+        // so a failed test does not leak into the next.
+        let root = self.dir.path().to_string_lossy().to_string();
+        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|m| m.starts_with(&root))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = Command::new("fsfreeze")
+                .args(["-u", &m])
+                .stderr(Stdio::null())
+                .status();
+            let _ = Command::new("umount").args(["-l", &m]).status();
+        }
+        if let Ok(out) = Command::new("losetup")
+            .args(["--list", "--noheadings", "-O", "NAME,BACK-FILE"])
+            .output()
+        {
+            for l in String::from_utf8_lossy(&out.stdout).lines() {
+                if l.contains(&root) {
+                    if let Some(dev) = l.split_whitespace().next() {
+                        let _ = Command::new("losetup").args(["-d", dev]).status();
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---- request builders ----------------------------------------------------------------
+
+pub fn mount_cap(fs_type: &str) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(volume_capability::AccessType::Mount(
+            volume_capability::MountVolume {
+                fs_type: fs_type.to_string(),
+                mount_flags: vec![],
+                volume_mount_group: String::new(),
+            },
+        )),
+        access_mode: Some(volume_capability::AccessMode {
+            mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+pub fn block_cap() -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(volume_capability::AccessType::Block(
+            volume_capability::BlockVolume {},
+        )),
+        access_mode: Some(volume_capability::AccessMode {
+            mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+pub fn with_mode(
+    mut cap: csi::VolumeCapability,
+    mode: volume_capability::access_mode::Mode,
+) -> csi::VolumeCapability {
+    cap.access_mode = Some(volume_capability::AccessMode { mode: mode as i32 });
+    cap
+}
+
+pub fn create_req(name: &str, bytes: i64, cap: csi::VolumeCapability) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.to_string(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap],
+        ..Default::default()
+    }
+}
+
+pub fn from_snapshot(
+    mut req: csi::CreateVolumeRequest,
+    snapshot_id: &str,
+) -> csi::CreateVolumeRequest {
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: snapshot_id.to_string(),
+            },
+        )),
+    });
+    req
+}
+
+pub fn from_volume(mut req: csi::CreateVolumeRequest, volume_id: &str) -> csi::CreateVolumeRequest {
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Volume(
+            csi::volume_content_source::VolumeSource {
+                volume_id: volume_id.to_string(),
+            },
+        )),
+    });
+    req
+}
+
+pub fn params(kv: &[(&str, &str)]) -> HashMap<String, String> {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A volume staged and published as the kubelet would do it; returns the target path.
+pub async fn stage_and_publish(
+    d: &Driver,
+    volume_id: &str,
+    cap: &csi::VolumeCapability,
+    name: &str,
+) -> PathBuf {
+    let staging = d.path(&format!("{name}/staging"));
+    let target = d.path(&format!("{name}/target"));
+    let mut node = d.node().await;
+    node.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: volume_id.to_string(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    })
+    .await
+    .expect("stage");
+    node.node_publish_volume(csi::NodePublishVolumeRequest {
+        volume_id: volume_id.to_string(),
+        staging_target_path: staging.to_string_lossy().into(),
+        target_path: target.to_string_lossy().into(),
+        volume_capability: Some(cap.clone()),
+        readonly: false,
+        ..Default::default()
+    })
+    .await
+    .expect("publish");
+    target
+}
+
+pub async fn unpublish_and_unstage(d: &Driver, volume_id: &str, name: &str) {
+    let staging = d.path(&format!("{name}/staging"));
+    let target = d.path(&format!("{name}/target"));
+    let mut node = d.node().await;
+    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: volume_id.to_string(),
+        target_path: target.to_string_lossy().into(),
+    })
+    .await
+    .expect("unpublish");
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: volume_id.to_string(),
+        staging_target_path: staging.to_string_lossy().into(),
+    })
+    .await
+    .expect("unstage");
+}
+
+pub fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {
+    match r {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+/// Writes a deterministic pattern (seeded) of `len` bytes to `path` and fsyncs it.
+pub fn write_pattern(path: &Path, seed: u64, len: usize) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(&pattern(seed, len)).unwrap();
+    f.sync_all().unwrap();
+}
+
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
