@@ -278,10 +278,8 @@ impl Drop for Driver {
             .output()
         {
             for l in String::from_utf8_lossy(&out.stdout).lines() {
-                if l.contains(&root) {
-                    if let Some(dev) = l.split_whitespace().next() {
-                        let _ = Command::new("losetup").args(["-d", dev]).status();
-                    }
+                if let Some(dev) = l.split_whitespace().next().filter(|_| l.contains(&root)) {
+                    let _ = Command::new("losetup").args(["-d", dev]).status();
                 }
             }
         }
