@@ -35,12 +35,49 @@ fn default_max_volumes() -> u32 {
 
 /// Builds the shared context: pool up, records reconciled. Separate from [`run`] so tests
 /// and benchmarks can build it without serving.
+/// The programs berth runs, and the Debian package each comes from.
+const TOOLS: &[(&str, &str)] = &[
+    ("losetup", "util-linux"),
+    ("blkid", "util-linux"),
+    ("fsfreeze", "util-linux"),
+    ("mount", "mount"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("resize2fs", "e2fsprogs"),
+    ("mkfs.xfs", "xfsprogs"),
+    ("xfs_growfs", "xfsprogs"),
+    ("xfs_io", "xfsprogs"),
+];
+
+/// Fails at start-up, naming the packages to install, rather than at the first RPC that
+/// needs a missing tool.
+fn check_tools() -> Result<()> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
+        .chain(["/sbin", "/usr/sbin"].map(PathBuf::from))
+        .collect();
+    let mut missing: Vec<&str> = TOOLS
+        .iter()
+        .filter(|(tool, _)| !dirs.iter().any(|d| d.join(tool).is_file()))
+        .map(|&(_, pkg)| pkg)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::PoolUnavailable(format!(
+            "required tools are missing; install: apt-get install {}",
+            missing.join(" ")
+        )))
+    }
+}
+
 pub async fn prepare(cfg: &Config) -> Result<Arc<Context>> {
     if !nix::unistd::geteuid().is_root() {
         return Err(Error::PoolUnavailable(
             "berth must run as root: it creates loop devices, formats and mounts filesystems (as every CSI node plugin does)".into(),
         ));
     }
+    check_tools()?;
     let root = setup::prepare(&cfg.state_dir, &cfg.pool).await?;
     let pool = Arc::new(Pool::open(&root).await?);
     let node = Arc::new(NodeState::open(

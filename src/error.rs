@@ -111,7 +111,8 @@ impl Error {
             | Error::Command { .. }
             | Error::Timeout { .. }
             | Error::Corrupt { .. } => Code::Internal,
-            Error::PoolUnavailable(_) => Code::Unavailable,
+            // Probe's table: "Plugin not healthy" is FAILED_PRECONDITION.
+            Error::PoolUnavailable(_) => Code::FailedPrecondition,
         }
     }
 }

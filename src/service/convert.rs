@@ -26,6 +26,23 @@ pub fn required<'a>(value: &'a str, field: &'static str) -> Result<&'a str> {
     }
 }
 
+/// A CO-chosen object name (CreateVolume, CreateSnapshot, CreateVolumeGroupSnapshot). The
+/// spec allows any Unicode string except those holding control characters other than the
+/// common whitespace: U+0000-U+0008, U+000B, U+000C, U+000E-U+001F, U+007F-U+009F.
+pub fn name(value: &str) -> Result<&str> {
+    let v = required(value, "name")?;
+    let banned = |c: &char| {
+        matches!(c, '\u{0}'..='\u{8}' | '\u{b}' | '\u{c}' | '\u{e}'..='\u{1f}' | '\u{7f}'..='\u{9f}')
+    };
+    match v.chars().find(banned) {
+        Some(c) => Err(Error::invalid(
+            "name",
+            format!("contains the banned control character U+{:04X}", c as u32),
+        )),
+        None => Ok(v),
+    }
+}
+
 /// A volume id from a request. `None` when it is not an id berth could have issued: such a
 /// volume does not exist, which each RPC answers in its own way (NOT_FOUND, or success for
 /// deletes).
@@ -78,6 +95,25 @@ pub fn mode(cap: &csi::VolumeCapability) -> csi::volume_capability::access_mode:
         .as_ref()
         .and_then(|m| csi::volume_capability::access_mode::Mode::try_from(m.mode).ok())
         .unwrap_or(csi::volume_capability::access_mode::Mode::Unknown)
+}
+
+/// The fields the spec marks REQUIRED inside a capability (an access type, an access mode):
+/// a capability without them is malformed, INVALID_ARGUMENT in every RPC — unlike a
+/// well-formed capability the volume cannot serve, whose code each RPC's table chooses.
+pub fn well_formed(cap: &csi::VolumeCapability) -> Result<()> {
+    if cap.access_type.is_none() {
+        return Err(Error::invalid(
+            "volume_capability",
+            "access_type (block or mount) is required",
+        ));
+    }
+    if mode(cap) == csi::volume_capability::access_mode::Mode::Unknown {
+        return Err(Error::invalid(
+            "volume_capability",
+            "access_mode is required (and must be a known mode)",
+        ));
+    }
+    Ok(())
 }
 
 /// Why a capability cannot be served, or `None` if it can. Shared by CreateVolume,

@@ -476,16 +476,10 @@ impl NodeState {
                 owned.push(dev.clone());
             }
         }
-        let volumes_dir = self
-            .pool
-            .volume_image(&VolumeId::for_name(""))
-            .parent()
-            .map(Path::to_path_buf);
+        let volumes_dir = self.pool.volumes_dir();
         let mounts = fsutil::mounts()?;
         for l in loopdev::list().await? {
-            let in_pool = volumes_dir
-                .as_deref()
-                .is_some_and(|d| l.backing_file.parent() == Some(d));
+            let in_pool = l.backing_file.parent() == Some(volumes_dir.as_path());
             if !in_pool || owned.contains(&l.device) {
                 continue;
             }

@@ -114,6 +114,10 @@ impl Pool {
     fn volume_meta(&self, id: &VolumeId) -> PathBuf {
         self.dir.join("volumes").join(format!("{id}.json"))
     }
+    /// Where volume images live: loop devices backed by files here are berth's.
+    pub fn volumes_dir(&self) -> PathBuf {
+        self.dir.join("volumes")
+    }
     pub fn snapshot_image(&self, id: &SnapshotId) -> PathBuf {
         self.dir.join("snapshots").join(format!("{id}.img"))
     }
@@ -129,7 +133,8 @@ impl Pool {
 
     /// Ready when the pool directory accepts a durable write.
     pub fn probe(&self) -> Result<()> {
-        let p = self.tmp(".probe");
+        // Per process: a controller and a node sharing the pool probe it independently.
+        let p = self.tmp(&format!(".probe-{}", std::process::id()));
         fsutil::write_atomic(&p, b"ok").map_err(|e| Error::PoolUnavailable(e.to_string()))?;
         fsutil::remove_file_durable(&p).map_err(|e| Error::PoolUnavailable(e.to_string()))
     }
@@ -214,31 +219,23 @@ impl Pool {
     /// block the volume overwrites becomes the snapshot's alone.
     pub fn capacity(&self) -> Result<Capacity> {
         let fs = fsutil::fs_stats(&self.root)?;
-        let mut reserved = 0u64;
+        let (mut reserved, mut held) = (0u64, 0u64);
         for v in self.volumes()? {
             reserved += v.capacity_bytes;
+            held += fsutil::allocated_bytes(&self.volume_image(&v.id)).unwrap_or(0);
         }
         for s in self.snapshots()? {
             reserved += fsutil::allocated_bytes(&self.snapshot_image(&s.id)).unwrap_or(0);
         }
-        // Anything not accounted above (files outside berth, fs metadata) shows up in the
-        // real free space; never promise more than either bound.
         let by_reservation = fs.total_bytes.saturating_sub(reserved);
-        let available = by_reservation.min(fs.available_bytes + self.allocated_volume_bytes()?);
+        // Space used outside berth's accounting (fs metadata, an admin's files in a
+        // --pool-dir) only shows in the real free space: what volumes already hold is inside
+        // their reservations, what they may still write is not free.
+        let by_free_space = (fs.available_bytes + held).saturating_sub(reserved);
         Ok(Capacity {
             total_bytes: fs.total_bytes,
-            available_bytes: align_down(available.min(by_reservation)),
+            available_bytes: align_down(by_reservation.min(by_free_space)),
         })
-    }
-
-    /// Blocks volumes already hold: they are inside their reservations, so they count as
-    /// promised-and-used, not as free space lost.
-    fn allocated_volume_bytes(&self) -> Result<u64> {
-        let mut sum = 0;
-        for v in self.volumes()? {
-            sum += fsutil::allocated_bytes(&self.volume_image(&v.id)).unwrap_or(0);
-        }
-        Ok(sum)
     }
 
     fn ensure_room(&self, bytes: u64) -> Result<()> {
@@ -257,6 +254,11 @@ impl Pool {
     /// Creates (or finds, for a retry) the volume for `req.name`.
     pub async fn create_volume(&self, req: NewVolume) -> Result<VolumeRecord> {
         let id = VolumeId::for_name(&req.name);
+        // A retry of a finished create answers from the record, even if its source has been
+        // deleted since.
+        if let Some(existing) = self.volume(&id)?.filter(|v| v.state == RecordState::Ready) {
+            return compatible_volume(existing, &req);
+        }
         let source_bytes = match &req.source {
             None => 0,
             Some(VolumeSource::Snapshot(s)) => self.ready_snapshot(s)?.size_bytes,
@@ -608,7 +610,11 @@ impl Pool {
             .map_err(Error::io("list", &tmp))?
             .flatten()
         {
-            fsutil::remove_file_durable(&e.path())?;
+            // Half-built images only; dot files are other processes' live probes.
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "img") {
+                fsutil::remove_file_durable(&p)?;
+            }
         }
         Ok(repaired)
     }
@@ -686,8 +692,9 @@ fn compatible_volume(existing: VolumeRecord, req: &NewVolume) -> Result<VolumeRe
 
 /// Whether this filesystem can share extents, tried for real on a scratch file.
 fn probe_reflink(dir: &Path) -> Result<bool> {
-    let a = dir.join(".reflink-probe-a");
-    let b = dir.join(".reflink-probe-b");
+    let pid = std::process::id();
+    let a = dir.join(format!(".reflink-probe-{pid}-a"));
+    let b = dir.join(format!(".reflink-probe-{pid}-b"));
     let _ = fs::remove_file(&a);
     let _ = fs::remove_file(&b);
     fs::write(&a, [0u8; 4096]).map_err(Error::io("write", &a))?;

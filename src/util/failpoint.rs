@@ -1,28 +1,72 @@
-//! Crash-test failpoints. `BERTH_FAILPOINT=<name>` makes the process kill itself with
-//! SIGKILL when it reaches the named point, which is exactly what `kill -9` mid-operation
-//! does: no destructors, no flushes, no cleanup. Used only by the crash tests; when the
-//! variable is unset the check is one cached comparison.
+//! Test failpoints. `BERTH_FAILPOINT=<name>` makes the process kill itself with SIGKILL when
+//! it reaches the named point, which is exactly what `kill -9` mid-operation does: no
+//! destructors, no flushes, no cleanup. `BERTH_FAILPOINT=<name>:sleep=<ms>` instead holds
+//! the operation there, to prove what happens to an RPC that is in flight (SIGTERM drain,
+//! ABORTED for a concurrent call). Used only by tests; when the variable is unset the check
+//! is one cached comparison.
 
-use std::sync::OnceLock;
+use std::{sync::OnceLock, time::Duration};
 
-fn armed() -> Option<&'static str> {
-    static ARMED: OnceLock<Option<String>> = OnceLock::new();
+#[derive(Debug, PartialEq, Eq)]
+enum Action {
+    Kill,
+    Sleep(Duration),
+}
+
+fn parse(spec: &str) -> Option<(String, Action)> {
+    let (name, action) = match spec.split_once(":sleep=") {
+        Some((name, ms)) => (name, Action::Sleep(Duration::from_millis(ms.parse().ok()?))),
+        None => (spec, Action::Kill),
+    };
+    (!name.is_empty()).then(|| (name.to_string(), action))
+}
+
+fn armed() -> Option<&'static (String, Action)> {
+    static ARMED: OnceLock<Option<(String, Action)>> = OnceLock::new();
     ARMED
         .get_or_init(|| {
             std::env::var("BERTH_FAILPOINT")
                 .ok()
-                .filter(|s| !s.is_empty())
+                .and_then(|s| parse(&s))
         })
-        .as_deref()
+        .as_ref()
 }
 
 pub fn hit(name: &str) {
-    if armed() == Some(name) {
-        tracing::warn!(failpoint = name, "failpoint reached, killing the process");
-        let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
-        // SIGKILL cannot be caught; if delivery is somehow delayed, never go past the point.
-        loop {
-            std::thread::park();
+    match armed() {
+        Some((armed, Action::Kill)) if armed == name => {
+            tracing::warn!(failpoint = name, "failpoint reached, killing the process");
+            let _ =
+                nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+            // SIGKILL cannot be caught; if delivery is somehow delayed, never go past the point.
+            loop {
+                std::thread::park();
+            }
         }
+        Some((armed, Action::Sleep(d))) if armed == name => {
+            tracing::warn!(
+                failpoint = name,
+                ms = d.as_millis() as u64,
+                "failpoint reached, holding"
+            );
+            std::thread::sleep(*d);
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse() {
+        assert_eq!(parse("a:b"), Some(("a:b".into(), Action::Kill)));
+        assert_eq!(
+            parse("a:b:sleep=250"),
+            Some(("a:b".into(), Action::Sleep(Duration::from_millis(250))))
+        );
+        assert_eq!(parse("a:sleep=x"), None);
+        assert_eq!(parse(""), None);
     }
 }
