@@ -86,17 +86,19 @@ pub async fn prepare(cfg: &Config) -> Result<Arc<Context>> {
         cfg.direct_io,
     )?);
     // Each role repairs only what it owns: a node process must never discard a volume a
-    // live controller is half-way through creating.
-    if cfg.roles.controller {
-        let n = pool.reconcile()?;
-        if n > 0 {
-            tracing::info!(repaired = n, "pool reconciled after an unclean stop");
-        }
-    }
+    // live controller is half-way through creating. The node goes first: it thaws
+    // filesystems a crash left frozen, which applications are blocked on, and that must not
+    // wait for (or be skipped by a failure of) the pool's repairs.
     if cfg.roles.node {
         let n = node.reconcile().await?;
         if n > 0 {
             tracing::info!(repaired = n, "node state reconciled after an unclean stop");
+        }
+    }
+    if cfg.roles.controller {
+        let n = pool.reconcile()?;
+        if n > 0 {
+            tracing::info!(repaired = n, "pool reconciled after an unclean stop");
         }
     }
     Ok(Arc::new(Context {

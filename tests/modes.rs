@@ -98,32 +98,8 @@ impl Drop for Proc {
     }
 }
 
-/// Removes the mounts and loop devices a test made under `dir` (the harness's Driver does
-/// this for all-in-one tests).
 fn cleanup(dir: &Path) {
-    let root = dir.to_string_lossy().to_string();
-    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .filter(|m| m.starts_with(&root))
-        .collect();
-    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    for m in mounts {
-        let _ = Command::new("umount").args(["-l", &m]).status();
-    }
-    let out = Command::new("losetup")
-        .args(["--list", "--noheadings", "-O", "NAME,BACK-FILE"])
-        .output()
-        .unwrap();
-    for l in String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(&root))
-    {
-        let _ = Command::new("losetup")
-            .args(["-d", l.split_whitespace().next().unwrap()])
-            .status();
-    }
+    common::cleanup_dir(dir);
 }
 
 async fn services(endpoint: &str) -> Vec<ServiceType> {

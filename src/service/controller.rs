@@ -33,15 +33,30 @@ impl ControllerService {
         &self,
         req: csi::CreateVolumeRequest,
     ) -> Result<csi::CreateVolumeResponse> {
-        let name = required(&req.name, "name")?;
+        let name = convert::name(&req.name)?;
         let p = params::create_params(&req.parameters, &req.mutable_parameters)?;
         let kind = convert::volume_kind(&req.volume_capabilities, &p)?;
         let (required_bytes, limit_bytes) = convert::capacity(req.capacity_range.as_ref())?;
         let source = convert::content_source(req.volume_content_source.as_ref())?;
+        let id = VolumeId::for_name(name);
         if !convert::topology_allows(req.accessibility_requirements.as_ref(), self.node_id()) {
+            // Spec: an existing volume of this name that the requirements exclude "already
+            // exists but is incompatible" (ALREADY_EXISTS); only a new one is "unable to
+            // provision in accessible_topology" (RESOURCE_EXHAUSTED).
+            let exists = self
+                .ctx
+                .pool
+                .volume(&id)?
+                .is_some_and(|v| v.state == crate::storage::RecordState::Ready);
+            if exists {
+                return Err(Error::AlreadyExists {
+                    kind: "volume",
+                    name: name.to_string(),
+                    detail: format!("it is accessible only from node {}", self.node_id()),
+                });
+            }
             return Err(Error::TopologyUnsatisfiable(self.node_id().to_string()));
         }
-        let id = VolumeId::for_name(name);
         let mut keys = vec![id.to_string()];
         if let Some(s) = &source {
             keys.push(match s {
@@ -164,6 +179,9 @@ impl ControllerService {
         if req.volume_capabilities.is_empty() {
             return Err(Error::Missing("volume_capabilities"));
         }
+        for c in &req.volume_capabilities {
+            convert::well_formed(c)?;
+        }
         let v = self.ctx.pool.ready_volume(&id)?;
         if let Err(e) = params::create_params(&req.parameters, &req.mutable_parameters) {
             return Ok(unconfirmed(e.to_string()));
@@ -254,6 +272,9 @@ impl ControllerService {
 
     fn get_capacity(&self, req: csi::GetCapacityRequest) -> Result<csi::GetCapacityResponse> {
         let p = params::create_params(&req.parameters, &HashMap::new())?;
+        for c in &req.volume_capabilities {
+            convert::well_formed(c)?;
+        }
         let here = req.accessible_topology.as_ref().is_none_or(|t| {
             t.segments
                 .get(super::TOPOLOGY_KEY)
@@ -282,7 +303,7 @@ impl ControllerService {
         &self,
         req: csi::CreateSnapshotRequest,
     ) -> Result<csi::CreateSnapshotResponse> {
-        let name = required(&req.name, "name")?;
+        let name = convert::name(&req.name)?;
         let source = required(&req.source_volume_id, "source_volume_id")?;
         params::snapshot_params(&req.parameters)?;
         let source =
@@ -382,12 +403,20 @@ impl ControllerService {
             .ok_or(Error::Missing("capacity_range"))?;
         let (required_bytes, limit_bytes) = convert::capacity(Some(range))?;
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
-        if let Some(cap) = &req.volume_capability {
-            let v = self.ctx.pool.ready_volume(&id)?;
-            if let Some(why) = convert::fits(&v, cap) {
-                return Err(Error::invalid("volume_capability", why));
-            }
+        let current = self.ctx.pool.ready_volume(&id)?;
+        if let Some(cap) = &req.volume_capability
+            && let Some(why) = convert::fits(&current, cap)
+        {
+            return Err(Error::invalid("volume_capability", why));
         }
+        // Spec (CapacityRange): 0 is "unspecified". Without required_bytes the current size
+        // already satisfies the range, so nothing grows; CreateVolume's default size (1 GiB)
+        // is not an expansion target.
+        let required_bytes = if required_bytes == 0 {
+            current.capacity_bytes
+        } else {
+            required_bytes
+        };
         let v = self
             .ctx
             .pool

@@ -31,9 +31,8 @@ pub fn required<'a>(value: &'a str, field: &'static str) -> Result<&'a str> {
 /// common whitespace: U+0000-U+0008, U+000B, U+000C, U+000E-U+001F, U+007F-U+009F.
 pub fn name(value: &str) -> Result<&str> {
     let v = required(value, "name")?;
-    let banned = |c: &char| {
-        matches!(c, '\u{0}'..='\u{8}' | '\u{b}' | '\u{c}' | '\u{e}'..='\u{1f}' | '\u{7f}'..='\u{9f}')
-    };
+    let banned =
+        |c: &char| matches!(*c as u32, 0x00..=0x08 | 0x0b | 0x0c | 0x0e..=0x1f | 0x7f..=0x9f);
     match v.chars().find(banned) {
         Some(c) => Err(Error::invalid(
             "name",

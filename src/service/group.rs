@@ -4,11 +4,7 @@ use std::{collections::BTreeSet, sync::Arc};
 
 use tonic::{Request, Response, Status};
 
-use super::{
-    Context, capabilities,
-    convert::{self, required},
-    params, respond,
-};
+use super::{Context, capabilities, convert, params, respond};
 use crate::{
     error::{Error, Result},
     proto::csi::v1::{self as csi, group_controller_server::GroupController},
@@ -32,7 +28,7 @@ impl GroupService {
         &self,
         req: csi::CreateVolumeGroupSnapshotRequest,
     ) -> Result<csi::CreateVolumeGroupSnapshotResponse> {
-        let name = required(&req.name, "name")?;
+        let name = convert::name(&req.name)?;
         if req.source_volume_ids.is_empty() {
             return Err(Error::Missing("source_volume_ids"));
         }
@@ -84,14 +80,43 @@ impl GroupService {
         };
         pool.save_group(&record)?;
 
-        let mut pending = Vec::new();
-        for v in &volumes {
-            match pool.begin_snapshot(&member_name(v), v, Some(&id)).await? {
-                Ok(rec) => pending.push(rec),
-                Err(done) => pending.push(done),
+        let built = async {
+            let mut pending = Vec::new();
+            for v in &volumes {
+                match pool.begin_snapshot(&member_name(v), v, Some(&id)).await? {
+                    Ok(rec) => pending.push(rec),
+                    Err(done) => pending.push(done),
+                }
             }
+            self.cut(pending).await
         }
-        let members = self.cut(pending).await?;
+        .await;
+        let members = match built {
+            Ok(m) => m,
+            Err(e) => {
+                // Spec: when a group snapshot fails before every member is cut, the CO has
+                // no group id to delete, so the plugin cleans up and leaks no snapshots.
+                for s in &record.snapshots {
+                    // Only this group's members: a member's name ("<group>/<volume>") may be
+                    // a snapshot the CO made on its own, which is not ours to delete.
+                    let ours =
+                        matches!(pool.snapshot(s), Ok(Some(r)) if r.group.as_ref() == Some(&id));
+                    if !ours {
+                        continue;
+                    }
+                    if let Err(c) = pool.delete_snapshot(s) {
+                        tracing::warn!(snapshot.id = %s, error = %c, "cleanup after a failed group snapshot");
+                    }
+                }
+                if let Err(c) = pool.remove_group(&id) {
+                    tracing::warn!(error = %c, "cleanup after a failed group snapshot");
+                }
+                return Err(e);
+            }
+        };
+        // Every member is a ready snapshot now, but the group is not: a crash here must not
+        // leave them behind (reconcile discards the members of an unfinished group).
+        failpoint::hit("group-snapshot:after-members");
         record.state = RecordState::Ready;
         record.created_unix_nanos = members
             .iter()
@@ -201,7 +226,11 @@ impl GroupService {
         &self,
         req: csi::DeleteVolumeGroupSnapshotRequest,
     ) -> Result<csi::DeleteVolumeGroupSnapshotResponse> {
-        let Some(id) = convert::group_id(&req.group_snapshot_id)? else {
+        let id = convert::group_id(&req.group_snapshot_id)?;
+        if req.snapshot_ids.is_empty() {
+            return Err(Error::Missing("snapshot_ids"));
+        }
+        let Some(id) = id else {
             return Ok(csi::DeleteVolumeGroupSnapshotResponse {});
         };
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
@@ -225,8 +254,11 @@ impl GroupService {
         &self,
         req: csi::GetVolumeGroupSnapshotRequest,
     ) -> Result<csi::GetVolumeGroupSnapshotResponse> {
-        let id = convert::group_id(&req.group_snapshot_id)?
-            .ok_or_else(|| Error::GroupSnapshotNotFound(req.group_snapshot_id.clone()))?;
+        let id = convert::group_id(&req.group_snapshot_id)?;
+        if req.snapshot_ids.is_empty() {
+            return Err(Error::Missing("snapshot_ids"));
+        }
+        let id = id.ok_or_else(|| Error::GroupSnapshotNotFound(req.group_snapshot_id.clone()))?;
         let g = self
             .ctx
             .pool

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use super::{Context, capabilities, convert, respond};
 use crate::{
     error::{Error, Result},
-    proto::csi::v1::{self as csi, node_server::Node},
+    proto::csi::v1::{self as csi, node_server::Node, volume_capability::access_mode::Mode},
 };
 
 #[derive(Debug, Clone)]
@@ -43,6 +43,15 @@ impl NodeService {
         let id = convert::existing_volume_id(&req.volume_id)?;
         let staging = convert::co_path(&req.staging_target_path, "staging_target_path")?;
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
+        if let Some(r) = self.ctx.node.record(&id)?
+            && r.staging_path != staging
+        {
+            // Spec: "If the volume corresponding to the volume_id is not staged to the
+            // staging_target_path, the Plugin MUST reply 0 OK." The stage elsewhere is left
+            // alone.
+            tracing::info!(staged_at = %r.staging_path.display(), "volume is not staged at this path");
+            return Ok(csi::NodeUnstageVolumeResponse {});
+        }
         self.ctx.node.unstage(&id, &staging).await?;
         Ok(csi::NodeUnstageVolumeResponse {})
     }
@@ -68,6 +77,18 @@ impl NodeService {
         let usage = node_usage(&id, cap)?;
         let readonly = req.readonly || capabilities::read_only_mode(convert::mode(cap));
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
+        // Spec, NodePublishVolume's second table: SINGLE_NODE_SINGLE_WRITER at a second
+        // target path is FAILED_PRECONDITION.
+        if convert::mode(cap) == Mode::SingleNodeSingleWriter
+            && let Some(rec) = self.ctx.node.record(&id)?
+            && !rec.published.contains_key(&target)
+            && let Some(other) = rec.published.keys().next()
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is SINGLE_NODE_SINGLE_WRITER and already published at {}",
+                other.display()
+            )));
+        }
         self.ctx
             .node
             .publish(&id, &staging, &target, &usage, readonly)
@@ -130,12 +151,27 @@ impl NodeService {
     ) -> Result<csi::NodeExpandVolumeResponse> {
         let id = convert::existing_volume_id(&req.volume_id)?;
         let path = convert::co_path(&req.volume_path, "volume_path")?;
+        let (required_bytes, limit_bytes) = convert::capacity(req.capacity_range.as_ref())?;
+        let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
+        let vol = self.ctx.pool.ready_volume(&id)?;
+        // "Exceeds capabilities": a capability the volume cannot serve (fits() also rejects
+        // malformed and unsupported ones).
         if let Some(cap) = &req.volume_capability
-            && let Some(why) = convert::unsupported(cap)
+            && let Some(why) = convert::fits(&vol, cap)
         {
             return Err(Error::invalid("volume_capability", why));
         }
-        let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
+        // The node grows to what the controller allocated; a range that size does not
+        // satisfy cannot be met here.
+        if required_bytes > vol.capacity_bytes
+            || (limit_bytes != 0 && limit_bytes < vol.capacity_bytes)
+        {
+            return Err(Error::OutOfRange(format!(
+                "the volume is {} bytes (required {required_bytes}, limit {limit_bytes}); \
+                 ControllerExpandVolume sets the size",
+                vol.capacity_bytes
+            )));
+        }
         let bytes = self.ctx.node.expand(&id, &path).await?;
         Ok(csi::NodeExpandVolumeResponse {
             capacity_bytes: bytes as i64,
@@ -148,6 +184,7 @@ fn node_usage(
     id: &crate::storage::VolumeId,
     cap: &csi::VolumeCapability,
 ) -> Result<crate::storage::node::Usage> {
+    convert::well_formed(cap)?;
     if let Some(reason) = convert::unsupported(cap) {
         return Err(Error::CapabilityMismatch {
             volume: id.to_string(),

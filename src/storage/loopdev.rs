@@ -1,7 +1,10 @@
 //! Loop devices through util-linux `losetup`, which already handles the allocation race
 //! between processes (LOOP_CTL_GET_FREE + retry) that a hand-rolled ioctl path would have to.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use serde::Deserialize;
 
@@ -13,6 +16,7 @@ pub struct LoopDevice {
     pub backing_file: PathBuf,
     /// The backing file was unlinked while attached.
     pub deleted: bool,
+    pub read_only: bool,
 }
 
 #[derive(Deserialize)]
@@ -26,10 +30,12 @@ struct Entry {
     name: String,
     #[serde(rename = "back-file")]
     back_file: Option<String>,
+    #[serde(default)]
+    ro: bool,
 }
 
 pub async fn list() -> Result<Vec<LoopDevice>> {
-    let out = exec::run("losetup", ["--list", "--json", "-O", "NAME,BACK-FILE"]).await?;
+    let out = exec::run("losetup", ["--list", "--json", "-O", "NAME,BACK-FILE,RO"]).await?;
     if out.trim().is_empty() {
         return Ok(Vec::new());
     }
@@ -51,55 +57,117 @@ pub async fn list() -> Result<Vec<LoopDevice>> {
                 device: PathBuf::from(e.name),
                 backing_file: PathBuf::from(file),
                 deleted,
+                read_only: e.ro,
             })
         })
         .collect())
 }
 
-/// The live (not deleted) loop device backed by `image`, if any.
+/// The live, writable loop device backed by `image`: the one a stage attached.
 pub async fn find(image: &Path) -> Result<Option<PathBuf>> {
-    Ok(list()
+    Ok(all_for(image)
         .await?
         .into_iter()
-        .find(|l| !l.deleted && l.backing_file == image)
+        .find(|l| !l.read_only)
         .map(|l| l.device))
 }
 
+/// Every live loop device backed by `image` (the stage's, and read-only ones of read-only
+/// block publishes).
+pub async fn all_for(image: &Path) -> Result<Vec<LoopDevice>> {
+    Ok(list()
+        .await?
+        .into_iter()
+        .filter(|l| !l.deleted && l.backing_file == image)
+        .collect())
+}
+
 /// Attaches `image` with direct I/O (no second page cache over the pool's), reusing an
-/// existing attachment so a retried stage does not leak a device.
+/// existing writable attachment so a retried stage does not leak a device.
 pub async fn attach(image: &Path, direct_io: bool) -> Result<PathBuf> {
     if let Some(dev) = find(image).await? {
         return Ok(dev);
     }
-    let dio = if direct_io {
-        "--direct-io=on"
-    } else {
-        "--direct-io=off"
-    };
-    let out = exec::run(
-        "losetup",
-        [
-            "--find".as_ref(),
-            "--show".as_ref(),
-            dio.as_ref(),
-            image.as_os_str(),
-        ],
-    )
-    .await?;
+    attach_new(image, direct_io, false).await
+}
+
+/// Attaches `image` as a new device. Sectors are always 4 KiB: a direct-I/O loop device
+/// otherwise takes the pool's I/O alignment for the file, which XFS reports as 512 bytes
+/// until the image first shares extents (a snapshot or clone) and 4 KiB after, so the
+/// device's geometry would change under a database doing 512-byte direct I/O.
+pub async fn attach_new(image: &Path, direct_io: bool, read_only: bool) -> Result<PathBuf> {
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "--find".as_ref(),
+        "--show".as_ref(),
+        "--sector-size".as_ref(),
+        "4096".as_ref(),
+        if direct_io {
+            "--direct-io=on"
+        } else {
+            "--direct-io=off"
+        }
+        .as_ref(),
+    ];
+    if read_only {
+        args.push("--read-only".as_ref());
+    }
+    args.push(image.as_os_str());
+    let out = exec::run("losetup", args).await?;
     Ok(PathBuf::from(out.trim()))
 }
 
+/// How long [`detach`] waits for a device that was still open elsewhere to let go.
+const DETACH_WAIT: Duration = Duration::from_secs(10);
+
 pub async fn detach(device: &Path) -> Result<()> {
+    let sysfs = device
+        .file_name()
+        .map(|n| Path::new("/sys/block").join(n).join("loop/backing_file"));
+    let backing = sysfs
+        .as_deref()
+        .and_then(|p| std::fs::read_to_string(p).ok());
     match exec::run("losetup", ["-d".as_ref(), device.as_os_str()]).await {
-        Ok(_) => Ok(()),
+        Ok(_) => {}
         // Already detached (or never existed): the goal state holds.
         Err(crate::error::Error::Command { stderr, .. })
             if stderr.contains("No such device") || stderr.contains("No such file") =>
         {
-            Ok(())
+            return Ok(());
         }
-        Err(e) => Err(e),
+        Err(e) => return Err(e),
     }
+    // LOOP_CLR_FD on a device that something else still has open (udev's blkid probing it
+    // after the unmount, the last reference to its filesystem being dropped elsewhere) does
+    // not detach it: it only sets autoclear, and the kernel detaches it when that opener
+    // closes. Wait for that, so that "detached" means detached (a delete right after an
+    // unstage would otherwise find the image still attached).
+    let (Some(sysfs), Some(backing)) = (sysfs, backing) else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    let deadline = started + DETACH_WAIT;
+    let mut waited = false;
+    // Gone, or the number already reused for another file: either way no longer ours.
+    while std::fs::read_to_string(&sysfs).is_ok_and(|b| b == backing) {
+        if !waited {
+            waited = true;
+            tracing::debug!(device = %device.display(), "loop device still open elsewhere; waiting for its autoclear");
+        }
+        if Instant::now() >= deadline {
+            return Err(crate::error::Error::Timeout {
+                command: format!(
+                    "losetup -d {} (device still open elsewhere)",
+                    device.display()
+                ),
+                timeout: DETACH_WAIT,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if waited {
+        tracing::info!(device = %device.display(), waited_ms = started.elapsed().as_millis() as u64, "loop device detached after its last opener closed it");
+    }
+    Ok(())
 }
 
 /// Re-reads the backing file's size after it grew.

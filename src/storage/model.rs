@@ -157,6 +157,10 @@ pub struct SnapshotRecord {
     pub size_bytes: u64,
     pub group: Option<GroupSnapshotId>,
     pub state: RecordState,
+    /// Pool space held for the snapshot while it is being made (its image does not exist
+    /// yet, so nothing else shows the reservation).
+    #[serde(default)]
+    pub reserved_bytes: u64,
     pub created_unix_nanos: u128,
 }
 

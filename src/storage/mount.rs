@@ -73,9 +73,23 @@ pub async fn mkfs(device: &Path, fs: FsType) -> Result<()> {
         )
         .await
         .map(drop),
-        FsType::Xfs => exec::run("mkfs.xfs", ["-q".as_ref(), "-K".as_ref(), dev])
-            .await
-            .map(drop),
+        // 4 KiB sectors always: mkfs.xfs takes the device's logical sector size, and a loop
+        // device's changes with its image: with direct I/O it is the pool's DIO alignment
+        // for the file, which XFS reports as 4 KiB once the image shares extents (after the
+        // first snapshot or clone) and 512 bytes before. A 512-byte-sector filesystem then no
+        // longer mounts ("device supports 4096 byte sectors"); a 4 KiB one mounts on both.
+        FsType::Xfs => exec::run(
+            "mkfs.xfs",
+            [
+                "-q".as_ref(),
+                "-K".as_ref(),
+                "-s".as_ref(),
+                "size=4096".as_ref(),
+                dev,
+            ],
+        )
+        .await
+        .map(drop),
     }
 }
 
@@ -100,7 +114,14 @@ pub fn validate_mount_flags(flags: &[String]) -> Result<()> {
 pub async fn mount_fs(device: &Path, target: &Path, fs: FsType, flags: &[String]) -> Result<()> {
     validate_mount_flags(flags)?;
     let mut args: Vec<&std::ffi::OsStr> = vec!["-t".as_ref(), fs.as_str().as_ref()];
-    let opts = flags.join(",");
+    let mut opts: Vec<&str> = flags.iter().map(String::as_str).collect();
+    // Snapshots and clones are copies of the image, so they carry their source's filesystem
+    // UUID, and XFS refuses to mount a UUID that is already mounted (the source, a sibling
+    // restore). berth's filesystems are identified by device, never by UUID.
+    if fs == FsType::Xfs && !opts.contains(&"nouuid") {
+        opts.push("nouuid");
+    }
+    let opts = opts.join(",");
     if !opts.is_empty() {
         args.push("-o".as_ref());
         args.push(opts.as_ref());
@@ -132,10 +153,21 @@ pub fn bind(source: &Path, target: &Path, readonly: bool) -> Result<()> {
 }
 
 /// Unmounts every mount stacked at `target`; nothing mounted there is success.
+///
+/// EBUSY is retried briefly: a process forked anywhere on the host holds copies of every
+/// open file descriptor until it execs, so an unmount racing a fork can fail though nothing
+/// really uses the filesystem. A mount still busy after that is reported (the CO retries).
 pub fn unmount_all(target: &Path) -> Result<()> {
+    let mut busy_retries = 20;
     while fsutil::is_mount_point(target)? {
-        nix::mount::umount2(target, MntFlags::empty())
-            .map_err(|e| Error::io("unmount", target)(e.into()))?;
+        match nix::mount::umount2(target, MntFlags::empty()) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EBUSY) if busy_retries > 0 => {
+                busy_retries -= 1;
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            Err(e) => return Err(Error::io("unmount", target)(e.into())),
+        }
     }
     Ok(())
 }
@@ -157,11 +189,42 @@ pub async fn thaw(mount_point: &Path) -> Result<()> {
 /// Grows a mounted filesystem to its device's size, online.
 pub async fn grow_fs(device: &Path, mount_point: &Path, fs: FsType) -> Result<()> {
     match fs {
-        FsType::Ext4 => exec::run("resize2fs", [device.as_os_str()]).await.map(drop),
+        FsType::Ext4 => match exec::run("resize2fs", [device.as_os_str()]).await {
+            // The online resize ioctl needs CAP_SYS_RESOURCE, which a node plugin running
+            // privileged has; a container or sandbox that drops it cannot grow ext4 in use.
+            // NodeExpandVolume's table: a staged volume whose filesystem cannot grow online
+            // is FAILED_PRECONDITION.
+            Err(Error::Command { stderr, .. })
+                if stderr.contains("Permission denied to resize") =>
+            {
+                Err(Error::FailedPrecondition(format!(
+                    "ext4 on {} cannot grow while mounted: this process lacks CAP_SYS_RESOURCE (run the node plugin privileged), or use xfs",
+                    device.display()
+                )))
+            }
+            other => other.map(drop),
+        },
         FsType::Xfs => exec::run("xfs_growfs", [mount_point.as_os_str()])
             .await
             .map(drop),
     }
+}
+
+/// Grows an unmounted ext4 filesystem to its device's size. Unlike the online resize (an
+/// ioctl that needs CAP_SYS_RESOURCE) this only writes to the device.
+pub async fn grow_ext4_offline(device: &Path) -> Result<()> {
+    // resize2fs only changes an unmounted filesystem that was checked since it was last
+    // mounted. e2fsck exits 1 when it corrected something, which preen mode does safely.
+    let dev = device.as_os_str();
+    let (code, out) = exec::status("e2fsck", ["-f".as_ref(), "-p".as_ref(), dev]).await?;
+    if code > 1 {
+        return Err(Error::Command {
+            command: format!("e2fsck -f -p {}", device.display()),
+            status: format!("exit status: {code}"),
+            stderr: out,
+        });
+    }
+    exec::run("resize2fs", [dev]).await.map(drop)
 }
 
 #[cfg(test)]

@@ -40,6 +40,10 @@ pub enum Usage {
 pub struct Publication {
     pub readonly: bool,
     pub block: bool,
+    /// A read-only block publish gets a read-only loop device of its own: a read-only bind
+    /// mount does not stop writes to a device node, the device itself must refuse them.
+    #[serde(default)]
+    pub device: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,24 +104,7 @@ impl NodeState {
     }
 
     pub fn records(&self) -> Result<Vec<StageRecord>> {
-        let mut out = Vec::new();
-        for e in fs::read_dir(&self.dir)
-            .map_err(Error::io("list", &self.dir))?
-            .flatten()
-        {
-            let p = e.path();
-            if p.extension().is_some_and(|x| x == "json")
-                && let Some(r) = fsutil::read_json(&p)?
-            {
-                out.push(r);
-            }
-        }
-        Ok(out)
-    }
-
-    /// How many volumes this node has attached (for max_volumes_per_node).
-    pub fn attached_count(&self) -> Result<usize> {
-        Ok(self.records()?.len())
+        fsutil::read_records(&self.dir)
     }
 
     // ---- stage ---------------------------------------------------------------------
@@ -161,13 +148,14 @@ impl NodeState {
         failpoint::hit("node-stage:after-attach");
 
         if let (Some(fs_type), Usage::Mount { flags, .. }) = (fs_type, &usage) {
-            match mount::probe(&device).await? {
+            let existing = match mount::probe(&device).await? {
                 // Formatted only when blank: an existing filesystem is the user's data.
                 Content::Blank => {
                     mount::mkfs(&device, fs_type).await?;
                     failpoint::hit("node-stage:after-mkfs");
+                    false
                 }
-                Content::Filesystem(found) if found == fs_type.as_str() => {}
+                Content::Filesystem(found) if found == fs_type.as_str() => true,
                 Content::Filesystem(found) => {
                     return Err(Error::CapabilityMismatch {
                         volume: id.to_string(),
@@ -183,10 +171,13 @@ impl NodeState {
                         reason: format!("it holds {what}, not a filesystem"),
                     });
                 }
-            }
+            };
             fs::create_dir_all(staging).map_err(Error::io("create", staging))?;
             if !is_mounted_from(staging, &device)? {
                 mount::mount_fs(&device, staging, fs_type, flags).await?;
+            }
+            if existing && !flags.iter().any(|f| f == "ro") {
+                grow_to_device(&device, staging, fs_type, flags).await?;
             }
             failpoint::hit("node-stage:after-mount");
         }
@@ -246,13 +237,12 @@ impl NodeState {
             None => loopdev::find(&image).await?,
         };
         if let Some(dev) = device {
-            // Only detach the device if it is still ours (a reused number may now be another's).
-            let ours = loopdev::list()
-                .await?
-                .into_iter()
-                .any(|l| l.device == dev && l.backing_file == image);
-            if ours {
-                loopdev::detach(&dev).await?;
+            detach_if_backed_by(&dev, &image).await?;
+        }
+        // Read-only devices of block publishes whose unpublish never came (a crash).
+        if let Some(r) = &rec {
+            for dev in r.published.values().filter_map(|p| p.device.as_ref()) {
+                detach_if_backed_by(dev, &image).await?;
             }
         }
         fsutil::remove_file_durable(&self.record_path(id))
@@ -288,9 +278,13 @@ impl NodeState {
                 reason: format!("it is staged as {:?}", rec.usage),
             });
         }
-        let want = Publication { readonly, block };
+        let mut want = Publication {
+            readonly,
+            block,
+            device: None,
+        };
         if let Some(have) = rec.published.get(target) {
-            if have != &want {
+            if (have.readonly, have.block) != (readonly, block) {
                 return Err(Error::AlreadyExists {
                     kind: "published volume",
                     name: id.to_string(),
@@ -300,13 +294,35 @@ impl NodeState {
             if fsutil::is_mount_point(target)? {
                 return Ok(());
             }
+            want.device = have.device.clone();
         }
-        rec.published.insert(target.to_owned(), want);
+        rec.published.insert(target.to_owned(), want.clone());
         self.save(&rec)?;
 
         if !fsutil::is_mount_point(target)? {
             let source = if block {
-                let dev = rec.device.clone().expect("complete stages have a device");
+                let dev = if readonly {
+                    // Recorded before it exists, so a crash in between leaves an owner that
+                    // unpublish or reconcile can find.
+                    let image = self.pool.volume_image(id);
+                    let live = loopdev::all_for(&image).await?;
+                    match want
+                        .device
+                        .clone()
+                        .filter(|d| live.iter().any(|l| &l.device == d && l.read_only))
+                    {
+                        Some(d) => d,
+                        None => {
+                            let d = loopdev::attach_new(&image, self.direct_io, true).await?;
+                            want.device = Some(d.clone());
+                            rec.published.insert(target.to_owned(), want);
+                            self.save(&rec)?;
+                            d
+                        }
+                    }
+                } else {
+                    rec.device.clone().expect("complete stages have a device")
+                };
                 if let Some(parent) = target.parent() {
                     fs::create_dir_all(parent).map_err(Error::io("create", parent))?;
                 }
@@ -337,8 +353,11 @@ impl NodeState {
             Err(_) => {}
         }
         if let Some(mut r) = rec
-            && r.published.remove(target).is_some()
+            && let Some(p) = r.published.remove(target)
         {
+            if let Some(dev) = &p.device {
+                detach_if_backed_by(dev, &self.pool.volume_image(id)).await?;
+            }
             self.save(&r)?;
         }
         Ok(())
@@ -368,8 +387,10 @@ impl NodeState {
 
     pub async fn stats(&self, id: &VolumeId, volume_path: &Path) -> Result<VolumeStats> {
         let vol = self.pool.ready_volume(id)?;
+        // A stage still in progress (its record is written first) is not a staged volume yet.
         let rec = self
             .record(id)?
+            .filter(|r| r.complete)
             .ok_or_else(|| Error::VolumeNotFound(format!("{id} on this node")))?;
         if volume_path != rec.staging_path && !rec.published.contains_key(volume_path) {
             return Err(Error::VolumeNotFound(format!(
@@ -404,8 +425,18 @@ impl NodeState {
                 abnormal,
             });
         }
-        if abnormal.is_none() && !fsutil::is_mount_point(volume_path)? {
-            abnormal = Some(format!("{} is not mounted", volume_path.display()));
+        if !fsutil::is_mount_point(volume_path)? {
+            // Nothing of the volume's is there to measure: statvfs would report whatever
+            // filesystem holds the path (if the path exists at all, e.g. mid-publish).
+            return Ok(VolumeStats {
+                block,
+                total_bytes: 0,
+                available_bytes: 0,
+                used_bytes: 0,
+                inodes: None,
+                abnormal: abnormal
+                    .or_else(|| Some(format!("{} is not mounted", volume_path.display()))),
+            });
         }
         let st = fsutil::fs_stats(volume_path)?;
         Ok(VolumeStats {
@@ -419,14 +450,6 @@ impl NodeState {
     }
 
     // ---- freeze (group snapshots) ----------------------------------------------------
-
-    /// The mount point to freeze for a consistent cut of `id`, if it is mounted here.
-    pub fn freeze_target(&self, id: &VolumeId) -> Result<Option<PathBuf>> {
-        Ok(self
-            .record(id)?
-            .filter(|r| r.complete && matches!(r.usage, Usage::Mount { .. }))
-            .map(|r| r.staging_path))
-    }
 
     pub async fn freeze(&self, id: &VolumeId) -> Result<bool> {
         let Some(mut rec) = self
@@ -462,18 +485,30 @@ impl NodeState {
     pub async fn reconcile(&self) -> Result<usize> {
         let mut repaired = 0;
         let mut owned = Vec::new();
+        // Every record is tried even when one fails: a single bad staging path must not
+        // leave the other volumes' filesystems frozen or keep the node from starting. Each
+        // failure is logged; the CO's retries (or an operator) take it from there.
         for r in self.records()? {
             if r.frozen {
                 tracing::warn!(volume.id = %r.volume_id, "thawing a filesystem left frozen by a crash");
-                self.thaw(&r.volume_id).await?;
-                repaired += 1;
+                match self.thaw(&r.volume_id).await {
+                    Ok(()) => repaired += 1,
+                    Err(e) => {
+                        tracing::error!(volume.id = %r.volume_id, error = %e, "could not thaw")
+                    }
+                }
             }
             if !r.complete {
                 tracing::info!(volume.id = %r.volume_id, "rolling back a stage left half-done by a crash");
-                self.unstage(&r.volume_id, &r.staging_path).await?;
-                repaired += 1;
-            } else if let Some(dev) = &r.device {
-                owned.push(dev.clone());
+                match self.unstage(&r.volume_id, &r.staging_path).await {
+                    Ok(()) => repaired += 1,
+                    Err(e) => {
+                        tracing::error!(volume.id = %r.volume_id, error = %e, "could not roll back the stage")
+                    }
+                }
+            } else {
+                owned.extend(r.device.iter().cloned());
+                owned.extend(r.published.values().filter_map(|p| p.device.clone()));
             }
         }
         let volumes_dir = self.pool.volumes_dir();
@@ -489,8 +524,10 @@ impl NodeState {
                 continue;
             }
             tracing::info!(device = %dev, backing = %l.backing_file.display(), "detaching loop device no stage owns");
-            loopdev::detach(&l.device).await?;
-            repaired += 1;
+            match loopdev::detach(&l.device).await {
+                Ok(()) => repaired += 1,
+                Err(e) => tracing::error!(device = %dev, error = %e, "could not detach"),
+            }
         }
         Ok(repaired)
     }
@@ -519,6 +556,41 @@ fn check_usage(vol: &VolumeRecord, usage: &Usage) -> Result<Option<FsType>> {
             Err(mismatch("it is a filesystem volume".into()))
         }
     }
+}
+
+/// A volume restored or cloned into a larger size holds a filesystem as large as its source:
+/// it is grown to the device at stage, since no NodeExpandVolume will follow. Online first (a
+/// no-op when it already fits); an online ext4 resize needs CAP_SYS_RESOURCE, and where that
+/// is refused the filesystem is grown offline, which is safe because nothing uses it before
+/// stage returns. It was mounted once already, so its journal is replayed and it is clean.
+async fn grow_to_device(
+    device: &Path,
+    staging: &Path,
+    fs_type: FsType,
+    flags: &[String],
+) -> Result<()> {
+    match mount::grow_fs(device, staging, fs_type).await {
+        Err(e) if fs_type == FsType::Ext4 => {
+            tracing::info!(error = %e, device = %device.display(), "online grow refused; growing offline before first use");
+            mount::unmount_all(staging)?;
+            mount::grow_ext4_offline(device).await?;
+            mount::mount_fs(device, staging, fs_type, flags).await
+        }
+        other => other,
+    }
+}
+
+/// Detaches `dev` only while it is still backed by `image`: after a crash its number may
+/// have been reused for someone else's file.
+async fn detach_if_backed_by(dev: &Path, image: &Path) -> Result<()> {
+    if loopdev::all_for(image)
+        .await?
+        .iter()
+        .any(|l| l.device == dev)
+    {
+        loopdev::detach(dev).await?;
+    }
+    Ok(())
 }
 
 fn is_mounted_from(path: &Path, device: &Path) -> Result<bool> {

@@ -181,21 +181,7 @@ impl Pool {
     }
 
     fn records<T: serde::de::DeserializeOwned>(&self, sub: &str) -> Result<Vec<T>> {
-        let d = self.dir.join(sub);
-        let mut names: Vec<PathBuf> = fs::read_dir(&d)
-            .map_err(Error::io("list", &d))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        names.sort();
-        let mut out = Vec::with_capacity(names.len());
-        for p in names {
-            // A record deleted between listing and reading is simply not listed.
-            if let Some(r) = fsutil::read_json(&p)? {
-                out.push(r);
-            }
-        }
-        Ok(out)
+        fsutil::read_records(&self.dir.join(sub))
     }
 
     /// All volume records, sorted by id.
@@ -225,7 +211,12 @@ impl Pool {
             held += fsutil::allocated_bytes(&self.volume_image(&v.id)).unwrap_or(0);
         }
         for s in self.snapshots()? {
-            reserved += fsutil::allocated_bytes(&self.snapshot_image(&s.id)).unwrap_or(0);
+            reserved += match s.state {
+                RecordState::Ready => {
+                    fsutil::allocated_bytes(&self.snapshot_image(&s.id)).unwrap_or(0)
+                }
+                RecordState::Creating | RecordState::Deleting => s.reserved_bytes,
+            };
         }
         let by_reservation = fs.total_bytes.saturating_sub(reserved);
         // Space used outside berth's accounting (fs metadata, an admin's files in a
@@ -386,7 +377,11 @@ impl Pool {
                 "volume {id} is still published to {nodes:?}"
             )));
         }
-        if let Some(dev) = loopdev::find(&self.volume_image(id)).await? {
+        if let Some(dev) = loopdev::all_for(&self.volume_image(id))
+            .await?
+            .first()
+            .map(|l| l.device.clone())
+        {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id} is still attached as {} on this node",
                 dev.display()
@@ -448,8 +443,8 @@ impl Pool {
         }
         // A device attached on this node keeps its old size until told to look again; doing
         // it here means a block volume needs no node step at all.
-        if let Some(dev) = loopdev::find(&image).await? {
-            loopdev::refresh_capacity(&dev).await?;
+        for dev in loopdev::all_for(&image).await? {
+            loopdev::refresh_capacity(&dev.device).await?;
         }
         Ok(v)
     }
@@ -517,6 +512,7 @@ impl Pool {
             size_bytes: vol.capacity_bytes,
             group: group.cloned(),
             state: RecordState::Creating,
+            reserved_bytes: needed,
             created_unix_nanos: now_nanos(),
         };
         fsutil::write_json(&self.snapshot_meta(&rec.id), &rec)?;
@@ -581,7 +577,11 @@ impl Pool {
         let mut repaired = 0;
         for v in self.volumes()? {
             match v.state {
-                RecordState::Ready => {}
+                RecordState::Ready => {
+                    if self.roll_back_growth(&v)? {
+                        repaired += 1;
+                    }
+                }
                 RecordState::Creating | RecordState::Deleting => {
                     tracing::info!(volume.id = %v.id, state = ?v.state, "removing volume left half-done by a crash");
                     self.finish_delete_volume(&v.id)?;
@@ -616,8 +616,71 @@ impl Pool {
                 fsutil::remove_file_durable(&p)?;
             }
         }
+        // A crash inside a record write leaves its temp file (`.<name>.tmp`, see
+        // `fsutil::write_atomic`) beside the records; the record itself is old or new, whole.
+        // Only the controller writes pool records, and it is not serving yet.
+        for sub in ["volumes", "snapshots", "groups"] {
+            let d = self.dir.join(sub);
+            for e in fs::read_dir(&d).map_err(Error::io("list", &d))?.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with('.') && name.ends_with(".tmp") {
+                    fsutil::remove_file_durable(&e.path())?;
+                }
+            }
+        }
         Ok(repaired)
     }
+
+    /// An expansion that crashed between growing the image and recording the new size was
+    /// never acknowledged: the image is cut back to the recorded capacity. Left grown, a
+    /// first stage would format (and a restage grow) a filesystem larger than the volume,
+    /// which no longer fits into snapshots restored or clones made at the recorded size, and
+    /// the volume would use more of the pool than it reserves. Only blocks past the recorded
+    /// size go, which no device has shown: one attached at the larger size is left alone.
+    fn roll_back_growth(&self, v: &VolumeRecord) -> Result<bool> {
+        let image = self.volume_image(&v.id);
+        let len = match fs::metadata(&image) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io("stat", &image)(e)),
+        };
+        if len <= v.capacity_bytes {
+            return Ok(false);
+        }
+        if loop_sizes(&image).into_iter().any(|b| b > v.capacity_bytes) {
+            tracing::warn!(volume.id = %v.id, image_bytes = len, capacity = v.capacity_bytes, "volume image is larger than its record and attached at that size; leaving it");
+            return Ok(false);
+        }
+        tracing::info!(volume.id = %v.id, image_bytes = len, capacity = v.capacity_bytes, "rolling back an expansion left half-done by a crash");
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .map_err(Error::io("open", &image))?;
+        f.set_len(v.capacity_bytes)
+            .map_err(Error::io("truncate", &image))?;
+        f.sync_all().map_err(Error::io("fsync", &image))?;
+        Ok(true)
+    }
+}
+
+/// Sizes of the loop devices backed by `image`, from sysfs (synchronous, for reconcile).
+fn loop_sizes(image: &Path) -> Vec<u64> {
+    let Ok(devices) = fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    devices
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
+        .filter(|e| {
+            fs::read_to_string(e.path().join("loop/backing_file"))
+                .is_ok_and(|b| Path::new(b.trim_end()) == image)
+        })
+        .filter_map(|e| {
+            let sectors = fs::read_to_string(e.path().join("size")).ok()?;
+            sectors.trim().parse::<u64>().ok().map(|s| s * 512)
+        })
+        .collect()
 }
 
 /// Allocates the whole image when asked to (thick provisioning) and makes it durable.

@@ -46,6 +46,32 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     }
 }
 
+/// Every `*.json` record in `dir`, in file-name order. Records are written atomically, so an
+/// unreadable one is damage from outside (a disk error, a hand edit): it is logged and
+/// skipped, left in place for an operator, so one bad record cannot take every other volume
+/// down with it. Reading it by name still fails, with its path in the error.
+pub fn read_records<T: DeserializeOwned>(dir: &Path) -> Result<Vec<T>> {
+    let mut names: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(Error::io("list", dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    names.sort();
+    let mut out = Vec::with_capacity(names.len());
+    for p in names {
+        match read_json(&p) {
+            Ok(Some(r)) => out.push(r),
+            // Deleted between listing and reading: simply not listed.
+            Ok(None) => {}
+            Err(e @ Error::Corrupt { .. }) => {
+                tracing::error!(error = %e, "skipping unreadable record")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())

@@ -256,34 +256,70 @@ impl Driver {
 impl Drop for Driver {
     fn drop(&mut self) {
         self.kill9();
-        // Unmount everything under the test dir, deepest first, then free its loop devices,
-        // so a failed test does not leak into the next.
-        let root = self.dir.path().to_string_lossy().to_string();
-        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-            .filter(|m| m.starts_with(&root))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = Command::new("fsfreeze")
-                .args(["-u", &m])
-                .stderr(Stdio::null())
-                .status();
-            let _ = Command::new("umount").args(["-l", &m]).status();
-        }
-        if let Ok(out) = Command::new("losetup")
-            .args(["--list", "--noheadings", "-O", "NAME,BACK-FILE"])
-            .output()
-        {
-            for l in String::from_utf8_lossy(&out.stdout).lines() {
-                if let Some(dev) = l.split_whitespace().next().filter(|_| l.contains(&root)) {
-                    let _ = Command::new("losetup").args(["-d", dev]).status();
-                }
+        cleanup_dir(self.dir.path());
+    }
+}
+
+fn mounts_under(root: &str) -> Vec<String> {
+    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|m| m.starts_with(root))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    mounts
+}
+
+fn detach_loops_under(prefix: &str) {
+    if let Ok(out) = Command::new("losetup")
+        .args(["--list", "--noheadings", "-O", "NAME,BACK-FILE"])
+        .output()
+    {
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            let mut f = l.split_whitespace();
+            if let (Some(dev), Some(back)) = (f.next(), f.next())
+                && back.starts_with(prefix)
+            {
+                let _ = Command::new("losetup").args(["-d", dev]).status();
             }
         }
     }
+}
+
+/// Removes every mount and loop device a test made under `root`, in the only order that
+/// works: the CO's mounts, then the volumes' loop devices (while the pool is still mounted,
+/// so their backing paths still read as paths under `root`), then the pool mount, then the
+/// pool's loop device. Used after a test, whether it passed or not.
+pub fn cleanup_dir(root: &Path) {
+    let root_s = root.to_string_lossy().to_string();
+    let pool = root
+        .join("state")
+        .join("pool")
+        .to_string_lossy()
+        .to_string();
+    for m in mounts_under(&root_s).into_iter().filter(|m| *m != pool) {
+        let _ = Command::new("fsfreeze")
+            .args(["-u", &m])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("umount")
+            .arg(&m)
+            .stderr(Stdio::null())
+            .status();
+    }
+    detach_loops_under(&format!("{pool}/"));
+    for m in mounts_under(&root_s) {
+        if Command::new("umount")
+            .arg(&m)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| !s.success())
+        {
+            let _ = Command::new("umount").args(["-l", &m]).status();
+        }
+    }
+    detach_loops_under(&format!("{root_s}/"));
 }
 
 // ---- request builders ----------------------------------------------------------------
