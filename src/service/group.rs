@@ -66,7 +66,9 @@ impl GroupService {
         for v in &volumes {
             pool.ready_volume(v)?;
         }
-        let member_name = |v: &VolumeId| format!("{name}/{v}");
+        // Members are named with a NUL separator, which convert::name refuses in CO names
+        // (the spec bans U+0000), so a member's id can never be a snapshot the CO made.
+        let member_name = |v: &VolumeId| format!("{name}\u{0}{v}");
         let mut record = GroupSnapshotRecord {
             id: id.clone(),
             name: name.to_string(),

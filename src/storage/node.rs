@@ -583,11 +583,13 @@ async fn grow_to_device(
 /// Detaches `dev` only while it is still backed by `image`: after a crash its number may
 /// have been reused for someone else's file.
 async fn detach_if_backed_by(dev: &Path, image: &Path) -> Result<()> {
-    if loopdev::all_for(image)
+    // Deleted backing files count: an image removed behind berth's back still pins its
+    // device until it is detached.
+    let ours = loopdev::list()
         .await?
         .iter()
-        .any(|l| l.device == dev)
-    {
+        .any(|l| l.device == dev && l.backing_file == image);
+    if ours {
         loopdev::detach(dev).await?;
     }
     Ok(())

@@ -599,7 +599,10 @@ impl Pool {
         for g in self.groups()? {
             if g.state != RecordState::Ready {
                 for s in &g.snapshots {
-                    self.finish_delete_snapshot(s)?;
+                    // Only what the group made: its records name the group.
+                    if self.snapshot(s)?.is_some_and(|r| r.group.as_ref() == Some(&g.id)) {
+                        self.finish_delete_snapshot(s)?;
+                    }
                 }
                 self.remove_group(&g.id)?;
                 repaired += 1;

@@ -49,7 +49,14 @@ pub fn hit(name: &str) {
                 ms = d.as_millis() as u64,
                 "failpoint reached, holding"
             );
-            std::thread::sleep(*d);
+            // Called from async handlers: on the multi-threaded runtime the worker hands its
+            // other tasks away first, so the server keeps answering while this one is held.
+            match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                    tokio::task::block_in_place(|| std::thread::sleep(*d))
+                }
+                _ => std::thread::sleep(*d),
+            }
         }
         _ => {}
     }
