@@ -21,17 +21,12 @@ pub struct Config {
     pub direct_io: bool,
 }
 
-/// Loop devices are the limit on how many volumes a node can attach: the kernel's
-/// `max_loop` when it is set, less the one the embedded pool uses. With no fixed limit
-/// (max_loop=0, devices made on demand) berth promises a figure it has tested.
-fn default_max_volumes() -> u32 {
-    const ON_DEMAND: u32 = 1000;
-    std::fs::read_to_string("/sys/module/loop/parameters/max_loop")
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
-        .filter(|&n| n > 1)
-        .map_or(ON_DEMAND, |n| n - 1)
-}
+/// How many volumes a node attaches unless told otherwise. Loop devices are made on demand
+/// through /dev/loop-control up to the minor-number space (the `max_loop` module parameter
+/// only sets how many exist at boot), so the figure is a policy, not a kernel limit: every
+/// attached volume costs a kernel thread, udev events and mount table entries, and 1000
+/// keeps one node's share of those bounded. `--max-volumes-per-node` overrides it.
+const DEFAULT_MAX_VOLUMES: u32 = 1000;
 
 /// Builds the shared context: pool up, records reconciled. Separate from [`run`] so tests
 /// and benchmarks can build it without serving.
@@ -106,7 +101,7 @@ pub async fn prepare(cfg: &Config) -> Result<Arc<Context>> {
             name: cfg.driver_name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             node_id: cfg.node_id.clone(),
-            max_volumes_per_node: cfg.max_volumes_per_node.unwrap_or_else(default_max_volumes),
+            max_volumes_per_node: cfg.max_volumes_per_node.unwrap_or(DEFAULT_MAX_VOLUMES),
         },
         pool,
         node,

@@ -50,7 +50,7 @@ struct Common {
     /// Use this existing directory as the pool (reflink needs XFS or btrfs).
     #[arg(long)]
     pool_dir: Option<PathBuf>,
-    /// Largest number of volumes this node attaches (default: from the loop driver).
+    /// Largest number of volumes this node attaches (reported in NodeGetInfo; default 1000).
     #[arg(long)]
     max_volumes_per_node: Option<u32>,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]

@@ -32,7 +32,8 @@ impl NodeService {
             .ok_or(Error::Missing("volume_capability"))?;
         let usage = node_usage(&id, cap)?;
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
-        self.ctx.node.stage(&id, &staging, usage).await?;
+        let mode = convert::mode(cap).as_str_name();
+        self.ctx.node.stage(&id, &staging, usage, mode).await?;
         Ok(csi::NodeStageVolumeResponse {})
     }
 
@@ -91,7 +92,7 @@ impl NodeService {
         }
         self.ctx
             .node
-            .publish(&id, &staging, &target, &usage, readonly)
+            .publish(&id, &staging, &target, &usage, convert::mode(cap).as_str_name(), readonly)
             .await?;
         Ok(csi::NodePublishVolumeResponse {})
     }

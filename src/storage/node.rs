@@ -40,6 +40,12 @@ pub enum Usage {
 pub struct Publication {
     pub readonly: bool,
     pub block: bool,
+    /// The capability it was published with: a repeat at the same target with another one
+    /// is "published but incompatible".
+    #[serde(default)]
+    pub usage: Option<Usage>,
+    #[serde(default)]
+    pub mode: String,
     /// A read-only block publish gets a read-only loop device of its own: a read-only bind
     /// mount does not stop writes to a device node, the device itself must refuse them.
     #[serde(default)]
@@ -52,6 +58,9 @@ pub struct StageRecord {
     pub staging_path: PathBuf,
     pub device: Option<PathBuf>,
     pub usage: Usage,
+    /// The CSI access mode it was staged with (a repeat with another is incompatible).
+    #[serde(default)]
+    pub mode: String,
     /// False until the device is attached and (for filesystems) mounted.
     pub complete: bool,
     #[serde(default)]
@@ -109,7 +118,7 @@ impl NodeState {
 
     // ---- stage ---------------------------------------------------------------------
 
-    pub async fn stage(&self, id: &VolumeId, staging: &Path, usage: Usage) -> Result<()> {
+    pub async fn stage(&self, id: &VolumeId, staging: &Path, usage: Usage, mode: &str) -> Result<()> {
         let vol = self.pool.ready_volume(id)?;
         let fs_type = check_usage(&vol, &usage)?;
         if let Some(existing) = self.record(id)? {
@@ -120,11 +129,11 @@ impl NodeState {
                     detail: format!("it is staged at {}", existing.staging_path.display()),
                 });
             }
-            if existing.usage != usage {
+            if existing.usage != usage || existing.mode != mode {
                 return Err(Error::AlreadyExists {
                     kind: "staged volume",
                     name: id.to_string(),
-                    detail: format!("it is staged as {:?}", existing.usage),
+                    detail: format!("it is staged as {:?} {}", existing.usage, existing.mode),
                 });
             }
             if existing.complete && self.stage_intact(&existing)? {
@@ -136,6 +145,7 @@ impl NodeState {
             staging_path: staging.to_owned(),
             device: None,
             usage: usage.clone(),
+            mode: mode.to_string(),
             complete: false,
             published: BTreeMap::new(),
             frozen: false,
@@ -256,6 +266,7 @@ impl NodeState {
         staging: &Path,
         target: &Path,
         usage: &Usage,
+        mode: &str,
         readonly: bool,
     ) -> Result<()> {
         self.pool.ready_volume(id)?;
@@ -281,10 +292,14 @@ impl NodeState {
         let mut want = Publication {
             readonly,
             block,
+            usage: Some(usage.clone()),
+            mode: mode.to_string(),
             device: None,
         };
         if let Some(have) = rec.published.get(target) {
-            if (have.readonly, have.block) != (readonly, block) {
+            let same = (have.readonly, have.block, &have.usage, &have.mode)
+                == (readonly, block, &want.usage, &want.mode);
+            if !same {
                 return Err(Error::AlreadyExists {
                     kind: "published volume",
                     name: id.to_string(),
