@@ -47,6 +47,24 @@ fn case(label: impl Into<String>, want: Code, call: Call) -> Case {
     }
 }
 
+/// spec.md "Error Scheme": `subject` without its REQUIRED `field` → INVALID_ARGUMENT.
+fn missing(subject: &str, field: &str, call: Call) -> Case {
+    case(
+        format!("Error Scheme: {subject} without {field} → INVALID_ARGUMENT"),
+        Code::InvalidArgument,
+        call,
+    )
+}
+
+/// A path argument that is not absolute → INVALID_ARGUMENT.
+fn relative(rpc: &str, field: &str, call: Call) -> Case {
+    case(
+        format!("{rpc}: relative {field} → INVALID_ARGUMENT"),
+        Code::InvalidArgument,
+        call,
+    )
+}
+
 /// One RPC as a lazily run call: `rpc!(client, method, request)`.
 macro_rules! rpc {
     ($client:expr, $method:ident, $req:expr) => {{
@@ -171,38 +189,6 @@ fn topology(node: &str) -> csi::Topology {
     }
 }
 
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
-
-fn del_vol(id: &str) -> csi::DeleteVolumeRequest {
-    csi::DeleteVolumeRequest {
-        volume_id: id.into(),
-        ..Default::default()
-    }
-}
-
-fn get_vol(id: &str) -> csi::ControllerGetVolumeRequest {
-    csi::ControllerGetVolumeRequest {
-        volume_id: id.into(),
-    }
-}
-
-fn snap(name: &str, source: &str) -> csi::CreateSnapshotRequest {
-    csi::CreateSnapshotRequest {
-        name: name.into(),
-        source_volume_id: source.into(),
-        ..Default::default()
-    }
-}
-
-fn del_snap(id: &str) -> csi::DeleteSnapshotRequest {
-    csi::DeleteSnapshotRequest {
-        snapshot_id: id.into(),
-        ..Default::default()
-    }
-}
-
 fn get_snap(id: &str) -> csi::GetSnapshotRequest {
     csi::GetSnapshotRequest {
         snapshot_id: id.into(),
@@ -233,14 +219,6 @@ fn ctl_unpublish(id: &str, node: &str) -> csi::ControllerUnpublishVolumeRequest 
     }
 }
 
-fn expand(id: &str, required: i64, limit: i64) -> csi::ControllerExpandVolumeRequest {
-    csi::ControllerExpandVolumeRequest {
-        volume_id: id.into(),
-        capacity_range: range(required, limit),
-        ..Default::default()
-    }
-}
-
 fn modify(id: &str, kv: &[(&str, &str)]) -> csi::ControllerModifyVolumeRequest {
     csi::ControllerModifyVolumeRequest {
         volume_id: id.into(),
@@ -249,50 +227,10 @@ fn modify(id: &str, kv: &[(&str, &str)]) -> csi::ControllerModifyVolumeRequest {
     }
 }
 
-fn stage(id: &str, staging: &Path, cap: csi::VolumeCapability) -> csi::NodeStageVolumeRequest {
-    csi::NodeStageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: s(staging),
-        volume_capability: Some(cap),
-        ..Default::default()
-    }
-}
-
-fn unstage(id: &str, staging: &Path) -> csi::NodeUnstageVolumeRequest {
-    csi::NodeUnstageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: s(staging),
-    }
-}
-
-fn publish(
-    id: &str,
-    staging: &Path,
-    target: &Path,
-    cap: csi::VolumeCapability,
-    ro: bool,
-) -> csi::NodePublishVolumeRequest {
-    csi::NodePublishVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: s(staging),
-        target_path: s(target),
-        volume_capability: Some(cap),
-        readonly: ro,
-        ..Default::default()
-    }
-}
-
-fn unpublish(id: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
-    csi::NodeUnpublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: s(target),
-    }
-}
-
 fn stats(id: &str, path: &Path) -> csi::NodeGetVolumeStatsRequest {
     csi::NodeGetVolumeStatsRequest {
         volume_id: id.into(),
-        volume_path: s(path),
+        volume_path: path_str(path),
         ..Default::default()
     }
 }
@@ -304,32 +242,8 @@ fn node_expand(
 ) -> csi::NodeExpandVolumeRequest {
     csi::NodeExpandVolumeRequest {
         volume_id: id.into(),
-        volume_path: s(path),
+        volume_path: path_str(path),
         capacity_range: r,
-        ..Default::default()
-    }
-}
-
-fn group_req(name: &str, ids: &[&str]) -> csi::CreateVolumeGroupSnapshotRequest {
-    csi::CreateVolumeGroupSnapshotRequest {
-        name: name.into(),
-        source_volume_ids: ids.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
-
-fn get_group(id: &str, snaps: &[String]) -> csi::GetVolumeGroupSnapshotRequest {
-    csi::GetVolumeGroupSnapshotRequest {
-        group_snapshot_id: id.into(),
-        snapshot_ids: snaps.to_vec(),
-        ..Default::default()
-    }
-}
-
-fn del_group(id: &str, snaps: &[String]) -> csi::DeleteVolumeGroupSnapshotRequest {
-    csi::DeleteVolumeGroupSnapshotRequest {
-        group_snapshot_id: id.into(),
-        snapshot_ids: snaps.to_vec(),
         ..Default::default()
     }
 }
@@ -351,27 +265,6 @@ fn validate(id: &str, caps: Vec<csi::VolumeCapability>) -> csi::ValidateVolumeCa
 
 // ---- fixtures and observations -----------------------------------------------------------
 
-async fn create(ctl: &Ctl, req: csi::CreateVolumeRequest) -> csi::Volume {
-    let name = req.name.clone();
-    ctl.clone()
-        .create_volume(req)
-        .await
-        .unwrap_or_else(|e| panic!("CreateVolume {name}: {e:?}"))
-        .into_inner()
-        .volume
-        .expect("CreateVolumeResponse.volume is REQUIRED")
-}
-
-async fn create_snapshot(ctl: &Ctl, name: &str, source: &str) -> csi::Snapshot {
-    ctl.clone()
-        .create_snapshot(snap(name, source))
-        .await
-        .unwrap_or_else(|e| panic!("CreateSnapshot {name}: {e:?}"))
-        .into_inner()
-        .snapshot
-        .expect("CreateSnapshotResponse.snapshot is REQUIRED")
-}
-
 async fn capacity(ctl: &Ctl) -> i64 {
     ctl.clone()
         .get_capacity(capacity_req(vec![]))
@@ -392,54 +285,13 @@ async fn list_volumes(ctl: &Ctl) -> Vec<csi::list_volumes_response::Entry> {
     r.entries
 }
 
-async fn volume_ids(ctl: &Ctl) -> Vec<String> {
-    list_volumes(ctl)
-        .await
-        .into_iter()
-        .map(|e| e.volume.expect("entry.volume").volume_id)
-        .collect()
-}
-
-async fn snapshot_ids(ctl: &Ctl) -> Vec<String> {
-    let r = ctl
-        .clone()
-        .list_snapshots(csi::ListSnapshotsRequest::default())
-        .await
-        .expect("ListSnapshots")
-        .into_inner();
-    r.entries
-        .into_iter()
-        .map(|e| e.snapshot.expect("entry.snapshot").snapshot_id)
-        .collect()
-}
-
-async fn get_volume(ctl: &Ctl, id: &str) -> csi::ControllerGetVolumeResponse {
-    ctl.clone()
-        .controller_get_volume(get_vol(id))
-        .await
-        .unwrap_or_else(|e| panic!("ControllerGetVolume {id}: {e:?}"))
-        .into_inner()
-}
-
 async fn delete_all(ctl: &Ctl) {
-    for id in snapshot_ids(ctl).await {
-        ctl.clone()
-            .delete_snapshot(del_snap(&id))
-            .await
-            .expect("DeleteSnapshot");
+    for id in list_snapshot_ids(ctl).await {
+        delete_snapshot(ctl, &id).await;
     }
-    for id in volume_ids(ctl).await {
-        ctl.clone()
-            .delete_volume(del_vol(&id))
-            .await
-            .expect("DeleteVolume");
+    for id in list_volume_ids(ctl).await {
+        delete_volume(ctl, &id).await;
     }
-}
-
-fn image(d: &Driver, volume_id: &str) -> PathBuf {
-    d.pool_root()
-        .join("berth/volumes")
-        .join(format!("{volume_id}.img"))
 }
 
 fn volume_images(d: &Driver) -> usize {
@@ -452,24 +304,6 @@ fn volume_images(d: &Driver) -> usize {
 
 fn allocated(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().blocks() * 512
-}
-
-/// How many mounts are stacked at `p` (a repeated publish must not add one).
-fn mount_count(p: &Path) -> usize {
-    let p = s(p);
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter(|l| l.split(' ').nth(4) == Some(p.as_str()))
-        .count()
-}
-
-fn is_mount_point(p: &Path) -> bool {
-    let p = s(p);
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(p.as_str()))
 }
 
 /// Writes `data` at `offset` of an existing file without truncating it.
@@ -679,7 +513,7 @@ async fn create_volume_and_delete_volume() {
     let ctl = d.controller().await;
 
     // Success: the response describes what was asked for.
-    let v = create(&ctl, vol("cv-ext4", 64 * MIB, ext4())).await;
+    let v = create_volume(&ctl, vol("cv-ext4", 64 * MIB, ext4())).await;
     assert_eq!(v.capacity_bytes, 64 * MIB);
     assert!(v.volume_id.starts_with("vol-"));
     assert_eq!(v.accessible_topology, vec![topology(NODE_ID)]);
@@ -689,9 +523,9 @@ async fn create_volume_and_delete_volume() {
     );
     assert!(v.content_source.is_none());
     // Idempotency: the same name answers the same volume, and no second one exists.
-    let again = create(&ctl, vol("cv-ext4", 64 * MIB, ext4())).await;
+    let again = create_volume(&ctl, vol("cv-ext4", 64 * MIB, ext4())).await;
     assert_eq!(again, v, "a repeated CreateVolume answers the same volume");
-    assert_eq!(volume_ids(&ctl).await, vec![v.volume_id.clone()]);
+    assert_eq!(list_volume_ids(&ctl).await, vec![v.volume_id.clone()]);
     assert_eq!(volume_images(&d), 1);
 
     // Sizes: none → 1 GiB default; rounded up to 1 MiB; xfs at least 300 MiB; a limit only.
@@ -716,16 +550,16 @@ async fn create_volume_and_delete_volume() {
     ];
     for (req, want) in sizes {
         let name = req.name.clone();
-        let got = create(&ctl, req).await;
+        let got = create_volume(&ctl, req).await;
         assert_eq!(got.capacity_bytes, want, "{name}");
         ctl.clone()
-            .delete_volume(del_vol(&got.volume_id))
+            .delete_volume(delete_volume_req(&got.volume_id))
             .await
             .unwrap();
     }
 
     let src_snap = create_snapshot(&ctl, "cv-snap", &v.volume_id).await;
-    let block_vol = create(&ctl, vol("cv-block", 16 * MIB, block())).await;
+    let block_vol = create_volume(&ctl, vol("cv-block", 16 * MIB, block())).await;
 
     let mut cases = Vec::new();
     let same = || vol("cv-ext4", 64 * MIB, ext4());
@@ -926,9 +760,9 @@ async fn create_volume_and_delete_volume() {
         ),
     ));
     // "Error Scheme": missing required fields and invalid ones → 3 INVALID_ARGUMENT.
-    cases.push(case(
-        "Error Scheme: CreateVolume without name → INVALID_ARGUMENT",
-        Code::InvalidArgument,
+    cases.push(missing(
+        "CreateVolume",
+        "name",
         rpc!(ctl, create_volume, vol("", MIB, block())),
     ));
     for (what, name) in [
@@ -946,19 +780,19 @@ async fn create_volume_and_delete_volume() {
     }
     let mut no_caps = vol("cv-nocaps", MIB, block());
     no_caps.volume_capabilities.clear();
-    cases.push(case(
-        "Error Scheme: CreateVolume without volume_capabilities → INVALID_ARGUMENT",
-        Code::InvalidArgument,
+    cases.push(missing(
+        "CreateVolume",
+        "volume_capabilities",
         rpc!(ctl, create_volume, no_caps),
     ));
-    cases.push(case(
-        "Error Scheme: CreateVolume capability without access_type → INVALID_ARGUMENT",
-        Code::InvalidArgument,
+    cases.push(missing(
+        "CreateVolume capability",
+        "access_type",
         rpc!(ctl, create_volume, vol("cv-notype", MIB, no_access_type())),
     ));
-    cases.push(case(
-        "Error Scheme: CreateVolume capability without access_mode → INVALID_ARGUMENT",
-        Code::InvalidArgument,
+    cases.push(missing(
+        "CreateVolume capability",
+        "access_mode",
         rpc!(ctl, create_volume, vol("cv-nomode", MIB, no_access_mode())),
     ));
     cases.push(case(
@@ -1073,9 +907,9 @@ async fn create_volume_and_delete_volume() {
     ));
     let mut empty_source = vol("cv-empty-source", 64 * MIB, ext4());
     empty_source = from_snapshot(empty_source, "");
-    cases.push(case(
-        "Error Scheme: CreateVolume SnapshotSource without snapshot_id → INVALID_ARGUMENT",
-        Code::InvalidArgument,
+    cases.push(missing(
+        "CreateVolume SnapshotSource",
+        "snapshot_id",
         rpc!(ctl, create_volume, empty_source),
     ));
     // Names may hold the common whitespace the spec allows.
@@ -1088,27 +922,27 @@ async fn create_volume_and_delete_volume() {
     cases.push(case(
         "DeleteVolume: unknown well-formed id → OK",
         Code::Ok,
-        rpc!(ctl, delete_volume, del_vol(NO_VOL)),
+        rpc!(ctl, delete_volume, delete_volume_req(NO_VOL)),
     ));
-    cases.push(case(
-        "Error Scheme: DeleteVolume without volume_id → INVALID_ARGUMENT",
-        Code::InvalidArgument,
-        rpc!(ctl, delete_volume, del_vol("")),
+    cases.push(missing(
+        "DeleteVolume",
+        "volume_id",
+        rpc!(ctl, delete_volume, delete_volume_req("")),
     ));
     cases.push(case(
         "DeleteVolume: existing volume → OK",
         Code::Ok,
-        rpc!(ctl, delete_volume, del_vol(&block_vol.volume_id)),
+        rpc!(ctl, delete_volume, delete_volume_req(&block_vol.volume_id)),
     ));
     cases.push(case(
         "DeleteVolume: repeated → OK",
         Code::Ok,
-        rpc!(ctl, delete_volume, del_vol(&block_vol.volume_id)),
+        rpc!(ctl, delete_volume, delete_volume_req(&block_vol.volume_id)),
     ));
     run("CreateVolume/DeleteVolume", cases).await;
 
     // Nothing the failing cases asked for exists, and the compatible repeats made nothing new.
-    let mut ids = volume_ids(&ctl).await;
+    let mut ids = list_volume_ids(&ctl).await;
     ids.sort();
     let ws = berth::storage::VolumeId::for_name("ws\t\n\rname").to_string();
     let mut want = vec![v.volume_id.clone(), ws];
@@ -1118,18 +952,18 @@ async fn create_volume_and_delete_volume() {
 
     // Restore and clone: content_source is reported, and repeats are idempotent.
     let restore = from_snapshot(vol("cv-restore", 64 * MIB, ext4()), &src_snap.snapshot_id);
-    let r1 = create(&ctl, restore.clone()).await;
+    let r1 = create_volume(&ctl, restore.clone()).await;
     assert_eq!(r1.content_source, restore.volume_content_source);
-    assert_eq!(create(&ctl, restore).await, r1);
+    assert_eq!(create_volume(&ctl, restore).await, r1);
     let clone = from_volume(vol("cv-clone", 128 * MIB, ext4()), &v.volume_id);
-    let c1 = create(&ctl, clone.clone()).await;
+    let c1 = create_volume(&ctl, clone.clone()).await;
     assert_eq!(
         c1.capacity_bytes,
         128 * MIB,
         "a clone may be larger than its source"
     );
     assert_eq!(c1.content_source, clone.volume_content_source);
-    assert_eq!(create(&ctl, clone).await, c1);
+    assert_eq!(create_volume(&ctl, clone).await, c1);
     assert_eq!(volume_images(&d), 4);
 
     delete_all(&ctl).await;
@@ -1198,7 +1032,7 @@ async fn capacity_is_reserved_and_exhaustible() {
     );
 
     // Every byte of a volume's capacity is reserved, though the image is sparse.
-    let a = create(&ctl, vol("cap-a", GIB, block())).await;
+    let a = create_volume(&ctl, vol("cap-a", GIB, block())).await;
     let c1 = capacity(&ctl).await;
     assert_eq!(
         c1,
@@ -1207,9 +1041,9 @@ async fn capacity_is_reserved_and_exhaustible() {
     );
 
     // A volume with 16 MiB written (straight into its image, as a workload would).
-    let data = create(&ctl, vol("cap-data", 64 * MIB, block())).await;
+    let data = create_volume(&ctl, vol("cap-data", 64 * MIB, block())).await;
     write_at(
-        &image(&d, &data.volume_id),
+        &d.volume_image(&data.volume_id),
         0,
         &pattern(7, 16 * MIB as usize),
     );
@@ -1258,13 +1092,13 @@ async fn capacity_is_reserved_and_exhaustible() {
             rpc!(
                 ctl,
                 controller_expand_volume,
-                expand(&a.volume_id, GIB + c1, 0)
+                expand_req(&a.volume_id, GIB + c1, 0)
             ),
         ),
     ];
     run("capacity: over the limit", std::mem::take(&mut cases)).await;
     assert_eq!(
-        volume_ids(&ctl).await.len(),
+        list_volume_ids(&ctl).await.len(),
         2,
         "no volume was made past the limit"
     );
@@ -1272,7 +1106,7 @@ async fn capacity_is_reserved_and_exhaustible() {
     // Fill the pool exactly: what is left is 0, and the snapshot of the 16 MiB the data
     // volume holds does not fit any more.
     let rest = capacity(&ctl).await;
-    let filler = create(&ctl, vol("cap-filler", rest, block())).await;
+    let filler = create_volume(&ctl, vol("cap-filler", rest, block())).await;
     assert_eq!(capacity(&ctl).await, 0, "the pool is fully reserved");
     cases.push(case(
         "CreateVolume Errors / capacity: 1 MiB in a full pool → RESOURCE_EXHAUSTED",
@@ -1282,7 +1116,11 @@ async fn capacity_is_reserved_and_exhaustible() {
     cases.push(case(
         "CreateSnapshot Errors: Not enough space to create snapshot → RESOURCE_EXHAUSTED",
         Code::ResourceExhausted,
-        rpc!(ctl, create_snapshot, snap("cap-snap", &data.volume_id)),
+        rpc!(
+            ctl,
+            create_snapshot,
+            snapshot_req("cap-snap", &data.volume_id)
+        ),
     ));
     cases.push(case(
         "CreateVolumeGroupSnapshot Errors: Not enough space → RESOURCE_EXHAUSTED",
@@ -1290,7 +1128,7 @@ async fn capacity_is_reserved_and_exhaustible() {
         rpc!(
             grp,
             create_volume_group_snapshot,
-            group_req("cap-group", &[&filler.volume_id, &data.volume_id])
+            group_snapshot_req("cap-group", &[&filler.volume_id, &data.volume_id])
         ),
     ));
     cases.push(case(
@@ -1299,7 +1137,7 @@ async fn capacity_is_reserved_and_exhaustible() {
         rpc!(
             ctl,
             controller_expand_volume,
-            expand(&a.volume_id, GIB + MIB, 0)
+            expand_req(&a.volume_id, GIB + MIB, 0)
         ),
     ));
     cases.push(case(
@@ -1308,13 +1146,13 @@ async fn capacity_is_reserved_and_exhaustible() {
         rpc!(
             ctl,
             create_snapshot,
-            snap("cap-empty-snap", &filler.volume_id)
+            snapshot_req("cap-empty-snap", &filler.volume_id)
         ),
     ));
     run("capacity: full pool", cases).await;
     // The failed group snapshot cleaned up after itself (spec: "SP SHOULD also do clean up and
     // make sure no snapshots are leaked").
-    let snaps = snapshot_ids(&ctl).await;
+    let snaps = list_snapshot_ids(&ctl).await;
     assert_eq!(snaps.len(), 1, "only the empty snapshot exists: {snaps:?}");
     assert!(
         !d.pool_files()
@@ -1324,13 +1162,13 @@ async fn capacity_is_reserved_and_exhaustible() {
         d.pool_files()
     );
     ctl.clone()
-        .delete_snapshot(del_snap(&snaps[0]))
+        .delete_snapshot(delete_snapshot_req(&snaps[0]))
         .await
         .unwrap();
 
     // Space freed is offered again; a snapshot reserves what its source had allocated.
     ctl.clone()
-        .delete_volume(del_vol(&filler.volume_id))
+        .delete_volume(delete_volume_req(&filler.volume_id))
         .await
         .unwrap();
     assert_eq!(capacity(&ctl).await, rest);
@@ -1341,7 +1179,7 @@ async fn capacity_is_reserved_and_exhaustible() {
         "a snapshot reserves its allocation"
     );
     ctl.clone()
-        .delete_snapshot(del_snap(&sn.snapshot_id))
+        .delete_snapshot(delete_snapshot_req(&sn.snapshot_id))
         .await
         .unwrap();
 
@@ -1389,11 +1227,13 @@ async fn controller_publish_and_unpublish() {
         "NodeGetInfo reports --max-volumes-per-node"
     );
 
-    let a = create(&ctl, vol("pub-a", 64 * MIB, ext4())).await.volume_id;
-    let b = create(&ctl, vol("pub-b", 16 * MIB, block()))
+    let a = create_volume(&ctl, vol("pub-a", 64 * MIB, ext4()))
         .await
         .volume_id;
-    let c = create(&ctl, vol("pub-c", 16 * MIB, block()))
+    let b = create_volume(&ctl, vol("pub-b", 16 * MIB, block()))
+        .await
+        .volume_id;
+    let c = create_volume(&ctl, vol("pub-c", 16 * MIB, block()))
         .await
         .volume_id;
 
@@ -1466,27 +1306,27 @@ async fn controller_publish_and_unpublish() {
                 ctl_publish(&b, "node-2", block(), false)
             ),
         ),
-        case(
-            "Error Scheme: ControllerPublishVolume without volume_id → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "ControllerPublishVolume",
+            "volume_id",
             rpc!(
                 ctl,
                 controller_publish_volume,
                 ctl_publish("", NODE_ID, block(), false)
             ),
         ),
-        case(
-            "Error Scheme: ControllerPublishVolume without node_id → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "ControllerPublishVolume",
+            "node_id",
             rpc!(
                 ctl,
                 controller_publish_volume,
                 ctl_publish(&b, "", block(), false)
             ),
         ),
-        case(
-            "Error Scheme: ControllerPublishVolume without volume_capability → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "ControllerPublishVolume",
+            "volume_capability",
             rpc!(
                 ctl,
                 controller_publish_volume,
@@ -1496,9 +1336,9 @@ async fn controller_publish_and_unpublish() {
                 }
             ),
         ),
-        case(
-            "Error Scheme: ControllerPublishVolume capability without access_mode → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "ControllerPublishVolume capability",
+            "access_mode",
             rpc!(
                 ctl,
                 controller_publish_volume,
@@ -1557,7 +1397,7 @@ async fn controller_publish_and_unpublish() {
         case(
             "DeleteVolume Errors: Volume in use (published) → FAILED_PRECONDITION",
             Code::FailedPrecondition,
-            rpc!(ctl, delete_volume, del_vol(&a)),
+            rpc!(ctl, delete_volume, delete_volume_req(&a)),
         ),
     ];
     run("ControllerPublishVolume", cases).await;
@@ -1618,9 +1458,9 @@ async fn controller_publish_and_unpublish() {
                 ctl_unpublish(&b, "node-2")
             ),
         ),
-        case(
-            "Error Scheme: ControllerUnpublishVolume without volume_id → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "ControllerUnpublishVolume",
+            "volume_id",
             rpc!(ctl, controller_unpublish_volume, ctl_unpublish("", NODE_ID)),
         ),
         case(
@@ -1687,10 +1527,10 @@ async fn controller_publish_and_unpublish() {
 async fn validate_volume_capabilities() {
     let d = Driver::start().await;
     let ctl = d.controller().await;
-    let fs = create(&ctl, vol("val-ext4", 64 * MIB, ext4()))
+    let fs = create_volume(&ctl, vol("val-ext4", 64 * MIB, ext4()))
         .await
         .volume_id;
-    let blk = create(&ctl, vol("val-block", 16 * MIB, block()))
+    let blk = create_volume(&ctl, vol("val-block", 16 * MIB, block()))
         .await
         .volume_id;
 
@@ -1810,32 +1650,32 @@ async fn validate_volume_capabilities() {
                 validate("vol-../x", vec![ext4()])
             ),
         ),
-        case(
-            "Error Scheme: ValidateVolumeCapabilities without volume_id → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "ValidateVolumeCapabilities",
+            "volume_id",
             rpc!(
                 ctl,
                 validate_volume_capabilities,
                 validate("", vec![ext4()])
             ),
         ),
-        case(
-            "Error Scheme: ValidateVolumeCapabilities without volume_capabilities → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "ValidateVolumeCapabilities",
+            "volume_capabilities",
             rpc!(ctl, validate_volume_capabilities, validate(&fs, vec![])),
         ),
-        case(
-            "Error Scheme: ValidateVolumeCapabilities capability without access_type → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "ValidateVolumeCapabilities capability",
+            "access_type",
             rpc!(
                 ctl,
                 validate_volume_capabilities,
                 validate(&fs, vec![no_access_type()])
             ),
         ),
-        case(
-            "Error Scheme: ValidateVolumeCapabilities capability without access_mode → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "ValidateVolumeCapabilities capability",
+            "access_mode",
             rpc!(
                 ctl,
                 validate_volume_capabilities,
@@ -1916,7 +1756,7 @@ async fn list_volumes_and_snapshots_paginate() {
     let mut vols = Vec::new();
     for i in 0..7 {
         vols.push(
-            create(&ctl, vol(&format!("page-{i}"), MIB, block()))
+            create_volume(&ctl, vol(&format!("page-{i}"), MIB, block()))
                 .await
                 .volume_id,
         );
@@ -1952,7 +1792,10 @@ async fn list_volumes_and_snapshots_paginate() {
         .unwrap()
         .into_inner();
     assert_eq!(first.next_token, want[2]);
-    ctl.clone().delete_volume(del_vol(&want[2])).await.unwrap();
+    ctl.clone()
+        .delete_volume(delete_volume_req(&want[2]))
+        .await
+        .unwrap();
     let rest: Vec<String> = ctl
         .clone()
         .list_volumes(csi::ListVolumesRequest {
@@ -2117,10 +1960,10 @@ async fn list_volumes_and_snapshots_paginate() {
 async fn snapshots() {
     let d = Driver::start().await;
     let ctl = d.controller().await;
-    let v = create(&ctl, vol("snap-src", 64 * MIB, ext4()))
+    let v = create_volume(&ctl, vol("snap-src", 64 * MIB, ext4()))
         .await
         .volume_id;
-    let v2 = create(&ctl, vol("snap-src2", 16 * MIB, block()))
+    let v2 = create_volume(&ctl, vol("snap-src2", 16 * MIB, block()))
         .await
         .volume_id;
 
@@ -2137,7 +1980,7 @@ async fn snapshots() {
         "a repeated CreateSnapshot answers the same snapshot"
     );
     assert_eq!(
-        snapshot_ids(&ctl).await,
+        list_snapshot_ids(&ctl).await,
         vec![s1.snapshot_id.clone()],
         "no second snapshot"
     );
@@ -2162,13 +2005,13 @@ async fn snapshots() {
                 "snapcontent-1",
             ),
         ]),
-        ..snap("s-meta", &v2)
+        ..snapshot_req("s-meta", &v2)
     };
     let cases = vec![
         case(
             "CreateSnapshot Errors: Snapshot already exists but is incompatible (other source) → ALREADY_EXISTS",
             Code::AlreadyExists,
-            rpc!(ctl, create_snapshot, snap("s1", &v2)),
+            rpc!(ctl, create_snapshot, snapshot_req("s1", &v2)),
         ),
         case(
             "CreateSnapshot: external-snapshotter metadata parameters → OK",
@@ -2183,34 +2026,34 @@ async fn snapshots() {
                 create_snapshot,
                 csi::CreateSnapshotRequest {
                     parameters: params(&[("type", "full")]),
-                    ..snap("s-param", &v)
+                    ..snapshot_req("s-param", &v)
                 }
             ),
         ),
-        case(
-            "Error Scheme: CreateSnapshot without name → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(ctl, create_snapshot, snap("", &v)),
+        missing(
+            "CreateSnapshot",
+            "name",
+            rpc!(ctl, create_snapshot, snapshot_req("", &v)),
         ),
         case(
             "Error Scheme: CreateSnapshot name with banned U+0007 → INVALID_ARGUMENT",
             Code::InvalidArgument,
-            rpc!(ctl, create_snapshot, snap("bell\u{7}", &v)),
+            rpc!(ctl, create_snapshot, snapshot_req("bell\u{7}", &v)),
         ),
-        case(
-            "Error Scheme: CreateSnapshot without source_volume_id → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(ctl, create_snapshot, snap("s-nosrc", "")),
+        missing(
+            "CreateSnapshot",
+            "source_volume_id",
+            rpc!(ctl, create_snapshot, snapshot_req("s-nosrc", "")),
         ),
         case(
             "CreateSnapshot: source volume does not exist → NOT_FOUND",
             Code::NotFound,
-            rpc!(ctl, create_snapshot, snap("s-novol", NO_VOL)),
+            rpc!(ctl, create_snapshot, snapshot_req("s-novol", NO_VOL)),
         ),
         case(
             "CreateSnapshot: source volume id ../../etc → NOT_FOUND",
             Code::NotFound,
-            rpc!(ctl, create_snapshot, snap("s-evil", "../../etc")),
+            rpc!(ctl, create_snapshot, snapshot_req("s-evil", "../../etc")),
         ),
         case(
             "GetSnapshot Errors: Snapshot does not exist → NOT_FOUND",
@@ -2227,33 +2070,33 @@ async fn snapshots() {
             Code::NotFound,
             rpc!(ctl, get_snapshot, get_snap(&v)),
         ),
-        case(
-            "Error Scheme: GetSnapshot without snapshot_id → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "GetSnapshot",
+            "snapshot_id",
             rpc!(ctl, get_snapshot, get_snap("")),
         ),
         case(
             "DeleteSnapshot: unknown id → OK",
             Code::Ok,
-            rpc!(ctl, delete_snapshot, del_snap(NO_SNAP)),
+            rpc!(ctl, delete_snapshot, delete_snapshot_req(NO_SNAP)),
         ),
         case(
             "DeleteSnapshot: id snap-../x → OK",
             Code::Ok,
-            rpc!(ctl, delete_snapshot, del_snap("snap-../x")),
+            rpc!(ctl, delete_snapshot, delete_snapshot_req("snap-../x")),
         ),
-        case(
-            "Error Scheme: DeleteSnapshot without snapshot_id → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(ctl, delete_snapshot, del_snap("")),
+        missing(
+            "DeleteSnapshot",
+            "snapshot_id",
+            rpc!(ctl, delete_snapshot, delete_snapshot_req("")),
         ),
     ];
     run("CreateSnapshot/GetSnapshot/DeleteSnapshot", cases).await;
-    assert_eq!(snapshot_ids(&ctl).await.len(), 2, "s1 and s-meta only");
+    assert_eq!(list_snapshot_ids(&ctl).await.len(), 2, "s1 and s-meta only");
 
     // Snapshots are independent: the source volume can go while its snapshot lives, and the
     // snapshot can go while a restore of it lives.
-    let restored = create(
+    let restored = create_volume(
         &ctl,
         from_snapshot(vol("snap-restore", 64 * MIB, ext4()), &s1.snapshot_id),
     )
@@ -2262,7 +2105,7 @@ async fn snapshots() {
         case(
             "DeleteVolume with a snapshot (snapshots are independent) → OK",
             Code::Ok,
-            rpc!(ctl, delete_volume, del_vol(&v)),
+            rpc!(ctl, delete_volume, delete_volume_req(&v)),
         ),
         case(
             "GetSnapshot after its source volume is gone → OK",
@@ -2272,17 +2115,17 @@ async fn snapshots() {
         case(
             "CreateSnapshot retry after its source volume is gone → OK",
             Code::Ok,
-            rpc!(ctl, create_snapshot, snap("s1", &v)),
+            rpc!(ctl, create_snapshot, snapshot_req("s1", &v)),
         ),
         case(
             "DeleteSnapshot Errors: restore of it exists, not 'in use' in berth → OK",
             Code::Ok,
-            rpc!(ctl, delete_snapshot, del_snap(&s1.snapshot_id)),
+            rpc!(ctl, delete_snapshot, delete_snapshot_req(&s1.snapshot_id)),
         ),
         case(
             "DeleteSnapshot: repeated → OK",
             Code::Ok,
-            rpc!(ctl, delete_snapshot, del_snap(&s1.snapshot_id)),
+            rpc!(ctl, delete_snapshot, delete_snapshot_req(&s1.snapshot_id)),
         ),
         case(
             "GetSnapshot Errors: deleted snapshot → NOT_FOUND",
@@ -2301,7 +2144,11 @@ async fn snapshots() {
         case(
             "ControllerGetVolume: the restore outlives its snapshot → OK",
             Code::Ok,
-            rpc!(ctl, controller_get_volume, get_vol(&restored.volume_id)),
+            rpc!(
+                ctl,
+                controller_get_volume,
+                get_volume_req(&restored.volume_id)
+            ),
         ),
     ];
     run("independent snapshots", cases).await;
@@ -2322,13 +2169,13 @@ async fn group_snapshots() {
     let d = Driver::start().await;
     let ctl = d.controller().await;
     let grp = d.group().await;
-    let g1 = create(&ctl, vol("grp-data", 64 * MIB, ext4()))
+    let g1 = create_volume(&ctl, vol("grp-data", 64 * MIB, ext4()))
         .await
         .volume_id;
-    let g2 = create(&ctl, vol("grp-wal", 16 * MIB, block()))
+    let g2 = create_volume(&ctl, vol("grp-wal", 16 * MIB, block()))
         .await
         .volume_id;
-    let g3 = create(&ctl, vol("grp-other", 16 * MIB, block()))
+    let g3 = create_volume(&ctl, vol("grp-other", 16 * MIB, block()))
         .await
         .volume_id;
     // One member is staged and mounted, so the cut freezes and thaws it.
@@ -2337,7 +2184,7 @@ async fn group_snapshots() {
 
     let g = grp
         .clone()
-        .create_volume_group_snapshot(group_req("grp", &[&g1, &g2]))
+        .create_volume_group_snapshot(group_snapshot_req("grp", &[&g1, &g2]))
         .await
         .unwrap()
         .into_inner()
@@ -2366,7 +2213,7 @@ async fn group_snapshots() {
     for ids in [[&g1, &g2], [&g2, &g1]] {
         let again = grp
             .clone()
-            .create_volume_group_snapshot(group_req("grp", &[ids[0], ids[1]]))
+            .create_volume_group_snapshot(group_snapshot_req("grp", &[ids[0], ids[1]]))
             .await
             .unwrap()
             .into_inner()
@@ -2384,7 +2231,7 @@ async fn group_snapshots() {
         again_members.sort();
         assert_eq!(again_members, members);
     }
-    let mut all = snapshot_ids(&ctl).await;
+    let mut all = list_snapshot_ids(&ctl).await;
     all.sort();
     assert_eq!(all, members, "no snapshots besides the group's");
 
@@ -2398,13 +2245,17 @@ async fn group_snapshots() {
             rpc!(
                 grp,
                 create_volume_group_snapshot,
-                group_req("grp", &[&g1, &g3])
+                group_snapshot_req("grp", &[&g1, &g3])
             ),
         ),
         case(
             "CreateVolumeGroupSnapshot Errors: already exists but is incompatible (fewer volumes) → ALREADY_EXISTS",
             Code::AlreadyExists,
-            rpc!(grp, create_volume_group_snapshot, group_req("grp", &[&g1])),
+            rpc!(
+                grp,
+                create_volume_group_snapshot,
+                group_snapshot_req("grp", &[&g1])
+            ),
         ),
         case(
             "CreateVolumeGroupSnapshot: unknown parameter → INVALID_ARGUMENT",
@@ -2414,14 +2265,18 @@ async fn group_snapshots() {
                 create_volume_group_snapshot,
                 csi::CreateVolumeGroupSnapshotRequest {
                     parameters: params(&[("quiesce", "true")]),
-                    ..group_req("grp-param", &[&g3])
+                    ..group_snapshot_req("grp-param", &[&g3])
                 }
             ),
         ),
-        case(
-            "Error Scheme: CreateVolumeGroupSnapshot without name → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(grp, create_volume_group_snapshot, group_req("", &[&g3])),
+        missing(
+            "CreateVolumeGroupSnapshot",
+            "name",
+            rpc!(
+                grp,
+                create_volume_group_snapshot,
+                group_snapshot_req("", &[&g3])
+            ),
         ),
         case(
             "Error Scheme: CreateVolumeGroupSnapshot name with banned U+0000 → INVALID_ARGUMENT",
@@ -2429,16 +2284,16 @@ async fn group_snapshots() {
             rpc!(
                 grp,
                 create_volume_group_snapshot,
-                group_req("nul\u{0}", &[&g3])
+                group_snapshot_req("nul\u{0}", &[&g3])
             ),
         ),
-        case(
-            "Error Scheme: CreateVolumeGroupSnapshot without source_volume_ids → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "CreateVolumeGroupSnapshot",
+            "source_volume_ids",
             rpc!(
                 grp,
                 create_volume_group_snapshot,
-                group_req("grp-none", &[])
+                group_snapshot_req("grp-none", &[])
             ),
         ),
         case(
@@ -2447,7 +2302,7 @@ async fn group_snapshots() {
             rpc!(
                 grp,
                 create_volume_group_snapshot,
-                group_req("grp-twice", &[&g3, &g3])
+                group_snapshot_req("grp-twice", &[&g3, &g3])
             ),
         ),
         case(
@@ -2456,7 +2311,7 @@ async fn group_snapshots() {
             rpc!(
                 grp,
                 create_volume_group_snapshot,
-                group_req("grp-novol", &[&g3, NO_VOL])
+                group_snapshot_req("grp-novol", &[&g3, NO_VOL])
             ),
         ),
         case(
@@ -2465,33 +2320,53 @@ async fn group_snapshots() {
             rpc!(
                 grp,
                 create_volume_group_snapshot,
-                group_req("grp-evil", &["vol-../x"])
+                group_snapshot_req("grp-evil", &["vol-../x"])
             ),
         ),
         case(
             "GetVolumeGroupSnapshot: success → OK",
             Code::Ok,
-            rpc!(grp, get_volume_group_snapshot, get_group(&gid, &members)),
+            rpc!(
+                grp,
+                get_volume_group_snapshot,
+                get_group_snapshot_req(&gid, &members)
+            ),
         ),
         case(
             "GetVolumeGroupSnapshot Errors: Snapshot list mismatch (a member missing) → INVALID_ARGUMENT",
             Code::InvalidArgument,
-            rpc!(grp, get_volume_group_snapshot, get_group(&gid, &one)),
+            rpc!(
+                grp,
+                get_volume_group_snapshot,
+                get_group_snapshot_req(&gid, &one)
+            ),
         ),
         case(
             "GetVolumeGroupSnapshot Errors: Snapshot list mismatch (a stranger) → INVALID_ARGUMENT",
             Code::InvalidArgument,
-            rpc!(grp, get_volume_group_snapshot, get_group(&gid, &wrong)),
+            rpc!(
+                grp,
+                get_volume_group_snapshot,
+                get_group_snapshot_req(&gid, &wrong)
+            ),
         ),
-        case(
-            "Error Scheme: GetVolumeGroupSnapshot without snapshot_ids → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(grp, get_volume_group_snapshot, get_group(&gid, &[])),
+        missing(
+            "GetVolumeGroupSnapshot",
+            "snapshot_ids",
+            rpc!(
+                grp,
+                get_volume_group_snapshot,
+                get_group_snapshot_req(&gid, &[])
+            ),
         ),
-        case(
-            "Error Scheme: GetVolumeGroupSnapshot without group_snapshot_id → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(grp, get_volume_group_snapshot, get_group("", &members)),
+        missing(
+            "GetVolumeGroupSnapshot",
+            "group_snapshot_id",
+            rpc!(
+                grp,
+                get_volume_group_snapshot,
+                get_group_snapshot_req("", &members)
+            ),
         ),
         case(
             "GetVolumeGroupSnapshot Errors: Volume group snapshot does not exist → NOT_FOUND",
@@ -2499,7 +2374,7 @@ async fn group_snapshots() {
             rpc!(
                 grp,
                 get_volume_group_snapshot,
-                get_group(NO_GROUP, &members)
+                get_group_snapshot_req(NO_GROUP, &members)
             ),
         ),
         case(
@@ -2508,13 +2383,13 @@ async fn group_snapshots() {
             rpc!(
                 grp,
                 get_volume_group_snapshot,
-                get_group("group-../x", &members)
+                get_group_snapshot_req("group-../x", &members)
             ),
         ),
         case(
             "DeleteSnapshot Errors: Snapshot is part of a group → INVALID_ARGUMENT",
             Code::InvalidArgument,
-            rpc!(ctl, delete_snapshot, del_snap(&members[0])),
+            rpc!(ctl, delete_snapshot, delete_snapshot_req(&members[0])),
         ),
         case(
             "GetSnapshot of a group member → OK",
@@ -2524,37 +2399,65 @@ async fn group_snapshots() {
         case(
             "DeleteVolumeGroupSnapshot Errors: Snapshot list mismatch → INVALID_ARGUMENT",
             Code::InvalidArgument,
-            rpc!(grp, delete_volume_group_snapshot, del_group(&gid, &one)),
+            rpc!(
+                grp,
+                delete_volume_group_snapshot,
+                delete_group_snapshot_req(&gid, &one)
+            ),
         ),
         case(
             "DeleteVolumeGroupSnapshot Errors: Snapshot list mismatch (a stranger) → INVALID_ARGUMENT",
             Code::InvalidArgument,
-            rpc!(grp, delete_volume_group_snapshot, del_group(&gid, &wrong)),
+            rpc!(
+                grp,
+                delete_volume_group_snapshot,
+                delete_group_snapshot_req(&gid, &wrong)
+            ),
         ),
-        case(
-            "Error Scheme: DeleteVolumeGroupSnapshot without snapshot_ids → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(grp, delete_volume_group_snapshot, del_group(&gid, &[])),
+        missing(
+            "DeleteVolumeGroupSnapshot",
+            "snapshot_ids",
+            rpc!(
+                grp,
+                delete_volume_group_snapshot,
+                delete_group_snapshot_req(&gid, &[])
+            ),
         ),
-        case(
-            "Error Scheme: DeleteVolumeGroupSnapshot without group_snapshot_id → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(grp, delete_volume_group_snapshot, del_group("", &members)),
+        missing(
+            "DeleteVolumeGroupSnapshot",
+            "group_snapshot_id",
+            rpc!(
+                grp,
+                delete_volume_group_snapshot,
+                delete_group_snapshot_req("", &members)
+            ),
         ),
         case(
             "GetVolumeGroupSnapshot: a refused delete deleted nothing → OK",
             Code::Ok,
-            rpc!(grp, get_volume_group_snapshot, get_group(&gid, &members)),
+            rpc!(
+                grp,
+                get_volume_group_snapshot,
+                get_group_snapshot_req(&gid, &members)
+            ),
         ),
         case(
             "DeleteVolumeGroupSnapshot: success → OK",
             Code::Ok,
-            rpc!(grp, delete_volume_group_snapshot, del_group(&gid, &members)),
+            rpc!(
+                grp,
+                delete_volume_group_snapshot,
+                delete_group_snapshot_req(&gid, &members)
+            ),
         ),
         case(
             "DeleteVolumeGroupSnapshot: repeated → OK",
             Code::Ok,
-            rpc!(grp, delete_volume_group_snapshot, del_group(&gid, &members)),
+            rpc!(
+                grp,
+                delete_volume_group_snapshot,
+                delete_group_snapshot_req(&gid, &members)
+            ),
         ),
         case(
             "DeleteVolumeGroupSnapshot: unknown id → OK",
@@ -2562,7 +2465,7 @@ async fn group_snapshots() {
             rpc!(
                 grp,
                 delete_volume_group_snapshot,
-                del_group(NO_GROUP, &members)
+                delete_group_snapshot_req(NO_GROUP, &members)
             ),
         ),
         case(
@@ -2571,13 +2474,17 @@ async fn group_snapshots() {
             rpc!(
                 grp,
                 delete_volume_group_snapshot,
-                del_group("group-../x", &members)
+                delete_group_snapshot_req("group-../x", &members)
             ),
         ),
         case(
             "GetVolumeGroupSnapshot Errors: deleted group → NOT_FOUND",
             Code::NotFound,
-            rpc!(grp, get_volume_group_snapshot, get_group(&gid, &members)),
+            rpc!(
+                grp,
+                get_volume_group_snapshot,
+                get_group_snapshot_req(&gid, &members)
+            ),
         ),
         case(
             "GetSnapshot Errors: member of a deleted group → NOT_FOUND",
@@ -2587,7 +2494,7 @@ async fn group_snapshots() {
     ];
     run("group snapshots", cases).await;
     assert_eq!(
-        snapshot_ids(&ctl).await,
+        list_snapshot_ids(&ctl).await,
         Vec::<String>::new(),
         "nothing leaked by the refused creates"
     );
@@ -2597,7 +2504,7 @@ async fn group_snapshots() {
     let user = create_snapshot(&ctl, &format!("grp2/{g2}"), &g1).await;
     let made = grp
         .clone()
-        .create_volume_group_snapshot(group_req("grp2", &[&g3, &g2]))
+        .create_volume_group_snapshot(group_snapshot_req("grp2", &[&g3, &g2]))
         .await
         .expect("CreateVolumeGroupSnapshot: no collision with a CO snapshot's name")
         .into_inner()
@@ -2621,11 +2528,14 @@ async fn group_snapshots() {
         .map(|m| m.snapshot_id.clone())
         .collect();
     grp.clone()
-        .delete_volume_group_snapshot(del_group(&made.group_snapshot_id, &member_ids))
+        .delete_volume_group_snapshot(delete_group_snapshot_req(
+            &made.group_snapshot_id,
+            &member_ids,
+        ))
         .await
         .expect("delete grp2");
     assert_eq!(
-        snapshot_ids(&ctl).await,
+        list_snapshot_ids(&ctl).await,
         vec![user.snapshot_id.clone()],
         "deleting the group removed its members and nothing else"
     );
@@ -2636,11 +2546,6 @@ async fn group_snapshots() {
 
 // ---- ControllerExpandVolume / NodeExpandVolume --------------------------------------------
 
-fn fs_total(path: &Path) -> u64 {
-    let st = nix::sys::statvfs::statvfs(path).unwrap();
-    st.blocks() as u64 * st.fragment_size() as u64
-}
-
 /// spec.md "ControllerExpandVolume" (idempotent: a volume already that large → OK at its
 /// size; node_expansion_required for filesystems only), "ControllerExpandVolume Errors" (every
 /// row but "Volume in use", which an ONLINE plugin never answers), "NodeExpandVolume" and
@@ -2650,19 +2555,19 @@ async fn expand_volume() {
     let d = Driver::start().await;
     let ctl = d.controller().await;
     let node = d.node().await;
-    let e = create(&ctl, vol("exp-xfs", 300 * MIB, xfs()))
+    let e = create_volume(&ctl, vol("exp-xfs", 300 * MIB, xfs()))
         .await
         .volume_id;
-    let b = create(&ctl, vol("exp-block", 16 * MIB, block()))
+    let b = create_volume(&ctl, vol("exp-block", 16 * MIB, block()))
         .await
         .volume_id;
     let target = stage_and_publish(&d, &e, &xfs(), "exp").await;
     let staging = d.path("exp/staging");
-    let before = fs_total(&target);
+    let before = fs_total_bytes(&target);
 
     let r = ctl
         .clone()
-        .controller_expand_volume(expand(&e, 400 * MIB, 0))
+        .controller_expand_volume(expand_req(&e, 400 * MIB, 0))
         .await
         .unwrap()
         .into_inner();
@@ -2672,7 +2577,7 @@ async fn expand_volume() {
     );
     let r = ctl
         .clone()
-        .controller_expand_volume(expand(&e, 400 * MIB, 0))
+        .controller_expand_volume(expand_req(&e, 400 * MIB, 0))
         .await
         .unwrap()
         .into_inner();
@@ -2683,7 +2588,7 @@ async fn expand_volume() {
     );
     let r = ctl
         .clone()
-        .controller_expand_volume(expand(&e, 350 * MIB, 0))
+        .controller_expand_volume(expand_req(&e, 350 * MIB, 0))
         .await
         .unwrap()
         .into_inner();
@@ -2694,7 +2599,7 @@ async fn expand_volume() {
     );
     let r = ctl
         .clone()
-        .controller_expand_volume(expand(&b, 32 * MIB, 64 * MIB))
+        .controller_expand_volume(expand_req(&b, 32 * MIB, 64 * MIB))
         .await
         .unwrap()
         .into_inner();
@@ -2715,7 +2620,7 @@ async fn expand_volume() {
         .unwrap()
         .into_inner();
     assert_eq!(r.capacity_bytes, 400 * MIB);
-    let after = fs_total(&target);
+    let after = fs_total_bytes(&target);
     assert!(
         after > before + 80 * MIB as u64,
         "the filesystem grew online: {before} → {after}"
@@ -2731,11 +2636,11 @@ async fn expand_volume() {
         400 * MIB,
         "repeated NodeExpandVolume (staging path)"
     );
-    assert_eq!(fs_total(&target), after);
+    assert_eq!(fs_total_bytes(&target), after);
 
     let with_cap = |cap: csi::VolumeCapability| csi::ControllerExpandVolumeRequest {
         volume_capability: Some(cap),
-        ..expand(&e, 400 * MIB, 0)
+        ..expand_req(&e, 400 * MIB, 0)
     };
     let node_cap = |cap: csi::VolumeCapability| csi::NodeExpandVolumeRequest {
         volume_capability: Some(cap),
@@ -2749,8 +2654,8 @@ async fn expand_volume() {
                 let mut c = ctl.clone();
                 let b = b.clone();
                 async move {
-                    let a = c.controller_expand_volume(expand(&b, 0, 0)).await;
-                    let z = c.controller_expand_volume(expand(&b, 0, 2 * GIB)).await;
+                    let a = c.controller_expand_volume(expand_req(&b, 0, 0)).await;
+                    let z = c.controller_expand_volume(expand_req(&b, 0, 2 * GIB)).await;
                     [a, z]
                         .into_iter()
                         .all(|r| r.is_ok_and(|r| r.into_inner().capacity_bytes == 32 * MIB))
@@ -2784,17 +2689,21 @@ async fn expand_volume() {
         case(
             "ControllerExpandVolume Errors: Volume does not exist → NOT_FOUND",
             Code::NotFound,
-            rpc!(ctl, controller_expand_volume, expand(NO_VOL, GIB, 0)),
+            rpc!(ctl, controller_expand_volume, expand_req(NO_VOL, GIB, 0)),
         ),
         case(
             "ControllerExpandVolume Errors: Volume does not exist (vol-../x) → NOT_FOUND",
             Code::NotFound,
-            rpc!(ctl, controller_expand_volume, expand("vol-../x", GIB, 0)),
+            rpc!(
+                ctl,
+                controller_expand_volume,
+                expand_req("vol-../x", GIB, 0)
+            ),
         ),
         case(
             "ControllerExpandVolume Errors: Unsupported capacity_range (limit below current size) → OUT_OF_RANGE",
             Code::OutOfRange,
-            rpc!(ctl, controller_expand_volume, expand(&e, 0, 300 * MIB)),
+            rpc!(ctl, controller_expand_volume, expand_req(&e, 0, 300 * MIB)),
         ),
         case(
             "ControllerExpandVolume Errors: Unsupported capacity_range (required > limit) → OUT_OF_RANGE",
@@ -2802,30 +2711,30 @@ async fn expand_volume() {
             rpc!(
                 ctl,
                 controller_expand_volume,
-                expand(&e, 600 * MIB, 500 * MIB)
+                expand_req(&e, 600 * MIB, 500 * MIB)
             ),
         ),
         case(
             "ControllerExpandVolume: negative required_bytes → INVALID_ARGUMENT",
             Code::InvalidArgument,
-            rpc!(ctl, controller_expand_volume, expand(&e, -5, 0)),
+            rpc!(ctl, controller_expand_volume, expand_req(&e, -5, 0)),
         ),
-        case(
-            "Error Scheme: ControllerExpandVolume without capacity_range → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "ControllerExpandVolume",
+            "capacity_range",
             rpc!(
                 ctl,
                 controller_expand_volume,
                 csi::ControllerExpandVolumeRequest {
                     capacity_range: None,
-                    ..expand(&e, GIB, 0)
+                    ..expand_req(&e, GIB, 0)
                 }
             ),
         ),
-        case(
-            "Error Scheme: ControllerExpandVolume without volume_id → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(ctl, controller_expand_volume, expand("", GIB, 0)),
+        missing(
+            "ControllerExpandVolume",
+            "volume_id",
+            rpc!(ctl, controller_expand_volume, expand_req("", GIB, 0)),
         ),
         case(
             "NodeExpandVolume: matching volume_capability → OK",
@@ -2902,14 +2811,14 @@ async fn expand_volume() {
             Code::FailedPrecondition,
             rpc!(node, node_expand_volume, node_expand(&b, &target, None)),
         ),
-        case(
-            "Error Scheme: NodeExpandVolume without volume_id → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "NodeExpandVolume",
+            "volume_id",
             rpc!(node, node_expand_volume, node_expand("", &target, None)),
         ),
-        case(
-            "Error Scheme: NodeExpandVolume without volume_path → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "NodeExpandVolume",
+            "volume_path",
             rpc!(
                 node,
                 node_expand_volume,
@@ -2919,9 +2828,9 @@ async fn expand_volume() {
                 }
             ),
         ),
-        case(
-            "NodeExpandVolume: relative volume_path → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        relative(
+            "NodeExpandVolume",
+            "volume_path",
             rpc!(
                 node,
                 node_expand_volume,
@@ -2958,8 +2867,10 @@ async fn expand_volume() {
 async fn modify_volume() {
     let d = Driver::start().await;
     let ctl = d.controller().await;
-    let m = create(&ctl, vol("mod", 64 * MIB, block())).await.volume_id;
-    let img = image(&d, &m);
+    let m = create_volume(&ctl, vol("mod", 64 * MIB, block()))
+        .await
+        .volume_id;
+    let img = d.volume_image(&m);
     assert!(allocated(&img) < MIB as u64, "a new volume is thin");
 
     let cases = vec![
@@ -3008,18 +2919,18 @@ async fn modify_volume() {
                 modify("vol-../x", &[("preallocate", "true")])
             ),
         ),
-        case(
-            "Error Scheme: ControllerModifyVolume without volume_id → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "ControllerModifyVolume",
+            "volume_id",
             rpc!(
                 ctl,
                 controller_modify_volume,
                 modify("", &[("preallocate", "true")])
             ),
         ),
-        case(
-            "Error Scheme: ControllerModifyVolume without mutable_parameters → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "ControllerModifyVolume",
+            "mutable_parameters",
             rpc!(ctl, controller_modify_volume, modify(&m, &[])),
         ),
     ];
@@ -3058,13 +2969,13 @@ async fn modify_volume() {
     // Volume creation with the same mutable parameter allocates up front.
     let mut thick = vol("mod-thick", 32 * MIB, block());
     thick.mutable_parameters = params(&[("preallocate", "true")]);
-    let t = create(&ctl, thick.clone()).await;
+    let t = create_volume(&ctl, thick.clone()).await;
     assert!(
-        allocated(&image(&d, &t.volume_id)) >= 32 * MIB as u64,
+        allocated(&d.volume_image(&t.volume_id)) >= 32 * MIB as u64,
         "CreateVolume with preallocate=true"
     );
     assert_eq!(
-        create(&ctl, thick).await,
+        create_volume(&ctl, thick).await,
         t,
         "repeated CreateVolume with mutable_parameters"
     );
@@ -3085,10 +2996,10 @@ async fn node_filesystem_lifecycle() {
     let d = Driver::start().await;
     let ctl = d.controller().await;
     let node = d.node().await;
-    let n = create(&ctl, vol("node-fs", 64 * MIB, ext4()))
+    let n = create_volume(&ctl, vol("node-fs", 64 * MIB, ext4()))
         .await
         .volume_id;
-    let other = create(&ctl, vol("node-other", 64 * MIB, ext4()))
+    let other = create_volume(&ctl, vol("node-other", 64 * MIB, ext4()))
         .await
         .volume_id;
     let stg = d.path("n/staging");
@@ -3099,52 +3010,64 @@ async fn node_filesystem_lifecycle() {
         case(
             "NodeStageVolume Errors: Volume does not exist → NOT_FOUND",
             Code::NotFound,
-            rpc!(node, node_stage_volume, stage(NO_VOL, &stg, ext4())),
+            rpc!(node, node_stage_volume, stage_req(NO_VOL, &stg, ext4())),
         ),
         case(
             "NodeStageVolume Errors: Volume does not exist (vol-../x) → NOT_FOUND",
             Code::NotFound,
-            rpc!(node, node_stage_volume, stage("vol-../x", &stg, ext4())),
+            rpc!(node, node_stage_volume, stage_req("vol-../x", &stg, ext4())),
         ),
-        case(
-            "Error Scheme: NodeStageVolume without volume_id → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(node, node_stage_volume, stage("", &stg, ext4())),
+        missing(
+            "NodeStageVolume",
+            "volume_id",
+            rpc!(node, node_stage_volume, stage_req("", &stg, ext4())),
         ),
-        case(
-            "Error Scheme: NodeStageVolume without staging_target_path → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(node, node_stage_volume, stage(&n, Path::new(""), ext4())),
+        missing(
+            "NodeStageVolume",
+            "staging_target_path",
+            rpc!(
+                node,
+                node_stage_volume,
+                stage_req(&n, Path::new(""), ext4())
+            ),
         ),
-        case(
-            "Error Scheme: NodeStageVolume without volume_capability → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "NodeStageVolume",
+            "volume_capability",
             rpc!(
                 node,
                 node_stage_volume,
                 csi::NodeStageVolumeRequest {
                     volume_capability: None,
-                    ..stage(&n, &stg, ext4())
+                    ..stage_req(&n, &stg, ext4())
                 }
             ),
         ),
-        case(
-            "Error Scheme: NodeStageVolume capability without access_mode → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(node, node_stage_volume, stage(&n, &stg, no_access_mode())),
-        ),
-        case(
-            "Error Scheme: NodeStageVolume capability without access_type → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(node, node_stage_volume, stage(&n, &stg, no_access_type())),
-        ),
-        case(
-            "NodeStageVolume: relative staging_target_path → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "NodeStageVolume capability",
+            "access_mode",
             rpc!(
                 node,
                 node_stage_volume,
-                stage(&n, Path::new("k8s/staging"), ext4())
+                stage_req(&n, &stg, no_access_mode())
+            ),
+        ),
+        missing(
+            "NodeStageVolume capability",
+            "access_type",
+            rpc!(
+                node,
+                node_stage_volume,
+                stage_req(&n, &stg, no_access_type())
+            ),
+        ),
+        relative(
+            "NodeStageVolume",
+            "staging_target_path",
+            rpc!(
+                node,
+                node_stage_volume,
+                stage_req(&n, Path::new("k8s/staging"), ext4())
             ),
         ),
         case(
@@ -3153,18 +3076,18 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_stage_volume,
-                stage(&n, &stg.join("../x"), ext4())
+                stage_req(&n, &stg.join("../x"), ext4())
             ),
         ),
         case(
             "NodeStageVolume Errors: Exceeds capabilities (block on ext4) → FAILED_PRECONDITION",
             Code::FailedPrecondition,
-            rpc!(node, node_stage_volume, stage(&n, &stg, block())),
+            rpc!(node, node_stage_volume, stage_req(&n, &stg, block())),
         ),
         case(
             "NodeStageVolume Errors: Exceeds capabilities (xfs on ext4) → FAILED_PRECONDITION",
             Code::FailedPrecondition,
-            rpc!(node, node_stage_volume, stage(&n, &stg, xfs())),
+            rpc!(node, node_stage_volume, stage_req(&n, &stg, xfs())),
         ),
         case(
             "NodeStageVolume Errors: Exceeds capabilities (MULTI_NODE_SINGLE_WRITER) → FAILED_PRECONDITION",
@@ -3172,23 +3095,27 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_stage_volume,
-                stage(&n, &stg, moded(ext4(), Mode::MultiNodeSingleWriter))
+                stage_req(&n, &stg, moded(ext4(), Mode::MultiNodeSingleWriter))
             ),
         ),
         case(
             "NodeStageVolume Errors: Exceeds capabilities (btrfs) → FAILED_PRECONDITION",
             Code::FailedPrecondition,
-            rpc!(node, node_stage_volume, stage(&n, &stg, mount_cap("btrfs"))),
+            rpc!(
+                node,
+                node_stage_volume,
+                stage_req(&n, &stg, mount_cap("btrfs"))
+            ),
         ),
         case(
             "NodeStageVolume: success → OK",
             Code::Ok,
-            rpc!(node, node_stage_volume, stage(&n, &stg, ext4())),
+            rpc!(node, node_stage_volume, stage_req(&n, &stg, ext4())),
         ),
         case(
             "NodeStageVolume: repeated → OK",
             Code::Ok,
-            rpc!(node, node_stage_volume, stage(&n, &stg, ext4())),
+            rpc!(node, node_stage_volume, stage_req(&n, &stg, ext4())),
         ),
         case(
             "NodeStageVolume Errors: Volume published but is incompatible (other mount flags at the same path) → ALREADY_EXISTS",
@@ -3196,18 +3123,27 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_stage_volume,
-                stage(&n, &stg, mount_with("ext4", &["noatime"], ""))
+                stage_req(&n, &stg, mount_with("ext4", &["noatime"], ""))
+            ),
+        ),
+        case(
+            "NodeStageVolume Errors: Volume published but is incompatible (other access mode at the same path) → ALREADY_EXISTS",
+            Code::AlreadyExists,
+            rpc!(
+                node,
+                node_stage_volume,
+                stage_req(&n, &stg, moded(ext4(), Mode::SingleNodeMultiWriter))
             ),
         ),
         case(
             "NodeStageVolume: already staged at another staging_target_path → ALREADY_EXISTS",
             Code::AlreadyExists,
-            rpc!(node, node_stage_volume, stage(&n, &stg2, ext4())),
+            rpc!(node, node_stage_volume, stage_req(&n, &stg2, ext4())),
         ),
         case(
             "DeleteVolume Errors: Volume in use (staged on the node) → FAILED_PRECONDITION",
             Code::FailedPrecondition,
-            rpc!(ctl, delete_volume, del_vol(&n)),
+            rpc!(ctl, delete_volume, delete_volume_req(&n)),
         ),
     ];
     run("NodeStageVolume", cases).await;
@@ -3230,7 +3166,7 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(&n, &stg, &t(1), ext4(), false)
+                publish_req(&n, &stg, &t(1), ext4(), false)
             ),
         ),
         case(
@@ -3239,7 +3175,7 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(&n, &stg, &t(1), ext4(), false)
+                publish_req(&n, &stg, &t(1), ext4(), false)
             ),
         ),
         case(
@@ -3248,7 +3184,7 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(&n, &stg, &t(1), ext4(), true)
+                publish_req(&n, &stg, &t(1), ext4(), true)
             ),
         ),
         case(
@@ -3257,7 +3193,7 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(
+                publish_req(
                     &n,
                     &stg,
                     &t(1),
@@ -3267,12 +3203,36 @@ async fn node_filesystem_lifecycle() {
             ),
         ),
         case(
+            "NodePublishVolume Errors: Volume published but is incompatible (other access mode, same readonly) → ALREADY_EXISTS",
+            Code::AlreadyExists,
+            rpc!(
+                node,
+                node_publish_volume,
+                publish_req(
+                    &n,
+                    &stg,
+                    &t(1),
+                    moded(ext4(), Mode::SingleNodeMultiWriter),
+                    false
+                )
+            ),
+        ),
+        case(
+            "NodePublishVolume Errors: Volume published but is incompatible (other mount flags) → ALREADY_EXISTS",
+            Code::AlreadyExists,
+            rpc!(
+                node,
+                node_publish_volume,
+                publish_req(&n, &stg, &t(1), mount_with("ext4", &["noatime"], ""), false)
+            ),
+        ),
+        case(
             "NodePublishVolume Errors: Exceeds capabilities (block on a filesystem stage) → FAILED_PRECONDITION",
             Code::FailedPrecondition,
             rpc!(
                 node,
                 node_publish_volume,
-                publish(&n, &stg, &t(9), block(), false)
+                publish_req(&n, &stg, &t(9), block(), false)
             ),
         ),
         case(
@@ -3281,7 +3241,7 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(
+                publish_req(
                     &n,
                     &stg,
                     &t(9),
@@ -3296,7 +3256,7 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(&n, Path::new(""), &t(9), ext4(), false)
+                publish_req(&n, Path::new(""), &t(9), ext4(), false)
             ),
         ),
         case(
@@ -3305,7 +3265,7 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(&n, &stg2, &t(9), ext4(), false)
+                publish_req(&n, &stg2, &t(9), ext4(), false)
             ),
         ),
         case(
@@ -3314,7 +3274,7 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(&other, &stg2, &t(9), ext4(), false)
+                publish_req(&other, &stg2, &t(9), ext4(), false)
             ),
         ),
         case(
@@ -3323,7 +3283,7 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(NO_VOL, &stg, &t(9), ext4(), false)
+                publish_req(NO_VOL, &stg, &t(9), ext4(), false)
             ),
         ),
         case(
@@ -3332,55 +3292,55 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish("../../etc", &stg, &t(9), ext4(), false)
+                publish_req("../../etc", &stg, &t(9), ext4(), false)
             ),
         ),
-        case(
-            "Error Scheme: NodePublishVolume without volume_id → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "NodePublishVolume",
+            "volume_id",
             rpc!(
                 node,
                 node_publish_volume,
-                publish("", &stg, &t(9), ext4(), false)
+                publish_req("", &stg, &t(9), ext4(), false)
             ),
         ),
-        case(
-            "Error Scheme: NodePublishVolume without target_path → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "NodePublishVolume",
+            "target_path",
             rpc!(
                 node,
                 node_publish_volume,
-                publish(&n, &stg, Path::new(""), ext4(), false)
+                publish_req(&n, &stg, Path::new(""), ext4(), false)
             ),
         ),
-        case(
-            "Error Scheme: NodePublishVolume without volume_capability → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "NodePublishVolume",
+            "volume_capability",
             rpc!(
                 node,
                 node_publish_volume,
                 csi::NodePublishVolumeRequest {
                     volume_capability: None,
-                    ..publish(&n, &stg, &t(9), ext4(), false)
+                    ..publish_req(&n, &stg, &t(9), ext4(), false)
                 }
             ),
         ),
-        case(
-            "Error Scheme: NodePublishVolume capability without access_mode → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "NodePublishVolume capability",
+            "access_mode",
             rpc!(
                 node,
                 node_publish_volume,
-                publish(&n, &stg, &t(9), no_access_mode(), false)
+                publish_req(&n, &stg, &t(9), no_access_mode(), false)
             ),
         ),
-        case(
-            "NodePublishVolume: relative target_path → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        relative(
+            "NodePublishVolume",
+            "target_path",
             rpc!(
                 node,
                 node_publish_volume,
-                publish(&n, &stg, Path::new("target"), ext4(), false)
+                publish_req(&n, &stg, Path::new("target"), ext4(), false)
             ),
         ),
         case(
@@ -3389,10 +3349,10 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(
+                publish_req(
                     &n,
                     &stg,
-                    Path::new(&format!("{}//x", s(&t(9)))),
+                    Path::new(&format!("{}//x", path_str(&t(9)))),
                     ext4(),
                     false
                 )
@@ -3405,7 +3365,7 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(
+                publish_req(
                     &n,
                     &stg,
                     &t(2),
@@ -3420,7 +3380,7 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(
+                publish_req(
                     &n,
                     &stg,
                     &t(3),
@@ -3435,7 +3395,7 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(&n, &stg, &t(4), ext4(), false)
+                publish_req(&n, &stg, &t(4), ext4(), false)
             ),
         ),
         case(
@@ -3444,7 +3404,7 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(&n, &stg, &t(5), ext4(), true)
+                publish_req(&n, &stg, &t(5), ext4(), true)
             ),
         ),
         case(
@@ -3453,7 +3413,7 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(
+                publish_req(
                     &n,
                     &stg,
                     &t(6),
@@ -3468,7 +3428,7 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(&n, &stg, &t(5), ext4(), true)
+                publish_req(&n, &stg, &t(5), ext4(), true)
             ),
         ),
     ];
@@ -3581,30 +3541,30 @@ async fn node_filesystem_lifecycle() {
             Code::NotFound,
             rpc!(node, node_get_volume_stats, stats(&other, &t(1))),
         ),
-        case(
-            "Error Scheme: NodeGetVolumeStats without volume_id → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "NodeGetVolumeStats",
+            "volume_id",
             rpc!(node, node_get_volume_stats, stats("", &t(1))),
         ),
-        case(
-            "Error Scheme: NodeGetVolumeStats without volume_path → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        missing(
+            "NodeGetVolumeStats",
+            "volume_path",
             rpc!(node, node_get_volume_stats, stats(&n, Path::new(""))),
         ),
-        case(
-            "NodeGetVolumeStats: relative volume_path → INVALID_ARGUMENT",
-            Code::InvalidArgument,
+        relative(
+            "NodeGetVolumeStats",
+            "volume_path",
             rpc!(node, node_get_volume_stats, stats(&n, Path::new("a/b"))),
         ),
         case(
             "NodeUnstageVolume: still published (CO must unpublish first) → FAILED_PRECONDITION",
             Code::FailedPrecondition,
-            rpc!(node, node_unstage_volume, unstage(&n, &stg)),
+            rpc!(node, node_unstage_volume, unstage_req(&n, &stg)),
         ),
         case(
             "NodeUnstageVolume: not staged to this staging_target_path → OK",
             Code::Ok,
-            rpc!(node, node_unstage_volume, unstage(&n, &stg2)),
+            rpc!(node, node_unstage_volume, unstage_req(&n, &stg2)),
         ),
         case(
             "NodeGetVolumeStats: the stage elsewhere was left alone → OK",
@@ -3614,7 +3574,7 @@ async fn node_filesystem_lifecycle() {
     ];
     run("NodeGetVolumeStats", cases).await;
     assert!(
-        is_mount_point(&stg),
+        is_mounted(&stg),
         "NodeUnstageVolume at another path left the stage alone"
     );
 
@@ -3623,84 +3583,96 @@ async fn node_filesystem_lifecycle() {
         cases.push(case(
             format!("NodeUnpublishVolume target{i}: success → OK"),
             Code::Ok,
-            rpc!(node, node_unpublish_volume, unpublish(&n, &t(i))),
+            rpc!(node, node_unpublish_volume, unpublish_req(&n, &t(i))),
         ));
     }
     cases.extend([
         case(
             "NodeUnpublishVolume: repeated (known volume, nothing there) → OK",
             Code::Ok,
-            rpc!(node, node_unpublish_volume, unpublish(&n, &t(1))),
+            rpc!(node, node_unpublish_volume, unpublish_req(&n, &t(1))),
         ),
         case(
             "NodeUnpublishVolume: a target never published (known volume) → OK",
             Code::Ok,
-            rpc!(node, node_unpublish_volume, unpublish(&n, &t(7))),
+            rpc!(node, node_unpublish_volume, unpublish_req(&n, &t(7))),
         ),
         case(
             "NodeUnpublishVolume: known volume not on this node → OK",
             Code::Ok,
-            rpc!(node, node_unpublish_volume, unpublish(&other, &t(1))),
+            rpc!(node, node_unpublish_volume, unpublish_req(&other, &t(1))),
         ),
         case(
             "NodeUnpublishVolume Errors: Volume does not exist → NOT_FOUND",
             Code::NotFound,
-            rpc!(node, node_unpublish_volume, unpublish(NO_VOL, &t(1))),
+            rpc!(node, node_unpublish_volume, unpublish_req(NO_VOL, &t(1))),
         ),
         case(
             "NodeUnpublishVolume Errors: Volume does not exist (vol-../x) → NOT_FOUND",
             Code::NotFound,
-            rpc!(node, node_unpublish_volume, unpublish("vol-../x", &t(1))),
+            rpc!(
+                node,
+                node_unpublish_volume,
+                unpublish_req("vol-../x", &t(1))
+            ),
         ),
-        case(
-            "Error Scheme: NodeUnpublishVolume without volume_id → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(node, node_unpublish_volume, unpublish("", &t(1))),
+        missing(
+            "NodeUnpublishVolume",
+            "volume_id",
+            rpc!(node, node_unpublish_volume, unpublish_req("", &t(1))),
         ),
-        case(
-            "Error Scheme: NodeUnpublishVolume without target_path → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(node, node_unpublish_volume, unpublish(&n, Path::new(""))),
+        missing(
+            "NodeUnpublishVolume",
+            "target_path",
+            rpc!(
+                node,
+                node_unpublish_volume,
+                unpublish_req(&n, Path::new(""))
+            ),
         ),
-        case(
-            "NodeUnpublishVolume: relative target_path → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(node, node_unpublish_volume, unpublish(&n, Path::new("x"))),
+        relative(
+            "NodeUnpublishVolume",
+            "target_path",
+            rpc!(
+                node,
+                node_unpublish_volume,
+                unpublish_req(&n, Path::new("x"))
+            ),
         ),
         case(
             "NodeUnstageVolume: success → OK",
             Code::Ok,
-            rpc!(node, node_unstage_volume, unstage(&n, &stg)),
+            rpc!(node, node_unstage_volume, unstage_req(&n, &stg)),
         ),
         case(
             "NodeUnstageVolume: repeated → OK",
             Code::Ok,
-            rpc!(node, node_unstage_volume, unstage(&n, &stg)),
+            rpc!(node, node_unstage_volume, unstage_req(&n, &stg)),
         ),
         case(
             "NodeUnstageVolume: known volume never staged → OK",
             Code::Ok,
-            rpc!(node, node_unstage_volume, unstage(&other, &stg2)),
+            rpc!(node, node_unstage_volume, unstage_req(&other, &stg2)),
         ),
         case(
             "NodeUnstageVolume Errors: Volume does not exist → NOT_FOUND",
             Code::NotFound,
-            rpc!(node, node_unstage_volume, unstage(NO_VOL, &stg)),
+            rpc!(node, node_unstage_volume, unstage_req(NO_VOL, &stg)),
         ),
         case(
             "NodeUnstageVolume Errors: Volume does not exist (../../etc) → NOT_FOUND",
             Code::NotFound,
-            rpc!(node, node_unstage_volume, unstage("../../etc", &stg)),
+            rpc!(node, node_unstage_volume, unstage_req("../../etc", &stg)),
         ),
-        case(
-            "Error Scheme: NodeUnstageVolume without volume_id → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(node, node_unstage_volume, unstage("", &stg)),
+        missing(
+            "NodeUnstageVolume",
+            "volume_id",
+            rpc!(node, node_unstage_volume, unstage_req("", &stg)),
         ),
-        case(
-            "Error Scheme: NodeUnstageVolume without staging_target_path → INVALID_ARGUMENT",
-            Code::InvalidArgument,
-            rpc!(node, node_unstage_volume, unstage(&n, Path::new(""))),
+        missing(
+            "NodeUnstageVolume",
+            "staging_target_path",
+            rpc!(node, node_unstage_volume, unstage_req(&n, Path::new(""))),
         ),
         case(
             "NodeGetVolumeStats Errors: unstaged volume → NOT_FOUND",
@@ -3710,7 +3682,7 @@ async fn node_filesystem_lifecycle() {
         case(
             "DeleteVolume: no longer in use → OK",
             Code::Ok,
-            rpc!(ctl, delete_volume, del_vol(&n)),
+            rpc!(ctl, delete_volume, delete_volume_req(&n)),
         ),
     ]);
     run("NodeUnpublishVolume/NodeUnstageVolume", cases).await;
@@ -3735,13 +3707,17 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_unpublish_volume,
-                unpublish(NO_VOL, &stray_target)
+                unpublish_req(NO_VOL, &stray_target)
             ),
         ),
         case(
             "NodeUnstageVolume: unknown id, something mounted at staging_target_path → OK (cleaned up)",
             Code::Ok,
-            rpc!(node, node_unstage_volume, unstage(NO_VOL, &stray_staging)),
+            rpc!(
+                node,
+                node_unstage_volume,
+                unstage_req(NO_VOL, &stray_staging)
+            ),
         ),
         case(
             "NodeUnpublishVolume: unknown id, repeated with nothing left → NOT_FOUND",
@@ -3749,21 +3725,21 @@ async fn node_filesystem_lifecycle() {
             rpc!(
                 node,
                 node_unpublish_volume,
-                unpublish(NO_VOL, &stray_target)
+                unpublish_req(NO_VOL, &stray_target)
             ),
         ),
     ];
     run("stray mounts", cases).await;
     assert!(
-        !is_mount_point(&stray_target) && !stray_target.exists(),
+        !is_mounted(&stray_target) && !stray_target.exists(),
         "stray target unmounted and removed"
     );
-    assert!(!is_mount_point(&stray_staging), "stray staging unmounted");
+    assert!(!is_mounted(&stray_staging), "stray staging unmounted");
     for i in 1..=9 {
         // "The SP MUST delete the file or directory it created at this path."
         assert!(!t(i).exists(), "target{i} removed by NodeUnpublishVolume");
     }
-    assert!(!is_mount_point(&stg));
+    assert!(!is_mounted(&stg));
     delete_all(&ctl).await;
     d.assert_clean();
 }
@@ -3779,7 +3755,7 @@ async fn node_block_lifecycle() {
     let d = Driver::start().await;
     let ctl = d.controller().await;
     let node = d.node().await;
-    let b = create(&ctl, vol("node-block", 16 * MIB, block()))
+    let b = create_volume(&ctl, vol("node-block", 16 * MIB, block()))
         .await
         .volume_id;
     let stg = d.path("b/staging");
@@ -3788,17 +3764,17 @@ async fn node_block_lifecycle() {
         case(
             "NodeStageVolume Errors: Exceeds capabilities (mount on block) → FAILED_PRECONDITION",
             Code::FailedPrecondition,
-            rpc!(node, node_stage_volume, stage(&b, &stg, ext4())),
+            rpc!(node, node_stage_volume, stage_req(&b, &stg, ext4())),
         ),
         case(
             "NodeStageVolume block: success → OK",
             Code::Ok,
-            rpc!(node, node_stage_volume, stage(&b, &stg, block())),
+            rpc!(node, node_stage_volume, stage_req(&b, &stg, block())),
         ),
         case(
             "NodeStageVolume block: repeated → OK",
             Code::Ok,
-            rpc!(node, node_stage_volume, stage(&b, &stg, block())),
+            rpc!(node, node_stage_volume, stage_req(&b, &stg, block())),
         ),
         case(
             "NodePublishVolume block: success → OK",
@@ -3806,7 +3782,7 @@ async fn node_block_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(&b, &stg, &t1, block(), false)
+                publish_req(&b, &stg, &t1, block(), false)
             ),
         ),
         case(
@@ -3815,7 +3791,7 @@ async fn node_block_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(&b, &stg, &t1, block(), false)
+                publish_req(&b, &stg, &t1, block(), false)
             ),
         ),
         case(
@@ -3824,7 +3800,7 @@ async fn node_block_lifecycle() {
             rpc!(
                 node,
                 node_publish_volume,
-                publish(&b, &stg, &d.path("b/target3"), ext4(), false)
+                publish_req(&b, &stg, &d.path("b/target3"), ext4(), false)
             ),
         ),
     ];
@@ -3851,7 +3827,7 @@ async fn node_block_lifecycle() {
                 rpc!(
                     node,
                     node_publish_volume,
-                    publish(&b, &stg, &t2, block(), true)
+                    publish_req(&b, &stg, &t2, block(), true)
                 ),
             )],
         )
@@ -3897,32 +3873,32 @@ async fn node_block_lifecycle() {
         case(
             "NodeUnpublishVolume block: success → OK",
             Code::Ok,
-            rpc!(node, node_unpublish_volume, unpublish(&b, &t1)),
+            rpc!(node, node_unpublish_volume, unpublish_req(&b, &t1)),
         ),
         case(
             "NodeUnpublishVolume block readonly: success → OK",
             Code::Ok,
-            rpc!(node, node_unpublish_volume, unpublish(&b, &t2)),
+            rpc!(node, node_unpublish_volume, unpublish_req(&b, &t2)),
         ),
         case(
             "NodeUnpublishVolume block: repeated → OK",
             Code::Ok,
-            rpc!(node, node_unpublish_volume, unpublish(&b, &t1)),
+            rpc!(node, node_unpublish_volume, unpublish_req(&b, &t1)),
         ),
         case(
             "NodeUnstageVolume block: success → OK",
             Code::Ok,
-            rpc!(node, node_unstage_volume, unstage(&b, &stg)),
+            rpc!(node, node_unstage_volume, unstage_req(&b, &stg)),
         ),
         case(
             "NodeUnstageVolume block: repeated → OK",
             Code::Ok,
-            rpc!(node, node_unstage_volume, unstage(&b, &stg)),
+            rpc!(node, node_unstage_volume, unstage_req(&b, &stg)),
         ),
     ];
     run("block unpublish/unstage", cases).await;
     assert!(!t1.exists() && !t2.exists(), "block targets removed");
-    let head = std::fs::read(image(&d, &b)).unwrap();
+    let head = std::fs::read(d.volume_image(&b)).unwrap();
     assert_eq!(
         &head[..4096],
         &data[..],
@@ -3942,13 +3918,13 @@ async fn volume_condition_reports_a_missing_image() {
     let d = Driver::start().await;
     let ctl = d.controller().await;
     let node = d.node().await;
-    let healthy = create(&ctl, vol("cond-ok", 16 * MIB, block()))
+    let healthy = create_volume(&ctl, vol("cond-ok", 16 * MIB, block()))
         .await
         .volume_id;
-    let idle = create(&ctl, vol("cond-idle", 16 * MIB, block()))
+    let idle = create_volume(&ctl, vol("cond-idle", 16 * MIB, block()))
         .await
         .volume_id;
-    let used = create(&ctl, vol("cond-used", 64 * MIB, ext4()))
+    let used = create_volume(&ctl, vol("cond-used", 64 * MIB, ext4()))
         .await
         .volume_id;
     let target = stage_and_publish(&d, &used, &ext4(), "cond").await;
@@ -3961,8 +3937,8 @@ async fn volume_condition_reports_a_missing_image() {
         let c = condition(e.status);
         assert!(!c.abnormal, "healthy before: {c:?}");
     }
-    std::fs::remove_file(image(&d, &idle)).unwrap();
-    std::fs::remove_file(image(&d, &used)).unwrap();
+    std::fs::remove_file(d.volume_image(&idle)).unwrap();
+    std::fs::remove_file(d.volume_image(&used)).unwrap();
 
     for e in list_volumes(&ctl).await {
         let id = e.volume.unwrap().volume_id;
@@ -4017,16 +3993,16 @@ async fn volume_condition_reports_a_missing_image() {
 async fn read_only_block_publish_rejects_writes() {
     let d = Driver::start().await;
     let ctl = d.controller().await;
-    let b = create(&ctl, vol("ro-block", 16 * MIB, block()))
+    let b = create_volume(&ctl, vol("ro-block", 16 * MIB, block()))
         .await
         .volume_id;
     let stg = d.path("ro/staging");
     let target = d.path("ro/target");
     let mut node = d.node().await;
-    node.node_stage_volume(stage(&b, &stg, block()))
+    node.node_stage_volume(stage_req(&b, &stg, block()))
         .await
         .unwrap();
-    node.node_publish_volume(publish(&b, &stg, &target, block(), true))
+    node.node_publish_volume(publish_req(&b, &stg, &target, block(), true))
         .await
         .unwrap();
     let opened = std::fs::OpenOptions::new().write(true).open(&target);
@@ -4034,12 +4010,14 @@ async fn read_only_block_publish_rejects_writes() {
         f.write_all(&pattern(5, 4096))?;
         f.sync_all()
     });
-    let head = std::fs::read(image(&d, &b)).unwrap();
+    let head = std::fs::read(d.volume_image(&b)).unwrap();
     let reached = head[..4096] == pattern(5, 4096)[..];
-    node.node_unpublish_volume(unpublish(&b, &target))
+    node.node_unpublish_volume(unpublish_req(&b, &target))
         .await
         .unwrap();
-    node.node_unstage_volume(unstage(&b, &stg)).await.unwrap();
+    node.node_unstage_volume(unstage_req(&b, &stg))
+        .await
+        .unwrap();
     delete_all(&ctl).await;
     d.assert_clean();
     assert!(
@@ -4060,7 +4038,7 @@ async fn ids_are_never_paths() {
     let ctl = d.controller().await;
     let node = d.node().await;
     let grp = d.group().await;
-    let real = create(&ctl, vol("evil-real", 16 * MIB, block()))
+    let real = create_volume(&ctl, vol("evil-real", 16 * MIB, block()))
         .await
         .volume_id;
 
@@ -4096,7 +4074,7 @@ async fn ids_are_never_paths() {
             case(
                 format!("ControllerGetVolume {id:?} → NOT_FOUND"),
                 nf,
-                rpc!(ctl, controller_get_volume, get_vol(id)),
+                rpc!(ctl, controller_get_volume, get_volume_req(id)),
             ),
             case(
                 format!("ValidateVolumeCapabilities {id:?} → NOT_FOUND"),
@@ -4119,7 +4097,7 @@ async fn ids_are_never_paths() {
             case(
                 format!("ControllerExpandVolume {id:?} → NOT_FOUND"),
                 nf,
-                rpc!(ctl, controller_expand_volume, expand(id, GIB, 0)),
+                rpc!(ctl, controller_expand_volume, expand_req(id, GIB, 0)),
             ),
             case(
                 format!("ControllerModifyVolume {id:?} → NOT_FOUND"),
@@ -4133,7 +4111,7 @@ async fn ids_are_never_paths() {
             case(
                 format!("CreateSnapshot of {id:?} → NOT_FOUND"),
                 nf,
-                rpc!(ctl, create_snapshot, snap("evil-snap", id)),
+                rpc!(ctl, create_snapshot, snapshot_req("evil-snap", id)),
             ),
             case(
                 format!("CreateVolume cloned from {id:?} → NOT_FOUND"),
@@ -4159,7 +4137,7 @@ async fn ids_are_never_paths() {
                 rpc!(
                     grp,
                     create_volume_group_snapshot,
-                    group_req("evil-group", &[&real, id])
+                    group_snapshot_req("evil-group", &[&real, id])
                 ),
             ),
             case(
@@ -4173,13 +4151,13 @@ async fn ids_are_never_paths() {
                 rpc!(
                     grp,
                     get_volume_group_snapshot,
-                    get_group(id, &[NO_SNAP.to_string()])
+                    get_group_snapshot_req(id, &[NO_SNAP.to_string()])
                 ),
             ),
             case(
                 format!("NodeStageVolume {id:?} → NOT_FOUND"),
                 nf,
-                rpc!(node, node_stage_volume, stage(id, &stg, block())),
+                rpc!(node, node_stage_volume, stage_req(id, &stg, block())),
             ),
             case(
                 format!("NodePublishVolume {id:?} → NOT_FOUND"),
@@ -4187,7 +4165,7 @@ async fn ids_are_never_paths() {
                 rpc!(
                     node,
                     node_publish_volume,
-                    publish(id, &stg, &target, block(), false)
+                    publish_req(id, &stg, &target, block(), false)
                 ),
             ),
             case(
@@ -4203,17 +4181,17 @@ async fn ids_are_never_paths() {
             case(
                 format!("NodeUnpublishVolume {id:?} (nothing mounted) → NOT_FOUND"),
                 nf,
-                rpc!(node, node_unpublish_volume, unpublish(id, &target)),
+                rpc!(node, node_unpublish_volume, unpublish_req(id, &target)),
             ),
             case(
                 format!("NodeUnstageVolume {id:?} (nothing mounted) → NOT_FOUND"),
                 nf,
-                rpc!(node, node_unstage_volume, unstage(id, &stg)),
+                rpc!(node, node_unstage_volume, unstage_req(id, &stg)),
             ),
             case(
                 format!("DeleteVolume {id:?} → OK"),
                 Code::Ok,
-                rpc!(ctl, delete_volume, del_vol(id)),
+                rpc!(ctl, delete_volume, delete_volume_req(id)),
             ),
             case(
                 format!("ControllerUnpublishVolume {id:?} → OK"),
@@ -4223,7 +4201,7 @@ async fn ids_are_never_paths() {
             case(
                 format!("DeleteSnapshot {id:?} → OK"),
                 Code::Ok,
-                rpc!(ctl, delete_snapshot, del_snap(id)),
+                rpc!(ctl, delete_snapshot, delete_snapshot_req(id)),
             ),
             case(
                 format!("DeleteVolumeGroupSnapshot {id:?} → OK"),
@@ -4231,7 +4209,7 @@ async fn ids_are_never_paths() {
                 rpc!(
                     grp,
                     delete_volume_group_snapshot,
-                    del_group(id, &[NO_SNAP.to_string()])
+                    delete_group_snapshot_req(id, &[NO_SNAP.to_string()])
                 ),
             ),
         ]);
@@ -4246,11 +4224,11 @@ async fn ids_are_never_paths() {
         );
     }
     assert_eq!(
-        volume_ids(&ctl).await,
+        list_volume_ids(&ctl).await,
         vec![real.clone()],
         "nothing was created"
     );
-    assert_eq!(snapshot_ids(&ctl).await, Vec::<String>::new());
+    assert_eq!(list_snapshot_ids(&ctl).await, Vec::<String>::new());
     assert!(!stg.exists() && !target.exists(), "no CO path was created");
     for dir in [
         berth_dir.join("volumes/vol-.."),
@@ -4448,7 +4426,7 @@ async fn aborted_while_create_volume_in_flight() {
                 case(
                     "Concurrency: DeleteVolume → ABORTED",
                     ab,
-                    rpc!(ctl, delete_volume, del_vol(id)),
+                    rpc!(ctl, delete_volume, delete_volume_req(id)),
                 ),
                 case(
                     "Concurrency: ControllerPublishVolume → ABORTED",
@@ -4467,7 +4445,7 @@ async fn aborted_while_create_volume_in_flight() {
                 case(
                     "Concurrency: ControllerExpandVolume → ABORTED",
                     ab,
-                    rpc!(ctl, controller_expand_volume, expand(id, GIB, 0)),
+                    rpc!(ctl, controller_expand_volume, expand_req(id, GIB, 0)),
                 ),
                 case(
                     "Concurrency: ControllerModifyVolume → ABORTED",
@@ -4481,7 +4459,7 @@ async fn aborted_while_create_volume_in_flight() {
                 case(
                     "Concurrency: CreateSnapshot of it → ABORTED",
                     ab,
-                    rpc!(ctl, create_snapshot, snap("held-snap", id)),
+                    rpc!(ctl, create_snapshot, snapshot_req("held-snap", id)),
                 ),
                 case(
                     "Concurrency: CreateVolume cloned from it → ABORTED",
@@ -4498,18 +4476,18 @@ async fn aborted_while_create_volume_in_flight() {
                     rpc!(
                         grp,
                         create_volume_group_snapshot,
-                        group_req("held-group", &[id])
+                        group_snapshot_req("held-group", &[id])
                     ),
                 ),
                 case(
                     "Concurrency: NodeStageVolume → ABORTED",
                     ab,
-                    rpc!(node, node_stage_volume, stage(id, &stg, ext4())),
+                    rpc!(node, node_stage_volume, stage_req(id, &stg, ext4())),
                 ),
                 case(
                     "Concurrency: NodeUnstageVolume → ABORTED",
                     ab,
-                    rpc!(node, node_unstage_volume, unstage(id, &stg)),
+                    rpc!(node, node_unstage_volume, unstage_req(id, &stg)),
                 ),
                 case(
                     "Concurrency: NodePublishVolume → ABORTED",
@@ -4517,13 +4495,13 @@ async fn aborted_while_create_volume_in_flight() {
                     rpc!(
                         node,
                         node_publish_volume,
-                        publish(id, &stg, &target, ext4(), false)
+                        publish_req(id, &stg, &target, ext4(), false)
                     ),
                 ),
                 case(
                     "Concurrency: NodeUnpublishVolume → ABORTED",
                     ab,
-                    rpc!(node, node_unpublish_volume, unpublish(id, &target)),
+                    rpc!(node, node_unpublish_volume, unpublish_req(id, &target)),
                 ),
                 case(
                     "Concurrency: NodeExpandVolume → ABORTED",
@@ -4533,7 +4511,7 @@ async fn aborted_while_create_volume_in_flight() {
                 case(
                     "ControllerGetVolume of a volume still being created → NOT_FOUND",
                     Code::NotFound,
-                    rpc!(ctl, controller_get_volume, get_vol(id)),
+                    rpc!(ctl, controller_get_volume, get_volume_req(id)),
                 ),
                 case(
                     "ValidateVolumeCapabilities of a volume still being created → NOT_FOUND",
@@ -4548,14 +4526,14 @@ async fn aborted_while_create_volume_in_flight() {
                     "ListVolumes hides a volume being created → OK",
                     Code::Ok,
                     check("listed", async move {
-                        !volume_ids(&lister).await.contains(&hidden)
+                        !list_volume_ids(&lister).await.contains(&hidden)
                     }),
                 ),
             ]
         },
         async |d: &Driver, fx: &Fx| {
             let ctl = d.controller().await;
-            let v = create(&ctl, req()).await;
+            let v = create_volume(&ctl, req()).await;
             assert_eq!(
                 v.volume_id, fx.id,
                 "a retry after the first call returned is OK"
@@ -4596,9 +4574,9 @@ async fn simultaneous_creates_make_one_volume() {
         codes.iter().all(|c| matches!(c, Code::Ok | Code::Aborted)),
         "{codes:?}"
     );
-    let v = create(&ctl, vol("burst", 16 * MIB, block())).await;
+    let v = create_volume(&ctl, vol("burst", 16 * MIB, block())).await;
     assert_eq!(
-        volume_ids(&ctl).await,
+        list_volume_ids(&ctl).await,
         vec![v.volume_id],
         "one volume per name"
     );
@@ -4623,10 +4601,10 @@ async fn aborted_while_create_snapshot_in_flight() {
         async |d: &Driver| {
             let ctl = d.controller().await;
             Fx {
-                src: create(&ctl, vol("held-src", 16 * MIB, block()))
+                src: create_volume(&ctl, vol("held-src", 16 * MIB, block()))
                     .await
                     .volume_id,
-                other: create(&ctl, vol("held-other", 16 * MIB, block()))
+                other: create_volume(&ctl, vol("held-other", 16 * MIB, block()))
                     .await
                     .volume_id,
                 sid: berth::storage::SnapshotId::for_name("held-snap").to_string(),
@@ -4636,7 +4614,7 @@ async fn aborted_while_create_snapshot_in_flight() {
             let h = tokio::spawn(rpc!(
                 d.controller().await,
                 create_snapshot,
-                snap("held-snap", &fx.src)
+                snapshot_req("held-snap", &fx.src)
             ));
             let rec = d
                 .pool_root()
@@ -4653,17 +4631,17 @@ async fn aborted_while_create_snapshot_in_flight() {
                 case(
                     "CreateSnapshot Errors: Operation pending (same request) → ABORTED",
                     ab,
-                    rpc!(ctl, create_snapshot, snap("held-snap", src)),
+                    rpc!(ctl, create_snapshot, snapshot_req("held-snap", src)),
                 ),
                 case(
                     "CreateSnapshot Errors: Operation pending (same name, other source) → ABORTED",
                     ab,
-                    rpc!(ctl, create_snapshot, snap("held-snap", other)),
+                    rpc!(ctl, create_snapshot, snapshot_req("held-snap", other)),
                 ),
                 case(
                     "DeleteSnapshot Errors: Operation pending for snapshot → ABORTED",
                     ab,
-                    rpc!(ctl, delete_snapshot, del_snap(sid)),
+                    rpc!(ctl, delete_snapshot, delete_snapshot_req(sid)),
                 ),
                 case(
                     "Concurrency: CreateVolume restored from the pending snapshot → ABORTED",
@@ -4677,12 +4655,12 @@ async fn aborted_while_create_snapshot_in_flight() {
                 case(
                     "Concurrency: DeleteVolume of the source → ABORTED",
                     ab,
-                    rpc!(ctl, delete_volume, del_vol(src)),
+                    rpc!(ctl, delete_volume, delete_volume_req(src)),
                 ),
                 case(
                     "Concurrency: ControllerExpandVolume of the source → ABORTED",
                     ab,
-                    rpc!(ctl, controller_expand_volume, expand(src, GIB, 0)),
+                    rpc!(ctl, controller_expand_volume, expand_req(src, GIB, 0)),
                 ),
                 case(
                     "Concurrency: NodeStageVolume of the source → ABORTED",
@@ -4690,7 +4668,7 @@ async fn aborted_while_create_snapshot_in_flight() {
                     rpc!(
                         node,
                         node_stage_volume,
-                        stage(src, &d.path("hs/staging"), block())
+                        stage_req(src, &d.path("hs/staging"), block())
                     ),
                 ),
                 case(
@@ -4699,7 +4677,7 @@ async fn aborted_while_create_snapshot_in_flight() {
                     rpc!(
                         grp,
                         create_volume_group_snapshot,
-                        group_req("held-group", &[other, src])
+                        group_snapshot_req("held-group", &[other, src])
                     ),
                 ),
                 case(
@@ -4710,15 +4688,14 @@ async fn aborted_while_create_snapshot_in_flight() {
                 case(
                     "ListSnapshots hides a snapshot being cut → OK",
                     Code::Ok,
-                    check(
-                        "listed",
-                        async move { snapshot_ids(&lister).await.is_empty() },
-                    ),
+                    check("listed", async move {
+                        list_snapshot_ids(&lister).await.is_empty()
+                    }),
                 ),
                 case(
                     "ControllerGetVolume of another volume → OK",
                     Code::Ok,
-                    rpc!(ctl, controller_get_volume, get_vol(other)),
+                    rpc!(ctl, controller_get_volume, get_volume_req(other)),
                 ),
             ]
         },
@@ -4747,13 +4724,13 @@ async fn aborted_while_node_publish_in_flight() {
         "NodePublishVolume in flight",
         "node-publish:after-mount",
         async |d: &Driver| {
-            let v = create(&d.controller().await, vol("held-pub", 64 * MIB, ext4()))
+            let v = create_volume(&d.controller().await, vol("held-pub", 64 * MIB, ext4()))
                 .await
                 .volume_id;
             let stg = d.path("hp/staging");
             d.node()
                 .await
-                .node_stage_volume(stage(&v, &stg, ext4()))
+                .node_stage_volume(stage_req(&v, &stg, ext4()))
                 .await
                 .expect("stage");
             Fx {
@@ -4766,9 +4743,9 @@ async fn aborted_while_node_publish_in_flight() {
             let h = tokio::spawn(rpc!(
                 d.node().await,
                 node_publish_volume,
-                publish(&fx.v, &fx.stg, &fx.target, ext4(), false)
+                publish_req(&fx.v, &fx.stg, &fx.target, ext4(), false)
             ));
-            wait_until("the target mount", || is_mount_point(&fx.target)).await;
+            wait_until("the target mount", || is_mounted(&fx.target)).await;
             Held(h)
         },
         |d: &Driver, fx: &Fx, c: &Clients| {
@@ -4782,7 +4759,7 @@ async fn aborted_while_node_publish_in_flight() {
                     rpc!(
                         node,
                         node_publish_volume,
-                        publish(v, stg, target, ext4(), false)
+                        publish_req(v, stg, target, ext4(), false)
                     ),
                 ),
                 case(
@@ -4791,23 +4768,23 @@ async fn aborted_while_node_publish_in_flight() {
                     rpc!(
                         node,
                         node_publish_volume,
-                        publish(v, stg, &d.path("hp/target2"), ext4(), false)
+                        publish_req(v, stg, &d.path("hp/target2"), ext4(), false)
                     ),
                 ),
                 case(
                     "Concurrency: NodeUnpublishVolume → ABORTED",
                     ab,
-                    rpc!(node, node_unpublish_volume, unpublish(v, target)),
+                    rpc!(node, node_unpublish_volume, unpublish_req(v, target)),
                 ),
                 case(
                     "Concurrency: NodeStageVolume → ABORTED",
                     ab,
-                    rpc!(node, node_stage_volume, stage(v, stg, ext4())),
+                    rpc!(node, node_stage_volume, stage_req(v, stg, ext4())),
                 ),
                 case(
                     "Concurrency: NodeUnstageVolume → ABORTED",
                     ab,
-                    rpc!(node, node_unstage_volume, unstage(v, stg)),
+                    rpc!(node, node_unstage_volume, unstage_req(v, stg)),
                 ),
                 case(
                     "Concurrency: NodeExpandVolume → ABORTED",
@@ -4817,12 +4794,12 @@ async fn aborted_while_node_publish_in_flight() {
                 case(
                     "Concurrency: DeleteVolume → ABORTED",
                     ab,
-                    rpc!(ctl, delete_volume, del_vol(v)),
+                    rpc!(ctl, delete_volume, delete_volume_req(v)),
                 ),
                 case(
                     "Concurrency: ControllerExpandVolume → ABORTED",
                     ab,
-                    rpc!(ctl, controller_expand_volume, expand(v, GIB, 0)),
+                    rpc!(ctl, controller_expand_volume, expand_req(v, GIB, 0)),
                 ),
                 case(
                     "NodeGetVolumeStats (read-only, unguarded) → OK",
@@ -4833,13 +4810,13 @@ async fn aborted_while_node_publish_in_flight() {
         },
         async |d: &Driver, fx: &Fx| {
             let mut node = d.node().await;
-            node.node_publish_volume(publish(&fx.v, &fx.stg, &fx.target, ext4(), false))
+            node.node_publish_volume(publish_req(&fx.v, &fx.stg, &fx.target, ext4(), false))
                 .await
                 .expect("a repeat once the publish returned");
-            node.node_unpublish_volume(unpublish(&fx.v, &fx.target))
+            node.node_unpublish_volume(unpublish_req(&fx.v, &fx.target))
                 .await
                 .unwrap();
-            node.node_unstage_volume(unstage(&fx.v, &fx.stg))
+            node.node_unstage_volume(unstage_req(&fx.v, &fx.stg))
                 .await
                 .unwrap();
         },
@@ -4860,7 +4837,7 @@ async fn aborted_while_node_stage_in_flight() {
         "NodeStageVolume in flight",
         "node-stage:after-mount",
         async |d: &Driver| Fx {
-            v: create(&d.controller().await, vol("held-stage", 64 * MIB, ext4()))
+            v: create_volume(&d.controller().await, vol("held-stage", 64 * MIB, ext4()))
                 .await
                 .volume_id,
             stg: d.path("hn/staging"),
@@ -4870,9 +4847,9 @@ async fn aborted_while_node_stage_in_flight() {
             let h = tokio::spawn(rpc!(
                 d.node().await,
                 node_stage_volume,
-                stage(&fx.v, &fx.stg, ext4())
+                stage_req(&fx.v, &fx.stg, ext4())
             ));
-            wait_until("the staging mount", || is_mount_point(&fx.stg)).await;
+            wait_until("the staging mount", || is_mounted(&fx.stg)).await;
             Held(h)
         },
         |_d: &Driver, fx: &Fx, c: &Clients| {
@@ -4883,12 +4860,12 @@ async fn aborted_while_node_stage_in_flight() {
                 case(
                     "Concurrency: NodeStageVolume repeated while in flight → ABORTED",
                     ab,
-                    rpc!(node, node_stage_volume, stage(v, stg, ext4())),
+                    rpc!(node, node_stage_volume, stage_req(v, stg, ext4())),
                 ),
                 case(
                     "Concurrency: NodeUnstageVolume → ABORTED",
                     ab,
-                    rpc!(node, node_unstage_volume, unstage(v, stg)),
+                    rpc!(node, node_unstage_volume, unstage_req(v, stg)),
                 ),
                 case(
                     "Concurrency: NodePublishVolume → ABORTED",
@@ -4896,7 +4873,7 @@ async fn aborted_while_node_stage_in_flight() {
                     rpc!(
                         node,
                         node_publish_volume,
-                        publish(v, stg, target, ext4(), false)
+                        publish_req(v, stg, target, ext4(), false)
                     ),
                 ),
                 case(
@@ -4907,7 +4884,7 @@ async fn aborted_while_node_stage_in_flight() {
                 case(
                     "Concurrency: DeleteVolume → ABORTED",
                     ab,
-                    rpc!(ctl, delete_volume, del_vol(v)),
+                    rpc!(ctl, delete_volume, delete_volume_req(v)),
                 ),
                 case(
                     "Concurrency: ControllerPublishVolume → ABORTED",
@@ -4921,7 +4898,7 @@ async fn aborted_while_node_stage_in_flight() {
                 case(
                     "Concurrency: CreateSnapshot → ABORTED",
                     ab,
-                    rpc!(ctl, create_snapshot, snap("held-stage-snap", v)),
+                    rpc!(ctl, create_snapshot, snapshot_req("held-stage-snap", v)),
                 ),
                 case(
                     "Concurrency: CreateVolumeGroupSnapshot → ABORTED",
@@ -4929,20 +4906,20 @@ async fn aborted_while_node_stage_in_flight() {
                     rpc!(
                         grp,
                         create_volume_group_snapshot,
-                        group_req("held-stage-group", &[v])
+                        group_snapshot_req("held-stage-group", &[v])
                     ),
                 ),
             ]
         },
         async |d: &Driver, fx: &Fx| {
             let mut node = d.node().await;
-            node.node_publish_volume(publish(&fx.v, &fx.stg, &fx.target, ext4(), false))
+            node.node_publish_volume(publish_req(&fx.v, &fx.stg, &fx.target, ext4(), false))
                 .await
                 .expect("publish once the stage returned");
-            node.node_unpublish_volume(unpublish(&fx.v, &fx.target))
+            node.node_unpublish_volume(unpublish_req(&fx.v, &fx.target))
                 .await
                 .unwrap();
-            node.node_unstage_volume(unstage(&fx.v, &fx.stg))
+            node.node_unstage_volume(unstage_req(&fx.v, &fx.stg))
                 .await
                 .unwrap();
         },

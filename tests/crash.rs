@@ -11,7 +11,6 @@ mod common;
 use std::{
     os::unix::process::ExitStatusExt,
     path::{Path, PathBuf},
-    sync::mpsc,
     time::Duration,
 };
 
@@ -217,7 +216,7 @@ async fn run(case: Case) {
 
     // A group snapshot dies with its members frozen: a write must block until the restart.
     let blocked = (case.failpoint == "group-snapshot:while-frozen").then(|| {
-        let w = spawn_write(fx_target(&d, "src").join("while-frozen"), 5);
+        let w = spawn_write(d.target_path("src").join("while-frozen"), 5, WRITE_LEN);
         assert!(
             w.recv_timeout(Duration::from_millis(500)).is_err(),
             "{case:?}: the filesystem was not frozen at the failpoint"
@@ -236,13 +235,13 @@ async fn run(case: Case) {
     }
     check_src_usable(&d, &fx, &case).await;
     if matches!(case.op, Op::GroupSnapshot | Op::DeleteGroup) {
-        let t = fx_target(&d, "other");
+        let t = d.target_path("other");
         assert!(
             is_mounted(&t),
             "{case:?}: other volume unmounted by reconcile"
         );
         assert!(
-            write_within(t.join("after-crash"), 6, WRITE_WITHIN),
+            write_within(t.join("after-crash"), 6, WRITE_LEN, WRITE_WITHIN),
             "{case:?}: the other member of the group is still frozen"
         );
     }
@@ -284,7 +283,11 @@ async fn setup(d: &Driver, op: Op) -> Fixture {
     };
     match op {
         Op::CreateVolume(Source::Snapshot) | Op::DeleteSnapshot => {
-            fx.snap = Some(snapshot(d, "snap-base", &fx.src).await.snapshot_id);
+            fx.snap = Some(
+                create_snapshot(&d.controller().await, "snap-base", &fx.src)
+                    .await
+                    .snapshot_id,
+            );
         }
         Op::CreateVolume(_) | Op::CreateSnapshot => {}
         Op::ExpandVolume { staged: false } => {
@@ -316,7 +319,8 @@ async fn setup(d: &Driver, op: Op) -> Fixture {
                 Op::Stage { .. } => release(d, &other, "other").await,
                 Op::Unstage | Op::Publish => unpublish(d, &other, "other").await.unwrap(),
                 Op::DeleteGroup => {
-                    let g = group_snapshot(d, "grp", &[&fx.src, &other]).await;
+                    let g =
+                        create_group_snapshot(&d.group().await, "grp", &[&fx.src, &other]).await;
                     let members = g.snapshots.iter().map(|s| s.snapshot_id.clone()).collect();
                     fx.group = Some((g.group_snapshot_id, members));
                 }
@@ -460,7 +464,7 @@ async fn verify(d: &Driver, fx: &mut Fixture, op: Op, done: Done) {
             assert_eq!(v.volume_id, VolumeId::for_name("pvc-new").to_string());
             assert_eq!(v.capacity_bytes, VOL);
             assert_eq!(
-                list_volumes(d)
+                list_volume_ids(&d.controller().await)
                     .await
                     .iter()
                     .filter(|id| **id == v.volume_id)
@@ -484,7 +488,11 @@ async fn verify(d: &Driver, fx: &mut Fixture, op: Op, done: Done) {
         }
         (Op::DeleteVolume, Done::Nothing) => {
             let other = fx.other().to_string();
-            assert!(!list_volumes(d).await.contains(&other));
+            assert!(
+                !list_volume_ids(&d.controller().await)
+                    .await
+                    .contains(&other)
+            );
             let r = ctl
                 .controller_get_volume(csi::ControllerGetVolumeRequest {
                     volume_id: other.clone(),
@@ -505,7 +513,7 @@ async fn verify(d: &Driver, fx: &mut Fixture, op: Op, done: Done) {
             assert_eq!(capacity_of(d, &other).await, GROWN);
             // First stage formats the whole, grown device.
             let t = stage_and_publish(d, &other, &fx.cap, "other").await;
-            let total = fs_bytes(&t);
+            let total = fs_total_bytes(&t) as i64;
             assert!(
                 total > VOL && total <= GROWN,
                 "filesystem of {total} bytes on a volume grown to {GROWN}"
@@ -526,7 +534,7 @@ async fn verify(d: &Driver, fx: &mut Fixture, op: Op, done: Done) {
                 .volume
                 .unwrap();
             assert_eq!(v.capacity_bytes, EXPANDED, "the record has the new size");
-            let target = fx_target(d, "other");
+            let target = d.target_path("other");
             let grown = d
                 .node()
                 .await
@@ -544,7 +552,7 @@ async fn verify(d: &Driver, fx: &mut Fixture, op: Op, done: Done) {
                 .into_inner()
                 .capacity_bytes;
             assert_eq!(grown, EXPANDED);
-            let total = fs_bytes(&target);
+            let total = fs_total_bytes(&target) as i64;
             assert!(
                 total > (XFS_VOL + EXPANDED) / 2,
                 "filesystem grew to {total} bytes, expected about {EXPANDED}"
@@ -554,7 +562,12 @@ async fn verify(d: &Driver, fx: &mut Fixture, op: Op, done: Done) {
                 pattern(OTHER_SEED, DATA),
                 "the expanded volume keeps its data"
             );
-            assert!(write_within(target.join("grown"), 8, WRITE_WITHIN));
+            assert!(write_within(
+                target.join("grown"),
+                8,
+                WRITE_LEN,
+                WRITE_WITHIN
+            ));
         }
         (Op::CreateSnapshot, Done::Snapshot(s)) => {
             assert_eq!(s.snapshot_id, SnapshotId::for_name("snap-new").to_string());
@@ -562,7 +575,7 @@ async fn verify(d: &Driver, fx: &mut Fixture, op: Op, done: Done) {
             assert!(s.ready_to_use);
             assert_eq!(s.size_bytes, VOL);
             assert_eq!(
-                list_snapshots(d)
+                list_snapshot_ids(&d.controller().await)
                     .await
                     .iter()
                     .filter(|id| **id == s.snapshot_id)
@@ -571,7 +584,7 @@ async fn verify(d: &Driver, fx: &mut Fixture, op: Op, done: Done) {
             );
             // Change the source after the cut: the restore must hold the old bytes.
             fx.src_seed = 4;
-            write_pattern(&fx_target(d, "src").join("data"), fx.src_seed, DATA);
+            write_pattern(&d.target_path("src").join("data"), fx.src_seed, DATA);
             let r = create(d, "pvc-restore", &fx.cap, VOL, Some(&s.snapshot_id)).await;
             let t = stage_and_publish(d, &r, &fx.cap, "restore").await;
             fx.mounts.push((r, "restore".into()));
@@ -583,7 +596,11 @@ async fn verify(d: &Driver, fx: &mut Fixture, op: Op, done: Done) {
         }
         (Op::DeleteSnapshot, Done::Nothing) => {
             let snap = fx.snap.take().unwrap();
-            assert!(!list_snapshots(d).await.contains(&snap));
+            assert!(
+                !list_snapshot_ids(&d.controller().await)
+                    .await
+                    .contains(&snap)
+            );
             let r = ctl
                 .get_snapshot(csi::GetSnapshotRequest {
                     snapshot_id: snap.clone(),
@@ -631,13 +648,13 @@ async fn verify(d: &Driver, fx: &mut Fixture, op: Op, done: Done) {
             );
         }
         (Op::Publish, Done::Nothing) => {
-            let t = fx_target(d, "other");
+            let t = d.target_path("other");
             assert!(is_mounted(&t));
             assert_eq!(
                 std::fs::read(t.join("data")).unwrap(),
                 pattern(OTHER_SEED, DATA)
             );
-            assert!(write_within(t.join("new"), 7, WRITE_WITHIN));
+            assert!(write_within(t.join("new"), 7, WRITE_LEN, WRITE_WITHIN));
         }
         (Op::GroupSnapshot, Done::Group(g)) => {
             assert_eq!(
@@ -728,7 +745,7 @@ async fn undo(d: &Driver, fx: &mut Fixture, op: Op) {
             })
             .await
             .expect("delete the half-created volume");
-            assert!(!list_volumes(d).await.contains(&id));
+            assert!(!list_volume_ids(&d.controller().await).await.contains(&id));
         }
         Op::CreateSnapshot => {
             let id = SnapshotId::for_name("snap-new").to_string();
@@ -738,7 +755,7 @@ async fn undo(d: &Driver, fx: &mut Fixture, op: Op) {
             })
             .await
             .expect("delete the half-created snapshot");
-            assert!(!list_snapshots(d).await.contains(&id));
+            assert!(!list_snapshot_ids(&d.controller().await).await.contains(&id));
         }
         Op::GroupSnapshot => {
             // The CO never got the ids; berth derives them from the names (members are
@@ -766,7 +783,10 @@ async fn undo(d: &Driver, fx: &mut Fixture, op: Op) {
                 })
                 .await;
             assert_eq!(code(r), Code::NotFound);
-            assert_eq!(list_snapshots(d).await, Vec::<String>::new());
+            assert_eq!(
+                list_snapshot_ids(&d.controller().await).await,
+                Vec::<String>::new()
+            );
         }
         Op::Stage { .. } => {
             let other = fx.other().to_string();
@@ -784,7 +804,7 @@ async fn undo(d: &Driver, fx: &mut Fixture, op: Op) {
         Op::Publish => {
             let other = fx.other().to_string();
             unpublish(d, &other, "other").await.expect("unpublish");
-            assert!(!is_mounted(&fx_target(d, "other")));
+            assert!(!is_mounted(&d.target_path("other")));
         }
         Op::ExpandVolume { staged: false } => {
             // The CO gives up the resize (Kubernetes lets a user lower a failed request):
@@ -792,7 +812,7 @@ async fn undo(d: &Driver, fx: &mut Fixture, op: Op) {
             let other = fx.other().to_string();
             assert_eq!(capacity_of(d, &other).await, VOL);
             let t = stage_and_publish(d, &other, &fx.cap, "other").await;
-            let total = fs_bytes(&t);
+            let total = fs_total_bytes(&t) as i64;
             assert!(
                 total <= VOL,
                 "a {VOL}-byte volume holds a filesystem of {total} bytes: the unacknowledged \
@@ -801,7 +821,9 @@ async fn undo(d: &Driver, fx: &mut Fixture, op: Op) {
             write_pattern(&t.join("data"), 9, DATA);
             // A snapshot restores into a volume of the recorded size, so everything in the
             // filesystem must fit into it.
-            let snap = snapshot(d, "snap-shrunk", &other).await.snapshot_id;
+            let snap = create_snapshot(&d.controller().await, "snap-shrunk", &other)
+                .await
+                .snapshot_id;
             let r = create(d, "pvc-from-shrunk", &fx.cap, VOL, Some(&snap)).await;
             let t2 = stage_and_publish(d, &r, &fx.cap, "from-shrunk").await;
             fx.mounts.push((r, "from-shrunk".into()));
@@ -815,7 +837,7 @@ async fn undo(d: &Driver, fx: &mut Fixture, op: Op) {
 async fn teardown(d: &Driver, fx: &mut Fixture) {
     // Nothing acknowledged was lost on the way.
     assert_eq!(
-        std::fs::read(fx_target(d, "src").join("data")).unwrap(),
+        std::fs::read(d.target_path("src").join("data")).unwrap(),
         pattern(fx.src_seed, DATA),
         "the source volume's data survived"
     );
@@ -834,7 +856,7 @@ async fn teardown(d: &Driver, fx: &mut Fixture) {
             .expect("delete group snapshot");
     }
     let mut ctl = d.controller().await;
-    for s in list_snapshots(d).await {
+    for s in list_snapshot_ids(&d.controller().await).await {
         ctl.delete_snapshot(csi::DeleteSnapshotRequest {
             snapshot_id: s,
             ..Default::default()
@@ -842,7 +864,7 @@ async fn teardown(d: &Driver, fx: &mut Fixture) {
         .await
         .expect("delete snapshot");
     }
-    for v in list_volumes(d).await {
+    for v in list_volume_ids(&d.controller().await).await {
         ctl.delete_volume(csi::DeleteVolumeRequest {
             volume_id: v,
             ..Default::default()
@@ -850,15 +872,21 @@ async fn teardown(d: &Driver, fx: &mut Fixture) {
         .await
         .expect("delete volume");
     }
-    assert_eq!(list_volumes(d).await, Vec::<String>::new());
-    assert_eq!(list_snapshots(d).await, Vec::<String>::new());
+    assert_eq!(
+        list_volume_ids(&d.controller().await).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        list_snapshot_ids(&d.controller().await).await,
+        Vec::<String>::new()
+    );
     d.assert_clean();
 }
 
 /// After any crash, the volume that was staged and published before it is still mounted,
 /// holds its data and takes writes (reconcile must not tear down or leave frozen a stage).
 async fn check_src_usable(d: &Driver, fx: &Fixture, case: &Case) {
-    let t = fx_target(d, "src");
+    let t = d.target_path("src");
     assert!(
         is_mounted(&t),
         "{case:?}: published volume unmounted by the restart"
@@ -878,7 +906,7 @@ async fn check_src_usable(d: &Driver, fx: &Fixture, case: &Case) {
         "{case:?}: data written before the crash survives"
     );
     assert!(
-        write_within(t.join("after-crash"), 5, WRITE_WITHIN),
+        write_within(t.join("after-crash"), 5, WRITE_LEN, WRITE_WITHIN),
         "{case:?}: writes to the published volume block after the restart"
     );
     let stats = d
@@ -908,14 +936,16 @@ async fn check_src_usable(d: &Driver, fx: &Fixture, case: &Case) {
 async fn kill9_idle_keeps_everything() {
     let mut d = Driver::start().await;
     let mut fx = setup(&d, Op::GroupSnapshot).await;
-    let snap = snapshot(&d, "snap-idle", &fx.src).await.snapshot_id;
-    let g = group_snapshot(&d, "grp-idle", &[&fx.src, fx.other()]).await;
+    let snap = create_snapshot(&d.controller().await, "snap-idle", &fx.src)
+        .await
+        .snapshot_id;
+    let g = create_group_snapshot(&d.group().await, "grp-idle", &[&fx.src, fx.other()]).await;
     let members: Vec<String> = g.snapshots.iter().map(|s| s.snapshot_id.clone()).collect();
     fx.groups
         .push((g.group_snapshot_id.clone(), members.clone()));
     let block = create(&d, "pvc-block", &block_cap(), VOL, None).await;
-    let vols = list_volumes(&d).await;
-    let snaps = list_snapshots(&d).await;
+    let vols = list_volume_ids(&d.controller().await).await;
+    let snaps = list_snapshot_ids(&d.controller().await).await;
     assert_eq!(vols.len(), 3);
     assert_eq!(snaps.len(), 3);
     assert!(snaps.contains(&snap));
@@ -939,8 +969,8 @@ async fn kill9_idle_keeps_everything() {
             }
         }
         d.restart(None).await;
-        assert_eq!(list_volumes(&d).await, vols);
-        assert_eq!(list_snapshots(&d).await, snaps);
+        assert_eq!(list_volume_ids(&d.controller().await).await, vols);
+        assert_eq!(list_snapshot_ids(&d.controller().await).await, snaps);
         let got = d
             .group()
             .await
@@ -961,9 +991,13 @@ async fn kill9_idle_keeps_everything() {
             then: Then::Retry,
         };
         check_src_usable(&d, &fx, &case).await;
-        assert!(is_mounted(&fx_target(&d, "other")));
+        assert!(is_mounted(&d.target_path("other")));
     }
-    assert!(list_volumes(&d).await.contains(&block));
+    assert!(
+        list_volume_ids(&d.controller().await)
+            .await
+            .contains(&block)
+    );
     teardown(&d, &mut fx).await;
 }
 
@@ -977,7 +1011,7 @@ async fn corrupt_record_neither_blocks_start_nor_keeps_members_frozen() {
     d.restart(Some("group-snapshot:while-frozen")).await;
     assert!(issue(&d, &fx, Op::GroupSnapshot).await.is_err());
     d.wait_exit(Duration::from_secs(60)).await;
-    let blocked = spawn_write(fx_target(&d, "src").join("while-frozen"), 5);
+    let blocked = spawn_write(d.target_path("src").join("while-frozen"), 5, WRITE_LEN);
     assert!(
         blocked.recv_timeout(Duration::from_millis(500)).is_err(),
         "the filesystem was not frozen at the failpoint"
@@ -1039,59 +1073,17 @@ async fn corrupt_record_neither_blocks_start_nor_keeps_members_frozen() {
 
 const WRITE_LEN: usize = 64 << 10;
 
-fn fx_target(d: &Driver, name: &str) -> PathBuf {
-    d.path(&format!("{name}/target"))
-}
-
-/// Writes pattern(seed, WRITE_LEN) to `path` (fsynced) on a thread; the receiver gets a
-/// message when the write completed.
-fn spawn_write(path: PathBuf, seed: u64) -> mpsc::Receiver<()> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        write_pattern(&path, seed, WRITE_LEN);
-        let _ = tx.send(());
-    });
-    rx
-}
-
-fn write_within(path: PathBuf, seed: u64, within: Duration) -> bool {
-    spawn_write(path, seed).recv_timeout(within).is_ok()
-}
-
-/// Size of the filesystem mounted at `path`.
-fn fs_bytes(path: &Path) -> i64 {
-    let st = nix::sys::statvfs::statvfs(path).unwrap();
-    st.blocks() as i64 * st.fragment_size() as i64
-}
-
 async fn capacity_of(d: &Driver, volume_id: &str) -> i64 {
-    d.controller()
+    get_volume(&d.controller().await, volume_id)
         .await
-        .controller_get_volume(csi::ControllerGetVolumeRequest {
-            volume_id: volume_id.to_string(),
-        })
-        .await
-        .expect("get volume")
-        .into_inner()
         .volume
-        .unwrap()
+        .expect("ControllerGetVolumeResponse.volume")
         .capacity_bytes
-}
-
-fn is_mounted(path: &Path) -> bool {
-    let p = path.to_string_lossy();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(&*p))
 }
 
 /// Loop devices backed by this volume's image.
 fn loop_devices_of(d: &Driver, volume_id: &str) -> Vec<String> {
-    let image = d
-        .pool_root()
-        .join("berth/volumes")
-        .join(format!("{volume_id}.img"));
+    let image = d.volume_image(volume_id);
     let out = std::process::Command::new("losetup")
         .args(["--list", "--noheadings", "-O", "NAME,BACK-FILE"])
         .output()
@@ -1125,60 +1117,26 @@ async fn create(
         .volume_id
 }
 
-async fn snapshot(d: &Driver, name: &str, volume_id: &str) -> csi::Snapshot {
-    d.controller()
-        .await
-        .create_snapshot(csi::CreateSnapshotRequest {
-            source_volume_id: volume_id.to_string(),
-            name: name.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("snapshot {name}: {e:?}"))
-        .into_inner()
-        .snapshot
-        .unwrap()
-}
-
-async fn group_snapshot(d: &Driver, name: &str, volumes: &[&str]) -> csi::VolumeGroupSnapshot {
-    d.group()
-        .await
-        .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
-            name: name.into(),
-            source_volume_ids: volumes.iter().map(|v| v.to_string()).collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("group snapshot {name}: {e:?}"))
-        .into_inner()
-        .group_snapshot
-        .unwrap()
-}
-
 async fn publish(d: &Driver, volume_id: &str, cap: &csi::VolumeCapability, name: &str) -> PathBuf {
-    let target = fx_target(d, name);
+    let target = d.target_path(name);
     d.node()
         .await
-        .node_publish_volume(csi::NodePublishVolumeRequest {
-            volume_id: volume_id.to_string(),
-            staging_target_path: d.path(&format!("{name}/staging")).to_string_lossy().into(),
-            target_path: target.to_string_lossy().into(),
-            volume_capability: Some(cap.clone()),
-            readonly: false,
-            ..Default::default()
-        })
+        .node_publish_volume(publish_req(
+            volume_id,
+            &d.staging_path(name),
+            &target,
+            cap.clone(),
+            false,
+        ))
         .await
-        .expect("publish");
+        .unwrap_or_else(|e| panic!("NodePublishVolume {name}: {e:?}"));
     target
 }
 
 async fn unpublish(d: &Driver, volume_id: &str, name: &str) -> Result<(), Status> {
     d.node()
         .await
-        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-            volume_id: volume_id.to_string(),
-            target_path: fx_target(d, name).to_string_lossy().into(),
-        })
+        .node_unpublish_volume(unpublish_req(volume_id, &d.target_path(name)))
         .await
         .map(drop)
 }
@@ -1187,15 +1145,12 @@ async fn unpublish(d: &Driver, volume_id: &str, name: &str) -> Result<(), Status
 /// busy is retried. A file closed a moment ago can still be held by a child another test
 /// thread is forking (the fd table is copied until exec), which makes umount say EBUSY.
 async fn release(d: &Driver, volume_id: &str, name: &str) {
-    let staging = d.path(&format!("{name}/staging"));
+    let staging = d.staging_path(name);
     let mut node = d.node().await;
     for attempt in 1.. {
         let r = match unpublish(d, volume_id, name).await {
             Ok(()) => node
-                .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                    volume_id: volume_id.to_string(),
-                    staging_target_path: staging.to_string_lossy().into(),
-                })
+                .node_unstage_volume(unstage_req(volume_id, &staging))
                 .await
                 .map(drop),
             Err(e) => Err(e),
@@ -1208,30 +1163,4 @@ async fn release(d: &Driver, volume_id: &str, name: &str) {
             Err(e) => panic!("unpublish/unstage {name}: {e:?}"),
         }
     }
-}
-
-async fn list_volumes(d: &Driver) -> Vec<String> {
-    d.controller()
-        .await
-        .list_volumes(csi::ListVolumesRequest::default())
-        .await
-        .expect("list volumes")
-        .into_inner()
-        .entries
-        .into_iter()
-        .map(|e| e.volume.unwrap().volume_id)
-        .collect()
-}
-
-async fn list_snapshots(d: &Driver) -> Vec<String> {
-    d.controller()
-        .await
-        .list_snapshots(csi::ListSnapshotsRequest::default())
-        .await
-        .expect("list snapshots")
-        .into_inner()
-        .entries
-        .into_iter()
-        .map(|e| e.snapshot.unwrap().snapshot_id)
-        .collect()
 }

@@ -72,48 +72,28 @@ impl Worker {
             .volume
             .unwrap();
         let id = vol.volume_id;
-        let staging = d.path(&format!("cycle-{i}/staging"));
-        let target = d.path(&format!("cycle-{i}/target"));
+        let staging = d.staging_path(&format!("cycle-{i}"));
+        let target = d.target_path(&format!("cycle-{i}"));
         self.node
-            .node_stage_volume(csi::NodeStageVolumeRequest {
-                volume_id: id.clone(),
-                staging_target_path: staging.to_string_lossy().into(),
-                volume_capability: Some(cap.clone()),
-                ..Default::default()
-            })
+            .node_stage_volume(stage_req(&id, &staging, cap.clone()))
             .await
             .unwrap_or_else(|s| panic!("cycle {i}: stage: {s:?}"));
         self.node
-            .node_publish_volume(csi::NodePublishVolumeRequest {
-                volume_id: id.clone(),
-                staging_target_path: staging.to_string_lossy().into(),
-                target_path: target.to_string_lossy().into(),
-                volume_capability: Some(cap),
-                ..Default::default()
-            })
+            .node_publish_volume(publish_req(&id, &staging, &target, cap, false))
             .await
             .unwrap_or_else(|s| panic!("cycle {i}: publish: {s:?}"));
         // The volume is really there: a small durable write through the published path.
         write_pattern(&target.join("f"), i as u64, 4096);
         self.node
-            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                volume_id: id.clone(),
-                target_path: target.to_string_lossy().into(),
-            })
+            .node_unpublish_volume(unpublish_req(&id, &target))
             .await
             .unwrap_or_else(|s| panic!("cycle {i}: unpublish: {s:?}"));
         self.node
-            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                volume_id: id.clone(),
-                staging_target_path: staging.to_string_lossy().into(),
-            })
+            .node_unstage_volume(unstage_req(&id, &staging))
             .await
             .unwrap_or_else(|s| panic!("cycle {i}: unstage: {s:?}"));
         self.ctl
-            .delete_volume(csi::DeleteVolumeRequest {
-                volume_id: id,
-                ..Default::default()
-            })
+            .delete_volume(delete_volume_req(&id))
             .await
             .unwrap_or_else(|s| panic!("cycle {i}: delete: {s:?}"));
         assert!(

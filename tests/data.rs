@@ -16,61 +16,8 @@ use std::{
 };
 
 use common::*;
-use csi::controller_client::ControllerClient;
-use tonic::transport::Channel;
-
-type Ctl = ControllerClient<Channel>;
 
 // ---- local helpers ---------------------------------------------------------------------
-
-async fn create(ctl: &mut Ctl, req: csi::CreateVolumeRequest) -> csi::Volume {
-    let name = req.name.clone();
-    ctl.create_volume(req)
-        .await
-        .unwrap_or_else(|e| panic!("create {name}: {e}"))
-        .into_inner()
-        .volume
-        .expect("a created volume")
-}
-
-async fn snapshot(ctl: &mut Ctl, volume_id: &str, name: &str) -> csi::Snapshot {
-    let snap = ctl
-        .create_snapshot(csi::CreateSnapshotRequest {
-            source_volume_id: volume_id.to_string(),
-            name: name.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("snapshot {name}: {e}"))
-        .into_inner()
-        .snapshot
-        .expect("a snapshot");
-    assert!(snap.ready_to_use);
-    assert_eq!(snap.source_volume_id, volume_id);
-    snap
-}
-
-async fn delete_volume(ctl: &mut Ctl, id: &str) {
-    ctl.delete_volume(csi::DeleteVolumeRequest {
-        volume_id: id.to_string(),
-        ..Default::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("delete volume {id}: {e}"));
-}
-
-async fn delete_snapshot(ctl: &mut Ctl, id: &str) {
-    ctl.delete_snapshot(csi::DeleteSnapshotRequest {
-        snapshot_id: id.to_string(),
-        ..Default::default()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("delete snapshot {id}: {e}"));
-}
-
-fn staging_path(d: &Driver, name: &str) -> PathBuf {
-    d.path(&format!("{name}/staging"))
-}
 
 /// Unstages and stages again, so what is read next comes from the device, not from the page
 /// cache of the mount that wrote it.
@@ -89,12 +36,6 @@ fn assert_file(path: &Path, want: &[u8], what: &str) {
         got.len(),
         got.iter().zip(want).position(|(a, b)| a != b)
     );
-}
-
-/// Total size of the filesystem mounted at `path`, per statvfs.
-fn fs_total_bytes(path: &Path) -> u64 {
-    let st = rustix::fs::statvfs(path).unwrap();
-    st.f_blocks * st.f_frsize
 }
 
 fn blockdev_size(path: &Path) -> u64 {
@@ -212,18 +153,18 @@ fn apply(image: &mut [u8], extents: &[(u64, usize, u64)]) -> Vec<(u64, Vec<u8>)>
 
 async fn snapshot_restore_roundtrip(fs: &str, size: i64) {
     let d = Driver::start().await;
-    let mut ctl = d.controller().await;
+    let ctl = d.controller().await;
     let cap = mount_cap(fs);
-    let vol = create(&mut ctl, create_req("pvc-data", size, cap.clone())).await;
+    let vol = create_volume(&ctl, create_req("pvc-data", size, cap.clone())).await;
     let target = stage_and_publish(&d, &vol.volume_id, &cap, "a").await;
     write_pattern(&target.join("file"), 1, 8 << 20);
 
-    let snap = snapshot(&mut ctl, &vol.volume_id, "snap-1").await;
+    let snap = create_snapshot(&ctl, "snap-1", &vol.volume_id).await;
     assert_eq!(snap.size_bytes, size);
     write_pattern(&target.join("file"), 2, 8 << 20);
 
-    let restored = create(
-        &mut ctl,
+    let restored = create_volume(
+        &ctl,
         from_snapshot(
             create_req("pvc-restored", 512 * MIB, cap.clone()),
             &snap.snapshot_id,
@@ -248,9 +189,9 @@ async fn snapshot_restore_roundtrip(fs: &str, size: i64) {
     unpublish_and_unstage(&d, &vol.volume_id, "a").await;
     unpublish_and_unstage(&d, &restored.volume_id, "b").await;
     for id in [&vol.volume_id, &restored.volume_id] {
-        delete_volume(&mut ctl, id).await;
+        delete_volume(&ctl, id).await;
     }
-    delete_snapshot(&mut ctl, &snap.snapshot_id).await;
+    delete_snapshot(&ctl, &snap.snapshot_id).await;
     d.assert_clean();
 }
 
@@ -268,16 +209,16 @@ async fn xfs_snapshot_restore_returns_the_old_bytes() {
 
 async fn clone_roundtrip(fs: &str, size: i64) {
     let d = Driver::start().await;
-    let mut ctl = d.controller().await;
+    let ctl = d.controller().await;
     let cap = mount_cap(fs);
-    let src = create(&mut ctl, create_req("pvc-src", size, cap.clone())).await;
+    let src = create_volume(&ctl, create_req("pvc-src", size, cap.clone())).await;
     let t_src = stage_and_publish(&d, &src.volume_id, &cap, "src").await;
     write_pattern(&t_src.join("file"), 3, 8 << 20);
     write_pattern(&t_src.join("small"), 33, 4096);
 
     // Cloned while the source is mounted and in use, as a database clone would be.
-    let clone = create(
-        &mut ctl,
+    let clone = create_volume(
+        &ctl,
         from_volume(create_req("pvc-clone", size, cap.clone()), &src.volume_id),
     )
     .await;
@@ -347,7 +288,7 @@ async fn clone_roundtrip(fs: &str, size: i64) {
     unpublish_and_unstage(&d, &src.volume_id, "src").await;
     unpublish_and_unstage(&d, &clone.volume_id, "clone").await;
     // The source can go first: a clone shares nothing a delete could take from it.
-    delete_volume(&mut ctl, &src.volume_id).await;
+    delete_volume(&ctl, &src.volume_id).await;
     let t_clone = stage_and_publish(&d, &clone.volume_id, &cap, "clone").await;
     assert_file(
         &t_clone.join("file"),
@@ -355,7 +296,7 @@ async fn clone_roundtrip(fs: &str, size: i64) {
         "clone after its source was deleted",
     );
     unpublish_and_unstage(&d, &clone.volume_id, "clone").await;
-    delete_volume(&mut ctl, &clone.volume_id).await;
+    delete_volume(&ctl, &clone.volume_id).await;
     d.assert_clean();
 }
 
@@ -375,9 +316,9 @@ async fn xfs_clone_holds_the_source_bytes_and_diverges() {
 async fn block_volume_snapshot_restore_and_clone_are_bit_identical() {
     const SIZE: i64 = 64 * MIB;
     let d = Driver::start().await;
-    let mut ctl = d.controller().await;
+    let ctl = d.controller().await;
     let cap = block_cap();
-    let src = create(&mut ctl, create_req("pvc-blk", SIZE, cap.clone())).await;
+    let src = create_volume(&ctl, create_req("pvc-blk", SIZE, cap.clone())).await;
     assert_eq!(src.capacity_bytes, SIZE);
     assert!(
         !src.volume_context.contains_key("fsType"),
@@ -405,7 +346,7 @@ async fn block_volume_snapshot_restore_and_clone_are_bit_identical() {
     }
     assert_device(&dev, &old, "source after O_DIRECT writes");
 
-    let snap = snapshot(&mut ctl, &src.volume_id, "snap-blk").await;
+    let snap = create_snapshot(&ctl, "snap-blk", &src.volume_id).await;
 
     // Overwrite the same places (and one more) with plain buffered writes + fsync.
     let new_extents = [
@@ -422,8 +363,8 @@ async fn block_volume_snapshot_restore_and_clone_are_bit_identical() {
     assert_device(&dev, &new, "source after buffered overwrites");
 
     // Restore into a larger volume: the snapshot's bytes, then zeros.
-    let restored = create(
-        &mut ctl,
+    let restored = create_volume(
+        &ctl,
         from_snapshot(
             create_req("pvc-blk-restored", SIZE + 32 * MIB, cap.clone()),
             &snap.snapshot_id,
@@ -438,8 +379,8 @@ async fn block_volume_snapshot_restore_and_clone_are_bit_identical() {
     assert_device(&dev_restored, &want, "restore of the block snapshot");
 
     // Clone of the published source: its current bytes.
-    let clone = create(
-        &mut ctl,
+    let clone = create_volume(
+        &ctl,
         from_volume(
             create_req("pvc-blk-clone", SIZE, cap.clone()),
             &src.volume_id,
@@ -478,8 +419,8 @@ async fn block_volume_snapshot_restore_and_clone_are_bit_identical() {
     );
 
     // And the snapshot itself still holds the old bytes.
-    let again = create(
-        &mut ctl,
+    let again = create_volume(
+        &ctl,
         from_snapshot(
             create_req("pvc-blk-again", SIZE, cap.clone()),
             &snap.snapshot_id,
@@ -496,9 +437,9 @@ async fn block_volume_snapshot_restore_and_clone_are_bit_identical() {
         (&again, "blk-again"),
     ] {
         unpublish_and_unstage(&d, &vol.volume_id, name).await;
-        delete_volume(&mut ctl, &vol.volume_id).await;
+        delete_volume(&ctl, &vol.volume_id).await;
     }
-    delete_snapshot(&mut ctl, &snap.snapshot_id).await;
+    delete_snapshot(&ctl, &snap.snapshot_id).await;
     d.assert_clean();
 }
 
@@ -509,7 +450,7 @@ async fn published_block_volume_grows_without_a_node_step() {
     let d = Driver::start().await;
     let mut ctl = d.controller().await;
     let cap = block_cap();
-    let vol = create(&mut ctl, create_req("pvc-blk-grow", SIZE, cap.clone())).await;
+    let vol = create_volume(&ctl, create_req("pvc-blk-grow", SIZE, cap.clone())).await;
     let dev = stage_and_publish(&d, &vol.volume_id, &cap, "blk").await;
     assert_eq!(blockdev_size(&dev), SIZE as u64);
     let mut want = vec![0u8; SIZE as usize];
@@ -567,7 +508,7 @@ async fn published_block_volume_grows_without_a_node_step() {
     assert_device(&dev, &want, "grown device after re-staging");
 
     unpublish_and_unstage(&d, &vol.volume_id, "blk").await;
-    delete_volume(&mut ctl, &vol.volume_id).await;
+    delete_volume(&ctl, &vol.volume_id).await;
     d.assert_clean();
 }
 
@@ -677,7 +618,7 @@ async fn online_expand_while_writing(fs: &str, size: i64, grown: i64) {
     let mut ctl = d.controller().await;
     let mut node = d.node().await;
     let cap = mount_cap(fs);
-    let vol = create(&mut ctl, create_req("pvc-grow", size, cap.clone())).await;
+    let vol = create_volume(&ctl, create_req("pvc-grow", size, cap.clone())).await;
     let target = stage_and_publish(&d, &vol.volume_id, &cap, "grow").await;
     let before = fs_total_bytes(&target);
     assert!(before <= size as u64);
@@ -712,7 +653,7 @@ async fn online_expand_while_writing(fs: &str, size: i64, grown: i64) {
                 required_bytes: grown,
                 limit_bytes: 0,
             }),
-            staging_target_path: staging_path(&d, "grow").to_string_lossy().into(),
+            staging_target_path: d.staging_path("grow").to_string_lossy().into(),
             volume_capability: Some(cap.clone()),
             ..Default::default()
         })
@@ -789,7 +730,7 @@ async fn online_expand_while_writing(fs: &str, size: i64, grown: i64) {
     );
 
     unpublish_and_unstage(&d, &vol.volume_id, "grow").await;
-    delete_volume(&mut ctl, &vol.volume_id).await;
+    delete_volume(&ctl, &vol.volume_id).await;
     d.assert_clean();
 }
 
@@ -875,7 +816,7 @@ async fn ext4_grows_online_under_a_writer() {
         pattern(12, 4 << 20)
     );
     unpublish_and_unstage(&d, &vol.volume_id, "grow").await;
-    delete_volume(&mut ctl, &vol.volume_id).await;
+    delete_volume(&ctl, &vol.volume_id).await;
     d.assert_clean();
 }
 
@@ -886,34 +827,14 @@ async fn xfs_grows_online_under_a_writer() {
 
 // ---- group snapshots ---------------------------------------------------------------------------
 
-/// Runs a write + fsync on another thread and fails if it does not finish in time: a write
-/// to a filesystem left frozen blocks until it is thawed.
-async fn write_promptly(path: PathBuf, seed: u64, len: usize) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let p = path.clone();
-    std::thread::spawn(move || {
-        write_pattern(&p, seed, len);
-        let _ = tx.send(());
-    });
-    tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(15)))
-        .await
-        .unwrap()
-        .unwrap_or_else(|_| {
-            panic!(
-                "a write to {} did not finish within 15s: is the filesystem still frozen?",
-                path.display()
-            )
-        });
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn group_snapshot_cuts_data_and_wal_together_and_thaws() {
     let d = Driver::start().await;
     let mut ctl = d.controller().await;
     let mut group = d.group().await;
     let cap = mount_cap("ext4");
-    let data = create(&mut ctl, create_req("pvc-db-data", 256 * MIB, cap.clone())).await;
-    let wal = create(&mut ctl, create_req("pvc-db-wal", 128 * MIB, cap.clone())).await;
+    let data = create_volume(&ctl, create_req("pvc-db-data", 256 * MIB, cap.clone())).await;
+    let wal = create_volume(&ctl, create_req("pvc-db-wal", 128 * MIB, cap.clone())).await;
     let t_data = stage_and_publish(&d, &data.volume_id, &cap, "data").await;
     let t_wal = stage_and_publish(&d, &wal.volume_id, &cap, "wal").await;
     write_pattern(&t_data.join("table"), 61, 8 << 20);
@@ -938,7 +859,7 @@ async fn group_snapshot_cuts_data_and_wal_together_and_thaws() {
     let started = Instant::now();
     write_promptly(t_data.join("table"), 63, 8 << 20).await;
     write_promptly(t_wal.join("000001.log"), 64, 2 << 20).await;
-    write_promptly(staging_path(&d, "wal").join("000002.log"), 65, 1 << 20).await;
+    write_promptly(d.staging_path("wal").join("000002.log"), 65, 1 << 20).await;
     println!(
         "writes after the group snapshot took {:?}",
         started.elapsed()
@@ -960,16 +881,16 @@ async fn group_snapshot_cuts_data_and_wal_together_and_thaws() {
     assert_eq!(s_data.size_bytes, 256 * MIB);
     assert_eq!(s_wal.size_bytes, 128 * MIB);
 
-    let r_data = create(
-        &mut ctl,
+    let r_data = create_volume(
+        &ctl,
         from_snapshot(
             create_req("pvc-db-data-restored", 256 * MIB, cap.clone()),
             &s_data.snapshot_id,
         ),
     )
     .await;
-    let r_wal = create(
-        &mut ctl,
+    let r_wal = create_volume(
+        &ctl,
         from_snapshot(
             create_req("pvc-db-wal-restored", 128 * MIB, cap.clone()),
             &s_wal.snapshot_id,
@@ -1016,7 +937,7 @@ async fn group_snapshot_cuts_data_and_wal_together_and_thaws() {
         (&r_wal, "wal-restored"),
     ] {
         unpublish_and_unstage(&d, &vol.volume_id, name).await;
-        delete_volume(&mut ctl, &vol.volume_id).await;
+        delete_volume(&ctl, &vol.volume_id).await;
     }
     group
         .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {

@@ -10,6 +10,7 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -23,6 +24,9 @@ use tonic::transport::Channel;
 pub const NODE_ID: &str = "node-1";
 pub const MIB: i64 = 1 << 20;
 pub const GIB: i64 = 1 << 30;
+
+pub type Ctl = ControllerClient<Channel>;
+pub type Grp = GroupControllerClient<Channel>;
 
 pub fn require_root() {
     assert!(
@@ -92,6 +96,20 @@ impl Driver {
     /// A path under the test dir for staging/target mounts (the CO's directories).
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join("k8s").join(name)
+    }
+    /// The CO's staging path for the volume published under `name`.
+    pub fn staging_path(&self, name: &str) -> PathBuf {
+        self.path(&format!("{name}/staging"))
+    }
+    /// The CO's target path for the volume published under `name`.
+    pub fn target_path(&self, name: &str) -> PathBuf {
+        self.path(&format!("{name}/target"))
+    }
+    /// The pool file that backs a volume.
+    pub fn volume_image(&self, volume_id: &str) -> PathBuf {
+        self.pool_root()
+            .join("berth/volumes")
+            .join(format!("{volume_id}.img"))
     }
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("berth.log")).unwrap_or_default()
@@ -401,53 +419,314 @@ pub fn params(kv: &[(&str, &str)]) -> HashMap<String, String> {
         .collect()
 }
 
-/// A volume staged and published as the kubelet would do it; returns the target path.
+pub fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+pub fn delete_volume_req(id: &str) -> csi::DeleteVolumeRequest {
+    csi::DeleteVolumeRequest {
+        volume_id: id.into(),
+        ..Default::default()
+    }
+}
+
+pub fn get_volume_req(id: &str) -> csi::ControllerGetVolumeRequest {
+    csi::ControllerGetVolumeRequest {
+        volume_id: id.into(),
+    }
+}
+
+pub fn snapshot_req(name: &str, source_volume_id: &str) -> csi::CreateSnapshotRequest {
+    csi::CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: source_volume_id.into(),
+        ..Default::default()
+    }
+}
+
+pub fn delete_snapshot_req(id: &str) -> csi::DeleteSnapshotRequest {
+    csi::DeleteSnapshotRequest {
+        snapshot_id: id.into(),
+        ..Default::default()
+    }
+}
+
+pub fn group_snapshot_req(
+    name: &str,
+    source_volume_ids: &[&str],
+) -> csi::CreateVolumeGroupSnapshotRequest {
+    csi::CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: source_volume_ids.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+pub fn get_group_snapshot_req(
+    id: &str,
+    snapshot_ids: &[String],
+) -> csi::GetVolumeGroupSnapshotRequest {
+    csi::GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        snapshot_ids: snapshot_ids.to_vec(),
+        ..Default::default()
+    }
+}
+
+pub fn delete_group_snapshot_req(
+    id: &str,
+    snapshot_ids: &[String],
+) -> csi::DeleteVolumeGroupSnapshotRequest {
+    csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        snapshot_ids: snapshot_ids.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// ControllerExpandVolume to `required` bytes (`limit` 0: none), without a capability.
+pub fn expand_req(id: &str, required: i64, limit: i64) -> csi::ControllerExpandVolumeRequest {
+    csi::ControllerExpandVolumeRequest {
+        volume_id: id.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn stage_req(
+    id: &str,
+    staging: &Path,
+    cap: csi::VolumeCapability,
+) -> csi::NodeStageVolumeRequest {
+    csi::NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: path_str(staging),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+pub fn unstage_req(id: &str, staging: &Path) -> csi::NodeUnstageVolumeRequest {
+    csi::NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: path_str(staging),
+    }
+}
+
+pub fn publish_req(
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    cap: csi::VolumeCapability,
+    readonly: bool,
+) -> csi::NodePublishVolumeRequest {
+    csi::NodePublishVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: path_str(staging),
+        target_path: path_str(target),
+        volume_capability: Some(cap),
+        readonly,
+        ..Default::default()
+    }
+}
+
+pub fn unpublish_req(id: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
+    csi::NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: path_str(target),
+    }
+}
+
+// ---- calls that must succeed ---------------------------------------------------------------
+
+/// CreateVolume, which must succeed; returns the (REQUIRED) volume.
+pub async fn create_volume(ctl: &Ctl, req: csi::CreateVolumeRequest) -> csi::Volume {
+    let name = req.name.clone();
+    ctl.clone()
+        .create_volume(req)
+        .await
+        .unwrap_or_else(|e| panic!("CreateVolume {name}: {e:?}"))
+        .into_inner()
+        .volume
+        .expect("CreateVolumeResponse.volume is REQUIRED")
+}
+
+/// CreateSnapshot of `source_volume_id`, which must succeed with a ready snapshot of it.
+pub async fn create_snapshot(ctl: &Ctl, name: &str, source_volume_id: &str) -> csi::Snapshot {
+    let snap = ctl
+        .clone()
+        .create_snapshot(snapshot_req(name, source_volume_id))
+        .await
+        .unwrap_or_else(|e| panic!("CreateSnapshot {name}: {e:?}"))
+        .into_inner()
+        .snapshot
+        .expect("CreateSnapshotResponse.snapshot is REQUIRED");
+    assert!(snap.ready_to_use, "CreateSnapshot {name}: not ready_to_use");
+    assert_eq!(
+        snap.source_volume_id, source_volume_id,
+        "CreateSnapshot {name}: source_volume_id"
+    );
+    snap
+}
+
+/// CreateVolumeGroupSnapshot, which must succeed; returns the (REQUIRED) group snapshot.
+pub async fn create_group_snapshot(
+    grp: &Grp,
+    name: &str,
+    source_volume_ids: &[&str],
+) -> csi::VolumeGroupSnapshot {
+    grp.clone()
+        .create_volume_group_snapshot(group_snapshot_req(name, source_volume_ids))
+        .await
+        .unwrap_or_else(|e| panic!("CreateVolumeGroupSnapshot {name}: {e:?}"))
+        .into_inner()
+        .group_snapshot
+        .expect("CreateVolumeGroupSnapshotResponse.group_snapshot is REQUIRED")
+}
+
+pub async fn delete_volume(ctl: &Ctl, id: &str) {
+    ctl.clone()
+        .delete_volume(delete_volume_req(id))
+        .await
+        .unwrap_or_else(|e| panic!("DeleteVolume {id}: {e:?}"));
+}
+
+pub async fn delete_snapshot(ctl: &Ctl, id: &str) {
+    ctl.clone()
+        .delete_snapshot(delete_snapshot_req(id))
+        .await
+        .unwrap_or_else(|e| panic!("DeleteSnapshot {id}: {e:?}"));
+}
+
+pub async fn get_volume(ctl: &Ctl, id: &str) -> csi::ControllerGetVolumeResponse {
+    ctl.clone()
+        .controller_get_volume(get_volume_req(id))
+        .await
+        .unwrap_or_else(|e| panic!("ControllerGetVolume {id}: {e:?}"))
+        .into_inner()
+}
+
+/// Every volume id, from one unpaginated ListVolumes.
+pub async fn list_volume_ids(ctl: &Ctl) -> Vec<String> {
+    let r = ctl
+        .clone()
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .expect("ListVolumes")
+        .into_inner();
+    assert!(r.next_token.is_empty(), "max_entries 0 lists everything");
+    r.entries
+        .into_iter()
+        .map(|e| e.volume.expect("entry.volume").volume_id)
+        .collect()
+}
+
+/// Every snapshot id, from one unpaginated ListSnapshots.
+pub async fn list_snapshot_ids(ctl: &Ctl) -> Vec<String> {
+    let r = ctl
+        .clone()
+        .list_snapshots(csi::ListSnapshotsRequest::default())
+        .await
+        .expect("ListSnapshots")
+        .into_inner();
+    assert!(r.next_token.is_empty(), "max_entries 0 lists everything");
+    r.entries
+        .into_iter()
+        .map(|e| e.snapshot.expect("entry.snapshot").snapshot_id)
+        .collect()
+}
+
+/// A volume staged and published as the kubelet would do it (at `d.staging_path(name)` and
+/// `d.target_path(name)`); returns the target path.
 pub async fn stage_and_publish(
     d: &Driver,
     volume_id: &str,
     cap: &csi::VolumeCapability,
     name: &str,
 ) -> PathBuf {
-    let staging = d.path(&format!("{name}/staging"));
-    let target = d.path(&format!("{name}/target"));
+    let staging = d.staging_path(name);
+    let target = d.target_path(name);
     let mut node = d.node().await;
-    node.node_stage_volume(csi::NodeStageVolumeRequest {
-        volume_id: volume_id.to_string(),
-        staging_target_path: staging.to_string_lossy().into(),
-        volume_capability: Some(cap.clone()),
-        ..Default::default()
-    })
+    node.node_stage_volume(stage_req(volume_id, &staging, cap.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("NodeStageVolume {name}: {e:?}"));
+    node.node_publish_volume(publish_req(
+        volume_id,
+        &staging,
+        &target,
+        cap.clone(),
+        false,
+    ))
     .await
-    .expect("stage");
-    node.node_publish_volume(csi::NodePublishVolumeRequest {
-        volume_id: volume_id.to_string(),
-        staging_target_path: staging.to_string_lossy().into(),
-        target_path: target.to_string_lossy().into(),
-        volume_capability: Some(cap.clone()),
-        readonly: false,
-        ..Default::default()
-    })
-    .await
-    .expect("publish");
+    .unwrap_or_else(|e| panic!("NodePublishVolume {name}: {e:?}"));
     target
 }
 
 pub async fn unpublish_and_unstage(d: &Driver, volume_id: &str, name: &str) {
-    let staging = d.path(&format!("{name}/staging"));
-    let target = d.path(&format!("{name}/target"));
     let mut node = d.node().await;
-    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-        volume_id: volume_id.to_string(),
-        target_path: target.to_string_lossy().into(),
-    })
-    .await
-    .expect("unpublish");
-    node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-        volume_id: volume_id.to_string(),
-        staging_target_path: staging.to_string_lossy().into(),
-    })
-    .await
-    .expect("unstage");
+    node.node_unpublish_volume(unpublish_req(volume_id, &d.target_path(name)))
+        .await
+        .unwrap_or_else(|e| panic!("NodeUnpublishVolume {name}: {e:?}"));
+    node.node_unstage_volume(unstage_req(volume_id, &d.staging_path(name)))
+        .await
+        .unwrap_or_else(|e| panic!("NodeUnstageVolume {name}: {e:?}"));
+}
+
+// ---- observations --------------------------------------------------------------------------
+
+/// Total size of the filesystem mounted at `path`, per statvfs.
+pub fn fs_total_bytes(path: &Path) -> u64 {
+    let st =
+        rustix::fs::statvfs(path).unwrap_or_else(|e| panic!("statvfs {}: {e}", path.display()));
+    st.f_blocks * st.f_frsize
+}
+
+/// How many mounts are stacked at `p` (a repeated publish must not add one).
+pub fn mount_count(p: &Path) -> usize {
+    let p = path_str(p);
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(p.as_str()))
+        .count()
+}
+
+pub fn is_mounted(p: &Path) -> bool {
+    mount_count(p) > 0
+}
+
+/// Writes pattern(seed, len) to `path` (fsynced) on a thread; the receiver gets a message
+/// when the write completed (a write to a frozen filesystem blocks until it is thawed).
+pub fn spawn_write(path: PathBuf, seed: u64, len: usize) -> mpsc::Receiver<()> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        write_pattern(&path, seed, len);
+        let _ = tx.send(());
+    });
+    rx
+}
+
+/// Whether a write + fsync of pattern(seed, len) to `path` finishes within `within`.
+pub fn write_within(path: PathBuf, seed: u64, len: usize, within: Duration) -> bool {
+    spawn_write(path, seed, len).recv_timeout(within).is_ok()
+}
+
+/// Fails unless a write + fsync of pattern(seed, len) to `path` finishes within 15s: a
+/// write to a filesystem left frozen blocks until it is thawed.
+pub async fn write_promptly(path: PathBuf, seed: u64, len: usize) {
+    let rx = spawn_write(path.clone(), seed, len);
+    tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(15)))
+        .await
+        .unwrap()
+        .unwrap_or_else(|_| {
+            panic!(
+                "a write to {} did not finish within 15s: is the filesystem still frozen?",
+                path.display()
+            )
+        });
 }
 
 pub fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {
