@@ -92,7 +92,14 @@ impl NodeService {
         }
         self.ctx
             .node
-            .publish(&id, &staging, &target, &usage, convert::mode(cap).as_str_name(), readonly)
+            .publish(
+                &id,
+                &staging,
+                &target,
+                &usage,
+                convert::mode(cap).as_str_name(),
+                readonly,
+            )
             .await?;
         Ok(csi::NodePublishVolumeResponse {})
     }

@@ -118,7 +118,13 @@ impl NodeState {
 
     // ---- stage ---------------------------------------------------------------------
 
-    pub async fn stage(&self, id: &VolumeId, staging: &Path, usage: Usage, mode: &str) -> Result<()> {
+    pub async fn stage(
+        &self,
+        id: &VolumeId,
+        staging: &Path,
+        usage: Usage,
+        mode: &str,
+    ) -> Result<()> {
         let vol = self.pool.ready_volume(id)?;
         let fs_type = check_usage(&vol, &usage)?;
         if let Some(existing) = self.record(id)? {

@@ -600,7 +600,10 @@ impl Pool {
             if g.state != RecordState::Ready {
                 for s in &g.snapshots {
                     // Only what the group made: its records name the group.
-                    if self.snapshot(s)?.is_some_and(|r| r.group.as_ref() == Some(&g.id)) {
+                    if self
+                        .snapshot(s)?
+                        .is_some_and(|r| r.group.as_ref() == Some(&g.id))
+                    {
                         self.finish_delete_snapshot(s)?;
                     }
                 }
