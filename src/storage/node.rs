@@ -201,6 +201,15 @@ impl NodeState {
         self.save(&rec)
     }
 
+    /// The device of a complete stage. Stage records the device before it marks itself
+    /// complete, so only a record damaged from outside lacks one.
+    fn staged_device(&self, rec: &StageRecord) -> Result<PathBuf> {
+        rec.device.clone().ok_or_else(|| Error::Corrupt {
+            path: self.record_path(&rec.volume_id),
+            reason: "a complete stage without a device".into(),
+        })
+    }
+
     /// A complete stage whose device and mount are still in place (they may not be after a
     /// reboot, when the CO stages again).
     fn stage_intact(&self, r: &StageRecord) -> Result<bool> {
@@ -342,7 +351,7 @@ impl NodeState {
                         }
                     }
                 } else {
-                    rec.device.clone().expect("complete stages have a device")
+                    self.staged_device(&rec)?
                 };
                 if let Some(parent) = target.parent() {
                     fs::create_dir_all(parent).map_err(Error::io("create", parent))?;
@@ -398,7 +407,7 @@ impl NodeState {
                 volume_path.display()
             )));
         }
-        let dev = rec.device.clone().expect("complete stages have a device");
+        let dev = self.staged_device(&rec)?;
         loopdev::refresh_capacity(&dev).await?;
         if let (VolumeKind::Filesystem { fs_type }, Usage::Mount { .. }) = (&vol.kind, &rec.usage) {
             mount::grow_fs(&dev, &rec.staging_path, *fs_type).await?;
