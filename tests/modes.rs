@@ -274,3 +274,56 @@ async fn json_logs_and_stale_socket() {
     }
     cleanup(dir.path());
 }
+
+/// The CO may also talk to berth over TCP (`--endpoint tcp://host:port`).
+#[tokio::test(flavor = "multi_thread")]
+async fn serves_over_tcp() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = format!("tcp://127.0.0.1:{port}");
+    let log = dir.path().join("tcp.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args([
+            "all-in-one",
+            "--endpoint",
+            &endpoint,
+            "--node-id",
+            NODE_ID,
+            "--pool-size",
+            "2Gi",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let channel = loop {
+        if let Ok(c) = berth::client::connect(&endpoint).await {
+            break c;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        assert!(Instant::now() < deadline, "no TCP listener");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let info = csi::identity_client::IdentityClient::new(channel)
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "berth.csi.dev");
+    let _ = child.kill();
+    let _ = child.wait();
+    cleanup(dir.path());
+}
