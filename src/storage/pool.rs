@@ -73,8 +73,11 @@ impl Pool {
         }
         let reflink = probe_reflink(&dir.join("tmp"))?;
         if reflink {
-            // Allocation hints inherited by every new image: large extents keep a volume's
-            // extent count — and so the cost of reflinking it — low even after random writes.
+            // Allocation hints inherited by every new image: writes into holes allocate whole
+            // 1 MiB extents, which keeps sequentially written volumes at a handful of extents.
+            // They do not bound the cost of a reflink after random writes: that follows the
+            // file's mapping records, which written/unwritten and shared/unshared boundaries
+            // split regardless (docs/BENCHMARKS.md measures both).
             for sub in ["volumes", "snapshots", "tmp"] {
                 let d = dir.join(sub);
                 let _ = exec::run(
@@ -212,9 +215,10 @@ impl Pool {
         }
         for s in self.snapshots()? {
             reserved += match s.state {
-                RecordState::Ready => {
-                    fsutil::allocated_bytes(&self.snapshot_image(&s.id)).unwrap_or(0)
-                }
+                // Capped at its size, for the same reason as at begin_snapshot.
+                RecordState::Ready => fsutil::allocated_bytes(&self.snapshot_image(&s.id))
+                    .unwrap_or(0)
+                    .min(s.size_bytes),
                 RecordState::Creating | RecordState::Deleting => s.reserved_bytes,
             };
         }
@@ -503,7 +507,10 @@ impl Pool {
             None => {}
         }
         let vol = self.ready_volume(source)?;
-        let needed = fsutil::allocated_bytes(&self.volume_image(source))?;
+        // What the snapshot may come to hold alone: the volume's allocated blocks, but never
+        // more than its size (XFS can show more allocated than written while it holds CoW
+        // reservations, which would refuse snapshots on a nearly full pool for nothing).
+        let needed = fsutil::allocated_bytes(&self.volume_image(source))?.min(vol.capacity_bytes);
         self.ensure_room(needed)?;
         let rec = SnapshotRecord {
             id,
