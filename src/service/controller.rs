@@ -57,14 +57,9 @@ impl ControllerService {
             }
             return Err(Error::TopologyUnsatisfiable(self.node_id().to_string()));
         }
-        let mut keys = vec![id.to_string()];
-        if let Some(s) = &source {
-            keys.push(match s {
-                crate::storage::VolumeSource::Snapshot(s) => s.to_string(),
-                crate::storage::VolumeSource::Volume(v) => v.to_string(),
-            });
-        }
-        let _guard = self.ctx.inflight.try_lock(keys)?;
+        // The source is guarded too: it must not be deleted or changed mid-copy.
+        let keys = std::iter::once(id.as_str()).chain(source.as_ref().map(|s| s.id()));
+        let _guard = self.ctx.inflight.try_lock(keys.collect::<Vec<_>>())?;
         let v = self
             .ctx
             .pool

@@ -122,6 +122,16 @@ pub enum VolumeSource {
     Volume(VolumeId),
 }
 
+impl VolumeSource {
+    /// The id of the snapshot or volume the new volume is made from.
+    pub fn id(&self) -> &str {
+        match self {
+            VolumeSource::Snapshot(s) => s.as_str(),
+            VolumeSource::Volume(v) => v.as_str(),
+        }
+    }
+}
+
 /// Settings a StorageClass or VolumeAttributesClass may change after creation.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MutableSettings {
