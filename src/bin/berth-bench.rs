@@ -313,31 +313,11 @@ fn loadavg() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// One mountinfo field with its \ooo escapes undone.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0usize;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn mount_points_under(root: &Path) -> Vec<PathBuf> {
-    fs::read_to_string("/proc/self/mountinfo")
+    berth::util::fsutil::mounts()
         .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(|m| PathBuf::from(unescape(m))))
+        .into_iter()
+        .map(|m| m.mount_point)
         .filter(|m| m.starts_with(root))
         .collect()
 }
