@@ -1280,6 +1280,20 @@ async fn controller_publish_and_unpublish() {
             ),
         ),
         case(
+            "ControllerPublishVolume Errors: Volume published but is incompatible (other access mode, same readonly) → ALREADY_EXISTS",
+            Code::AlreadyExists,
+            rpc!(
+                ctl,
+                controller_publish_volume,
+                ctl_publish(
+                    &a,
+                    NODE_ID,
+                    moded(ext4(), Mode::SingleNodeMultiWriter),
+                    false
+                )
+            ),
+        ),
+        case(
             "ControllerPublishVolume Errors: Volume does not exist → NOT_FOUND",
             Code::NotFound,
             rpc!(
@@ -1480,6 +1494,15 @@ async fn controller_publish_and_unpublish() {
         case(
             "ControllerPublishVolume: readonly repeated → OK",
             Code::Ok,
+            rpc!(
+                ctl,
+                controller_publish_volume,
+                ctl_publish(&c, NODE_ID, block(), true)
+            ),
+        ),
+        case(
+            "ControllerPublishVolume Errors: Volume published but is incompatible (READER_ONLY mode instead of the readonly flag) → ALREADY_EXISTS",
+            Code::AlreadyExists,
             rpc!(
                 ctl,
                 controller_publish_volume,

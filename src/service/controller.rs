@@ -12,7 +12,7 @@ use super::{
 use crate::{
     error::{Error, Result},
     proto::csi::v1::{self as csi, controller_server::Controller},
-    storage::{SnapshotId, VolumeId, VolumeRecord, pool::NewVolume},
+    storage::{Attachment, SnapshotId, VolumeId, VolumeRecord, pool::NewVolume},
 };
 
 #[derive(Debug, Clone)]
@@ -109,14 +109,18 @@ impl ControllerService {
         if let Some(why) = convert::fits(&v, cap) {
             return Err(Error::invalid("volume_capability", why));
         }
-        let readonly = req.readonly || capabilities::read_only_mode(convert::mode(cap));
+        let want = Attachment {
+            readonly: req.readonly || capabilities::read_only_mode(convert::mode(cap)),
+            mode: convert::mode(cap).as_str_name().to_string(),
+        };
         match v.published.get(node) {
-            Some(&ro) if ro == readonly => return Ok(publish_response()),
-            Some(&ro) => {
+            Some(have) if *have == want => return Ok(publish_response()),
+            // Spec table: "Volume published but is incompatible" → ALREADY_EXISTS.
+            Some(have) => {
                 return Err(Error::AlreadyExists {
                     kind: "published volume",
                     name: id.to_string(),
-                    detail: format!("it is published to {node} with readonly={ro}"),
+                    detail: format!("it is published to {node} as {have:?}"),
                 });
             }
             None => {}
@@ -136,7 +140,7 @@ impl ControllerService {
         if on_node >= self.ctx.info.max_volumes_per_node as usize {
             return Err(Error::MaxVolumes(self.ctx.info.max_volumes_per_node));
         }
-        v.published.insert(node.to_string(), readonly);
+        v.published.insert(node.to_string(), want);
         self.ctx.pool.save_volume(&v)?;
         Ok(publish_response())
     }

@@ -152,10 +152,18 @@ pub struct VolumeRecord {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub state: RecordState,
-    /// Nodes the volume is ControllerPublished to, and whether read-only.
+    /// Nodes the volume is ControllerPublished to, and how.
     #[serde(default)]
-    pub published: BTreeMap<String, bool>,
+    pub published: BTreeMap<String, Attachment>,
     pub created_unix_nanos: u128,
+}
+
+/// How a volume is ControllerPublished to a node: a repeat must ask for the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub readonly: bool,
+    /// The CSI access mode's name.
+    pub mode: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
