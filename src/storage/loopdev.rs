@@ -1,12 +1,11 @@
-//! Loop devices through util-linux `losetup`, which already handles the allocation race
-//! between processes (LOOP_CTL_GET_FREE + retry) that a hand-rolled ioctl path would have to.
+//! Loop devices: attached, detached and resized through util-linux `losetup`, which already
+//! handles the allocation race between processes (LOOP_CTL_GET_FREE + retry) that a
+//! hand-rolled ioctl path would have to; listed straight from sysfs.
 
 use std::{
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
-
-use serde::Deserialize;
 
 use crate::{error::Result, util::exec};
 
@@ -19,48 +18,42 @@ pub struct LoopDevice {
     pub read_only: bool,
 }
 
-#[derive(Deserialize)]
-struct Listing {
-    #[serde(default)]
-    loopdevices: Vec<Entry>,
-}
-
-#[derive(Deserialize)]
-struct Entry {
-    name: String,
-    #[serde(rename = "back-file")]
-    back_file: Option<String>,
-    #[serde(default)]
-    ro: bool,
-}
-
+/// Every attached loop device, read from sysfs: `/sys/block/loopN/loop/` exists only while
+/// the device has a backing file. The same facts `losetup --list` prints, without a process
+/// per call (stage, unstage, delete and expand each look more than once).
 pub async fn list() -> Result<Vec<LoopDevice>> {
-    let out = exec::run("losetup", ["--list", "--json", "-O", "NAME,BACK-FILE,RO"]).await?;
-    if out.trim().is_empty() {
-        return Ok(Vec::new());
+    tokio::task::spawn_blocking(list_sysfs)
+        .await
+        .expect("sysfs scan panicked")
+}
+
+fn list_sysfs() -> Result<Vec<LoopDevice>> {
+    let sys = Path::new("/sys/block");
+    let entries = std::fs::read_dir(sys).map_err(crate::error::Error::io("list", sys))?;
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        // Detached (or detaching) between the listing and the read: not attached.
+        let Ok(back) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+            continue;
+        };
+        let back = back.trim_end_matches('\n');
+        let (file, deleted) = match back.strip_suffix(" (deleted)") {
+            Some(f) => (f, true),
+            None => (back, false),
+        };
+        let read_only = std::fs::read_to_string(e.path().join("ro")).is_ok_and(|r| r.trim() == "1");
+        out.push(LoopDevice {
+            device: Path::new("/dev").join(&name),
+            backing_file: PathBuf::from(file),
+            deleted,
+            read_only,
+        });
     }
-    let listing: Listing =
-        serde_json::from_str(&out).map_err(|e| crate::error::Error::Corrupt {
-            path: "losetup --json".into(),
-            reason: e.to_string(),
-        })?;
-    Ok(listing
-        .loopdevices
-        .into_iter()
-        .filter_map(|e| {
-            let back = e.back_file?;
-            let (file, deleted) = match back.strip_suffix(" (deleted)") {
-                Some(f) => (f.to_string(), true),
-                None => (back, false),
-            };
-            Some(LoopDevice {
-                device: PathBuf::from(e.name),
-                backing_file: PathBuf::from(file),
-                deleted,
-                read_only: e.ro,
-            })
-        })
-        .collect())
+    Ok(out)
 }
 
 /// The live, writable loop device backed by `image`: the one a stage attached.
