@@ -274,17 +274,6 @@ async fn capacity(ctl: &Ctl) -> i64 {
         .available_capacity
 }
 
-async fn list_volumes(ctl: &Ctl) -> Vec<csi::list_volumes_response::Entry> {
-    let r = ctl
-        .clone()
-        .list_volumes(csi::ListVolumesRequest::default())
-        .await
-        .expect("ListVolumes")
-        .into_inner();
-    assert!(r.next_token.is_empty(), "max_entries 0 lists everything");
-    r.entries
-}
-
 async fn delete_all(ctl: &Ctl) {
     for id in list_snapshot_ids(ctl).await {
         delete_snapshot(ctl, &id).await;

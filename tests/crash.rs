@@ -8,11 +8,7 @@
 
 mod common;
 
-use std::{
-    os::unix::process::ExitStatusExt,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{os::unix::process::ExitStatusExt, path::Path, time::Duration};
 
 use berth::storage::{GroupSnapshotId, SnapshotId, VolumeId};
 use common::*;
@@ -1115,22 +1111,6 @@ async fn create(
         .volume
         .unwrap()
         .volume_id
-}
-
-async fn publish(d: &Driver, volume_id: &str, cap: &csi::VolumeCapability, name: &str) -> PathBuf {
-    let target = d.target_path(name);
-    d.node()
-        .await
-        .node_publish_volume(publish_req(
-            volume_id,
-            &d.staging_path(name),
-            &target,
-            cap.clone(),
-            false,
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("NodePublishVolume {name}: {e:?}"));
-    target
 }
 
 async fn unpublish(d: &Driver, volume_id: &str, name: &str) -> Result<(), Status> {

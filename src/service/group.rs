@@ -98,19 +98,7 @@ impl GroupService {
             Err(e) => {
                 // Spec: when a group snapshot fails before every member is cut, the CO has
                 // no group id to delete, so the plugin cleans up and leaks no snapshots.
-                for s in &record.snapshots {
-                    // Only this group's members: a member's name ("<group>/<volume>") may be
-                    // a snapshot the CO made on its own, which is not ours to delete.
-                    let ours =
-                        matches!(pool.snapshot(s), Ok(Some(r)) if r.group.as_ref() == Some(&id));
-                    if !ours {
-                        continue;
-                    }
-                    if let Err(c) = pool.delete_snapshot(s) {
-                        tracing::warn!(snapshot.id = %s, error = %c, "cleanup after a failed group snapshot");
-                    }
-                }
-                if let Err(c) = pool.remove_group(&id) {
+                if let Err(c) = pool.delete_group(&record) {
                     tracing::warn!(error = %c, "cleanup after a failed group snapshot");
                 }
                 return Err(e);
@@ -237,18 +225,11 @@ impl GroupService {
         };
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
         let pool = &self.ctx.pool;
-        let Some(mut g) = pool.group(&id)? else {
+        let Some(g) = pool.group(&id)? else {
             return Ok(csi::DeleteVolumeGroupSnapshotResponse {});
         };
         Self::check_members(&g, &req.snapshot_ids)?;
-        if g.state != RecordState::Deleting {
-            g.state = RecordState::Deleting;
-            pool.save_group(&g)?;
-        }
-        for s in &g.snapshots {
-            pool.delete_snapshot(s)?;
-        }
-        pool.remove_group(&id)?;
+        pool.delete_group(&g)?;
         Ok(csi::DeleteVolumeGroupSnapshotResponse {})
     }
 

@@ -22,12 +22,13 @@ pub struct LoopDevice {
 /// the device has a backing file. The same facts `losetup --list` prints, without a process
 /// per call (stage, unstage, delete and expand each look more than once).
 pub async fn list() -> Result<Vec<LoopDevice>> {
-    tokio::task::spawn_blocking(list_sysfs)
+    tokio::task::spawn_blocking(list_blocking)
         .await
         .expect("sysfs scan panicked")
 }
 
-fn list_sysfs() -> Result<Vec<LoopDevice>> {
+/// [`list`] for callers outside the runtime (start-up repair).
+pub fn list_blocking() -> Result<Vec<LoopDevice>> {
     let sys = Path::new("/sys/block");
     let entries = std::fs::read_dir(sys).map_err(crate::error::Error::io("list", sys))?;
     let mut out = Vec::new();
@@ -161,6 +162,14 @@ pub async fn detach(device: &Path) -> Result<()> {
         tracing::info!(device = %device.display(), waited_ms = started.elapsed().as_millis() as u64, "loop device detached after its last opener closed it");
     }
     Ok(())
+}
+
+/// The size the device currently shows, from sysfs (512-byte units there, whatever the
+/// device's sector size).
+pub fn size_bytes(device: &Path) -> Option<u64> {
+    let name = device.file_name()?;
+    let sectors = std::fs::read_to_string(Path::new("/sys/block").join(name).join("size")).ok()?;
+    sectors.trim().parse::<u64>().ok().map(|s| s * 512)
 }
 
 /// Re-reads the backing file's size after it grew.

@@ -56,16 +56,15 @@ pub async fn mkfs(device: &Path, fs: FsType) -> Result<()> {
     let dev = device.as_os_str();
     match fs {
         // The image is freshly sparse: discarding it is wasted work, and lazy init keeps
-        // mkfs time independent of the volume size. 4 KiB blocks always: mke2fs picks 1 KiB
-        // for small devices, which a direct-I/O loop device (4 KiB logical blocks on an XFS
-        // pool) cannot mount.
+        // mkfs time independent of the volume size. Block and sector sizes follow the
+        // device's 4 KiB logical sectors (loopdev::attach_new), so a small ext4 cannot get
+        // 1 KiB blocks and xfs cannot get 512-byte sectors, either of which the device
+        // could not mount.
         FsType::Ext4 => exec::run(
             "mkfs.ext4",
             [
                 "-q".as_ref(),
                 "-F".as_ref(),
-                "-b".as_ref(),
-                "4096".as_ref(),
                 "-E".as_ref(),
                 "nodiscard,lazy_itable_init=1,lazy_journal_init=1".as_ref(),
                 dev,
@@ -73,23 +72,9 @@ pub async fn mkfs(device: &Path, fs: FsType) -> Result<()> {
         )
         .await
         .map(drop),
-        // 4 KiB sectors always: mkfs.xfs takes the device's logical sector size, and a loop
-        // device's changes with its image: with direct I/O it is the pool's DIO alignment
-        // for the file, which XFS reports as 4 KiB once the image shares extents (after the
-        // first snapshot or clone) and 512 bytes before. A 512-byte-sector filesystem then no
-        // longer mounts ("device supports 4096 byte sectors"); a 4 KiB one mounts on both.
-        FsType::Xfs => exec::run(
-            "mkfs.xfs",
-            [
-                "-q".as_ref(),
-                "-K".as_ref(),
-                "-s".as_ref(),
-                "size=4096".as_ref(),
-                dev,
-            ],
-        )
-        .await
-        .map(drop),
+        FsType::Xfs => exec::run("mkfs.xfs", ["-q".as_ref(), "-K".as_ref(), dev])
+            .await
+            .map(drop),
     }
 }
 

@@ -38,14 +38,11 @@ pub enum Usage {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Publication {
-    pub readonly: bool,
-    pub block: bool,
     /// The capability it was published with: a repeat at the same target with another one
     /// is "published but incompatible".
-    #[serde(default)]
-    pub usage: Option<Usage>,
-    #[serde(default)]
+    pub usage: Usage,
     pub mode: String,
+    pub readonly: bool,
     /// A read-only block publish gets a read-only loop device of its own: a read-only bind
     /// mount does not stop writes to a device node, the device itself must refuse them.
     #[serde(default)]
@@ -305,15 +302,15 @@ impl NodeState {
             });
         }
         let mut want = Publication {
-            readonly,
-            block,
-            usage: Some(usage.clone()),
+            usage: usage.clone(),
             mode: mode.to_string(),
+            readonly,
             device: None,
         };
         if let Some(have) = rec.published.get(target) {
-            let same = (have.readonly, have.block, &have.usage, &have.mode)
-                == (readonly, block, &want.usage, &want.mode);
+            // The device is an implementation detail of a read-only block publish, not part
+            // of what the CO asked for.
+            let same = (&have.usage, have.mode.as_str(), have.readonly) == (usage, mode, readonly);
             if !same {
                 return Err(Error::AlreadyExists {
                     kind: "published volume",
@@ -518,6 +515,7 @@ impl NodeState {
         // Every record is tried even when one fails: a single bad staging path must not
         // leave the other volumes' filesystems frozen or keep the node from starting. Each
         // failure is logged; the CO's retries (or an operator) take it from there.
+        fsutil::remove_stale_temps(&self.dir)?;
         for r in self.records()? {
             if r.frozen {
                 tracing::warn!(volume.id = %r.volume_id, "thawing a filesystem left frozen by a crash");

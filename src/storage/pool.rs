@@ -179,8 +179,26 @@ impl Pool {
         fsutil::write_json(&self.group_meta(&g.id), g)
     }
 
-    pub fn remove_group(&self, id: &GroupSnapshotId) -> Result<()> {
-        fsutil::remove_file_durable(&self.group_meta(id))
+    /// Deletes a group snapshot: marked `deleting`, then the snapshots it made, then its
+    /// record. Only snapshots whose own record names the group are deleted, so a group cut
+    /// short before all members existed never removes anything else. Used by
+    /// DeleteVolumeGroupSnapshot, by a failed CreateVolumeGroupSnapshot, and by repair.
+    pub fn delete_group(&self, g: &GroupSnapshotRecord) -> Result<()> {
+        if g.state != RecordState::Deleting {
+            self.save_group(&GroupSnapshotRecord {
+                state: RecordState::Deleting,
+                ..g.clone()
+            })?;
+        }
+        for s in &g.snapshots {
+            if self
+                .snapshot(s)?
+                .is_some_and(|r| r.group.as_ref() == Some(&g.id))
+            {
+                self.delete_snapshot(s)?;
+            }
+        }
+        fsutil::remove_file_durable(&self.group_meta(&g.id))
     }
 
     fn records<T: serde::de::DeserializeOwned>(&self, sub: &str) -> Result<Vec<T>> {
@@ -605,16 +623,7 @@ impl Pool {
         }
         for g in self.groups()? {
             if g.state != RecordState::Ready {
-                for s in &g.snapshots {
-                    // Only what the group made: its records name the group.
-                    if self
-                        .snapshot(s)?
-                        .is_some_and(|r| r.group.as_ref() == Some(&g.id))
-                    {
-                        self.finish_delete_snapshot(s)?;
-                    }
-                }
-                self.remove_group(&g.id)?;
+                self.delete_group(&g)?;
                 repaired += 1;
             }
         }
@@ -629,18 +638,8 @@ impl Pool {
                 fsutil::remove_file_durable(&p)?;
             }
         }
-        // A crash inside a record write leaves its temp file (`.<name>.tmp`, see
-        // `fsutil::write_atomic`) beside the records; the record itself is old or new, whole.
-        // Only the controller writes pool records, and it is not serving yet.
         for sub in ["volumes", "snapshots", "groups"] {
-            let d = self.dir.join(sub);
-            for e in fs::read_dir(&d).map_err(Error::io("list", &d))?.flatten() {
-                let name = e.file_name();
-                let name = name.to_string_lossy();
-                if name.starts_with('.') && name.ends_with(".tmp") {
-                    fsutil::remove_file_durable(&e.path())?;
-                }
-            }
+            fsutil::remove_stale_temps(&self.dir.join(sub))?;
         }
         Ok(repaired)
     }
@@ -661,7 +660,11 @@ impl Pool {
         if len <= v.capacity_bytes {
             return Ok(false);
         }
-        if loop_sizes(&image).into_iter().any(|b| b > v.capacity_bytes) {
+        let shown_larger = loopdev::list_blocking()?
+            .iter()
+            .filter(|l| !l.deleted && l.backing_file == image)
+            .any(|l| loopdev::size_bytes(&l.device).is_some_and(|b| b > v.capacity_bytes));
+        if shown_larger {
             tracing::warn!(volume.id = %v.id, image_bytes = len, capacity = v.capacity_bytes, "volume image is larger than its record and attached at that size; leaving it");
             return Ok(false);
         }
@@ -675,25 +678,6 @@ impl Pool {
         f.sync_all().map_err(Error::io("fsync", &image))?;
         Ok(true)
     }
-}
-
-/// Sizes of the loop devices backed by `image`, from sysfs (synchronous, for reconcile).
-fn loop_sizes(image: &Path) -> Vec<u64> {
-    let Ok(devices) = fs::read_dir("/sys/block") else {
-        return Vec::new();
-    };
-    devices
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
-        .filter(|e| {
-            fs::read_to_string(e.path().join("loop/backing_file"))
-                .is_ok_and(|b| Path::new(b.trim_end()) == image)
-        })
-        .filter_map(|e| {
-            let sectors = fs::read_to_string(e.path().join("size")).ok()?;
-            sectors.trim().parse::<u64>().ok().map(|s| s * 512)
-        })
-        .collect()
 }
 
 /// Allocates the whole image when asked to (thick provisioning) and makes it durable.

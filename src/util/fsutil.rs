@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().expect("metadata paths always have a parent");
     let tmp = dir.join(format!(
-        ".{}.tmp",
+        ".{}{TEMP_SUFFIX}",
         path.file_name().unwrap_or_default().to_string_lossy()
     ));
     let mut f = File::create(&tmp).map_err(Error::io("create", &tmp))?;
@@ -25,6 +25,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     drop(f);
     fs::rename(&tmp, path).map_err(Error::io("rename", path))?;
     sync_dir(dir)
+}
+
+/// Temp files of [`write_atomic`] are `.<name>.tmp` beside their target.
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// Removes the temp files a crash inside [`write_atomic`] left in `dir`; the records
+/// themselves are whole (old or new). Call only while nothing else writes records there.
+pub fn remove_stale_temps(dir: &Path) -> Result<()> {
+    for e in fs::read_dir(dir).map_err(Error::io("list", dir))?.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(TEMP_SUFFIX) {
+            remove_file_durable(&e.path())?;
+        }
+    }
+    Ok(())
 }
 
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {

@@ -609,8 +609,8 @@ pub async fn get_volume(ctl: &Ctl, id: &str) -> csi::ControllerGetVolumeResponse
         .into_inner()
 }
 
-/// Every volume id, from one unpaginated ListVolumes.
-pub async fn list_volume_ids(ctl: &Ctl) -> Vec<String> {
+/// Every volume entry, from one unpaginated ListVolumes.
+pub async fn list_volumes(ctl: &Ctl) -> Vec<csi::list_volumes_response::Entry> {
     let r = ctl
         .clone()
         .list_volumes(csi::ListVolumesRequest::default())
@@ -619,6 +619,12 @@ pub async fn list_volume_ids(ctl: &Ctl) -> Vec<String> {
         .into_inner();
     assert!(r.next_token.is_empty(), "max_entries 0 lists everything");
     r.entries
+}
+
+/// Every volume id, from one unpaginated ListVolumes.
+pub async fn list_volume_ids(ctl: &Ctl) -> Vec<String> {
+    list_volumes(ctl)
+        .await
         .into_iter()
         .map(|e| e.volume.expect("entry.volume").volume_id)
         .collect()
@@ -647,21 +653,34 @@ pub async fn stage_and_publish(
     cap: &csi::VolumeCapability,
     name: &str,
 ) -> PathBuf {
-    let staging = d.staging_path(name);
-    let target = d.target_path(name);
-    let mut node = d.node().await;
-    node.node_stage_volume(stage_req(volume_id, &staging, cap.clone()))
+    d.node()
+        .await
+        .node_stage_volume(stage_req(volume_id, &d.staging_path(name), cap.clone()))
         .await
         .unwrap_or_else(|e| panic!("NodeStageVolume {name}: {e:?}"));
-    node.node_publish_volume(publish_req(
-        volume_id,
-        &staging,
-        &target,
-        cap.clone(),
-        false,
-    ))
-    .await
-    .unwrap_or_else(|e| panic!("NodePublishVolume {name}: {e:?}"));
+    publish(d, volume_id, cap, name).await
+}
+
+/// NodePublishVolume (read-write) of a volume staged at `d.staging_path(name)`; returns the
+/// target path.
+pub async fn publish(
+    d: &Driver,
+    volume_id: &str,
+    cap: &csi::VolumeCapability,
+    name: &str,
+) -> PathBuf {
+    let target = d.target_path(name);
+    d.node()
+        .await
+        .node_publish_volume(publish_req(
+            volume_id,
+            &d.staging_path(name),
+            &target,
+            cap.clone(),
+            false,
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("NodePublishVolume {name}: {e:?}"));
     target
 }
 
