@@ -1,13 +1,31 @@
 //! Starting a berth process: privileges, pool, crash reconciliation, then serving.
 
-use std::{path::PathBuf, sync::Arc, time::Instant};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Instant};
 
 use crate::{
+    agent,
+    cluster::{self, Cluster, ClusterHealth},
     error::{Error, Result},
+    proto::{
+        admin::v1::admin_server::AdminServer,
+        csi::v1::{
+            controller_server::ControllerServer, group_controller_server::GroupControllerServer,
+            identity_server::IdentityServer,
+        },
+    },
     server::{self, Endpoint, Roles},
-    service::{Context, DriverInfo},
+    service::{Context, DriverInfo, identity::IdentityService},
     storage::{guard::InFlight, node::NodeState, pool::Pool, setup},
+    tls::TlsMaterial,
 };
+
+/// A node's agent: where it listens, its certificates, and the domain it moves volumes in.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub listen: SocketAddr,
+    pub tls_dir: PathBuf,
+    pub domain: String,
+}
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -19,6 +37,18 @@ pub struct Config {
     pub pool: setup::PoolSource,
     pub max_volumes_per_node: Option<u32>,
     pub direct_io: bool,
+    pub agent: Option<AgentConfig>,
+}
+
+/// `berth controller --nodes FILE`: drives node agents, holds no pool.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub endpoint: Endpoint,
+    pub driver_name: String,
+    pub node_id: String,
+    pub nodes_file: PathBuf,
+    pub tls_dir: PathBuf,
+    pub domain: String,
 }
 
 /// How many volumes a node attaches unless told otherwise. Loop devices are made on demand
@@ -90,7 +120,9 @@ pub async fn prepare(cfg: &Config) -> Result<Arc<Context>> {
             tracing::info!(repaired = n, "node state reconciled after an unclean stop");
         }
     }
-    if cfg.roles.controller {
+    // The pool's owner repairs it: the controller of a single node, or the agent of a
+    // cluster node.
+    if cfg.roles.controller || cfg.agent.is_some() {
         let n = pool.reconcile()?;
         if n > 0 {
             tracing::info!(repaired = n, "pool reconciled after an unclean stop");
@@ -102,6 +134,7 @@ pub async fn prepare(cfg: &Config) -> Result<Arc<Context>> {
             version: env!("CARGO_PKG_VERSION").to_string(),
             node_id: cfg.node_id.clone(),
             max_volumes_per_node: cfg.max_volumes_per_node.unwrap_or(DEFAULT_MAX_VOLUMES),
+            topology_domain: cfg.agent.as_ref().map(|a| a.domain.clone()),
         },
         pool,
         node,
@@ -112,6 +145,13 @@ pub async fn prepare(cfg: &Config) -> Result<Arc<Context>> {
 
 pub async fn run(cfg: Config) -> Result<()> {
     let started = Instant::now();
+    // Read before touching the pool: bad TLS material is a configuration error to report
+    // at once.
+    let tls = cfg
+        .agent
+        .as_ref()
+        .map(|a| TlsMaterial::load(&a.tls_dir))
+        .transpose()?;
     let ctx = prepare(&cfg).await?;
     tracing::info!(
         node.id = %cfg.node_id,
@@ -120,5 +160,48 @@ pub async fn run(cfg: Config) -> Result<()> {
         startup_ms = started.elapsed().as_millis() as u64,
         "berth ready"
     );
-    server::serve(ctx, cfg.roles, &cfg.endpoint).await
+    let shutdown = server::shutdown_channel();
+    let csi = server::serve(
+        server::csi_router(ctx.clone(), cfg.roles),
+        &cfg.endpoint,
+        shutdown.clone(),
+    );
+    match (cfg.agent, tls) {
+        (Some(a), Some(tls)) => {
+            let agent = agent::serve(ctx, a.listen, tls, server::stopped(shutdown));
+            let (c, a) = tokio::join!(csi, agent);
+            c.and(a)
+        }
+        _ => csi.await,
+    }
+}
+
+/// Runs the cluster controller: CSI Controller, GroupController and berth's Admin API on
+/// the endpoint, replication in the background. Needs no root: it touches no storage.
+pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
+    let tls = TlsMaterial::load(&cfg.tls_dir)?;
+    let cluster = Arc::new(Cluster::load(&cfg.nodes_file, &tls, cfg.domain.clone())?);
+    tracing::info!(nodes = ?cluster.node_ids().collect::<Vec<_>>(), domain = %cfg.domain, "berth cluster controller ready");
+    let info = DriverInfo {
+        name: cfg.driver_name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        node_id: cfg.node_id.clone(),
+        max_volumes_per_node: DEFAULT_MAX_VOLUMES,
+        topology_domain: Some(cfg.domain.clone()),
+    };
+    let controller = cluster::controller::ClusterController::new(cluster.clone());
+    let router = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(IdentityService::new(
+            info,
+            Arc::new(ClusterHealth(cluster.clone())),
+            true,
+        )))
+        .add_service(ControllerServer::new(controller.clone()))
+        .add_service(GroupControllerServer::new(controller))
+        .add_service(AdminServer::new(cluster::admin::AdminService::new(
+            cluster.clone(),
+        )));
+    let shutdown = server::shutdown_channel();
+    tokio::spawn(cluster::moves::replication_loop(cluster, shutdown.clone()));
+    server::serve(router, &cfg.endpoint, shutdown).await
 }

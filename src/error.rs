@@ -73,6 +73,16 @@ pub enum Error {
     Timeout { command: String, timeout: Duration },
     #[error("metadata file {path} is unreadable: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    /// A peer node answered with an error: its code is passed on unchanged, so the CSI
+    /// semantics decided on the node holding the data reach the CO.
+    #[error("node {node}: {}", status.message())]
+    Peer { node: String, status: Status },
+    /// A peer node could not be reached (down, or refused our certificate).
+    #[error("node {node} is unreachable: {reason}")]
+    Unreachable { node: String, reason: String },
+    /// Received data did not verify; nothing of it was kept as a snapshot.
+    #[error("transfer of {snapshot} failed verification: {reason}")]
+    Verification { snapshot: String, reason: String },
     /// The pool is not mounted/writable; the driver cannot serve until it is.
     #[error("storage pool unavailable: {0}")]
     PoolUnavailable(String),
@@ -111,6 +121,9 @@ impl Error {
             | Error::Command { .. }
             | Error::Timeout { .. }
             | Error::Corrupt { .. } => Code::Internal,
+            Error::Peer { status, .. } => status.code(),
+            Error::Unreachable { .. } => Code::Unavailable,
+            Error::Verification { .. } => Code::DataLoss,
             // Probe's table: "Plugin not healthy" is FAILED_PRECONDITION.
             Error::PoolUnavailable(_) => Code::FailedPrecondition,
         }

@@ -1,7 +1,8 @@
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use berth::{
-    daemon::{self, Config},
+    daemon::{self, AgentConfig, ClusterConfig, Config},
+    proto::admin::v1::{MigrateRequest, admin_client::AdminClient},
     server::{Endpoint, Roles},
     storage::setup::PoolSource,
 };
@@ -17,12 +18,63 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Controller service (provisioning, snapshots, expansion).
-    Controller(Common),
-    /// Node service (stage, publish, stats, node expansion).
-    Node(Common),
+    /// Controller service (provisioning, snapshots, expansion). With --nodes, the cluster
+    /// controller: it drives the agents of the listed nodes and holds no pool itself.
+    Controller {
+        #[command(flatten)]
+        common: Common,
+        /// Nodes file: one `node-id host:port` (agent address) per line.
+        #[arg(long, requires = "tls_dir")]
+        nodes: Option<PathBuf>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Node service (stage, publish, stats, node expansion). With --agent-listen, also the
+    /// node agent that lets the cluster controller and peers move volumes to and from it.
+    Node {
+        #[command(flatten)]
+        common: Common,
+        /// Address the node agent serves on (mutual TLS), e.g. 0.0.0.0:7070.
+        #[arg(long, env = "BERTH_AGENT_LISTEN", requires = "tls_dir")]
+        agent_listen: Option<SocketAddr>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
     /// Controller and node in one process on a pool it creates: the embedded default.
     AllInOne(Common),
+    /// Makes a cluster CA (kept in OUT and reused) and a certificate per name, each in
+    /// OUT/<name>/ as ca.crt, tls.crt, tls.key: a --tls-dir for a node or the controller.
+    Certs {
+        #[arg(long)]
+        out: PathBuf,
+        /// Node ids and "controller", say.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Pre-warms a move: ships VOLUME to NODE while it stays in use where it is, so the
+    /// cut-over (the next publish on NODE) ships only the last seconds of change.
+    Migrate {
+        volume: String,
+        #[arg(long)]
+        to: String,
+        /// The cluster controller's endpoint.
+        #[arg(
+            long,
+            env = "CSI_ENDPOINT",
+            default_value = "unix:///var/lib/berth/csi.sock"
+        )]
+        endpoint: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ClusterArgs {
+    /// Directory with ca.crt, tls.crt, tls.key (a Kubernetes TLS Secret plus its CA).
+    #[arg(long, env = "BERTH_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// The topology domain volumes move within (reported as topology.berth.csi.dev/domain).
+    #[arg(long, default_value = "default")]
+    topology_domain: String,
 }
 
 #[derive(Args, Clone)]
@@ -92,22 +144,151 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn finish(r: berth::error::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "berth stopped");
+            eprintln!("berth: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn endpoint(s: &str) -> Option<Endpoint> {
+    Endpoint::parse(s).map_err(|e| eprintln!("berth: {e}")).ok()
+}
+
+fn node_id(given: Option<String>) -> String {
+    given.unwrap_or_else(|| {
+        hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "localhost".into())
+    })
+}
+
+/// `berth migrate`: prints progress lines until the target is ready to cut over.
+async fn migrate(endpoint: &str, volume: String, to: String) -> Result<(), String> {
+    let channel = berth::client::connect(endpoint)
+        .await
+        .map_err(|e| format!("cannot reach the controller at {endpoint}: {e}"))?;
+    let mut stream = AdminClient::new(channel)
+        .migrate(MigrateRequest {
+            volume_id: volume.clone(),
+            to_node_id: to.clone(),
+        })
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    while let Some(p) = stream
+        .message()
+        .await
+        .map_err(|s| s.message().to_string())?
+    {
+        match p.phase.as_str() {
+            "ready" => {
+                println!("ready: {}", p.message);
+                return Ok(());
+            }
+            _ => {
+                let pct = (p.bytes_done * 100)
+                    .checked_div(p.bytes_total)
+                    .unwrap_or(100);
+                println!(
+                    "round {}: {} / {} MiB ({pct}%)",
+                    p.round,
+                    p.bytes_done >> 20,
+                    p.bytes_total >> 20
+                );
+            }
+        }
+    }
+    Err("the controller ended the migration without reaching ready".into())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (roles, c) = match cli.command {
-        Command::Controller(c) => (
+    let (roles, c, agent) = match cli.command {
+        Command::Certs { out, names } => {
+            return match berth::tls::generate(&out, &names) {
+                Ok(dirs) => {
+                    for d in dirs {
+                        println!("{}", d.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("berth: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Migrate {
+            volume,
+            to,
+            endpoint,
+        } => {
+            return match runtime().block_on(migrate(&endpoint, volume, to)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("berth: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Controller {
+            common,
+            nodes: Some(nodes),
+            cluster,
+        } => {
+            init_logging(common.log_format);
+            let Some(endpoint) = endpoint(&common.endpoint) else {
+                return ExitCode::from(2);
+            };
+            let cfg = ClusterConfig {
+                endpoint,
+                driver_name: common.driver_name,
+                node_id: node_id(common.node_id),
+                nodes_file: nodes,
+                tls_dir: cluster
+                    .tls_dir
+                    .expect("clap requires --tls-dir with --nodes"),
+                domain: cluster.topology_domain,
+            };
+            return finish(runtime().block_on(daemon::run_cluster(cfg)));
+        }
+        Command::Controller { common, .. } => (
             Roles {
                 controller: true,
                 node: false,
             },
-            c,
+            common,
+            None,
         ),
-        Command::Node(c) => (
+        Command::Node {
+            common,
+            agent_listen,
+            cluster,
+        } => (
             Roles {
                 controller: false,
                 node: true,
             },
-            c,
+            common,
+            agent_listen.map(|listen| AgentConfig {
+                listen,
+                tls_dir: cluster
+                    .tls_dir
+                    .expect("clap requires --tls-dir with --agent-listen"),
+                domain: cluster.topology_domain,
+            }),
         ),
         Command::AllInOne(c) => (
             Roles {
@@ -115,21 +296,13 @@ fn main() -> ExitCode {
                 node: true,
             },
             c,
+            None,
         ),
     };
     init_logging(c.log_format);
-    let endpoint = match Endpoint::parse(&c.endpoint) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("berth: {e}");
-            return ExitCode::from(2);
-        }
+    let Some(endpoint) = endpoint(&c.endpoint) else {
+        return ExitCode::from(2);
     };
-    let node_id = c.node_id.unwrap_or_else(|| {
-        hostname::get()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_else(|_| "localhost".into())
-    });
     let pool = match (c.pool_device, c.pool_dir) {
         (Some(d), _) => PoolSource::Device(d),
         (None, Some(d)) => PoolSource::Directory(d),
@@ -140,23 +313,13 @@ fn main() -> ExitCode {
     let cfg = Config {
         roles,
         endpoint,
-        node_id,
+        node_id: node_id(c.node_id),
         driver_name: c.driver_name,
         state_dir: c.state_dir,
         pool,
         max_volumes_per_node: c.max_volumes_per_node,
         direct_io: true,
+        agent,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match rt.block_on(daemon::run(cfg)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "berth stopped");
-            eprintln!("berth: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    finish(runtime().block_on(daemon::run(cfg)))
 }

@@ -8,9 +8,9 @@ use std::{
     sync::Arc,
 };
 
-use tokio::net::UnixListener;
+use tokio::{net::UnixListener, sync::watch};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::transport::Server;
+use tonic::transport::{Server, server::Router};
 
 use crate::{
     error::{Error, Result},
@@ -93,7 +93,8 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -103,10 +104,26 @@ async fn shutdown_signal() {
     }
 }
 
-/// Serves until SIGTERM/SIGINT, then lets in-flight RPCs finish and removes the socket.
-pub async fn serve(ctx: Arc<Context>, roles: Roles, endpoint: &Endpoint) -> Result<()> {
+/// One stop signal for every server and background task of the process.
+pub fn shutdown_channel() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// Resolves once `rx` says stop.
+pub async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// The CSI services of a single-pool process.
+pub fn csi_router(ctx: Arc<Context>, roles: Roles) -> Router {
     let mut router = Server::builder().add_service(IdentityServer::new(IdentityService::new(
-        ctx.clone(),
+        ctx.info.clone(),
+        ctx.pool.clone(),
         roles.controller,
     )));
     if roles.controller {
@@ -117,12 +134,21 @@ pub async fn serve(ctx: Arc<Context>, roles: Roles, endpoint: &Endpoint) -> Resu
     if roles.node {
         router = router.add_service(NodeServer::new(NodeService::new(ctx.clone())));
     }
+    router
+}
+
+/// Serves `router` until `shutdown`, then lets in-flight RPCs finish and removes the socket.
+pub async fn serve(
+    router: Router,
+    endpoint: &Endpoint,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
     let served = match endpoint {
         Endpoint::Unix(path) => {
             let listener = bind_unix(path)?;
             tracing::info!(endpoint = %path.display(), "serving CSI");
             let r = router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped(shutdown))
                 .await;
             let _ = fs::remove_file(path);
             r
@@ -133,7 +159,7 @@ pub async fn serve(ctx: Arc<Context>, roles: Roles, endpoint: &Endpoint) -> Resu
                 .map_err(Error::io("bind", addr.as_str()))?;
             tracing::info!(endpoint = %addr, "serving CSI");
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(shutdown))
                 .await
         }
     };

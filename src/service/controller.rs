@@ -71,6 +71,7 @@ impl ControllerService {
                 source,
                 settings: p.settings,
                 labels: p.labels,
+                replication: p.replication,
             })
             .await?;
         Ok(csi::CreateVolumeResponse {
@@ -105,6 +106,12 @@ impl ControllerService {
         let mut v = self.ctx.pool.ready_volume(&id)?;
         if node != self.node_id() {
             return Err(Error::NodeNotFound(node.to_string()));
+        }
+        if let Some(f) = &v.fence {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is handing off to node {} (epoch {})",
+                f.to, f.epoch
+            )));
         }
         if let Some(why) = convert::fits(&v, cap) {
             return Err(Error::invalid("volume_capability", why));
@@ -356,7 +363,7 @@ impl ControllerService {
             .pool
             .snapshots()?
             .into_iter()
-            .filter(|s| s.state == crate::storage::RecordState::Ready)
+            .filter(|s| s.state == crate::storage::RecordState::Ready && !s.shipping)
             .collect();
         if !req.snapshot_id.is_empty() {
             snaps.retain(|s| s.id.as_str() == req.snapshot_id);

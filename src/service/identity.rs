@@ -4,18 +4,40 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{Context, capabilities, respond};
-use crate::proto::csi::v1::{self as csi, identity_server::Identity, plugin_capability};
+use super::{DriverInfo, capabilities, respond};
+use crate::{
+    error::Result,
+    proto::csi::v1::{self as csi, identity_server::Identity, plugin_capability},
+    storage::pool::Pool,
+};
+
+/// What Probe asks: whether this process can serve right now.
+pub trait Health: Send + Sync + std::fmt::Debug + 'static {
+    /// Blocking; called off the async runtime.
+    fn check(&self) -> Result<()>;
+}
+
+impl Health for Pool {
+    /// Ready only while the pool is mounted and takes a durable write.
+    fn check(&self) -> Result<()> {
+        self.probe()
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct IdentityService {
-    ctx: Arc<Context>,
+    info: DriverInfo,
+    health: Arc<dyn Health>,
     controller: bool,
 }
 
 impl IdentityService {
-    pub fn new(ctx: Arc<Context>, controller: bool) -> Self {
-        Self { ctx, controller }
+    pub fn new(info: DriverInfo, health: Arc<dyn Health>, controller: bool) -> Self {
+        Self {
+            info,
+            health,
+            controller,
+        }
     }
 }
 
@@ -26,8 +48,8 @@ impl Identity for IdentityService {
         _: Request<csi::GetPluginInfoRequest>,
     ) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
         Ok(Response::new(csi::GetPluginInfoResponse {
-            name: self.ctx.info.name.clone(),
-            vendor_version: self.ctx.info.version.clone(),
+            name: self.info.name.clone(),
+            vendor_version: self.info.version.clone(),
             manifest: Default::default(),
         }))
     }
@@ -53,14 +75,13 @@ impl Identity for IdentityService {
         }))
     }
 
-    /// Ready only while the pool is mounted and takes a durable write.
     #[tracing::instrument(skip_all)]
     async fn probe(
         &self,
         _: Request<csi::ProbeRequest>,
     ) -> Result<Response<csi::ProbeResponse>, Status> {
-        let pool = self.ctx.pool.clone();
-        let result = tokio::task::spawn_blocking(move || pool.probe())
+        let health = self.health.clone();
+        let result = tokio::task::spawn_blocking(move || health.check())
             .await
             .expect("probe task panicked");
         respond(result.map(|()| csi::ProbeResponse { ready: Some(true) }))

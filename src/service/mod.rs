@@ -18,8 +18,13 @@ use crate::{
     storage::{guard::InFlight, node::NodeState, pool::Pool},
 };
 
-/// The topology key every berth node reports and every volume is accessible by.
+/// The topology key every berth node reports. On a single node (no agent) volumes are
+/// accessible by it.
 pub const TOPOLOGY_KEY: &str = "topology.berth.csi.dev/node";
+/// The key of the domain a berth cluster moves volumes within: nodes running an agent
+/// report it, and their volumes are accessible from the whole domain, because berth brings
+/// the data to whichever node of it the pod lands on.
+pub const DOMAIN_KEY: &str = "topology.berth.csi.dev/domain";
 
 #[derive(Debug, Clone)]
 pub struct DriverInfo {
@@ -27,6 +32,8 @@ pub struct DriverInfo {
     pub version: String,
     pub node_id: String,
     pub max_volumes_per_node: u32,
+    /// Set on nodes that run an agent: the domain they move volumes within.
+    pub topology_domain: Option<String>,
 }
 
 /// What every service shares: injected, so tests build it over a temp pool.

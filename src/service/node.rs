@@ -272,10 +272,16 @@ impl Node for NodeService {
         _: Request<csi::NodeGetInfoRequest>,
     ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
         let info = &self.ctx.info;
+        let mut topology = convert::topology(&info.node_id);
+        if let Some(d) = &info.topology_domain {
+            topology
+                .segments
+                .insert(super::DOMAIN_KEY.to_string(), d.clone());
+        }
         Ok(Response::new(csi::NodeGetInfoResponse {
             node_id: info.node_id.clone(),
             max_volumes_per_node: info.max_volumes_per_node as i64,
-            accessible_topology: Some(convert::topology(&info.node_id)),
+            accessible_topology: Some(topology),
         }))
     }
 }

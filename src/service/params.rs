@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::{
     error::{Error, Result},
-    storage::{FsType, MutableSettings},
+    storage::{FsType, MutableSettings, Replication},
 };
 
 /// The StorageClass parameter that names the filesystem (the CO may also pass it in the
@@ -43,6 +43,33 @@ pub struct CreateParams {
     pub settings: MutableSettings,
     /// PVC/PV names, kept for events and for operators reading records.
     pub labels: BTreeMap<String, String>,
+    pub replication: Replication,
+}
+
+/// StorageClass keys for replication and moves (creation only: a volume's copies are laid
+/// out when it is made).
+const REPLICAS_KEY: &str = "replicas";
+const INTERVAL_KEY: &str = "replicationInterval";
+const KEEP_SOURCE_KEY: &str = "moveKeepsSource";
+/// More copies than this is a typo, not a plan: every copy is a full volume on a node.
+const MAX_REPLICAS: u32 = 5;
+
+/// "30s", "5m", "1h" or plain seconds; at least one second.
+fn parse_interval(v: &str) -> Result<u64> {
+    let (num, mult) = [("s", 1u64), ("m", 60), ("h", 3600)]
+        .iter()
+        .find_map(|(suf, m)| v.strip_suffix(suf).map(|n| (n, *m)))
+        .unwrap_or((v, 1));
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|&n| n >= 1)
+        .ok_or_else(|| {
+            Error::invalid(
+                "parameters",
+                format!("{INTERVAL_KEY} {v:?} is not a duration like 30s, 5m or 1h"),
+            )
+        })
 }
 
 fn parse_bool(key: &'static str, v: &str) -> Result<bool> {
@@ -83,6 +110,21 @@ pub fn create_params(
             })?);
         } else if METADATA_KEYS.contains(&k.as_str()) {
             out.labels.insert(k.clone(), v.clone());
+        } else if k == REPLICAS_KEY {
+            out.replication.replicas = v
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=MAX_REPLICAS).contains(n))
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "parameters",
+                        format!("{REPLICAS_KEY} {v:?} is not a number from 1 to {MAX_REPLICAS}"),
+                    )
+                })?;
+        } else if k == INTERVAL_KEY {
+            out.replication.interval_seconds = parse_interval(v)?;
+        } else if k == KEEP_SOURCE_KEY {
+            out.replication.keep_source = parse_bool("parameters", v)?;
         } else {
             rest.insert(k.clone(), v.clone());
         }

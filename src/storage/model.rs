@@ -156,6 +156,57 @@ pub struct VolumeRecord {
     #[serde(default)]
     pub published: BTreeMap<String, Attachment>,
     pub created_unix_nanos: u128,
+    /// Which generation of primary this copy is. Every hand-off raises it; when two nodes
+    /// both claim a volume, the higher epoch is the primary and the other is stale.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Set while the copy hands off to another node: no publish or stage is accepted.
+    #[serde(default)]
+    pub fence: Option<Fence>,
+    #[serde(default)]
+    pub replication: Replication,
+}
+
+/// A hand-off in progress: the copy stops accepting writes so `to` can take over at `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    pub to: String,
+    pub epoch: u64,
+    /// The final shipping snapshot, cut after the fence took effect.
+    pub snapshot: Option<SnapshotId>,
+}
+
+/// How many copies of a volume berth keeps on other nodes, and how fresh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replication {
+    /// Copies in all, the primary included: 1 means no replicas.
+    pub replicas: u32,
+    pub interval_seconds: u64,
+    /// Whether a hand-off keeps the old primary as a replica, so a move back ships only
+    /// what changed.
+    pub keep_source: bool,
+}
+
+impl Default for Replication {
+    fn default() -> Self {
+        Replication {
+            replicas: 1,
+            interval_seconds: 30,
+            keep_source: true,
+        }
+    }
+}
+
+/// A copy of another node's volume, as of one shipping snapshot held in this pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    /// The primary's record as of the snapshot (published and fence cleared): what a
+    /// promotion recreates.
+    pub volume: VolumeRecord,
+    /// The primary epoch this copy follows.
+    pub epoch: u64,
+    pub primary: String,
+    pub snapshot: SnapshotId,
 }
 
 /// How a volume is ControllerPublished to a node: a repeat must ask for the same.
@@ -180,6 +231,10 @@ pub struct SnapshotRecord {
     #[serde(default)]
     pub reserved_bytes: u64,
     pub created_unix_nanos: u128,
+    /// A snapshot berth cut to ship a volume to another node, not one a CO asked for: it
+    /// is never listed, and goes with its volume.
+    #[serde(default)]
+    pub shipping: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -123,6 +123,13 @@ impl NodeState {
         mode: &str,
     ) -> Result<()> {
         let vol = self.pool.ready_volume(id)?;
+        // A fenced copy is handing off to another node: writes here would be lost there.
+        if let Some(f) = &vol.fence {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is handing off to node {} and cannot be staged here",
+                f.to
+            )));
+        }
         let fs_type = check_usage(&vol, &usage)?;
         if let Some(existing) = self.record(id)? {
             if existing.staging_path != staging {

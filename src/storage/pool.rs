@@ -8,6 +8,8 @@
 //! berth/snapshots/<snap-id>.img  .json
 //! berth/groups/<group-id>.json
 //! berth/tmp/                  images being built; never visible as volumes
+//! berth/replicas/<vol-id>.json copies of other nodes' volumes (see `ship`)
+//! berth/incoming/             images being received from a peer, with their progress
 //! ```
 //!
 //! Every change follows one order: write the record (`Creating`/`Deleting`), change the
@@ -20,6 +22,9 @@ use std::{
 };
 
 use tokio::sync::Mutex;
+
+mod ship;
+pub use ship::IncomingProgress;
 
 use super::{loopdev, model::*};
 use crate::{
@@ -55,6 +60,7 @@ pub struct NewVolume {
     pub source: Option<VolumeSource>,
     pub settings: MutableSettings,
     pub labels: std::collections::BTreeMap<String, String>,
+    pub replication: Replication,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -67,7 +73,14 @@ impl Pool {
     /// Opens the pool rooted at `root` (an already mounted filesystem), creating its layout.
     pub async fn open(root: &Path) -> Result<Pool> {
         let dir = root.join("berth");
-        for sub in ["volumes", "snapshots", "groups", "tmp"] {
+        for sub in [
+            "volumes",
+            "snapshots",
+            "groups",
+            "tmp",
+            "replicas",
+            "incoming",
+        ] {
             let d = dir.join(sub);
             fs::create_dir_all(&d).map_err(Error::io("create", &d))?;
         }
@@ -164,9 +177,10 @@ impl Pool {
         fsutil::read_json(&self.snapshot_meta(id))
     }
 
+    /// A snapshot a CO may name: ready, and not one berth cut for shipping.
     pub fn ready_snapshot(&self, id: &SnapshotId) -> Result<SnapshotRecord> {
         match self.snapshot(id)? {
-            Some(s) if s.state == RecordState::Ready => Ok(s),
+            Some(s) if s.state == RecordState::Ready && !s.shipping => Ok(s),
             _ => Err(Error::SnapshotNotFound(id.to_string())),
         }
     }
@@ -312,6 +326,9 @@ impl Pool {
                 state: RecordState::Creating,
                 published: Default::default(),
                 created_unix_nanos: now_nanos(),
+                epoch: 0,
+                fence: None,
+                replication: req.replication.clone(),
             };
             self.save_volume(&record)?;
             record
@@ -539,6 +556,7 @@ impl Pool {
             state: RecordState::Creating,
             reserved_bytes: needed,
             created_unix_nanos: now_nanos(),
+            shipping: false,
         };
         fsutil::write_json(&self.snapshot_meta(&rec.id), &rec)?;
         failpoint::hit("create-snapshot:after-record");
@@ -739,6 +757,12 @@ fn compatible_volume(existing: VolumeRecord, req: &NewVolume) -> Result<VolumeRe
         return Err(mismatch(format!(
             "its content source is {:?}",
             existing.source
+        )));
+    }
+    if existing.replication != req.replication {
+        return Err(mismatch(format!(
+            "its replication is {:?}",
+            existing.replication
         )));
     }
     if existing.settings != req.settings {

@@ -21,6 +21,8 @@ use csi::{
 };
 use tonic::transport::Channel;
 
+pub mod cluster;
+
 pub const NODE_ID: &str = "node-1";
 pub const MIB: i64 = 1 << 20;
 pub const GIB: i64 = 1 << 30;

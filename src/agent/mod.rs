@@ -1,0 +1,390 @@
+//! The node agent: berth's own API on every node (`--agent-listen`), over mutual TLS only.
+//!
+//! Beside `berth.agent.v1.Agent` the same port serves the node's own CSI Controller and
+//! GroupController for its pool: the cluster controller forwards provisioning there, so one
+//! implementation decides every CSI answer whether berth runs on one node or fifty.
+
+pub mod transfer;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Request, Response, Status,
+    transport::{Channel, Endpoint, Server},
+};
+
+use crate::{
+    error::{Error, Result},
+    proto::{
+        agent::v1::{
+            self as pb,
+            agent_server::{Agent, AgentServer},
+        },
+        csi::v1::{
+            controller_server::ControllerServer, group_controller_server::GroupControllerServer,
+        },
+    },
+    service::{Context, controller::ControllerService, group::GroupService, respond},
+    storage::{RecordState, SnapshotId, VolumeId, VolumeRecord, guard::InFlight},
+    tls::TlsMaterial,
+};
+
+use transfer::{Counters, Fetch, MAX_MESSAGE};
+
+/// Dials a peer's agent. Connections are made lazily and reused by tonic.
+pub fn channel(address: &str, tls: &TlsMaterial) -> Result<Channel> {
+    let unreachable = |e: tonic::transport::Error| Error::Unreachable {
+        node: address.to_string(),
+        reason: e.to_string(),
+    };
+    Ok(Endpoint::from_shared(format!("https://{address}"))
+        .map_err(unreachable)?
+        .tls_config(tls.client())
+        .map_err(unreachable)?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_keepalive(Some(Duration::from_secs(30)))
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .connect_lazy())
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    ctx: Arc<Context>,
+    tls: TlsMaterial,
+    counters: Arc<Counters>,
+    /// One shipping operation per volume or snapshot at a time (two rounds racing would
+    /// cut and drop each other's snapshots). Separate from the CSI guard: a replication
+    /// round must not make a NodePublish on the same volume fail with ABORTED.
+    shipping: InFlight,
+}
+
+impl AgentService {
+    pub fn new(ctx: Arc<Context>, tls: TlsMaterial) -> Self {
+        Self {
+            ctx,
+            tls,
+            counters: Arc::default(),
+            shipping: InFlight::default(),
+        }
+    }
+
+    fn inventory(&self) -> Result<pb::InventoryResponse> {
+        let pool = &self.ctx.pool;
+        let cap = pool.capacity()?;
+        let shipping = |v: &VolumeId| -> Result<Vec<pb::ShippingSnapshot>> {
+            Ok(pool
+                .shipping_snapshots(v)?
+                .into_iter()
+                .map(|s| shipping_proto(&s))
+                .collect())
+        };
+        let mut volumes = Vec::new();
+        for v in pool.volumes()? {
+            if v.state != RecordState::Ready {
+                continue;
+            }
+            volumes.push(pb::VolumeCopy {
+                role: if v.fence.is_some() {
+                    pb::Role::Fenced
+                } else {
+                    pb::Role::Primary
+                } as i32,
+                fenced_to: v.fence.as_ref().map(|f| f.to.clone()).unwrap_or_default(),
+                fence_epoch: v.fence.as_ref().map_or(0, |f| f.epoch),
+                published_node_ids: v.published.keys().cloned().collect(),
+                shipping: shipping(&v.id)?,
+                primary_node_id: String::new(),
+                ..copy_of(&v, v.epoch)
+            });
+        }
+        for r in pool.replicas()? {
+            volumes.push(pb::VolumeCopy {
+                role: pb::Role::Replica as i32,
+                shipping: shipping(&r.volume.id)?,
+                primary_node_id: r.primary.clone(),
+                ..copy_of(&r.volume, r.epoch)
+            });
+        }
+        let snapshots = pool
+            .snapshots()?
+            .into_iter()
+            .filter(|s| s.state == RecordState::Ready && !s.shipping)
+            .map(|s| pb::SnapshotCopy {
+                snapshot_id: s.id.to_string(),
+                source_volume_id: s.source_volume.to_string(),
+                size_bytes: s.size_bytes,
+            })
+            .collect();
+        Ok(pb::InventoryResponse {
+            node_id: self.ctx.info.node_id.clone(),
+            total_bytes: cap.total_bytes,
+            available_bytes: cap.available_bytes,
+            volumes,
+            snapshots,
+            counters: Some(self.counters.to_proto()),
+            reflink: pool.reflink(),
+        })
+    }
+}
+
+fn copy_of(v: &VolumeRecord, epoch: u64) -> pb::VolumeCopy {
+    pb::VolumeCopy {
+        volume_id: v.id.to_string(),
+        name: v.name.clone(),
+        epoch,
+        capacity_bytes: v.capacity_bytes,
+        replicas: v.replication.replicas,
+        replication_interval_seconds: v.replication.interval_seconds,
+        keep_source: v.replication.keep_source,
+        ..Default::default()
+    }
+}
+
+fn shipping_proto(s: &crate::storage::SnapshotRecord) -> pb::ShippingSnapshot {
+    pb::ShippingSnapshot {
+        snapshot_id: s.id.to_string(),
+        created_unix_nanos: s.created_unix_nanos as i64,
+        size_bytes: s.size_bytes,
+    }
+}
+
+fn template(v: &VolumeRecord) -> pb::VolumeTemplate {
+    let t = VolumeRecord {
+        fence: None,
+        published: Default::default(),
+        ..v.clone()
+    };
+    pb::VolumeTemplate {
+        name: v.name.clone(),
+        record_json: serde_json::to_string(&t).expect("records serialize"),
+    }
+}
+
+fn volume_id(s: &str) -> Result<VolumeId> {
+    VolumeId::parse(s)
+        .ok_or_else(|| Error::invalid("volume_id", format!("{s:?} is not a volume id")))
+}
+
+fn snapshot_ids(ids: &[String]) -> Result<Vec<SnapshotId>> {
+    ids.iter()
+        .map(|s| transfer::parse_snapshot(s, "keep"))
+        .collect()
+}
+
+type FetchStream = ReceiverStream<Result<pb::FetchProgress, Status>>;
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn inventory(
+        &self,
+        _: Request<pb::InventoryRequest>,
+    ) -> Result<Response<pb::InventoryResponse>, Status> {
+        let this = self.clone();
+        respond(
+            tokio::task::spawn_blocking(move || this.inventory())
+                .await
+                .expect("inventory task panicked"),
+        )
+    }
+
+    #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id))]
+    async fn sync_snapshot(
+        &self,
+        req: Request<pb::SyncSnapshotRequest>,
+    ) -> Result<Response<pb::SyncSnapshotResponse>, Status> {
+        let req = req.into_inner();
+        respond(
+            async {
+                let id = volume_id(&req.volume_id)?;
+                let keep = snapshot_ids(&req.keep)?;
+                let _g = self.shipping.try_lock([id.to_string()])?;
+                let v = self.ctx.pool.ready_volume(&id)?;
+                if v.fence.is_some() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {id} is handing off; its final snapshot is the fence's"
+                    )));
+                }
+                let s = self.ctx.pool.cut_shipping_snapshot(&id, &keep).await?;
+                Ok(pb::SyncSnapshotResponse {
+                    snapshot: Some(shipping_proto(&s)),
+                    template: Some(template(&v)),
+                })
+            }
+            .await,
+        )
+    }
+
+    type SendStream = transfer::SendStream;
+
+    async fn send(
+        &self,
+        req: Request<pb::SendRequest>,
+    ) -> Result<Response<Self::SendStream>, Status> {
+        respond(
+            transfer::send(
+                self.ctx.pool.clone(),
+                self.counters.clone(),
+                req.into_inner(),
+            )
+            .await,
+        )
+    }
+
+    type FetchStream = FetchStream;
+
+    #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id, snapshot.id = %req.get_ref().snapshot_id))]
+    async fn fetch(
+        &self,
+        req: Request<pb::FetchRequest>,
+    ) -> Result<Response<Self::FetchStream>, Status> {
+        let req = req.into_inner();
+        let start = || -> Result<_> {
+            let job = Fetch::from_proto(&req)?;
+            let guard = self.shipping.try_lock([job.snapshot.to_string()])?;
+            let channel = channel(&req.source_address, &self.tls)?;
+            Ok((job, guard, channel))
+        };
+        let (job, guard, channel) = match start() {
+            Ok(x) => x,
+            Err(e) => return respond(Err(e)),
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let (pool, counters) = (self.ctx.pool.clone(), self.counters.clone());
+        // The transfer runs to its end even if the asker disconnects: what it receives is
+        // kept, and a retry finds it done (or resumes it).
+        tokio::spawn(async move {
+            let _guard = guard;
+            if let Err(e) = transfer::receive(pool, counters, channel, job, tx.clone()).await {
+                tracing::warn!(error = %e, "fetch failed");
+                let _ = tx.send(Err(e.into())).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id))]
+    async fn fence(
+        &self,
+        req: Request<pb::FenceRequest>,
+    ) -> Result<Response<pb::FenceResponse>, Status> {
+        let req = req.into_inner();
+        respond(async {
+            let id = volume_id(&req.volume_id)?;
+            let keep = snapshot_ids(&req.keep)?;
+            let _g = self.ctx.inflight.try_lock([id.to_string()])?;
+            let _s = self.shipping.try_lock([id.to_string()])?;
+            let (snap, v) = self
+                .ctx
+                .pool
+                .fence(&id, &req.to_node_id, req.epoch, &keep)
+                .await?;
+            tracing::info!(to = %req.to_node_id, epoch = req.epoch, snapshot.id = %snap.id, "volume fenced for a hand-off");
+            Ok(pb::FenceResponse {
+                snapshot: Some(shipping_proto(&snap)),
+                template: Some(template(&v)),
+            })
+        }
+        .await)
+    }
+
+    async fn unfence(
+        &self,
+        req: Request<pb::UnfenceRequest>,
+    ) -> Result<Response<pb::UnfenceResponse>, Status> {
+        respond((|| {
+            let id = volume_id(&req.get_ref().volume_id)?;
+            let _g = self.ctx.inflight.try_lock([id.to_string()])?;
+            let epoch = self.ctx.pool.unfence(&id)?;
+            tracing::info!(volume.id = %id, epoch, "hand-off cancelled; primary again");
+            Ok(pb::UnfenceResponse { epoch })
+        })())
+    }
+
+    #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id, epoch = req.get_ref().epoch))]
+    async fn promote(
+        &self,
+        req: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::PromoteResponse>, Status> {
+        let req = req.into_inner();
+        respond(
+            async {
+                let id = volume_id(&req.volume_id)?;
+                let snap = transfer::parse_snapshot(&req.snapshot_id, "snapshot_id")?;
+                let _g = self.ctx.inflight.try_lock([id.to_string()])?;
+                self.ctx.pool.promote(&id, req.epoch, &snap).await?;
+                tracing::info!("promoted to primary");
+                Ok(pb::PromoteResponse {})
+            }
+            .await,
+        )
+    }
+
+    #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id, epoch = req.get_ref().epoch))]
+    async fn settle(
+        &self,
+        req: Request<pb::SettleRequest>,
+    ) -> Result<Response<pb::SettleResponse>, Status> {
+        let req = req.into_inner();
+        respond(
+            async {
+                let id = volume_id(&req.volume_id)?;
+                let _g = self.ctx.inflight.try_lock([id.to_string()])?;
+                self.ctx
+                    .pool
+                    .settle(&id, req.epoch, &req.new_primary_node_id, req.keep)
+                    .await?;
+                tracing::info!(keep = req.keep, "old primary settled after a hand-off");
+                Ok(pb::SettleResponse {})
+            }
+            .await,
+        )
+    }
+
+    async fn forget(
+        &self,
+        req: Request<pb::ForgetRequest>,
+    ) -> Result<Response<pb::ForgetResponse>, Status> {
+        respond((|| {
+            let id = volume_id(&req.get_ref().volume_id)?;
+            let _s = self.shipping.try_lock([id.to_string()])?;
+            self.ctx.pool.forget(&id)?;
+            Ok(pb::ForgetResponse {})
+        })())
+    }
+}
+
+/// Serves the agent on `addr` until `shutdown` resolves.
+pub async fn serve(
+    ctx: Arc<Context>,
+    addr: SocketAddr,
+    tls: TlsMaterial,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    transfer::tidy_incoming(&ctx.pool)?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(Error::io("bind", addr.to_string()))?;
+    tracing::info!(agent = %addr, "serving the node agent (mutual TLS)");
+    let agent = AgentServer::new(AgentService::new(ctx.clone(), tls.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    Server::builder()
+        .tls_config(tls.server())
+        .map_err(|e| Error::invalid("tls", e.to_string()))?
+        .add_service(agent)
+        .add_service(ControllerServer::new(ControllerService::new(ctx.clone())))
+        .add_service(GroupControllerServer::new(GroupService::new(ctx)))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .map_err(|e| Error::Io {
+            op: "serve agent",
+            path: addr.to_string().into(),
+            source: std::io::Error::other(e),
+        })
+}

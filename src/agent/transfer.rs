@@ -1,0 +1,630 @@
+//! Shipping a snapshot image between nodes.
+//!
+//! The sender plans the changed ranges (`storage::delta`), then streams them in chunks of at
+//! most [`CHUNK`] bytes through a small bounded queue, so a slow receiver slows the reader
+//! (HTTP/2 flow control does the rest) and memory stays at a few chunks. Every chunk
+//! carries its BLAKE3; the trailer carries a digest over all chunks' (offset, length, kind,
+//! digest) in order, so a dropped, repeated or reordered chunk fails the transfer as surely
+//! as a flipped bit.
+//!
+//! The receiver assembles the image in `incoming/` (never where a snapshot or volume is
+//! looked for), starting from its copy of the base. Every [`SYNC_EVERY`] bytes it makes the
+//! image durable and records how far it got, so a cut connection or a crash resumes from
+//! there. Only a verified image is renamed into place.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{Read, Seek, SeekFrom, Write},
+    os::unix::fs::FileExt,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+use tonic::{Status, transport::Channel};
+
+use crate::{
+    error::{Error, Result},
+    proto::agent::v1::{self as pb, agent_client::AgentClient, send_message::Body},
+    storage::{
+        MIB, ReplicaRecord, SnapshotId, SnapshotRecord, VolumeId, VolumeRecord,
+        delta::{self, Piece},
+        pool::{IncomingProgress, Pool},
+    },
+    util::{failpoint, fsutil},
+};
+
+/// Largest chunk on the wire: big enough that per-message costs vanish, small enough that
+/// a resumed transfer repeats little.
+pub const CHUNK: u64 = 4 * MIB;
+/// Chunks in flight between the sender's reader and the network.
+const QUEUE: usize = 4;
+/// How much is applied between durable progress records.
+const SYNC_EVERY: u64 = 64 * MIB;
+/// The gRPC message limit both sides use: a chunk plus framing.
+pub const MAX_MESSAGE: usize = (CHUNK + MIB) as usize;
+
+const KIND_DATA: u8 = 0;
+const KIND_ZERO: u8 = 1;
+
+/// What crossed the wire, for operators and for tests that assert "only the change moved".
+#[derive(Debug, Default)]
+pub struct Counters {
+    sent_data: AtomicU64,
+    sent_zero: AtomicU64,
+    received_data: AtomicU64,
+    received_zero: AtomicU64,
+    completed: AtomicU64,
+    resumed: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl Counters {
+    pub fn to_proto(&self) -> pb::TransferCounters {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        pb::TransferCounters {
+            sent_data_bytes: g(&self.sent_data),
+            sent_zero_bytes: g(&self.sent_zero),
+            received_data_bytes: g(&self.received_data),
+            received_zero_bytes: g(&self.received_zero),
+            transfers_completed: g(&self.completed),
+            transfers_resumed: g(&self.resumed),
+            chunks_rejected: g(&self.rejected),
+        }
+    }
+}
+
+fn add(a: &AtomicU64, n: u64) {
+    a.fetch_add(n, Ordering::Relaxed);
+}
+
+/// One chunk's entry in the image digest.
+fn entry(offset: u64, len: u64, kind: u8, digest: &[u8]) -> Vec<u8> {
+    let mut e = Vec::with_capacity(49);
+    e.extend_from_slice(&offset.to_le_bytes());
+    e.extend_from_slice(&len.to_le_bytes());
+    e.push(kind);
+    e.extend_from_slice(digest);
+    e
+}
+
+const ENTRY_LEN: usize = 49;
+
+fn plan_digest(size: u64, chunks: &[Piece]) -> Vec<u8> {
+    let mut h = blake3::Hasher::new();
+    h.update(&size.to_le_bytes());
+    for c in chunks {
+        let (kind, offset, len) = match *c {
+            Piece::Data { offset, len } => (KIND_DATA, offset, len),
+            Piece::Zero { offset, len } => (KIND_ZERO, offset, len),
+        };
+        h.update(&[kind]);
+        h.update(&offset.to_le_bytes());
+        h.update(&len.to_le_bytes());
+    }
+    h.finalize().as_bytes().to_vec()
+}
+
+pub fn parse_snapshot(s: &str, field: &'static str) -> Result<SnapshotId> {
+    SnapshotId::parse(s).ok_or_else(|| Error::invalid(field, format!("{s:?} is not a snapshot id")))
+}
+
+pub type SendStream = tokio_stream::wrappers::ReceiverStream<Result<pb::SendMessage, Status>>;
+
+/// The sending side of [`pb::SendRequest`].
+pub async fn send(
+    pool: Arc<Pool>,
+    counters: Arc<Counters>,
+    req: pb::SendRequest,
+) -> Result<SendStream> {
+    let id = parse_snapshot(&req.snapshot_id, "snapshot_id")?;
+    let rec = pool.any_ready_snapshot(&id)?;
+    let base = if req.base_snapshot_id.is_empty() {
+        None
+    } else {
+        let b = parse_snapshot(&req.base_snapshot_id, "base_snapshot_id")?;
+        // The base must be of the same volume: a delta against anything else is garbage.
+        let b = pool.any_ready_snapshot(&b)?;
+        if b.source_volume != rec.source_volume {
+            return Err(Error::invalid(
+                "base_snapshot_id",
+                format!("{} is a snapshot of another volume", b.id),
+            ));
+        }
+        Some(pool.snapshot_image(&b.id))
+    };
+    let image = pool.snapshot_image(&id);
+    let trusted = pool.reflink();
+    let image2 = image.clone();
+    let plan = tokio::task::spawn_blocking(move || delta::plan(&image2, base.as_deref(), trusted))
+        .await
+        .expect("plan task panicked")?;
+    let chunks: Vec<Piece> = delta::chunks(&plan.pieces, CHUNK).collect();
+    let header = pb::TransferHeader {
+        size_bytes: plan.size,
+        plan_digest: plan_digest(plan.size, &chunks),
+        data_bytes: plan.data_bytes(),
+        zero_bytes: plan.zero_bytes(),
+        chunks: chunks.len() as u64,
+        method: format!("{:?}", plan.method).to_lowercase(),
+        source_volume_id: rec.source_volume.to_string(),
+        snapshot_name: rec.name.clone(),
+        created_unix_nanos: rec.created_unix_nanos as i64,
+    };
+    tracing::info!(snapshot.id = %id, base = %req.base_snapshot_id, method = %header.method,
+        data_bytes = header.data_bytes, size = plan.size, resume_offset = req.resume_offset, "sending snapshot");
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let resume = req.resume_offset;
+    tokio::task::spawn_blocking(move || {
+        let msg = |b: Body| Ok(pb::SendMessage { body: Some(b) });
+        if tx.blocking_send(msg(Body::Header(header))).is_err() {
+            return;
+        }
+        if let Err(e) = stream_chunks(&image, &chunks, resume, &counters, &tx) {
+            let _ = tx.blocking_send(Err(e.into()));
+        }
+    });
+    Ok(SendStream::new(rx))
+}
+
+fn stream_chunks(
+    image: &Path,
+    chunks: &[Piece],
+    resume: u64,
+    counters: &Counters,
+    tx: &mpsc::Sender<Result<pb::SendMessage, Status>>,
+) -> Result<()> {
+    let f = File::open(image).map_err(Error::io("open", image))?;
+    let mut digest = blake3::Hasher::new();
+    let mut buf = vec![0u8; CHUNK as usize];
+    for c in chunks {
+        let chunk = match *c {
+            Piece::Data { offset, len } => {
+                let data = &mut buf[..len as usize];
+                f.read_exact_at(data, offset)
+                    .map_err(Error::io("read", image))?;
+                let d = blake3::hash(data);
+                digest.update(&entry(offset, len, KIND_DATA, d.as_bytes()));
+                // Chunks a resumed receiver already holds are read for the digest only.
+                if offset < resume {
+                    continue;
+                }
+                add(&counters.sent_data, len);
+                pb::Chunk {
+                    offset,
+                    data: data.to_vec(),
+                    zero_length: 0,
+                    digest: d.as_bytes().to_vec(),
+                }
+            }
+            Piece::Zero { offset, len } => {
+                let d = blake3::hash(&[]);
+                digest.update(&entry(offset, len, KIND_ZERO, d.as_bytes()));
+                if offset < resume {
+                    continue;
+                }
+                add(&counters.sent_zero, len);
+                pb::Chunk {
+                    offset,
+                    data: Vec::new(),
+                    zero_length: len,
+                    digest: d.as_bytes().to_vec(),
+                }
+            }
+        };
+        failpoint::hit("send:chunk");
+        if tx
+            .blocking_send(Ok(pb::SendMessage {
+                body: Some(Body::Chunk(chunk)),
+            }))
+            .is_err()
+        {
+            // The receiver went away; it resumes with a new request.
+            return Ok(());
+        }
+    }
+    let _ = tx.blocking_send(Ok(pb::SendMessage {
+        body: Some(Body::Trailer(pb::TransferTrailer {
+            image_digest: digest.finalize().as_bytes().to_vec(),
+        })),
+    }));
+    Ok(())
+}
+
+/// What a receive is asked to produce.
+#[derive(Debug, Clone)]
+pub struct Fetch {
+    pub volume: VolumeId,
+    pub snapshot: SnapshotId,
+    pub base: Option<SnapshotId>,
+    pub shipping: bool,
+    pub source_node: String,
+    pub epoch: u64,
+    pub template: Option<VolumeRecord>,
+}
+
+impl Fetch {
+    pub fn from_proto(req: &pb::FetchRequest) -> Result<Fetch> {
+        let volume = VolumeId::parse(&req.volume_id).ok_or_else(|| {
+            Error::invalid(
+                "volume_id",
+                format!("{:?} is not a volume id", req.volume_id),
+            )
+        })?;
+        let snapshot = parse_snapshot(&req.snapshot_id, "snapshot_id")?;
+        let base = (!req.base_snapshot_id.is_empty())
+            .then(|| parse_snapshot(&req.base_snapshot_id, "base_snapshot_id"))
+            .transpose()?;
+        let shipping = match pb::SnapshotKind::try_from(req.kind) {
+            Ok(pb::SnapshotKind::Shipping) => true,
+            Ok(pb::SnapshotKind::Csi) => false,
+            _ => return Err(Error::invalid("kind", "must be SHIPPING or CSI")),
+        };
+        let template = match &req.template {
+            Some(t) if !t.record_json.is_empty() => Some(
+                serde_json::from_str::<VolumeRecord>(&t.record_json)
+                    .map_err(|e| Error::invalid("template", e.to_string()))?,
+            ),
+            _ => None,
+        };
+        if shipping && template.as_ref().is_none_or(|t| t.id != volume) {
+            return Err(Error::invalid(
+                "template",
+                "a shipping fetch needs the volume's record",
+            ));
+        }
+        Ok(Fetch {
+            volume,
+            snapshot,
+            base,
+            shipping,
+            source_node: req.source_node_id.clone(),
+            epoch: req.epoch,
+            template,
+        })
+    }
+}
+
+/// Progress reports go to whoever asked; a vanished asker does not stop the transfer.
+pub type Progress = mpsc::Sender<Result<pb::FetchProgress, Status>>;
+
+/// The receiving side: pulls `job.snapshot` from the peer behind `channel` and keeps it.
+pub async fn receive(
+    pool: Arc<Pool>,
+    counters: Arc<Counters>,
+    channel: Channel,
+    job: Fetch,
+    progress: Progress,
+) -> Result<()> {
+    if pool.any_ready_snapshot(&job.snapshot).is_ok() {
+        finish_bookkeeping(&pool, &job)?;
+        let _ = progress
+            .send(Ok(pb::FetchProgress {
+                done: true,
+                ..Default::default()
+            }))
+            .await;
+        return Ok(());
+    }
+    if job.shipping
+        && let Some(v) = pool.volume(&job.volume)?
+    {
+        return Err(Error::FailedPrecondition(format!(
+            "this node holds volume {} itself (epoch {}); it cannot receive a replica of it",
+            v.id, v.epoch
+        )));
+    }
+    let [img, progress_path, chunks_path] = pool.incoming(&job.snapshot);
+    let mut state = fsutil::read_json::<IncomingProgress>(&progress_path)?
+        .filter(|p| p.base == job.base && p.volume == job.volume && img.exists());
+    let resumed = state.is_some();
+    if state.is_none() {
+        for p in [&img, &progress_path, &chunks_path] {
+            fsutil::remove_file_durable(p)?;
+        }
+        match &job.base {
+            Some(b) => {
+                let base = pool.any_ready_snapshot(b)?;
+                let (src, dst, reflink) =
+                    (pool.snapshot_image(&base.id), img.clone(), pool.reflink());
+                tokio::task::spawn_blocking(move || fsutil::clone_file(&src, &dst, reflink))
+                    .await
+                    .expect("clone task panicked")?;
+            }
+            None => {
+                File::create_new(&img).map_err(Error::io("create", &img))?;
+            }
+        }
+    }
+    let mut client = AgentClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let resume_offset = state.as_ref().map_or(0, |s| s.next_offset);
+    let mut stream = client
+        .send(pb::SendRequest {
+            snapshot_id: job.snapshot.to_string(),
+            kind: if job.shipping {
+                pb::SnapshotKind::Shipping
+            } else {
+                pb::SnapshotKind::Csi
+            } as i32,
+            base_snapshot_id: job.base.as_ref().map(|b| b.to_string()).unwrap_or_default(),
+            resume_offset,
+        })
+        .await
+        .map_err(|status| Error::Peer {
+            node: job.source_node.clone(),
+            status,
+        })?
+        .into_inner();
+    let peer_err = |status: Status| Error::Peer {
+        node: job.source_node.clone(),
+        status,
+    };
+    let header = match stream.message().await.map_err(peer_err)? {
+        Some(pb::SendMessage {
+            body: Some(Body::Header(h)),
+        }) => h,
+        _ => return Err(verify_err(&job, "the stream did not start with a header")),
+    };
+    let plan = hex(&header.plan_digest);
+    if let Some(s) = &state
+        && s.plan_digest != plan
+    {
+        // The sender's plan changed (its filesystem rearranged the extents): what was
+        // applied follows another plan, so start over.
+        for p in [&img, &progress_path, &chunks_path] {
+            fsutil::remove_file_durable(p)?;
+        }
+        return Err(Error::Aborted(format!(
+            "transfer of {} changed plan; retry starts over",
+            job.snapshot
+        )));
+    }
+    let mut st = state.take().unwrap_or(IncomingProgress {
+        volume: job.volume.clone(),
+        snapshot: job.snapshot.clone(),
+        base: job.base.clone(),
+        plan_digest: plan,
+        next_offset: 0,
+        chunks: 0,
+        bytes_done: 0,
+    });
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .map_err(Error::io("open", &img))?;
+    if file.metadata().map_err(Error::io("stat", &img))?.len() != header.size_bytes {
+        file.set_len(header.size_bytes)
+            .map_err(Error::io("resize", &img))?;
+    }
+    let mut chunks_file = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(false)
+        .open(&chunks_path)
+        .map_err(Error::io("open", &chunks_path))?;
+    // Entries past the last durable progress belong to chunks that will come again.
+    chunks_file
+        .set_len(st.chunks * ENTRY_LEN as u64)
+        .map_err(Error::io("truncate", &chunks_path))?;
+    chunks_file
+        .seek(SeekFrom::End(0))
+        .map_err(Error::io("seek", &chunks_path))?;
+    let total = header.data_bytes + header.zero_bytes;
+    let mut since_sync = 0u64;
+    let mut last_report = Instant::now();
+    let _ = progress
+        .send(Ok(pb::FetchProgress {
+            bytes_done: st.bytes_done,
+            bytes_total: total,
+            done: false,
+            resumed,
+            method: header.method.clone(),
+        }))
+        .await;
+    let trailer = loop {
+        let msg = stream.message().await.map_err(peer_err)?;
+        let chunk = match msg.and_then(|m| m.body) {
+            Some(Body::Chunk(c)) => c,
+            Some(Body::Trailer(t)) => break t,
+            Some(Body::Header(_)) => return Err(verify_err(&job, "a second header")),
+            None => return Err(verify_err(&job, "the stream ended before its trailer")),
+        };
+        let (kind, len) = if chunk.zero_length > 0 {
+            (KIND_ZERO, chunk.zero_length)
+        } else {
+            (KIND_DATA, chunk.data.len() as u64)
+        };
+        let actual = blake3::hash(&chunk.data);
+        if actual.as_bytes().as_slice() != chunk.digest.as_slice()
+            || chunk.offset < st.next_offset
+            || chunk.offset.saturating_add(len) > header.size_bytes
+        {
+            add(&counters.rejected, 1);
+            return Err(verify_err(
+                &job,
+                &format!("chunk at offset {} does not verify", chunk.offset),
+            ));
+        }
+        tokio::task::block_in_place(|| -> Result<()> {
+            if kind == KIND_DATA {
+                file.write_all_at(&chunk.data, chunk.offset)
+                    .map_err(Error::io("write", &img))?;
+            } else {
+                punch(&file, &img, chunk.offset, len)?;
+            }
+            chunks_file
+                .write_all(&entry(chunk.offset, len, kind, actual.as_bytes()))
+                .map_err(Error::io("write", &chunks_path))
+        })?;
+        add(
+            if kind == KIND_DATA {
+                &counters.received_data
+            } else {
+                &counters.received_zero
+            },
+            len,
+        );
+        st.next_offset = chunk.offset + len;
+        st.chunks += 1;
+        st.bytes_done += len;
+        since_sync += len;
+        if since_sync >= SYNC_EVERY {
+            since_sync = 0;
+            tokio::task::block_in_place(|| {
+                checkpoint(&file, &img, &chunks_file, &chunks_path, &progress_path, &st)
+            })?;
+            failpoint::hit("receive:after-checkpoint");
+        }
+        if last_report.elapsed() >= Duration::from_millis(500) {
+            last_report = Instant::now();
+            let _ = progress.try_send(Ok(pb::FetchProgress {
+                bytes_done: st.bytes_done,
+                bytes_total: total,
+                done: false,
+                resumed,
+                method: header.method.clone(),
+            }));
+        }
+    };
+    let ours = tokio::task::block_in_place(|| -> Result<Vec<u8>> {
+        chunks_file
+            .flush()
+            .map_err(Error::io("write", &chunks_path))?;
+        let mut all = Vec::new();
+        File::open(&chunks_path)
+            .and_then(|mut f| f.read_to_end(&mut all))
+            .map_err(Error::io("read", &chunks_path))?;
+        Ok(blake3::hash(&all).as_bytes().to_vec())
+    })?;
+    if ours != trailer.image_digest || st.chunks != header.chunks {
+        add(&counters.rejected, 1);
+        // What was applied cannot be trusted: start the next attempt from scratch.
+        for p in [&img, &progress_path, &chunks_path] {
+            fsutil::remove_file_durable(p)?;
+        }
+        return Err(verify_err(
+            &job,
+            "the image digest does not match the sender's",
+        ));
+    }
+    tokio::task::block_in_place(|| file.sync_all().map_err(Error::io("fsync", &img)))?;
+    drop(file);
+    failpoint::hit("receive:before-accept");
+    pool.accept_incoming(SnapshotRecord {
+        id: job.snapshot.clone(),
+        name: header.snapshot_name.clone(),
+        source_volume: job.volume.clone(),
+        size_bytes: header.size_bytes,
+        group: None,
+        state: crate::storage::RecordState::Ready,
+        reserved_bytes: 0,
+        created_unix_nanos: header.created_unix_nanos.max(0) as u128,
+        shipping: job.shipping,
+    })?;
+    finish_bookkeeping(&pool, &job)?;
+    add(&counters.completed, 1);
+    if resumed {
+        add(&counters.resumed, 1);
+    }
+    tracing::info!(snapshot.id = %job.snapshot, volume.id = %job.volume, bytes = st.bytes_done, resumed, "snapshot received and verified");
+    let _ = progress
+        .send(Ok(pb::FetchProgress {
+            bytes_done: st.bytes_done,
+            bytes_total: total,
+            done: true,
+            resumed,
+            method: header.method,
+        }))
+        .await;
+    Ok(())
+}
+
+fn finish_bookkeeping(pool: &Pool, job: &Fetch) -> Result<()> {
+    if !job.shipping {
+        return Ok(());
+    }
+    let Some(template) = &job.template else {
+        return Ok(());
+    };
+    // A replica of an older epoch than the one recorded here would resurrect a stale copy.
+    if let Some(r) = pool.replica(&job.volume)?
+        && (r.epoch > job.epoch || (r.epoch == job.epoch && r.snapshot == job.snapshot))
+    {
+        return Ok(());
+    }
+    pool.set_replica(&ReplicaRecord {
+        volume: template.clone(),
+        epoch: job.epoch,
+        primary: job.source_node.clone(),
+        snapshot: job.snapshot.clone(),
+    })
+}
+
+fn checkpoint(
+    file: &File,
+    img: &Path,
+    chunks_file: &File,
+    chunks_path: &Path,
+    progress_path: &Path,
+    st: &IncomingProgress,
+) -> Result<()> {
+    // Data before the record that claims it.
+    file.sync_data().map_err(Error::io("fsync", img))?;
+    chunks_file
+        .sync_data()
+        .map_err(Error::io("fsync", chunks_path))?;
+    fsutil::write_json(progress_path, st)
+}
+
+fn punch(file: &File, path: &Path, offset: u64, len: u64) -> Result<()> {
+    use rustix::fs::{FallocateFlags, fallocate};
+    fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    )
+    .map_err(|e| Error::io("punch hole", path)(e.into()))
+}
+
+fn verify_err(job: &Fetch, reason: &str) -> Error {
+    Error::Verification {
+        snapshot: job.snapshot.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Removes what a receive left in `incoming/` for snapshots that arrived since (a crash
+/// between the rename and the cleanup).
+pub fn tidy_incoming(pool: &Pool) -> Result<()> {
+    let dir = pool.root().join("berth").join("incoming");
+    for e in fs::read_dir(&dir)
+        .map_err(Error::io("list", &dir))?
+        .flatten()
+    {
+        let p = e.path();
+        let Some(id) = p
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(SnapshotId::parse)
+        else {
+            continue;
+        };
+        if pool.any_ready_snapshot(&id).is_ok() {
+            fsutil::remove_file_durable(&p)?;
+        }
+    }
+    Ok(())
+}

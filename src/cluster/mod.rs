@@ -1,0 +1,405 @@
+//! The cluster controller: `berth controller --nodes FILE`. It owns no pool and keeps no
+//! state of its own. Truth lives on the nodes, in the pool records that also hold the data:
+//! a record and the image it describes change together, on one filesystem, so nothing a
+//! controller could cache can be more current than asking the nodes. The controller
+//! rebuilds its view from their inventories on every decision, places new volumes, routes
+//! every CSI call to the node holding the data, and drives hand-offs and replication.
+
+pub mod admin;
+pub mod controller;
+pub mod moves;
+
+use std::{collections::BTreeMap, path::Path, sync::Arc};
+
+use futures::future::join_all;
+use tonic::{Status, transport::Channel};
+
+use crate::{
+    error::{Error, Result},
+    proto::{
+        agent::v1::{self as pb, agent_client::AgentClient},
+        csi::v1::{
+            controller_client::ControllerClient, group_controller_client::GroupControllerClient,
+        },
+    },
+    service::identity::Health,
+    storage::{VolumeId, guard::InFlight},
+    tls::TlsMaterial,
+};
+
+use crate::agent::transfer::MAX_MESSAGE;
+
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub id: String,
+    pub address: String,
+    channel: Channel,
+}
+
+/// The nodes this controller drives, and the connections to their agents.
+#[derive(Debug)]
+pub struct Cluster {
+    members: BTreeMap<String, Member>,
+    pub domain: String,
+    /// One controller-level operation per volume: a publish that moves data and a
+    /// replication round of the same volume must not interleave.
+    pub inflight: InFlight,
+}
+
+/// Parses a nodes file: one `node-id host:port` per line; blank lines and `#` comments
+/// are ignored.
+pub fn parse_nodes(text: &str) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(id), Some(addr), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(Error::invalid(
+                "nodes",
+                format!("line {}: expected `node-id host:port`, got {line:?}", n + 1),
+            ));
+        };
+        if out.insert(id.to_string(), addr.to_string()).is_some() {
+            return Err(Error::invalid(
+                "nodes",
+                format!("line {}: node {id} is listed twice", n + 1),
+            ));
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::invalid("nodes", "the file lists no nodes"));
+    }
+    Ok(out)
+}
+
+impl Cluster {
+    pub fn new(
+        nodes: BTreeMap<String, String>,
+        tls: &TlsMaterial,
+        domain: String,
+    ) -> Result<Cluster> {
+        let members = nodes
+            .into_iter()
+            .map(|(id, address)| {
+                let channel = crate::agent::channel(&address, tls)?;
+                Ok((
+                    id.clone(),
+                    Member {
+                        id,
+                        address,
+                        channel,
+                    },
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Cluster {
+            members,
+            domain,
+            inflight: InFlight::default(),
+        })
+    }
+
+    pub fn load(path: &Path, tls: &TlsMaterial, domain: String) -> Result<Cluster> {
+        let text = std::fs::read_to_string(path).map_err(Error::io("read", path))?;
+        Cluster::new(parse_nodes(&text)?, tls, domain)
+    }
+
+    pub fn member(&self, node: &str) -> Result<&Member> {
+        self.members
+            .get(node)
+            .ok_or_else(|| Error::NodeNotFound(node.to_string()))
+    }
+
+    pub fn node_ids(&self) -> impl Iterator<Item = &str> {
+        self.members.keys().map(String::as_str)
+    }
+
+    pub fn agent(&self, node: &str) -> Result<AgentClient<Channel>> {
+        Ok(AgentClient::new(self.member(node)?.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE))
+    }
+
+    pub fn csi(&self, node: &str) -> Result<ControllerClient<Channel>> {
+        Ok(ControllerClient::new(self.member(node)?.channel.clone()))
+    }
+
+    pub fn group(&self, node: &str) -> Result<GroupControllerClient<Channel>> {
+        Ok(GroupControllerClient::new(
+            self.member(node)?.channel.clone(),
+        ))
+    }
+
+    /// Every node's inventory, asked in parallel; a node that does not answer is an error
+    /// in its slot, not a failure of the whole.
+    pub async fn inventories(&self) -> Vec<(String, Result<pb::InventoryResponse>)> {
+        join_all(self.members.keys().map(|id| async move {
+            let r = match self.agent(id) {
+                Ok(mut c) => c
+                    .inventory(pb::InventoryRequest {})
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| peer(id, s)),
+                Err(e) => Err(e),
+            };
+            (id.clone(), r)
+        }))
+        .await
+    }
+
+    /// Where every copy of `vol` is. Fails with UNAVAILABLE when the volume is not found but
+    /// some node did not answer: "not found" must not be claimed for a volume that may live
+    /// on a node that is down.
+    pub async fn locate(&self, vol: &VolumeId) -> Result<Placement> {
+        let invs = self.inventories().await;
+        Placement::of(vol, &invs)
+    }
+}
+
+/// Maps a peer's answer into berth's error, keeping its code.
+pub fn peer(node: &str, status: Status) -> Error {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown
+            if status.message().contains("transport") || status.message().contains("connect") =>
+        {
+            Error::Unreachable {
+                node: node.to_string(),
+                reason: status.message().to_string(),
+            }
+        }
+        _ => Error::Peer {
+            node: node.to_string(),
+            status,
+        },
+    }
+}
+
+/// One node's copy of a volume.
+#[derive(Debug, Clone)]
+pub struct Copy {
+    pub node: String,
+    pub info: pb::VolumeCopy,
+}
+
+impl Copy {
+    pub fn role(&self) -> pb::Role {
+        pb::Role::try_from(self.info.role).unwrap_or(pb::Role::Unspecified)
+    }
+}
+
+/// Every copy of one volume across the cluster.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    /// The copy that may be written: the primary of the highest epoch.
+    pub primary: Option<Copy>,
+    /// Copies handing off, with their targets.
+    pub fenced: Vec<Copy>,
+    pub replicas: Vec<Copy>,
+    /// Primaries of lower epochs than `primary`: stale, a crash's leftovers.
+    pub stale: Vec<Copy>,
+    /// Nodes that did not answer.
+    pub unreachable: Vec<String>,
+}
+
+impl Placement {
+    pub fn of(
+        vol: &VolumeId,
+        invs: &[(String, Result<pb::InventoryResponse>)],
+    ) -> Result<Placement> {
+        let mut p = Placement::default();
+        let mut primaries = Vec::new();
+        for (node, inv) in invs {
+            let inv = match inv {
+                Ok(i) => i,
+                Err(_) => {
+                    p.unreachable.push(node.clone());
+                    continue;
+                }
+            };
+            for c in inv.volumes.iter().filter(|c| c.volume_id == vol.as_str()) {
+                let copy = Copy {
+                    node: node.clone(),
+                    info: c.clone(),
+                };
+                match copy.role() {
+                    pb::Role::Primary => primaries.push(copy),
+                    pb::Role::Fenced => p.fenced.push(copy),
+                    pb::Role::Replica => p.replicas.push(copy),
+                    pb::Role::Unspecified => {}
+                }
+            }
+        }
+        primaries.sort_by_key(|c| std::cmp::Reverse(c.info.epoch));
+        let mut it = primaries.into_iter();
+        p.primary = it.next();
+        p.stale = it.collect();
+        if !p.stale.is_empty() {
+            tracing::warn!(volume.id = %vol, stale = ?p.stale.iter().map(|c| &c.node).collect::<Vec<_>>(),
+                "volume has primaries of older epochs; the highest epoch wins");
+        }
+        if p.is_empty() && !p.unreachable.is_empty() {
+            return Err(Error::Unreachable {
+                node: p.unreachable.join(", "),
+                reason: format!("volume {vol} was not found on the nodes that answered"),
+            });
+        }
+        Ok(p)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.primary.is_none() && self.fenced.is_empty() && self.replicas.is_empty()
+    }
+
+    /// The highest epoch any copy has or is handing off to.
+    pub fn max_epoch(&self) -> u64 {
+        self.primary
+            .iter()
+            .chain(&self.fenced)
+            .chain(&self.replicas)
+            .chain(&self.stale)
+            .map(|c| c.info.epoch.max(c.info.fence_epoch))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Every node holding anything of the volume.
+    pub fn nodes(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .primary
+            .iter()
+            .chain(&self.fenced)
+            .chain(&self.replicas)
+            .chain(&self.stale)
+            .map(|c| c.node.clone())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    pub fn copy_on(&self, node: &str) -> Option<&Copy> {
+        self.primary
+            .iter()
+            .chain(&self.fenced)
+            .chain(&self.replicas)
+            .find(|c| c.node == node)
+    }
+}
+
+/// The newest shipping snapshot both copies hold: the base of an incremental transfer.
+pub fn common_base(a: &pb::VolumeCopy, b: &pb::VolumeCopy) -> Option<String> {
+    a.shipping
+        .iter()
+        .rev()
+        .find(|s| b.shipping.iter().any(|t| t.snapshot_id == s.snapshot_id))
+        .map(|s| s.snapshot_id.clone())
+}
+
+/// The cluster controller is ready when it has nodes to drive; each call reports the
+/// nodes it could not reach.
+#[derive(Debug)]
+pub struct ClusterHealth(pub Arc<Cluster>);
+
+impl Health for ClusterHealth {
+    fn check(&self) -> Result<()> {
+        if self.0.members.is_empty() {
+            return Err(Error::PoolUnavailable("no nodes configured".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_file_parses_and_rejects_mistakes() {
+        let ok = parse_nodes("# cluster\nnode-a 10.0.0.1:7070\n\nnode-b 10.0.0.2:7070 # rack 2\n")
+            .unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(ok["node-b"], "10.0.0.2:7070");
+        for bad in [
+            "",
+            "# only a comment\n",
+            "node-a\n",
+            "a 1:1 extra\n",
+            "a 1:1\na 2:2\n",
+        ] {
+            assert!(parse_nodes(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn copy(id: &str, role: pb::Role, epoch: u64, fence_epoch: u64) -> pb::VolumeCopy {
+        pb::VolumeCopy {
+            volume_id: id.into(),
+            role: role as i32,
+            epoch,
+            fence_epoch,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn highest_epoch_is_primary_and_silence_is_not_absence() {
+        let v = VolumeId::for_name("pvc");
+        let inv = |copies: Vec<pb::VolumeCopy>| {
+            Ok(pb::InventoryResponse {
+                volumes: copies,
+                ..Default::default()
+            })
+        };
+        let invs = vec![
+            (
+                "a".to_string(),
+                inv(vec![copy(v.as_str(), pb::Role::Primary, 1, 0)]),
+            ),
+            (
+                "b".to_string(),
+                inv(vec![copy(v.as_str(), pb::Role::Primary, 3, 0)]),
+            ),
+            (
+                "c".to_string(),
+                inv(vec![copy(v.as_str(), pb::Role::Fenced, 2, 3)]),
+            ),
+        ];
+        let p = Placement::of(&v, &invs).unwrap();
+        assert_eq!(p.primary.as_ref().unwrap().node, "b");
+        assert_eq!(p.stale.len(), 1);
+        assert_eq!(p.max_epoch(), 3);
+
+        let other = VolumeId::for_name("other");
+        let invs = vec![
+            ("a".to_string(), inv(vec![])),
+            (
+                "b".to_string(),
+                Err(Error::Unreachable {
+                    node: "b".into(),
+                    reason: "down".into(),
+                }),
+            ),
+        ];
+        let e = Placement::of(&other, &invs).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+    }
+
+    #[test]
+    fn common_base_is_the_newest_shared_snapshot() {
+        let snap = |id: &str| pb::ShippingSnapshot {
+            snapshot_id: id.into(),
+            ..Default::default()
+        };
+        let a = pb::VolumeCopy {
+            shipping: vec![snap("s1"), snap("s2"), snap("s3")],
+            ..Default::default()
+        };
+        let b = pb::VolumeCopy {
+            shipping: vec![snap("s1"), snap("s2")],
+            ..Default::default()
+        };
+        assert_eq!(common_base(&a, &b).as_deref(), Some("s2"));
+        assert_eq!(common_base(&a, &pb::VolumeCopy::default()), None);
+    }
+}

@@ -1,0 +1,458 @@
+//! Moving data between nodes: hand-offs (a volume's primary moves), replication rounds
+//! (replicas catch up) and pre-warming (a future target catches up while the volume stays
+//! in use). Every step is idempotent and its state lives on the nodes, so any step may be
+//! retried by any controller after any crash (docs/moving.md walks through each case).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures::{FutureExt, future::Shared};
+use tonic::Code;
+
+use super::{Cluster, Copy, Placement, common_base, peer};
+use crate::{
+    error::{Error, Result},
+    proto::agent::v1::{self as pb},
+    storage::VolumeId,
+};
+
+/// A report of bytes moved, for progress displays.
+pub type OnProgress<'a> = &'a (dyn Fn(&pb::FetchProgress) + Send + Sync);
+
+fn ignore(_: &pb::FetchProgress) {}
+
+/// One shipping snapshot on its way from one node to another.
+pub struct Shipment<'a> {
+    pub vol: &'a VolumeId,
+    pub from: &'a str,
+    pub to: &'a str,
+    pub snapshot: &'a str,
+    /// The newest snapshot both hold; none ships everything.
+    pub base: Option<String>,
+    /// The primary epoch the receiving copy follows.
+    pub epoch: u64,
+    pub template: Option<pb::VolumeTemplate>,
+}
+
+impl Cluster {
+    /// Asks the receiving node to pull the snapshot, waiting for the end.
+    pub async fn ship(
+        &self,
+        s: Shipment<'_>,
+        on_progress: OnProgress<'_>,
+    ) -> Result<pb::FetchProgress> {
+        let Shipment {
+            vol,
+            from,
+            to,
+            snapshot,
+            base,
+            epoch,
+            template,
+        } = s;
+        let source = self.member(from)?;
+        let mut stream = self
+            .agent(to)?
+            .fetch(pb::FetchRequest {
+                volume_id: vol.to_string(),
+                snapshot_id: snapshot.to_string(),
+                kind: pb::SnapshotKind::Shipping as i32,
+                base_snapshot_id: base.unwrap_or_default(),
+                source_node_id: from.to_string(),
+                source_address: source.address.clone(),
+                epoch,
+                template,
+            })
+            .await
+            .map_err(|s| peer(to, s))?
+            .into_inner();
+        let mut last = pb::FetchProgress::default();
+        while let Some(p) = stream.message().await.map_err(|s| peer(to, s))? {
+            on_progress(&p);
+            let done = p.done;
+            last = p;
+            if done {
+                return Ok(last);
+            }
+        }
+        Err(Error::Unreachable {
+            node: to.to_string(),
+            reason: format!(
+                "fetch of {snapshot} ended without completing ({} bytes done)",
+                last.bytes_done
+            ),
+        })
+    }
+
+    /// Moves `vol`'s primary to `to`: fence the old primary (it stops accepting publishes
+    /// and cuts a final snapshot), ship what `to` lacks, promote `to` at a higher epoch, then
+    /// settle the old copy into a replica or drop it. Re-entrant at every step.
+    pub async fn hand_off(
+        &self,
+        vol: &VolumeId,
+        to: &str,
+        on_progress: OnProgress<'_>,
+    ) -> Result<()> {
+        self.member(to)?;
+        let mut p = self.locate(vol).await?;
+        if p.is_empty() {
+            return Err(Error::VolumeNotFound(vol.to_string()));
+        }
+        if let Some(primary) = &p.primary
+            && primary.node == to
+        {
+            return self.settle_fenced(vol, &p, primary).await;
+        }
+        // The copy to take over from: a fence towards `to` left by an earlier attempt, or
+        // the primary.
+        let source = match p.fenced.iter().find(|c| c.info.fenced_to == to) {
+            Some(f) => f.clone(),
+            None => {
+                // A hand-off to another node that never finished is cancelled first.
+                for f in &p.fenced {
+                    if p.primary.is_none() {
+                        self.agent(&f.node)?
+                            .unfence(pb::UnfenceRequest {
+                                volume_id: vol.to_string(),
+                            })
+                            .await
+                            .map_err(|s| peer(&f.node, s))?;
+                    }
+                }
+                if !p.fenced.is_empty() {
+                    p = self.locate(vol).await?;
+                }
+                let primary = p.primary.clone().ok_or_else(|| Error::Unreachable {
+                    node: p.unreachable.join(", "),
+                    reason: format!("no primary of volume {vol} answered"),
+                })?;
+                if let Some(n) = primary.info.published_node_ids.first() {
+                    // Spec, ControllerPublishVolume: a volume published to another node
+                    // with a single-node capability is FAILED_PRECONDITION.
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {vol} is still published to node {n}; unpublish it there first"
+                    )));
+                }
+                primary
+            }
+        };
+        let epoch = if source.role() == pb::Role::Fenced {
+            source.info.fence_epoch
+        } else {
+            p.max_epoch() + 1
+        };
+        let target = p.copy_on(to).cloned();
+        let base = target
+            .as_ref()
+            .and_then(|t| common_base(&source.info, &t.info));
+        let fenced = self
+            .agent(&source.node)?
+            .fence(pb::FenceRequest {
+                volume_id: vol.to_string(),
+                to_node_id: to.to_string(),
+                epoch,
+                keep: base.iter().cloned().collect(),
+            })
+            .await
+            .map_err(|s| peer(&source.node, s))?
+            .into_inner();
+        let snap = fenced.snapshot.unwrap_or_default().snapshot_id;
+        tracing::info!(volume.id = %vol, from = %source.node, to, epoch, base = ?base, "hand-off: shipping the final snapshot");
+        self.ship(
+            Shipment {
+                vol,
+                from: &source.node,
+                to,
+                snapshot: &snap,
+                base,
+                epoch,
+                template: fenced.template,
+            },
+            on_progress,
+        )
+        .await?;
+        self.agent(to)?
+            .promote(pb::PromoteRequest {
+                volume_id: vol.to_string(),
+                epoch,
+                snapshot_id: snap,
+            })
+            .await
+            .map_err(|s| peer(to, s))?;
+        tracing::info!(volume.id = %vol, to, epoch, "hand-off: new primary promoted");
+        self.agent(&source.node)?
+            .settle(pb::SettleRequest {
+                volume_id: vol.to_string(),
+                epoch,
+                new_primary_node_id: to.to_string(),
+                keep: source.info.keep_source,
+            })
+            .await
+            .map_err(|s| peer(&source.node, s))?;
+        Ok(())
+    }
+
+    /// Finishes hand-offs whose promotion happened but whose old copy was not settled.
+    async fn settle_fenced(&self, vol: &VolumeId, p: &Placement, primary: &Copy) -> Result<()> {
+        for f in p
+            .fenced
+            .iter()
+            .filter(|f| f.info.fence_epoch <= primary.info.epoch)
+        {
+            self.agent(&f.node)?
+                .settle(pb::SettleRequest {
+                    volume_id: vol.to_string(),
+                    epoch: f.info.fence_epoch,
+                    new_primary_node_id: primary.node.clone(),
+                    keep: f.info.keep_source,
+                })
+                .await
+                .map_err(|s| peer(&f.node, s))?;
+        }
+        Ok(())
+    }
+
+    /// One replication round: cut a shipping snapshot on the primary and bring each target
+    /// up to it, incrementally from the newest snapshot both hold. Returns the bytes each
+    /// target received.
+    pub async fn replicate(
+        &self,
+        vol: &VolumeId,
+        primary: &Copy,
+        targets: &[String],
+        on_progress: OnProgress<'_>,
+    ) -> Result<Vec<(String, u64)>> {
+        let invs = self.inventories().await;
+        let p = Placement::of(vol, &invs)?;
+        let bases: Vec<(String, Option<String>)> = targets
+            .iter()
+            .map(|t| {
+                let base = p
+                    .copy_on(t)
+                    .and_then(|c| common_base(&primary.info, &c.info));
+                (t.clone(), base)
+            })
+            .collect();
+        // Every base some replica still holds is kept, not only this round's targets'.
+        let keep: Vec<String> = p
+            .replicas
+            .iter()
+            .filter_map(|r| common_base(&primary.info, &r.info))
+            .collect();
+        let cut = self
+            .agent(&primary.node)?
+            .sync_snapshot(pb::SyncSnapshotRequest {
+                volume_id: vol.to_string(),
+                keep,
+            })
+            .await
+            .map_err(|s| peer(&primary.node, s))?
+            .into_inner();
+        let snap = cut.snapshot.unwrap_or_default().snapshot_id;
+        let mut out = Vec::new();
+        for (t, base) in bases {
+            let done = self
+                .ship(
+                    Shipment {
+                        vol,
+                        from: &primary.node,
+                        to: &t,
+                        snapshot: &snap,
+                        base,
+                        epoch: primary.info.epoch,
+                        template: cut.template.clone(),
+                    },
+                    on_progress,
+                )
+                .await?;
+            out.push((t, done.bytes_done));
+        }
+        Ok(out)
+    }
+
+    /// Where a volume's replicas should be: the nodes already holding one, then the nodes
+    /// with the most free space, up to `replicas - 1`.
+    pub fn replica_targets(
+        &self,
+        p: &Placement,
+        primary: &Copy,
+        invs: &[(String, Result<pb::InventoryResponse>)],
+    ) -> Vec<String> {
+        let want = primary.info.replicas.saturating_sub(1) as usize;
+        let mut targets: Vec<String> = p
+            .replicas
+            .iter()
+            .map(|r| r.node.clone())
+            .filter(|n| n != &primary.node)
+            .take(want)
+            .collect();
+        let mut free: Vec<(u64, String)> = invs
+            .iter()
+            .filter_map(|(n, i)| i.as_ref().ok().map(|i| (i.available_bytes, n.clone())))
+            .filter(|(b, n)| {
+                n != &primary.node && !targets.contains(n) && *b >= primary.info.capacity_bytes
+            })
+            .collect();
+        free.sort_by(|a, b| b.cmp(a));
+        for (_, n) in free {
+            if targets.len() >= want {
+                break;
+            }
+            targets.push(n);
+        }
+        targets
+    }
+}
+
+/// Replica lag, from inventories: how old the newest snapshot each replica holds is.
+pub fn lag_report(p: &Placement, replicas_wanted: u32) -> Option<String> {
+    if replicas_wanted <= 1 && p.replicas.is_empty() {
+        return None;
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
+    let mut parts: Vec<String> = p
+        .replicas
+        .iter()
+        .map(|r| match r.info.shipping.last() {
+            Some(s) => format!(
+                "{} {}s behind",
+                r.node,
+                (now - s.created_unix_nanos).max(0) / 1_000_000_000
+            ),
+            None => format!("{} holds no snapshot yet", r.node),
+        })
+        .collect();
+    let have = p.replicas.len() as u32 + 1;
+    if have < replicas_wanted {
+        parts.push(format!("{} of {} copies", have, replicas_wanted));
+    }
+    Some(format!("replicas: {}", parts.join("; ")))
+}
+
+type MoveResult = std::result::Result<(), (Code, String)>;
+type MoveFuture = Shared<futures::future::BoxFuture<'static, MoveResult>>;
+
+/// Hand-offs in progress in this controller. A publish that times out on the CO's side
+/// and is retried joins the move already running instead of starting a second one or
+/// failing with ABORTED, so a long first copy completes however often the CO retries.
+#[derive(Default)]
+pub struct Moves {
+    running: Mutex<HashMap<(VolumeId, String), MoveFuture>>,
+}
+
+impl std::fmt::Debug for Moves {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Moves { .. }")
+    }
+}
+
+impl Moves {
+    pub async fn run(&self, cluster: Arc<Cluster>, vol: VolumeId, to: String) -> Result<()> {
+        let key = (vol.clone(), to.clone());
+        let fut = {
+            let mut running = self.running.lock().expect("moves lock poisoned");
+            running
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let (vol, to) = (vol.clone(), to.clone());
+                    async move {
+                        let r = cluster.hand_off(&vol, &to, &ignore).await;
+                        r.map_err(|e| (e.code(), e.to_string()))
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        // Driven in its own task, so a cancelled publish does not cancel the move.
+        let handle = tokio::spawn(fut.clone());
+        let result = handle
+            .await
+            .unwrap_or_else(|e| Err((Code::Internal, e.to_string())));
+        self.running
+            .lock()
+            .expect("moves lock poisoned")
+            .remove(&key);
+        result.map_err(|(code, msg)| Error::Peer {
+            node: to,
+            status: tonic::Status::new(code, msg),
+        })
+    }
+}
+
+/// Background replication: every second, each primary whose newest replica is older than
+/// its interval (or which lacks replicas) gets a round. Rounds of different volumes run
+/// concurrently; a volume's round never overlaps another operation on it.
+pub async fn replication_loop(cluster: Arc<Cluster>, shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if *shutdown.borrow() {
+            return;
+        }
+        let invs = cluster.inventories().await;
+        let mut due = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (_, inv) in &invs {
+            let Ok(inv) = inv else { continue };
+            for c in &inv.volumes {
+                if c.role == pb::Role::Primary as i32
+                    && c.replicas > 1
+                    && seen.insert(c.volume_id.clone())
+                {
+                    due.push(c.volume_id.clone());
+                }
+            }
+        }
+        for id in due {
+            let Some(vol) = VolumeId::parse(&id) else {
+                continue;
+            };
+            let Ok(p) = Placement::of(&vol, &invs) else {
+                continue;
+            };
+            let Some(primary) = p.primary.clone() else {
+                continue;
+            };
+            let targets = cluster.replica_targets(&p, &primary, &invs);
+            let newest_age = |node: &str| -> Option<i64> {
+                let r = p.replicas.iter().find(|r| r.node == node)?;
+                let s = r.info.shipping.last()?;
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .ok()?
+                    .as_nanos() as i64;
+                Some((now - s.created_unix_nanos) / 1_000_000_000)
+            };
+            let interval = primary.info.replication_interval_seconds as i64;
+            let stale = targets
+                .iter()
+                .any(|t| newest_age(t).is_none_or(|age| age >= interval));
+            if targets.is_empty() || !stale {
+                continue;
+            }
+            let Ok(guard) = cluster.inflight.try_lock([id.clone()]) else {
+                continue;
+            };
+            let cluster = cluster.clone();
+            tokio::spawn(async move {
+                let _guard = guard;
+                match cluster.replicate(&vol, &primary, &targets, &ignore).await {
+                    Ok(done) => {
+                        tracing::info!(volume.id = %vol, shipped = ?done, "replication round done")
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume.id = %vol, error = %e, "replication round failed")
+                    }
+                }
+            });
+        }
+    }
+}

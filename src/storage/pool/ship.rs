@@ -1,0 +1,345 @@
+//! The pool's side of moving volumes between nodes: shipping snapshots, replicas, fences
+//! and promotions. The data streams themselves live in `agent::transfer`; here is only what
+//! they leave on disk, in the same record-first order as the rest of the pool.
+//!
+//! A node holds a volume in one of three ways:
+//! - **primary**: a volume record without a fence; it alone may be published;
+//! - **fenced**: a volume record with a fence: handing off, intact, refusing publishes;
+//! - **replica**: a replica record naming a shipping snapshot, no volume image.
+//!
+//! Every hand-off raises the volume's epoch, so when a crash leaves two nodes claiming a
+//! volume the higher epoch is the primary (docs/moving.md).
+
+use std::{fs, path::PathBuf};
+
+use super::Pool;
+use crate::{
+    error::{Error, Result},
+    storage::model::*,
+    util::{failpoint, fsutil},
+};
+
+impl Pool {
+    fn replica_meta(&self, id: &VolumeId) -> PathBuf {
+        self.dir.join("replicas").join(format!("{id}.json"))
+    }
+
+    pub fn replica(&self, id: &VolumeId) -> Result<Option<ReplicaRecord>> {
+        fsutil::read_json(&self.replica_meta(id))
+    }
+
+    pub fn replicas(&self) -> Result<Vec<ReplicaRecord>> {
+        self.records("replicas")
+    }
+
+    /// Where a snapshot being received is assembled, and the files that let a cut transfer
+    /// resume: progress (JSON) and the digests of the chunks applied so far (binary, append
+    /// only).
+    pub fn incoming(&self, id: &SnapshotId) -> [PathBuf; 3] {
+        let d = self.dir.join("incoming");
+        [
+            d.join(format!("{id}.img")),
+            d.join(format!("{id}.json")),
+            d.join(format!("{id}.chunks")),
+        ]
+    }
+
+    /// The shipping snapshots of a volume held here, oldest first.
+    pub fn shipping_snapshots(&self, vol: &VolumeId) -> Result<Vec<SnapshotRecord>> {
+        let mut v: Vec<_> = self
+            .snapshots()?
+            .into_iter()
+            .filter(|s| s.shipping && s.state == RecordState::Ready && &s.source_volume == vol)
+            .collect();
+        v.sort_by_key(|s| s.created_unix_nanos);
+        Ok(v)
+    }
+
+    /// Any ready snapshot, shipping ones included: what a peer may ask to be sent.
+    pub fn any_ready_snapshot(&self, id: &SnapshotId) -> Result<SnapshotRecord> {
+        match self.snapshot(id)? {
+            Some(s) if s.state == RecordState::Ready => Ok(s),
+            _ => Err(Error::SnapshotNotFound(id.to_string())),
+        }
+    }
+
+    /// Cuts a point-in-time copy of a primary volume to ship, and drops the volume's older
+    /// shipping snapshots except those in `keep` (the bases peers still hold). A reflink of
+    /// an image in use is crash-consistent: the filesystem takes the file's I/O lock for the
+    /// clone, so writes land wholly before or after it.
+    pub async fn cut_shipping_snapshot(
+        &self,
+        vol: &VolumeId,
+        keep: &[SnapshotId],
+    ) -> Result<SnapshotRecord> {
+        let name = format!("{vol}/shipping/{}", uuid::Uuid::new_v4());
+        let mut rec = match self.begin_snapshot(&name, vol, None).await? {
+            Ok(rec) => rec,
+            Err(existing) => existing,
+        };
+        rec.shipping = true;
+        self.copy_snapshot(&rec).await?;
+        let rec = self.finish_snapshot(rec)?;
+        for old in self.shipping_snapshots(vol)? {
+            if old.id != rec.id && !keep.contains(&old.id) {
+                self.delete_snapshot(&old.id)?;
+            }
+        }
+        Ok(rec)
+    }
+
+    /// Fences a primary for a hand-off to `to` at `epoch` and cuts the final snapshot.
+    /// Repeating the same fence returns the same snapshot; the record is written before the
+    /// snapshot is cut, so nothing can be published between the two.
+    pub async fn fence(
+        &self,
+        vol: &VolumeId,
+        to: &str,
+        epoch: u64,
+        keep: &[SnapshotId],
+    ) -> Result<(SnapshotRecord, VolumeRecord)> {
+        let mut v = self.ready_volume(vol)?;
+        match &v.fence {
+            Some(f) if f.to == to && f.epoch == epoch => {
+                if let Some(s) = &f.snapshot
+                    && let Ok(snap) = self.any_ready_snapshot(s)
+                {
+                    return Ok((snap, v));
+                }
+            }
+            Some(f) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {vol} is already handing off to node {} at epoch {}",
+                    f.to, f.epoch
+                )));
+            }
+            None => {
+                if epoch <= v.epoch {
+                    return Err(Error::FailedPrecondition(format!(
+                        "hand-off epoch {epoch} is not above the volume's epoch {}",
+                        v.epoch
+                    )));
+                }
+                if let Some(node) = v.published.keys().next() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {vol} is still published to node {node}"
+                    )));
+                }
+            }
+        }
+        v.fence = Some(Fence {
+            to: to.to_string(),
+            epoch,
+            snapshot: None,
+        });
+        self.save_volume(&v)?;
+        failpoint::hit("fence:after-record");
+        let snap = self.cut_shipping_snapshot(vol, keep).await?;
+        v.fence = Some(Fence {
+            to: to.to_string(),
+            epoch,
+            snapshot: Some(snap.id.clone()),
+        });
+        self.save_volume(&v)?;
+        Ok((snap, v))
+    }
+
+    /// Cancels a hand-off that never completed: the copy is primary again, at an epoch above
+    /// the fence's so that a promotion the cancelled hand-off might still make loses.
+    pub fn unfence(&self, vol: &VolumeId) -> Result<u64> {
+        let mut v = self.ready_volume(vol)?;
+        if let Some(f) = v.fence.take() {
+            v.epoch = f.epoch + 1;
+            self.save_volume(&v)?;
+        }
+        Ok(v.epoch)
+    }
+
+    /// Makes the replica held here the primary at `epoch`, its image a copy of `snapshot`.
+    /// The snapshot stays: it is the base for shipping the volume anywhere next.
+    pub async fn promote(
+        &self,
+        vol: &VolumeId,
+        epoch: u64,
+        snapshot: &SnapshotId,
+    ) -> Result<VolumeRecord> {
+        if let Some(v) = self.volume(vol)?.filter(|v| v.state == RecordState::Ready) {
+            if v.fence.is_none() && v.epoch >= epoch {
+                return Ok(v);
+            }
+            return Err(Error::FailedPrecondition(format!(
+                "node holds volume {vol} at epoch {} {}; it cannot be promoted to epoch {epoch}",
+                v.epoch,
+                if v.fence.is_some() { "(fenced)" } else { "" }
+            )));
+        }
+        let r = self
+            .replica(vol)?
+            .ok_or_else(|| Error::VolumeNotFound(vol.to_string()))?;
+        if &r.snapshot != snapshot {
+            return Err(Error::FailedPrecondition(format!(
+                "the replica of {vol} here is at snapshot {}, not {snapshot}",
+                r.snapshot
+            )));
+        }
+        let snap = self.any_ready_snapshot(snapshot)?;
+        let record = VolumeRecord {
+            state: RecordState::Creating,
+            epoch,
+            fence: None,
+            published: Default::default(),
+            ..r.volume.clone()
+        };
+        {
+            let _alloc = self.alloc.lock().await;
+            if self.volume(vol)?.is_some() {
+                self.discard_volume_data(vol)?;
+            }
+            self.save_volume(&record)?;
+        }
+        failpoint::hit("promote:after-record");
+        let tmp = self.tmp(&format!("{vol}.img"));
+        fsutil::remove_file_durable(&tmp)?;
+        let src = self.snapshot_image(&snap.id);
+        let (reflink, capacity, tmp2) = (self.reflink, record.capacity_bytes, tmp.clone());
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            fsutil::clone_file(&src, &tmp2, reflink)?;
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(&tmp2)
+                .map_err(Error::io("open", &tmp2))?;
+            f.set_len(capacity).map_err(Error::io("grow", &tmp2))?;
+            f.sync_all().map_err(Error::io("fsync", &tmp2))
+        })
+        .await
+        .expect("promote task panicked")?;
+        fsutil::rename_durable(&tmp, &self.volume_image(vol))?;
+        let record = VolumeRecord {
+            state: RecordState::Ready,
+            ..record
+        };
+        self.save_volume(&record)?;
+        failpoint::hit("promote:after-volume");
+        fsutil::remove_file_durable(&self.replica_meta(vol))?;
+        Ok(record)
+    }
+
+    /// After the new primary took over at `epoch`: the fenced copy here becomes a replica
+    /// following it (`keep`), or goes. Repeating is success.
+    pub async fn settle(
+        &self,
+        vol: &VolumeId,
+        epoch: u64,
+        new_primary: &str,
+        keep: bool,
+    ) -> Result<()> {
+        let Some(v) = self.volume(vol)? else {
+            return Ok(());
+        };
+        let Some(f) = v.fence.clone().filter(|f| f.epoch == epoch) else {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {vol} is not fenced for epoch {epoch} on this node"
+            )));
+        };
+        match (keep, f.snapshot) {
+            (true, Some(snapshot)) => {
+                let template = VolumeRecord {
+                    fence: None,
+                    published: Default::default(),
+                    ..v.clone()
+                };
+                fsutil::write_json(
+                    &self.replica_meta(vol),
+                    &ReplicaRecord {
+                        volume: template,
+                        epoch,
+                        primary: new_primary.to_string(),
+                        snapshot,
+                    },
+                )?;
+                self.delete_volume(vol).await
+            }
+            _ => {
+                self.delete_volume(vol).await?;
+                self.forget(vol)
+            }
+        }
+    }
+
+    /// Removes every copy of a volume here that is not a volume record: the replica record,
+    /// shipping snapshots and half-received images. Gone is success.
+    pub fn forget(&self, vol: &VolumeId) -> Result<()> {
+        fsutil::remove_file_durable(&self.replica_meta(vol))?;
+        for s in self.shipping_snapshots(vol)? {
+            self.delete_snapshot(&s.id)?;
+        }
+        let dir = self.dir.join("incoming");
+        for e in fs::read_dir(&dir)
+            .map_err(Error::io("list", &dir))?
+            .flatten()
+        {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "json")
+                && let Ok(Some(progress)) = fsutil::read_json::<IncomingProgress>(&p)
+                && &progress.volume == vol
+            {
+                let snap = progress.snapshot;
+                for f in self.incoming(&snap) {
+                    fsutil::remove_file_durable(&f)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes a fully received and verified image as a snapshot here.
+    pub fn accept_incoming(&self, rec: SnapshotRecord) -> Result<SnapshotRecord> {
+        let [img, progress, chunks] = self.incoming(&rec.id);
+        let rec = SnapshotRecord {
+            state: RecordState::Ready,
+            reserved_bytes: 0,
+            ..rec
+        };
+        // Record first (as Creating, so a crash before the rename is cleaned up), then the
+        // image, then Ready.
+        fsutil::write_json(
+            &self.snapshot_meta(&rec.id),
+            &SnapshotRecord {
+                state: RecordState::Creating,
+                ..rec.clone()
+            },
+        )?;
+        fsutil::rename_durable(&img, &self.snapshot_image(&rec.id))?;
+        fsutil::write_json(&self.snapshot_meta(&rec.id), &rec)?;
+        fsutil::remove_file_durable(&progress)?;
+        fsutil::remove_file_durable(&chunks)?;
+        Ok(rec)
+    }
+
+    /// Records the newest replica of a volume here and drops the shipping snapshots it no
+    /// longer needs (only the newest is a base for the next round).
+    pub fn set_replica(&self, rec: &ReplicaRecord) -> Result<()> {
+        fsutil::write_json(&self.replica_meta(&rec.volume.id), rec)?;
+        for s in self.shipping_snapshots(&rec.volume.id)? {
+            if s.id != rec.snapshot {
+                self.delete_snapshot(&s.id)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How far a receive got: enough to resume it without starting over.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IncomingProgress {
+    pub volume: VolumeId,
+    pub snapshot: SnapshotId,
+    pub base: Option<SnapshotId>,
+    /// The sender's plan digest: a resume continues only the same plan.
+    pub plan_digest: String,
+    /// Every chunk before this offset is applied and durable.
+    pub next_offset: u64,
+    /// How many chunk digests the `.chunks` file holds for those chunks.
+    pub chunks: u64,
+    pub bytes_done: u64,
+}

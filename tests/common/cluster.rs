@@ -1,0 +1,354 @@
+//! A berth cluster on one machine: a cluster controller and several node processes, each
+//! with its own state dir, pool, CSI socket and agent port on loopback, all with
+//! certificates from one `berth certs` CA.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use berth::proto::agent::v1::{self as pb, agent_client::AgentClient};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use super::{Ctl, cleanup_dir, csi, csi::node_client::NodeClient, require_root};
+
+pub struct NodeProc {
+    pub id: String,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub child: Option<Child>,
+    pub failpoint: Option<String>,
+}
+
+impl NodeProc {
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("csi.sock")
+    }
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+    pub fn pool_root(&self) -> PathBuf {
+        self.dir.join("state").join("pool")
+    }
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("berth.log")).unwrap_or_default()
+    }
+    /// The CO's directories on this node.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join("k8s").join(name)
+    }
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<NodeProc>,
+    pub controller: Option<Child>,
+    pub controller_failpoint: Option<String>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_for_socket(
+    child: &mut Child,
+    socket: &Path,
+    endpoint: &str,
+    log: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("berth exited during start-up ({status}):\n{}", log());
+        }
+        if socket.exists() && berth::client::connect(endpoint).await.is_ok() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "berth did not start within 60s:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl TestCluster {
+    /// Starts `n` nodes (node-a, node-b, ...) and the controller.
+    pub async fn start(n: usize) -> TestCluster {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("berth-cluster-")
+            .tempdir()
+            .unwrap();
+        let mut names: Vec<String> = (0..n)
+            .map(|i| format!("node-{}", (b'a' + i as u8) as char))
+            .collect();
+        names.push("controller".into());
+        berth::tls::generate(&dir.path().join("certs"), &names).unwrap();
+        let nodes = names[..n]
+            .iter()
+            .map(|id| NodeProc {
+                id: id.clone(),
+                dir: dir.path().join(id),
+                port: free_port(),
+                child: None,
+                failpoint: None,
+            })
+            .collect();
+        let mut c = TestCluster {
+            dir,
+            nodes,
+            controller: None,
+            controller_failpoint: None,
+        };
+        let nodes_file: String = c
+            .nodes
+            .iter()
+            .map(|n| format!("{} 127.0.0.1:{}\n", n.id, n.port))
+            .collect();
+        std::fs::write(c.dir.path().join("nodes"), nodes_file).unwrap();
+        for i in 0..n {
+            c.spawn_node(i).await;
+        }
+        c.spawn_controller().await;
+        c
+    }
+
+    pub fn certs(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    pub fn controller_socket(&self) -> PathBuf {
+        self.dir.path().join("controller.sock")
+    }
+    pub fn controller_endpoint(&self) -> String {
+        format!("unix://{}", self.controller_socket().display())
+    }
+    pub fn controller_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("controller.log")).unwrap_or_default()
+    }
+
+    pub async fn spawn_node(&mut self, i: usize) {
+        let certs = self.certs();
+        let n = &mut self.nodes[i];
+        std::fs::create_dir_all(&n.dir).unwrap();
+        let _ = std::fs::remove_file(n.socket());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(n.dir.join("berth.log"))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+        cmd.arg("node")
+            .arg("--endpoint")
+            .arg(n.endpoint())
+            .arg("--state-dir")
+            .arg(n.dir.join("state"))
+            .arg("--node-id")
+            .arg(&n.id)
+            .arg("--pool-size")
+            .arg("24Gi")
+            .arg("--agent-listen")
+            .arg(format!("127.0.0.1:{}", n.port))
+            .arg("--tls-dir")
+            .arg(certs.join(&n.id))
+            .env("RUST_LOG", "info,berth=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        match &n.failpoint {
+            Some(fp) => cmd.env("BERTH_FAILPOINT", fp),
+            None => cmd.env_remove("BERTH_FAILPOINT"),
+        };
+        let mut child = cmd.spawn().expect("spawn berth node");
+        let (socket, endpoint, dir) = (n.socket(), n.endpoint(), n.dir.clone());
+        wait_for_socket(&mut child, &socket, &endpoint, || {
+            std::fs::read_to_string(dir.join("berth.log")).unwrap_or_default()
+        })
+        .await;
+        // The agent port opens after the CSI socket; wait for it too.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", n.port)).is_err() {
+            assert!(Instant::now() < deadline, "agent of {} did not open", n.id);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        n.child = Some(child);
+    }
+
+    pub async fn spawn_controller(&mut self) {
+        let _ = std::fs::remove_file(self.controller_socket());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("controller.log"))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+        cmd.arg("controller")
+            .arg("--endpoint")
+            .arg(self.controller_endpoint())
+            .arg("--node-id")
+            .arg("controller")
+            .arg("--nodes")
+            .arg(self.dir.path().join("nodes"))
+            .arg("--tls-dir")
+            .arg(self.certs().join("controller"))
+            .env("RUST_LOG", "info,berth=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        match &self.controller_failpoint {
+            Some(fp) => cmd.env("BERTH_FAILPOINT", fp),
+            None => cmd.env_remove("BERTH_FAILPOINT"),
+        };
+        let mut child = cmd.spawn().expect("spawn berth controller");
+        let (socket, endpoint) = (self.controller_socket(), self.controller_endpoint());
+        let logp = self.dir.path().join("controller.log");
+        wait_for_socket(&mut child, &socket, &endpoint, || {
+            std::fs::read_to_string(&logp).unwrap_or_default()
+        })
+        .await;
+        self.controller = Some(child);
+    }
+
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn restart_node(&mut self, i: usize, failpoint: Option<&str>) {
+        self.kill_node(i);
+        self.nodes[i].failpoint = failpoint.map(str::to_string);
+        self.spawn_node(i).await;
+    }
+
+    pub fn kill_controller(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn restart_controller(&mut self, failpoint: Option<&str>) {
+        self.kill_controller();
+        self.controller_failpoint = failpoint.map(str::to_string);
+        self.spawn_controller().await;
+    }
+
+    /// Waits until node `i`'s process has exited by itself (a failpoint fired).
+    pub async fn wait_node_exit(&mut self, i: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let child = self.nodes[i].child.as_mut().expect("node running");
+            if child.try_wait().unwrap().is_some() {
+                self.nodes[i].child = None;
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} did not exit",
+                self.nodes[i].id
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn ctl(&self) -> Ctl {
+        csi::controller_client::ControllerClient::new(
+            berth::client::connect(&self.controller_endpoint())
+                .await
+                .unwrap(),
+        )
+    }
+
+    pub async fn node(&self, i: usize) -> NodeClient<Channel> {
+        NodeClient::new(
+            berth::client::connect(&self.nodes[i].endpoint())
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// An agent client authenticated with the certificate in `tls_dir`.
+    pub async fn agent_with(
+        &self,
+        i: usize,
+        tls_dir: Option<&Path>,
+    ) -> Result<AgentClient<Channel>, tonic::transport::Error> {
+        let ca = Certificate::from_pem(std::fs::read(self.certs().join("ca.crt")).unwrap());
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(ca)
+            .domain_name(berth::tls::AGENT_SERVER_NAME);
+        if let Some(d) = tls_dir {
+            tls = tls.identity(Identity::from_pem(
+                std::fs::read(d.join("tls.crt")).unwrap(),
+                std::fs::read(d.join("tls.key")).unwrap(),
+            ));
+        }
+        let ch = Endpoint::from_shared(format!("https://127.0.0.1:{}", self.nodes[i].port))
+            .unwrap()
+            .tls_config(tls)?
+            .connect()
+            .await?;
+        Ok(AgentClient::new(ch))
+    }
+
+    pub async fn agent(&self, i: usize) -> AgentClient<Channel> {
+        self.agent_with(i, Some(&self.certs().join("controller")))
+            .await
+            .expect("agent connects")
+    }
+
+    pub async fn inventory(&self, i: usize) -> pb::InventoryResponse {
+        self.agent(i)
+            .await
+            .inventory(pb::InventoryRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn counters(&self, i: usize) -> pb::TransferCounters {
+        self.inventory(i).await.counters.unwrap_or_default()
+    }
+
+    /// (node index, role) of every copy of `volume_id`.
+    pub async fn copies(&self, volume_id: &str) -> Vec<(usize, pb::Role)> {
+        let mut out = Vec::new();
+        for i in 0..self.nodes.len() {
+            for v in self.inventory(i).await.volumes {
+                if v.volume_id == volume_id {
+                    out.push((i, pb::Role::try_from(v.role).unwrap()));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = format!("--- controller\n{}", self.controller_log());
+        for n in &self.nodes {
+            s.push_str(&format!("--- {}\n{}", n.id, n.log()));
+        }
+        s
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.kill_controller();
+        for i in 0..self.nodes.len() {
+            self.kill_node(i);
+        }
+        for n in &self.nodes {
+            cleanup_dir(&n.dir);
+        }
+    }
+}
