@@ -7,6 +7,7 @@ mod common;
 use std::{
     io::{Read, Seek, SeekFrom, Write},
     path::PathBuf,
+    time::Duration,
 };
 
 use berth::proto::agent::v1 as pb;
@@ -217,4 +218,306 @@ async fn agents_refuse_peers_without_a_cluster_certificate() {
     // The real certificate works, so the refusals above are about the certificate.
     let inv = c.inventory(0).await;
     assert!(inv.volumes.iter().any(|v| v.volume_id == vol));
+}
+
+/// Creates a block volume on node 0 with `mib` MiB written, unpublished; returns its id and
+/// the data's hash.
+async fn volume_with_data(
+    c: &TestCluster,
+    name: &str,
+    mib: usize,
+    params: &[(&str, &str)],
+) -> (String, String) {
+    let vol = create_block(c, name, 0, params).await;
+    let dev = attach(c, 0, &vol).await;
+    write_pattern(&dev, 0, mib << 20, 7);
+    let hash = device_hash(&dev);
+    detach(c, 0, &vol).await;
+    (vol, hash)
+}
+
+async fn try_publish(c: &TestCluster, i: usize, vol: &str) -> Result<(), tonic::Status> {
+    c.ctl()
+        .await
+        .controller_publish_volume(ctl_publish(vol, &c.nodes[i].id))
+        .await
+        .map(|_| ())
+}
+
+/// After a fault and a retry: exactly one primary, on `i`, and the data intact there.
+async fn assert_moved(c: &TestCluster, i: usize, vol: &str, hash: &str) {
+    let copies = c.copies(vol).await;
+    let primaries: Vec<_> = copies
+        .iter()
+        .filter(|(_, r)| matches!(r, pb::Role::Primary | pb::Role::Fenced))
+        .collect();
+    assert_eq!(
+        primaries,
+        vec![&(i, pb::Role::Primary)],
+        "one primary: {copies:?}\n{}",
+        c.logs()
+    );
+    let dev = attach(c, i, vol).await;
+    assert_eq!(device_hash(&dev), hash, "data intact after the fault");
+    detach(c, i, vol).await;
+}
+
+/// Faults on the receiving side: the target is killed after a durable checkpoint of a
+/// transfer, or right after its promotion is recorded. The retried publish completes, the
+/// transfer resumes instead of starting over.
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_target_mid_move_resumes_on_retry() {
+    let mut c = TestCluster::start(2).await;
+    let (vol, hash) = volume_with_data(&c, "pvc-target", 200, &[]).await;
+    c.restart_node(1, Some("receive:after-checkpoint")).await;
+    let err = try_publish(&c, 1, &vol).await.unwrap_err();
+    c.wait_node_exit(1, Duration::from_secs(30)).await;
+    assert_ne!(err.code(), tonic::Code::Ok);
+    // Before the retry: the old primary is intact (fenced, nothing published anywhere).
+    c.restart_node(1, None).await;
+    try_publish(&c, 1, &vol)
+        .await
+        .unwrap_or_else(|e| panic!("retry: {e:?}\n{}", c.logs()));
+    let counters = c.counters(1).await;
+    assert_eq!(counters.transfers_resumed, 1, "{counters:?}");
+    assert!(
+        counters.received_data_bytes < 200 << 20,
+        "the retry did not start from zero: {counters:?}"
+    );
+    c.ctl()
+        .await
+        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: vol.clone(),
+            node_id: "node-b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_moved(&c, 1, &vol, &hash).await;
+
+    // Killed after the promotion is durable but before the old copy settles.
+    c.restart_node(0, Some("promote:after-volume")).await;
+    let err = try_publish(&c, 0, &vol).await.unwrap_err();
+    assert_ne!(err.code(), tonic::Code::Ok);
+    c.wait_node_exit(0, Duration::from_secs(30)).await;
+    c.restart_node(0, None).await;
+    try_publish(&c, 0, &vol)
+        .await
+        .unwrap_or_else(|e| panic!("retry: {e:?}\n{}", c.logs()));
+    c.ctl()
+        .await
+        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: vol.clone(),
+            node_id: "node-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_moved(&c, 0, &vol, &hash).await;
+}
+
+/// The source is killed while it streams (the connection is cut mid-transfer): the old
+/// primary stays intact and fenced, and the retry completes the move.
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_source_mid_stream_leaves_it_intact_and_the_retry_completes() {
+    let mut c = TestCluster::start(2).await;
+    let (vol, hash) = volume_with_data(&c, "pvc-source", 200, &[]).await;
+    // Slow the sender so the kill lands mid-stream.
+    c.restart_node(0, Some("send:chunk:sleep=30")).await;
+    let ctl = c.ctl().await;
+    let (v2, b) = (vol.clone(), c.nodes[1].id.clone());
+    let publish = tokio::spawn(async move {
+        ctl.clone()
+            .controller_publish_volume(ctl_publish(&v2, &b))
+            .await
+    });
+    // Wait until the receiver has data in flight, then cut it off.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while c.counters(1).await.received_data_bytes < 80 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "transfer never started\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.kill_node(0);
+    assert!(
+        publish.await.unwrap().is_err(),
+        "the move cannot finish without its source"
+    );
+    c.restart_node(0, None).await;
+    let copies = c.copies(&vol).await;
+    assert_eq!(
+        copies,
+        vec![(0, pb::Role::Fenced)],
+        "old primary intact, fenced: {copies:?}"
+    );
+    try_publish(&c, 1, &vol)
+        .await
+        .unwrap_or_else(|e| panic!("retry: {e:?}\n{}", c.logs()));
+    assert_eq!(c.counters(1).await.transfers_resumed, 1);
+    c.ctl()
+        .await
+        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: vol.clone(),
+            node_id: "node-b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_moved(&c, 1, &vol, &hash).await;
+}
+
+/// The controller is killed at each step of a hand-off; a new controller, knowing nothing
+/// but the nodes' inventories, finishes the move on the retried publish.
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_controller_at_each_step_of_a_move_loses_nothing() {
+    let mut c = TestCluster::start(2).await;
+    let (vol, hash) = volume_with_data(&c, "pvc-controller", 64, &[]).await;
+    let mut at = 0;
+    for step in [
+        "handoff:after-fence",
+        "handoff:after-ship",
+        "handoff:after-promote",
+    ] {
+        let to = 1 - at;
+        c.restart_controller(Some(step)).await;
+        assert!(
+            try_publish(&c, to, &vol).await.is_err(),
+            "{step}: the controller died"
+        );
+        c.restart_controller(None).await;
+        try_publish(&c, to, &vol)
+            .await
+            .unwrap_or_else(|e| panic!("{step}: retry: {e:?}\n{}", c.logs()));
+        c.ctl()
+            .await
+            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                volume_id: vol.clone(),
+                node_id: c.nodes[to].id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_moved(&c, to, &vol, &hash).await;
+        at = to;
+    }
+}
+
+/// replicas=2 keeps a second copy fresh while the volume is in use, reports its lag in
+/// ControllerGetVolume, and a replica's failure mid-round heals on the next round.
+#[tokio::test(flavor = "multi_thread")]
+async fn replication_keeps_a_fresh_copy_and_reports_its_lag() {
+    let mut c = TestCluster::start(3).await;
+    let vol = create_block(
+        &c,
+        "pvc-repl",
+        0,
+        &[("replicas", "2"), ("replicationInterval", "1s")],
+    )
+    .await;
+    let dev = attach(&c, 0, &vol).await;
+    write_pattern(&dev, 0, 8 << 20, 9);
+    let replica_node = async |c: &TestCluster| -> Option<usize> {
+        c.copies(&vol)
+            .await
+            .into_iter()
+            .find(|(_, r)| *r == pb::Role::Replica)
+            .map(|(i, _)| i)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        if let Some(r) = replica_node(&c).await {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no replica appeared\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_ne!(r, 0);
+    let got = c
+        .ctl()
+        .await
+        .controller_get_volume(get_volume_req(&vol))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = got.status.unwrap().volume_condition.unwrap().message;
+    assert!(
+        msg.contains("replicas:") && msg.contains(&c.nodes[r].id),
+        "{msg}"
+    );
+
+    // The replica dies mid-round; the volume keeps serving; the next rounds heal it.
+    c.restart_node(r, Some("receive:before-accept")).await;
+    write_pattern(&dev, 64 << 20, 8 << 20, 10);
+    c.wait_node_exit(r, Duration::from_secs(30)).await;
+    c.restart_node(r, None).await;
+    let before = c.counters(r).await.transfers_completed;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while c.counters(r).await.transfers_completed <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replication did not heal\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let on_a = device_hash(&dev);
+    detach(&c, 0, &vol).await;
+    // The replica holder becomes primary with the latest data.
+    let dev_r = attach(&c, r, &vol).await;
+    assert_eq!(device_hash(&dev_r), on_a);
+    detach(&c, r, &vol).await;
+}
+
+/// A snapshot taken on one node restores on another: it is shipped there first.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_restores_on_a_node_that_did_not_hold_it() {
+    let c = TestCluster::start(2).await;
+    let (vol, hash) = volume_with_data(&c, "pvc-snap-src", 16, &[]).await;
+    let ctl = c.ctl().await;
+    let snap = create_snapshot(&ctl, "snap-x", &vol).await;
+    let mut req = from_snapshot(
+        create_req("pvc-restored", VOL, block_cap()),
+        &snap.snapshot_id,
+    );
+    req.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![],
+        preferred: vec![csi::Topology {
+            segments: [(
+                "topology.berth.csi.dev/node".to_string(),
+                "node-b".to_string(),
+            )]
+            .into(),
+        }],
+    });
+    let restored = create_volume(&ctl, req).await;
+    assert_eq!(
+        c.copies(&restored.volume_id).await,
+        vec![(1, pb::Role::Primary)]
+    );
+    let dev = attach(&c, 1, &restored.volume_id).await;
+    assert_eq!(device_hash(&dev), hash);
+    detach(&c, 1, &restored.volume_id).await;
+    // Listed once, though two nodes hold it; deleted everywhere.
+    let listed = ctl
+        .clone()
+        .list_snapshots(csi::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(listed.len(), 1);
+    ctl.clone()
+        .delete_snapshot(delete_snapshot_req(&snap.snapshot_id))
+        .await
+        .unwrap();
+    for i in 0..2 {
+        assert!(c.inventory(i).await.snapshots.is_empty());
+    }
 }

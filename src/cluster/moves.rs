@@ -17,6 +17,7 @@ use crate::{
     error::{Error, Result},
     proto::agent::v1::{self as pb},
     storage::VolumeId,
+    util::failpoint,
 };
 
 /// A report of bytes moved, for progress displays.
@@ -160,6 +161,7 @@ impl Cluster {
             .map_err(|s| peer(&source.node, s))?
             .into_inner();
         let snap = fenced.snapshot.unwrap_or_default().snapshot_id;
+        failpoint::hit("handoff:after-fence");
         tracing::info!(volume.id = %vol, from = %source.node, to, epoch, base = ?base, "hand-off: shipping the final snapshot");
         self.ship(
             Shipment {
@@ -174,6 +176,7 @@ impl Cluster {
             on_progress,
         )
         .await?;
+        failpoint::hit("handoff:after-ship");
         self.agent(to)?
             .promote(pb::PromoteRequest {
                 volume_id: vol.to_string(),
@@ -183,6 +186,7 @@ impl Cluster {
             .await
             .map_err(|s| peer(to, s))?;
         tracing::info!(volume.id = %vol, to, epoch, "hand-off: new primary promoted");
+        failpoint::hit("handoff:after-promote");
         self.agent(&source.node)?
             .settle(pb::SettleRequest {
                 volume_id: vol.to_string(),
