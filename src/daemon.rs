@@ -10,7 +10,7 @@ use crate::{
         admin::v1::admin_server::AdminServer,
         csi::v1::{
             controller_server::ControllerServer, group_controller_server::GroupControllerServer,
-            identity_server::IdentityServer,
+            identity_server::IdentityServer, snapshot_metadata_server::SnapshotMetadataServer,
         },
     },
     server::{self, Endpoint, Roles},
@@ -198,6 +198,9 @@ pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
         )))
         .add_service(ControllerServer::new(controller.clone()))
         .add_service(GroupControllerServer::new(controller))
+        .add_service(SnapshotMetadataServer::new(
+            cluster::metadata::ClusterMetadata::new(cluster.clone()),
+        ))
         .add_service(AdminServer::new(cluster::admin::AdminService::new(
             cluster.clone(),
         )));

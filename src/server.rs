@@ -17,10 +17,11 @@ use crate::{
     proto::csi::v1::{
         controller_server::ControllerServer, group_controller_server::GroupControllerServer,
         identity_server::IdentityServer, node_server::NodeServer,
+        snapshot_metadata_server::SnapshotMetadataServer,
     },
     service::{
         Context, controller::ControllerService, group::GroupService, identity::IdentityService,
-        node::NodeService,
+        metadata::MetadataService, node::NodeService,
     },
 };
 
@@ -129,7 +130,10 @@ pub fn csi_router(ctx: Arc<Context>, roles: Roles) -> Router {
     if roles.controller {
         router = router
             .add_service(ControllerServer::new(ControllerService::new(ctx.clone())))
-            .add_service(GroupControllerServer::new(GroupService::new(ctx.clone())));
+            .add_service(GroupControllerServer::new(GroupService::new(ctx.clone())))
+            .add_service(SnapshotMetadataServer::new(MetadataService::new(
+                ctx.pool.clone(),
+            )));
     }
     if roles.node {
         router = router.add_service(NodeServer::new(NodeService::new(ctx.clone())));

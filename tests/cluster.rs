@@ -369,6 +369,41 @@ async fn killing_the_source_mid_stream_leaves_it_intact_and_the_retry_completes(
     assert_moved(&c, 1, &vol, &hash).await;
 }
 
+/// The source is killed between writing its fence and cutting the final snapshot: it comes
+/// back fenced, refusing publishes, and the retry cuts the snapshot and completes the move.
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_source_between_fence_and_final_snapshot() {
+    let mut c = TestCluster::start(2).await;
+    let (vol, hash) = volume_with_data(&c, "pvc-fence", 16, &[]).await;
+    c.restart_node(0, Some("fence:after-record")).await;
+    assert!(try_publish(&c, 1, &vol).await.is_err());
+    c.wait_node_exit(0, Duration::from_secs(30)).await;
+    c.restart_node(0, None).await;
+    assert_eq!(c.copies(&vol).await, vec![(0, pb::Role::Fenced)]);
+    // A fenced copy is never staged, whatever the CO asks.
+    let staging = c.nodes[0].path("fenced/staging");
+    let err = c
+        .node(0)
+        .await
+        .node_stage_volume(stage_req(&vol, &staging, block_cap()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    try_publish(&c, 1, &vol)
+        .await
+        .unwrap_or_else(|e| panic!("retry: {e:?}\n{}", c.logs()));
+    c.ctl()
+        .await
+        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: vol.clone(),
+            node_id: "node-b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_moved(&c, 1, &vol, &hash).await;
+}
+
 /// The controller is killed at each step of a hand-off; a new controller, knowing nothing
 /// but the nodes' inventories, finishes the move on the retried publish.
 #[tokio::test(flavor = "multi_thread")]

@@ -365,6 +365,7 @@ async fn identity_and_capabilities() {
         BTreeSet::from([
             Svc::ControllerService as i32,
             Svc::GroupControllerService as i32,
+            Svc::SnapshotMetadataService as i32,
             Svc::VolumeAccessibilityConstraints as i32
         ])
     );
@@ -856,7 +857,7 @@ async fn create_volume_and_delete_volume() {
         rpc!(
             ctl,
             create_volume,
-            with_params(vol("cv-param", MIB, block()), &[("replicas", "3")])
+            with_params(vol("cv-param", MIB, block()), &[("iops", "3")])
         ),
     ));
     cases.push(case(
@@ -1056,7 +1057,7 @@ async fn capacity_is_reserved_and_exhaustible() {
                 ctl,
                 get_capacity,
                 csi::GetCapacityRequest {
-                    parameters: params(&[("replicas", "3")]),
+                    parameters: params(&[("iops", "3")]),
                     ..Default::default()
                 }
             ),
@@ -1618,7 +1619,7 @@ async fn validate_volume_capabilities() {
         (
             "unknown parameter",
             csi::ValidateVolumeCapabilitiesRequest {
-                parameters: params(&[("replicas", "3")]),
+                parameters: params(&[("iops", "3")]),
                 ..validate(&fs, vec![ext4()])
             },
         ),
@@ -4935,6 +4936,216 @@ async fn aborted_while_node_stage_in_flight() {
                 .await
                 .unwrap();
         },
+    )
+    .await;
+}
+
+// ---- SnapshotMetadata ------------------------------------------------------------------
+
+type Meta = csi::snapshot_metadata_client::SnapshotMetadataClient<Channel>;
+
+/// Every (offset, size) of a GetMetadataAllocated stream, checking the stream's own rules
+/// on the way (one style, one capacity, at most max_results per message, strictly
+/// increasing and non-overlapping).
+async fn meta_allocated(
+    meta: &Meta,
+    req: csi::GetMetadataAllocatedRequest,
+) -> Result<Vec<(i64, i64)>, Status> {
+    let max = req.max_results;
+    let mut s = meta.clone().get_metadata_allocated(req).await?.into_inner();
+    let mut out: Vec<(i64, i64)> = Vec::new();
+    while let Some(m) = s.message().await? {
+        assert_eq!(
+            m.block_metadata_type,
+            csi::BlockMetadataType::VariableLength as i32
+        );
+        assert!(m.volume_capacity_bytes > 0);
+        assert!(max <= 0 || m.block_metadata.len() <= max as usize);
+        for b in m.block_metadata {
+            assert!(b.size_bytes > 0);
+            if let Some(&(o, l)) = out.last() {
+                assert!(o + l <= b.byte_offset, "ranges overlap or go backwards");
+            }
+            out.push((b.byte_offset, b.size_bytes));
+        }
+    }
+    Ok(out)
+}
+
+async fn meta_delta(meta: &Meta, req: csi::GetMetadataDeltaRequest) -> Result<Vec<(i64, i64)>, Status> {
+    let mut s = meta.clone().get_metadata_delta(req).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = s.message().await? {
+        out.extend(
+            m.block_metadata
+                .iter()
+                .map(|b| (b.byte_offset, b.size_bytes)),
+        );
+    }
+    Ok(out)
+}
+
+fn alloc_req(id: &str, offset: i64, max: i32) -> csi::GetMetadataAllocatedRequest {
+    csi::GetMetadataAllocatedRequest {
+        snapshot_id: id.into(),
+        starting_offset: offset,
+        max_results: max,
+        ..Default::default()
+    }
+}
+
+fn delta_req(base: &str, target: &str, offset: i64) -> csi::GetMetadataDeltaRequest {
+    csi::GetMetadataDeltaRequest {
+        base_snapshot_id: base.into(),
+        target_snapshot_id: target.into(),
+        starting_offset: offset,
+        ..Default::default()
+    }
+}
+
+fn write_image_at(image: &Path, offset: u64, len: usize, byte: u8) {
+    let mut f = std::fs::OpenOptions::new().write(true).open(image).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(&vec![byte; len]).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// spec.md "SnapshotMetadata Service": GetMetadataAllocated and GetMetadataDelta report
+/// the allocated and the changed ranges, honour starting_offset and max_results, and use
+/// the error codes of their tables.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_metadata_allocated_and_delta() {
+    let d = Driver::start().await;
+    let ctl = d.controller().await;
+    let meta = Meta::new(d.channel().await);
+    let v = create_volume(&ctl, vol("md", 64 * MIB, block())).await;
+    let image = d.volume_image(&v.volume_id);
+    write_image_at(&image, 0, 1 << 20, 1);
+    write_image_at(&image, 32 << 20, 1 << 20, 2);
+    let s1 = create_snapshot(&ctl, "md-1", &v.volume_id).await;
+    write_image_at(&image, 48 << 20, 64 << 10, 3);
+    let s2 = create_snapshot(&ctl, "md-2", &v.volume_id).await;
+    let other = create_volume(&ctl, vol("md-other", 8 * MIB, block())).await;
+    let s3 = create_snapshot(&ctl, "md-3", &other.volume_id).await;
+
+    let all = meta_allocated(&meta, alloc_req(&s1.snapshot_id, 0, 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        all,
+        vec![(0, 1 << 20), (32 << 20, 1 << 20)],
+        "allocated ranges of s1"
+    );
+    assert_eq!(
+        meta_allocated(&meta, alloc_req(&s1.snapshot_id, 0, 0))
+            .await
+            .unwrap(),
+        all,
+        "idempotent"
+    );
+    assert_eq!(
+        meta_allocated(&meta, alloc_req(&s1.snapshot_id, (1 << 20) - 4096, 1))
+            .await
+            .unwrap(),
+        vec![((1 << 20) - 4096, 4096), (32 << 20, 1 << 20)],
+        "starting_offset cuts the first range; max_results=1 per message"
+    );
+    let changed = meta_delta(&meta, delta_req(&s1.snapshot_id, &s2.snapshot_id, 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        changed,
+        vec![(48 << 20, 64 << 10)],
+        "only the 64 KiB written between them"
+    );
+    assert_eq!(
+        meta_delta(&meta, delta_req(&s2.snapshot_id, &s2.snapshot_id, 0))
+            .await
+            .unwrap(),
+        vec![],
+        "a snapshot against itself"
+    );
+
+    let unknown = "snap-00000000000000000000000000000000";
+    let (m, a, b) = (meta.clone(), s1.snapshot_id.clone(), s2.snapshot_id.clone());
+    let alloc = move |req: csi::GetMetadataAllocatedRequest| -> Call {
+        let m = m.clone();
+        Box::pin(async move { meta_allocated(&m, req).await.map(|_| ()) })
+    };
+    let m2 = meta.clone();
+    let dl = move |req: csi::GetMetadataDeltaRequest| -> Call {
+        let m = m2.clone();
+        Box::pin(async move { meta_delta(&m, req).await.map(|_| ()) })
+    };
+    run(
+        "SnapshotMetadata",
+        vec![
+            missing(
+                "GetMetadataAllocated",
+                "snapshot_id",
+                alloc(alloc_req("", 0, 0)),
+            ),
+            case(
+                "GetMetadataAllocated: unknown snapshot → NOT_FOUND",
+                Code::NotFound,
+                alloc(alloc_req(unknown, 0, 0)),
+            ),
+            case(
+                "GetMetadataAllocated: malformed id → NOT_FOUND",
+                Code::NotFound,
+                alloc(alloc_req("../../etc", 0, 0)),
+            ),
+            case(
+                "GetMetadataAllocated: negative starting_offset → OUT_OF_RANGE",
+                Code::OutOfRange,
+                alloc(alloc_req(&a, -1, 0)),
+            ),
+            case(
+                "GetMetadataAllocated: starting_offset past the volume → OUT_OF_RANGE",
+                Code::OutOfRange,
+                alloc(alloc_req(&a, 65 << 20, 0)),
+            ),
+            case(
+                "GetMetadataAllocated: negative max_results → INVALID_ARGUMENT",
+                Code::InvalidArgument,
+                alloc(alloc_req(&a, 0, -1)),
+            ),
+            case(
+                "GetMetadataAllocated: starting_offset at the end → OK, nothing",
+                Code::Ok,
+                alloc(alloc_req(&a, 64 << 20, 0)),
+            ),
+            missing(
+                "GetMetadataDelta",
+                "base_snapshot_id",
+                dl(delta_req("", &b, 0)),
+            ),
+            missing(
+                "GetMetadataDelta",
+                "target_snapshot_id",
+                dl(delta_req(&a, "", 0)),
+            ),
+            case(
+                "GetMetadataDelta: unknown base → NOT_FOUND",
+                Code::NotFound,
+                dl(delta_req(unknown, &b, 0)),
+            ),
+            case(
+                "GetMetadataDelta: unknown target → NOT_FOUND",
+                Code::NotFound,
+                dl(delta_req(&a, unknown, 0)),
+            ),
+            case(
+                "GetMetadataDelta: snapshots of different volumes → INVALID_ARGUMENT",
+                Code::InvalidArgument,
+                dl(delta_req(&a, &s3.snapshot_id, 0)),
+            ),
+            case(
+                "GetMetadataDelta: negative starting_offset → OUT_OF_RANGE",
+                Code::OutOfRange,
+                dl(delta_req(&a, &b, -5)),
+            ),
+        ],
     )
     .await;
 }

@@ -24,9 +24,13 @@ use crate::{
         },
         csi::v1::{
             controller_server::ControllerServer, group_controller_server::GroupControllerServer,
+            snapshot_metadata_server::SnapshotMetadataServer,
         },
     },
-    service::{Context, controller::ControllerService, group::GroupService, respond},
+    service::{
+        Context, controller::ControllerService, group::GroupService, metadata::MetadataService,
+        respond,
+    },
     storage::{RecordState, SnapshotId, VolumeId, VolumeRecord, guard::InFlight},
     tls::TlsMaterial,
 };
@@ -376,7 +380,10 @@ pub async fn serve(
         .map_err(|e| Error::invalid("tls", e.to_string()))?
         .add_service(agent)
         .add_service(ControllerServer::new(ControllerService::new(ctx.clone())))
-        .add_service(GroupControllerServer::new(GroupService::new(ctx)))
+        .add_service(GroupControllerServer::new(GroupService::new(ctx.clone())))
+        .add_service(SnapshotMetadataServer::new(MetadataService::new(
+            ctx.pool.clone(),
+        )))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod controller;
+pub mod metadata;
 pub mod moves;
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};

@@ -43,6 +43,7 @@ pub fn plugin_services(controller: bool) -> Vec<PluginService> {
     if controller {
         v.push(PluginService::ControllerService);
         v.push(PluginService::GroupControllerService);
+        v.push(PluginService::SnapshotMetadataService);
     }
     v
 }

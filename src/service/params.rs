@@ -186,7 +186,17 @@ mod tests {
             (vec![("preallocate", "true")], vec![], Ok((None, true))),
             (vec![], vec![("preallocate", "true")], Ok((None, true))),
             (vec![("preallocate", "yes")], vec![], Err("yes")),
-            (vec![("replicas", "3")], vec![], Err("replicas")),
+            (vec![("replicas", "0")], vec![], Err("replicas")),
+            (vec![("replicas", "9")], vec![], Err("replicas")),
+            (
+                vec![("replicationInterval", "0s")],
+                vec![],
+                Err("replicationInterval"),
+            ),
+            (vec![("replicationInterval", "soon")], vec![], Err("soon")),
+            (vec![("moveKeepsSource", "maybe")], vec![], Err("maybe")),
+            // Replication is laid out at creation; it is not a mutable parameter.
+            (vec![], vec![("replicas", "2")], Err("replicas")),
             (
                 vec![("csi.storage.k8s.io/pvc/name", "db")],
                 vec![],
@@ -210,6 +220,33 @@ mod tests {
                 }
                 (got, want) => panic!("{params:?} {mutable:?}: got {got:?}, want {want:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn replication_parameters_parse() {
+        let cases = [
+            (vec![], Replication::default()),
+            (
+                vec![("replicas", "3"), ("replicationInterval", "5m")],
+                Replication {
+                    replicas: 3,
+                    interval_seconds: 300,
+                    keep_source: true,
+                },
+            ),
+            (
+                vec![("replicationInterval", "90"), ("moveKeepsSource", "false")],
+                Replication {
+                    replicas: 1,
+                    interval_seconds: 90,
+                    keep_source: false,
+                },
+            ),
+        ];
+        for (params, want) in cases {
+            let got = create_params(&map(&params), &HashMap::new()).unwrap();
+            assert_eq!(got.replication, want, "{params:?}");
         }
     }
 
