@@ -4972,7 +4972,10 @@ async fn meta_allocated(
     Ok(out)
 }
 
-async fn meta_delta(meta: &Meta, req: csi::GetMetadataDeltaRequest) -> Result<Vec<(i64, i64)>, Status> {
+async fn meta_delta(
+    meta: &Meta,
+    req: csi::GetMetadataDeltaRequest,
+) -> Result<Vec<(i64, i64)>, Status> {
     let mut s = meta.clone().get_metadata_delta(req).await?.into_inner();
     let mut out = Vec::new();
     while let Some(m) = s.message().await? {
