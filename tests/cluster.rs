@@ -28,11 +28,22 @@ fn ctl_publish(volume_id: &str, node: &str) -> csi::ControllerPublishVolumeReque
 /// Publishes a block volume on node `i` as the CO would; returns the device path.
 async fn attach(c: &TestCluster, i: usize, vol: &str) -> PathBuf {
     let node = c.nodes[i].id.clone();
-    c.ctl()
-        .await
-        .controller_publish_volume(ctl_publish(vol, &node))
-        .await
-        .unwrap_or_else(|e| panic!("publish on {node}: {e:?}\n{}", c.logs()));
+    // ABORTED (a replication round of the volume is under way) is retried, as a CO does.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match c
+            .ctl()
+            .await
+            .controller_publish_volume(ctl_publish(vol, &node))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::Aborted && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("publish on {node}: {e:?}\n{}", c.logs()),
+        }
+    }
     let staging = c.nodes[i].path(&format!("{vol}/staging"));
     let target = c.nodes[i].path(&format!("{vol}/target"));
     let mut n = c.node(i).await;
@@ -55,15 +66,25 @@ async fn detach(c: &TestCluster, i: usize, vol: &str) {
     n.node_unstage_volume(unstage_req(vol, &staging))
         .await
         .unwrap();
-    c.ctl()
-        .await
-        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: vol.into(),
-            node_id: c.nodes[i].id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = c
+            .ctl()
+            .await
+            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                volume_id: vol.into(),
+                node_id: c.nodes[i].id.clone(),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::Aborted && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("unpublish on node {i}: {e:?}"),
+        }
+    }
 }
 
 /// Writes `len` bytes of a seeded pattern at `offset` of the device, durably.
@@ -502,6 +523,41 @@ async fn replication_keeps_a_fresh_copy_and_reports_its_lag() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The controller dies after cutting a round's snapshot, and then the primary's node
+    // process dies while it streams (the volume stays mounted and in use: the kernel holds
+    // it). A new controller and the restarted node carry on replicating.
+    let wait_round = async |c: &TestCluster, r: usize| {
+        let before = c.counters(r).await.transfers_completed;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while c.counters(r).await.transfers_completed <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no round completed\n{}",
+                c.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    c.restart_controller(Some("replicate:after-snapshot")).await;
+    write_pattern(&dev, 96 << 20, 8 << 20, 11);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while c.controller.as_mut().unwrap().try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the controller's failpoint never fired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.restart_controller(None).await;
+    wait_round(&c, r).await;
+    c.restart_node(0, Some("send:chunk")).await;
+    write_pattern(&dev, 128 << 20, 8 << 20, 12);
+    c.wait_node_exit(0, Duration::from_secs(30)).await;
+    c.restart_node(0, None).await;
+    write_pattern(&dev, 160 << 20, 8 << 20, 13);
+    wait_round(&c, r).await;
+    wait_round(&c, r).await;
+
     let on_a = device_hash(&dev);
     detach(&c, 0, &vol).await;
     // The replica holder becomes primary with the latest data.

@@ -256,6 +256,7 @@ impl Cluster {
             .map_err(|s| peer(&primary.node, s))?
             .into_inner();
         let snap = cut.snapshot.unwrap_or_default().snapshot_id;
+        failpoint::hit("replicate:after-snapshot");
         let mut out = Vec::new();
         for (t, base) in bases {
             let done = self
@@ -366,7 +367,12 @@ impl Moves {
                 .or_insert_with(|| {
                     let (vol, to) = (vol.clone(), to.clone());
                     async move {
-                        let r = cluster.hand_off(&vol, &to, &ignore).await;
+                        // A replication round of the same volume finishes first: the
+                        // fence would otherwise drop the snapshot the round is shipping.
+                        let r = match cluster.inflight.try_lock([vol.to_string()]) {
+                            Ok(_guard) => cluster.hand_off(&vol, &to, &ignore).await,
+                            Err(e) => Err(e),
+                        };
                         r.map_err(|e| (e.code(), e.to_string()))
                     }
                     .boxed()
@@ -445,6 +451,9 @@ pub async fn replication_loop(cluster: Arc<Cluster>, shutdown: tokio::sync::watc
             let Ok(guard) = cluster.inflight.try_lock([id.clone()]) else {
                 continue;
             };
+            let lag: Vec<(String, Option<i64>)> =
+                targets.iter().map(|t| (t.clone(), newest_age(t))).collect();
+            tracing::debug!(volume.id = %vol, ?lag, "replication round due (seconds behind per replica)");
             let cluster = cluster.clone();
             tokio::spawn(async move {
                 let _guard = guard;
