@@ -316,25 +316,31 @@ async fn killing_the_target_mid_move_resumes_on_retry() {
         .unwrap();
     assert_moved(&c, 1, &vol, &hash).await;
 
-    // Killed after the promotion is durable but before the old copy settles.
-    c.restart_node(0, Some("promote:after-volume")).await;
-    let err = try_publish(&c, 0, &vol).await.unwrap_err();
-    assert_ne!(err.code(), tonic::Code::Ok);
-    c.wait_node_exit(0, Duration::from_secs(30)).await;
-    c.restart_node(0, None).await;
-    try_publish(&c, 0, &vol)
-        .await
-        .unwrap_or_else(|e| panic!("retry: {e:?}\n{}", c.logs()));
-    c.ctl()
-        .await
-        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: vol.clone(),
-            node_id: "node-a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert_moved(&c, 0, &vol, &hash).await;
+    // Killed while promoting: after the new volume record, and after the image is in place
+    // but before the old copy settles.
+    let mut at = 1;
+    for fp in ["promote:after-record", "promote:after-volume"] {
+        let to = 1 - at;
+        c.restart_node(to, Some(fp)).await;
+        let err = try_publish(&c, to, &vol).await.unwrap_err();
+        assert_ne!(err.code(), tonic::Code::Ok);
+        c.wait_node_exit(to, Duration::from_secs(30)).await;
+        c.restart_node(to, None).await;
+        try_publish(&c, to, &vol)
+            .await
+            .unwrap_or_else(|e| panic!("{fp}: retry: {e:?}\n{}", c.logs()));
+        c.ctl()
+            .await
+            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                volume_id: vol.clone(),
+                node_id: c.nodes[to].id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_moved(&c, to, &vol, &hash).await;
+        at = to;
+    }
 }
 
 /// The source is killed while it streams (the connection is cut mid-transfer): the old
