@@ -231,14 +231,22 @@ async fn agents_refuse_peers_without_a_cluster_certificate() {
                         ..Default::default()
                     })
                     .await;
-                inv.is_err() && send.is_err()
+                let fence = a
+                    .fence(pb::FenceRequest {
+                        volume_id: vol.clone(),
+                        to_node_id: "intruder".into(),
+                        epoch: 99,
+                        keep: vec![],
+                    })
+                    .await;
+                inv.is_err() && send.is_err() && fence.is_err()
             }
         };
         assert!(denied, "a peer with {what} was let in");
     }
-    // The real certificate works, so the refusals above are about the certificate.
-    let inv = c.inventory(0).await;
-    assert!(inv.volumes.iter().any(|v| v.volume_id == vol));
+    // The real certificate works, so the refusals above are about the certificate, and
+    // nothing changed: the volume is still an unfenced primary.
+    assert_eq!(c.copies(&vol).await, vec![(0, pb::Role::Primary)]);
 }
 
 /// Creates a block volume on node 0 with `mib` MiB written, unpublished; returns its id and
@@ -601,6 +609,25 @@ async fn a_snapshot_restores_on_a_node_that_did_not_hold_it() {
     let dev = attach(&c, 1, &restored.volume_id).await;
     assert_eq!(device_hash(&dev), hash);
     detach(&c, 1, &restored.volume_id).await;
+    // SnapshotMetadata through the cluster controller: the holder's answer, passed on.
+    let mut meta = csi::snapshot_metadata_client::SnapshotMetadataClient::new(
+        berth::client::connect(&c.controller_endpoint())
+            .await
+            .unwrap(),
+    );
+    let mut stream = meta
+        .get_metadata_allocated(csi::GetMetadataAllocatedRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bytes = 0;
+    while let Some(m) = stream.message().await.unwrap() {
+        bytes += m.block_metadata.iter().map(|b| b.size_bytes).sum::<i64>();
+    }
+    assert_eq!(bytes, 16 << 20, "the 16 MiB written, as allocated ranges");
     // Listed once, though two nodes hold it; deleted everywhere.
     let listed = ctl
         .clone()
