@@ -5,6 +5,7 @@ pub mod client;
 pub mod cluster;
 pub mod daemon;
 pub mod error;
+pub mod kube;
 pub mod proto;
 pub mod server;
 pub mod service;

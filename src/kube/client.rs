@@ -1,0 +1,460 @@
+//! [`ClusterApi`] over a `kube::Client`.
+
+use std::{collections::HashMap, sync::Mutex, time::Duration};
+
+use async_trait::async_trait;
+use futures::{
+    StreamExt,
+    stream::{self, BoxStream},
+};
+use k8s_openapi::{
+    api::{
+        coordination::v1::{Lease, LeaseSpec},
+        core::v1::{ObjectReference, PersistentVolume, PersistentVolumeClaim},
+        events::v1::Event,
+    },
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client,
+    api::{ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams},
+};
+use serde_json::json;
+use tokio::time::Instant;
+use tonic::{Code, Status};
+
+use super::{
+    ClusterApi, DiscoveredNode, MigrationEvent,
+    crd::{BerthNode, BerthNodeSpec, BerthNodeStatus, VolumeMigration, VolumeMigrationStatus},
+};
+use crate::error::{Error, Result};
+
+/// The field manager of berth's server-side applies.
+pub const FIELD_MANAGER: &str = "berth";
+/// `reportingController` of berth's Events.
+pub const REPORTING_CONTROLLER: &str = "berth.csi.dev/controller";
+/// What errors name as the unreachable or answering peer.
+const API_SERVER: &str = "kubernetes api";
+/// Watches ask the API server to end them after this long (its default is a random 30 to 60
+/// minutes); the caller lists again, which also repairs anything a watch could have missed.
+const WATCH_TIMEOUT_SECS: u32 = 290;
+/// events.k8s.io/v1 limits: `note` is at most 1 kB, `reportingInstance` 128 characters.
+const NOTE_MAX: usize = 1024;
+const INSTANCE_MAX: usize = 128;
+
+/// The Kubernetes API as berth uses it.
+pub struct KubeApi {
+    client: Client,
+    /// The CSI driver name: only PersistentVolumes of this driver are berth's.
+    driver: String,
+    /// `reportingInstance` of Events: this pod, or this node.
+    instance: String,
+    /// Leases held by others, as last seen: (namespace, name) → when its current
+    /// resourceVersion was first seen here.
+    leases: Mutex<HashMap<(String, String), Observed>>,
+}
+
+struct Observed {
+    resource_version: String,
+    since: Instant,
+}
+
+impl std::fmt::Debug for KubeApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeApi")
+            .field("driver", &self.driver)
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeApi {
+    /// `driver`: the CSI driver name (`--driver-name`); `instance`: who reports Events (the
+    /// pod or node name).
+    pub fn new(client: Client, driver: impl Into<String>, instance: impl Into<String>) -> Self {
+        KubeApi {
+            client,
+            driver: driver.into(),
+            instance: truncate(&instance.into(), INSTANCE_MAX),
+            leases: Mutex::default(),
+        }
+    }
+
+    /// Connects with the pod's service account (or `$KUBECONFIG` outside a cluster).
+    pub async fn connect(driver: impl Into<String>, instance: impl Into<String>) -> Result<Self> {
+        let client = Client::try_default()
+            .await
+            .map_err(|e| Error::Unreachable {
+                node: API_SERVER.into(),
+                reason: format!("no usable configuration: {e}"),
+            })?;
+        Ok(KubeApi::new(client, driver, instance))
+    }
+
+    fn lease_expired(
+        &self,
+        key: (String, String),
+        resource_version: &str,
+        valid: Duration,
+    ) -> bool {
+        let mut seen = self.leases.lock().expect("lease observations poisoned");
+        match seen.get(&key) {
+            Some(o) if o.resource_version == resource_version => o.since.elapsed() >= valid,
+            _ => {
+                seen.insert(
+                    key,
+                    Observed {
+                        resource_version: resource_version.to_string(),
+                        since: Instant::now(),
+                    },
+                );
+                false
+            }
+        }
+    }
+}
+
+/// Maps a kube-rs error into berth's: the API server unreachable, overloaded or failing
+/// (transport errors, 429, 5xx) is UNAVAILABLE, so callers retry; any other answer keeps its
+/// meaning as a gRPC code (404 NOT_FOUND, 409 ABORTED, 403 PERMISSION_DENIED, …) with `what`
+/// was asked in the message.
+fn api_error(what: impl std::fmt::Display) -> impl FnOnce(kube::Error) -> Error {
+    move |e| match e {
+        kube::Error::Api(s) => {
+            let reason = format!("{what}: {} ({} {})", s.message.trim(), s.code, s.reason);
+            let code = match s.code {
+                429 | 500..=599 => {
+                    return Error::Unreachable {
+                        node: API_SERVER.into(),
+                        reason,
+                    };
+                }
+                400 | 422 => Code::InvalidArgument,
+                401 => Code::Unauthenticated,
+                403 => Code::PermissionDenied,
+                404 => Code::NotFound,
+                409 | 410 => Code::Aborted,
+                _ => Code::FailedPrecondition,
+            };
+            Error::Peer {
+                node: API_SERVER.into(),
+                status: Status::new(code, reason),
+            }
+        }
+        kube::Error::SerdeError(e) => Error::Peer {
+            node: API_SERVER.into(),
+            status: Status::internal(format!("{what}: unexpected answer: {e}")),
+        },
+        other => Error::Unreachable {
+            node: API_SERVER.into(),
+            reason: format!("{what}: {other}"),
+        },
+    }
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+fn now() -> MicroTime {
+    MicroTime(Timestamp::now())
+}
+
+#[async_trait]
+impl ClusterApi for KubeApi {
+    async fn publish_node(
+        &self,
+        node_id: &str,
+        spec: BerthNodeSpec,
+        status: BerthNodeStatus,
+    ) -> Result<()> {
+        let api: Api<BerthNode> = Api::all(self.client.clone());
+        let what = format!("BerthNode {node_id}");
+        // Forced: these fields are this node plugin's alone, whatever wrote them before.
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        let head = json!({ "apiVersion": "berth.csi.dev/v1alpha1", "kind": "BerthNode" });
+        let mut obj = head.clone();
+        obj["metadata"] = json!({ "name": node_id });
+        obj["spec"] = json!(spec);
+        // An apply of an unchanged spec writes nothing; the status subresource ignores a
+        // spec and the main resource ignores a status, hence two requests.
+        api.patch(node_id, &pp, &Patch::Apply(&obj))
+            .await
+            .map_err(api_error(&what))?;
+        let mut obj = head;
+        obj["metadata"] = json!({ "name": node_id });
+        obj["status"] = json!(status);
+        api.patch_status(node_id, &pp, &Patch::Apply(&obj))
+            .await
+            .map_err(api_error(&what))?;
+        Ok(())
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<DiscoveredNode>> {
+        let api: Api<BerthNode> = Api::all(self.client.clone());
+        let list = api
+            .list(&ListParams::default())
+            .await
+            .map_err(api_error("list BerthNodes"))?;
+        Ok(list
+            .items
+            .into_iter()
+            .map(|n| DiscoveredNode {
+                id: n.metadata.name.unwrap_or_default(),
+                address: n.spec.agent_address,
+                domain: n.spec.domain,
+                status: n.status,
+            })
+            .collect())
+    }
+
+    async fn pvc_event(
+        &self,
+        namespace: &str,
+        name: &str,
+        reason: &str,
+        message: &str,
+        warning: bool,
+    ) -> Result<()> {
+        let what = format!("PersistentVolumeClaim {namespace}/{name}");
+        // `kubectl describe pvc` selects events by the claim's uid as well as its name: an
+        // event without it would not be shown there. A claim already gone still gets its
+        // event, visible in `kubectl get events`.
+        let uid = Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(api_error(&what))?
+            .and_then(|c| c.metadata.uid);
+        let event = Event {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{name}.")),
+                namespace: Some(namespace.to_string()),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(now()),
+            action: Some(reason.to_string()),
+            reason: Some(reason.to_string()),
+            note: Some(truncate(message, NOTE_MAX)),
+            type_: Some(if warning { "Warning" } else { "Normal" }.to_string()),
+            reporting_controller: Some(REPORTING_CONTROLLER.to_string()),
+            reporting_instance: Some(self.instance.clone()),
+            regarding: Some(ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("PersistentVolumeClaim".into()),
+                namespace: Some(namespace.to_string()),
+                name: Some(name.to_string()),
+                uid,
+                ..ObjectReference::default()
+            }),
+            ..Event::default()
+        };
+        Api::<Event>::namespaced(self.client.clone(), namespace)
+            .create(&PostParams::default(), &event)
+            .await
+            .map_err(api_error(format!("Event {reason} on {what}")))?;
+        Ok(())
+    }
+
+    async fn volume_handle(&self, namespace: &str, pvc: &str) -> Result<Option<String>> {
+        let what = format!("PersistentVolumeClaim {namespace}/{pvc}");
+        let claim = Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), namespace)
+            .get(pvc)
+            .await
+            .map_err(api_error(&what))?;
+        let bound = claim.status.and_then(|s| s.phase).as_deref() == Some("Bound");
+        let Some(pv) = claim
+            .spec
+            .and_then(|s| s.volume_name)
+            .filter(|n| bound && !n.is_empty())
+        else {
+            return Ok(None);
+        };
+        let volume = Api::<PersistentVolume>::all(self.client.clone())
+            .get(&pv)
+            .await
+            .map_err(api_error(format!("PersistentVolume {pv} of {what}")))?;
+        match volume.spec.and_then(|s| s.csi) {
+            Some(csi) if csi.driver == self.driver => Ok(Some(csi.volume_handle)),
+            Some(csi) => Err(Error::invalid(
+                "pvc",
+                format!(
+                    "{what} is bound to {pv}, a volume of {} rather than {}",
+                    csi.driver, self.driver
+                ),
+            )),
+            None => Err(Error::invalid(
+                "pvc",
+                format!("{what} is bound to {pv}, which is not a CSI volume"),
+            )),
+        }
+    }
+
+    async fn watch_migrations(
+        &self,
+        namespace: Option<&str>,
+    ) -> Result<BoxStream<'static, Result<MigrationEvent>>> {
+        let api: Api<VolumeMigration> = match namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        };
+        let list = api
+            .list(&ListParams::default())
+            .await
+            .map_err(api_error("list VolumeMigrations"))?;
+        let version = list.metadata.resource_version.unwrap_or_default();
+        let listed = stream::iter([Ok(MigrationEvent::Listed(list.items))]);
+        let watch = stream::once(async move {
+            let wp = WatchParams::default().timeout(WATCH_TIMEOUT_SECS);
+            match api.watch(&wp, &version).await {
+                Ok(events) => events
+                    .filter_map(|e| async move {
+                        match e {
+                            Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => {
+                                Some(Ok(MigrationEvent::Applied(o)))
+                            }
+                            Ok(WatchEvent::Deleted(o)) => Some(Ok(MigrationEvent::Deleted(o))),
+                            Ok(WatchEvent::Bookmark(_)) => None,
+                            // 410 Gone (the version is too old) among others: list again.
+                            Ok(WatchEvent::Error(s)) => {
+                                Some(Err(api_error("watch VolumeMigrations")(kube::Error::Api(
+                                    s,
+                                ))))
+                            }
+                            Err(e) => Some(Err(api_error("watch VolumeMigrations")(e))),
+                        }
+                    })
+                    .boxed(),
+                Err(e) => stream::iter([Err(api_error("watch VolumeMigrations")(e))]).boxed(),
+            }
+        })
+        .flatten();
+        Ok(listed.chain(watch).boxed())
+    }
+
+    async fn set_migration_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        status: &VolumeMigrationStatus,
+    ) -> Result<()> {
+        Api::<VolumeMigration>::namespaced(self.client.clone(), namespace)
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": status })),
+            )
+            .await
+            .map_err(api_error(format!("VolumeMigration {namespace}/{name}")))?;
+        Ok(())
+    }
+
+    async fn try_acquire_lease(
+        &self,
+        namespace: &str,
+        name: &str,
+        holder: &str,
+        duration_secs: u32,
+    ) -> Result<bool> {
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), namespace);
+        let what = format!("Lease {namespace}/{name}");
+        let duration = i32::try_from(duration_secs).unwrap_or(i32::MAX);
+        let now = now();
+        let Some(mut lease) = api.get_opt(name).await.map_err(api_error(&what))? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(name.to_string()),
+                    namespace: Some(namespace.to_string()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(holder.to_string()),
+                    lease_duration_seconds: Some(duration),
+                    acquire_time: Some(now.clone()),
+                    renew_time: Some(now),
+                    lease_transitions: Some(0),
+                    ..LeaseSpec::default()
+                }),
+            };
+            return match api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                // Another candidate created it first (409 AlreadyExists).
+                Err(e) if is_conflict(&e) => Ok(false),
+                Err(e) => Err(api_error(&what)(e)),
+            };
+        };
+        let version = lease.metadata.resource_version.clone().unwrap_or_default();
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        let current = spec.holder_identity.clone().unwrap_or_default();
+        if current != holder {
+            if !current.is_empty() {
+                let valid = Duration::from_secs(
+                    spec.lease_duration_seconds
+                        .and_then(|s| u64::try_from(s).ok())
+                        .unwrap_or(duration_secs.into()),
+                );
+                let key = (namespace.to_string(), name.to_string());
+                if !self.lease_expired(key, &version, valid) {
+                    return Ok(false);
+                }
+                tracing::info!(lease = %what, previous = %current, "taking over an expired lease");
+            }
+            spec.acquire_time = Some(now.clone());
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        }
+        spec.holder_identity = Some(holder.to_string());
+        spec.lease_duration_seconds = Some(duration);
+        spec.renew_time = Some(now);
+        // The object carries the resourceVersion just read: if anyone wrote the Lease since,
+        // the API server refuses the update with 409 and this candidate lost.
+        match api.replace(name, &PostParams::default(), &lease).await {
+            Ok(_) => {
+                let key = (namespace.to_string(), name.to_string());
+                self.leases
+                    .lock()
+                    .expect("lease observations poisoned")
+                    .remove(&key);
+                Ok(true)
+            }
+            Err(e) if is_conflict(&e) => Ok(false),
+            Err(e) => Err(api_error(&what)(e)),
+        }
+    }
+
+    async fn release_lease(&self, namespace: &str, name: &str, holder: &str) -> Result<()> {
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), namespace);
+        let what = format!("Lease {namespace}/{name}");
+        let Some(mut lease) = api.get_opt(name).await.map_err(api_error(&what))? else {
+            return Ok(());
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return Ok(());
+        };
+        if spec.holder_identity.as_deref() != Some(holder) {
+            return Ok(());
+        }
+        // What client-go's ReleaseOnCancel writes: no holder, so the next candidate to look
+        // takes it at once.
+        let now = now();
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.acquire_time = Some(now.clone());
+        spec.renew_time = Some(now);
+        match api.replace(name, &PostParams::default(), &lease).await {
+            // Written meanwhile by someone else: not ours to release any more.
+            Err(e) if is_conflict(&e) => Ok(()),
+            r => r.map(drop).map_err(api_error(&what)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,764 @@
+//! [`KubeApi`] against a mock API server: every request's verb, path, query and body.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tonic::Code;
+
+use super::*;
+use crate::kube::testing::{INSTANCE, pair, scrubbed};
+
+const APPLY: &str = "application/apply-patch+yaml";
+const MERGE: &str = "application/merge-patch+json";
+
+fn spec() -> BerthNodeSpec {
+    BerthNodeSpec {
+        agent_address: "10.0.0.5:7070".into(),
+        domain: "default".into(),
+    }
+}
+
+fn status() -> BerthNodeStatus {
+    BerthNodeStatus {
+        total_bytes: 64 << 30,
+        available_bytes: 60 << 30,
+        heartbeat_time: "2026-03-01T10:00:00Z".into(),
+        version: "0.1.0".into(),
+    }
+}
+
+fn berth_node(name: &str, with_status: bool) -> Value {
+    let mut v = json!({
+        "apiVersion": "berth.csi.dev/v1alpha1", "kind": "BerthNode",
+        "metadata": { "name": name, "resourceVersion": "42", "uid": format!("uid-{name}") },
+        "spec": { "agentAddress": format!("{name}.pods:7070"), "domain": "default" },
+    });
+    if with_status {
+        v["status"] = json!(status());
+    }
+    v
+}
+
+fn code(e: &Error) -> Code {
+    e.code()
+}
+
+#[tokio::test]
+async fn publish_node_applies_the_spec_then_the_status() {
+    let (api, mut server) = pair();
+    let call = api.publish_node("node-a", spec(), status());
+    let serve = async {
+        let (s, reply) = server.next().await;
+        assert_eq!(
+            s.line(),
+            "PATCH /apis/berth.csi.dev/v1alpha1/berthnodes/node-a?&force=true&fieldManager=berth"
+        );
+        assert_eq!(s.content_type.as_deref(), Some(APPLY));
+        assert_eq!(
+            s.body,
+            json!({
+                "apiVersion": "berth.csi.dev/v1alpha1", "kind": "BerthNode",
+                "metadata": { "name": "node-a" },
+                "spec": { "agentAddress": "10.0.0.5:7070", "domain": "default" },
+            })
+        );
+        reply.json(201, berth_node("node-a", false));
+        let (s, reply) = server.next().await;
+        assert_eq!(
+            s.line(),
+            "PATCH /apis/berth.csi.dev/v1alpha1/berthnodes/node-a/status?&force=true&fieldManager=berth"
+        );
+        assert_eq!(s.content_type.as_deref(), Some(APPLY));
+        assert_eq!(
+            s.body,
+            json!({
+                "apiVersion": "berth.csi.dev/v1alpha1", "kind": "BerthNode",
+                "metadata": { "name": "node-a" },
+                "status": {
+                    "totalBytes": 64u64 << 30, "availableBytes": 60u64 << 30,
+                    "heartbeatTime": "2026-03-01T10:00:00Z", "version": "0.1.0",
+                },
+            })
+        );
+        reply.json(200, berth_node("node-a", true));
+    };
+    let (r, ()) = tokio::join!(call, serve);
+    r.unwrap();
+}
+
+#[tokio::test]
+async fn server_errors_surface_as_unavailable_and_stop_the_call() {
+    // (status code, body): a Status from the API server, and plain text from a proxy.
+    for (http_status, text) in [
+        (500, None),
+        (503, Some("upstream connect error")),
+        (429, None),
+    ] {
+        let (api, mut server) = pair();
+        let call = api.publish_node("node-a", spec(), status());
+        let serve = async {
+            let (_, reply) = server
+                .expect(
+                    "PATCH",
+                    "/apis/berth.csi.dev/v1alpha1/berthnodes/node-a?&force=true&fieldManager=berth",
+                )
+                .await;
+            match text {
+                Some(t) => reply.text(http_status, t),
+                None => reply.status(
+                    http_status,
+                    "InternalError",
+                    "etcdserver: request timed out",
+                ),
+            }
+        };
+        let (r, ()) = tokio::join!(call, serve);
+        let e = r.unwrap_err();
+        assert!(
+            matches!(&e, Error::Unreachable { node, .. } if node == "kubernetes api"),
+            "{http_status}: {e:?}"
+        );
+        assert_eq!(code(&e), Code::Unavailable);
+        assert!(e.to_string().contains("BerthNode node-a"), "{e}");
+        // No status write after the failed spec write.
+        drop(api);
+        assert!(server.next_if_any().await.is_none());
+    }
+}
+
+#[tokio::test]
+async fn list_nodes_returns_every_berth_node() {
+    let (api, mut server) = pair();
+    let serve = async {
+        let (body, reply) = server
+            .expect("GET", "/apis/berth.csi.dev/v1alpha1/berthnodes?")
+            .await;
+        assert_eq!(body, Value::Null);
+        reply.json(
+            200,
+            json!({
+                "apiVersion": "berth.csi.dev/v1alpha1", "kind": "BerthNodeList",
+                "metadata": { "resourceVersion": "77" },
+                "items": [berth_node("node-a", true), berth_node("node-b", false)],
+            }),
+        );
+    };
+    let (r, ()) = tokio::join!(api.list_nodes(), serve);
+    assert_eq!(
+        r.unwrap(),
+        [
+            DiscoveredNode {
+                id: "node-a".into(),
+                address: "node-a.pods:7070".into(),
+                domain: "default".into(),
+                status: Some(status()),
+            },
+            DiscoveredNode {
+                id: "node-b".into(),
+                address: "node-b.pods:7070".into(),
+                domain: "default".into(),
+                status: None,
+            },
+        ]
+    );
+}
+
+#[tokio::test]
+async fn list_nodes_without_the_crd_is_not_found() {
+    // A CRD that is not installed: the API server answers a bare 404 page.
+    let (api, mut server) = pair();
+    let serve = async {
+        let (_, reply) = server
+            .expect("GET", "/apis/berth.csi.dev/v1alpha1/berthnodes?")
+            .await;
+        reply.text(404, "404 page not found");
+    };
+    let (r, ()) = tokio::join!(api.list_nodes(), serve);
+    let e = r.unwrap_err();
+    assert_eq!(code(&e), Code::NotFound, "{e}");
+    assert!(e.to_string().contains("404 page not found"), "{e}");
+}
+
+fn claim(phase: &str, volume: Option<&str>) -> Value {
+    let mut v = json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": { "name": "data-pg-0", "namespace": "db", "uid": "pvc-uid-1", "resourceVersion": "5" },
+        "spec": { "accessModes": ["ReadWriteOnce"], "storageClassName": "berth" },
+        "status": { "phase": phase },
+    });
+    if let Some(pv) = volume {
+        v["spec"]["volumeName"] = json!(pv);
+    }
+    v
+}
+
+fn volume(driver: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": { "name": "pvc-1234" },
+        "spec": {
+            "capacity": { "storage": "20Gi" },
+            "csi": { "driver": driver, "volumeHandle": "vol-8f2c", "fsType": "ext4" },
+        },
+        "status": { "phase": "Bound" },
+    })
+}
+
+fn not_found(kind: &str, name: &str) -> String {
+    format!("{kind} \"{name}\" not found")
+}
+
+#[tokio::test]
+async fn pvc_event_is_an_events_k8s_io_event_regarding_the_claim() {
+    // (claim found, warning, message): the claim's uid goes into `regarding` when it exists.
+    for (found, warning, message) in [
+        (
+            true,
+            false,
+            "copying volume vol-8f2c to node node-b".to_string(),
+        ),
+        (false, true, "é".repeat(600)),
+    ] {
+        let (api, mut server) = pair();
+        let reason = if warning {
+            "MigrationFailed"
+        } else {
+            "MigrationStarted"
+        };
+        let call = api.pvc_event("db", "data-pg-0", reason, &message, warning);
+        let serve = async {
+            let (_, reply) = server
+                .expect(
+                    "GET",
+                    "/api/v1/namespaces/db/persistentvolumeclaims/data-pg-0",
+                )
+                .await;
+            if found {
+                reply.json(200, claim("Bound", Some("pvc-1234")));
+            } else {
+                reply.status(
+                    404,
+                    "NotFound",
+                    &not_found("persistentvolumeclaims", "data-pg-0"),
+                );
+            }
+            let (body, reply) = server
+                .expect("POST", "/apis/events.k8s.io/v1/namespaces/db/events?")
+                .await;
+            // 600 two-byte characters: cut at 1024 bytes, on a character boundary.
+            let note = if found {
+                message.clone()
+            } else {
+                "é".repeat(512)
+            };
+            let mut regarding = json!({
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "namespace": "db", "name": "data-pg-0",
+            });
+            if found {
+                regarding["uid"] = json!("pvc-uid-1");
+            }
+            assert_eq!(
+                scrubbed(body.clone()),
+                json!({
+                    "apiVersion": "events.k8s.io/v1", "kind": "Event",
+                    "metadata": { "generateName": "data-pg-0.", "namespace": "db" },
+                    "eventTime": "<now>",
+                    "action": reason, "reason": reason, "note": note,
+                    "type": if warning { "Warning" } else { "Normal" },
+                    "reportingController": "berth.csi.dev/controller",
+                    "reportingInstance": INSTANCE,
+                    "regarding": regarding,
+                })
+            );
+            // MicroTime: microseconds, as events.k8s.io requires.
+            let t = body["eventTime"].as_str().unwrap();
+            assert_eq!(t.len(), "2026-03-01T10:00:00.000000Z".len(), "{t}");
+            let mut created = body;
+            created["metadata"]["name"] = json!("data-pg-0.18a2b3c4d5e6f708");
+            reply.json(201, created);
+        };
+        let (r, ()) = tokio::join!(call, serve);
+        r.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn volume_handle_follows_the_claim_to_its_csi_volume() {
+    const GET_CLAIM: &str = "/api/v1/namespaces/db/persistentvolumeclaims/data-pg-0";
+    const GET_PV: &str = "/api/v1/persistentvolumes/pvc-1234";
+    enum PvAnswer {
+        None,
+        Volume(&'static str),
+        Missing,
+    }
+    /// The volume handle, or the error's code.
+    type Want = Result<Option<&'static str>, Code>;
+    // (claim answer, PV answer, expected)
+    let cases: Vec<(Option<Value>, PvAnswer, Want)> = vec![
+        (
+            Some(claim("Bound", Some("pvc-1234"))),
+            PvAnswer::Volume("berth.csi.dev"),
+            Ok(Some("vol-8f2c")),
+        ),
+        (Some(claim("Pending", None)), PvAnswer::None, Ok(None)),
+        // Bound by the controller but not yet marked so: still waiting.
+        (
+            Some(claim("Pending", Some("pvc-1234"))),
+            PvAnswer::None,
+            Ok(None),
+        ),
+        (None, PvAnswer::None, Err(Code::NotFound)),
+        (
+            Some(claim("Bound", Some("pvc-1234"))),
+            PvAnswer::Volume("ebs.csi.aws.com"),
+            Err(Code::InvalidArgument),
+        ),
+        (
+            Some(claim("Bound", Some("pvc-1234"))),
+            PvAnswer::Missing,
+            Err(Code::NotFound),
+        ),
+    ];
+    for (n, (claim_answer, pv_answer, want)) in cases.into_iter().enumerate() {
+        let (api, mut server) = pair();
+        let serve = async {
+            let (body, reply) = server.expect("GET", GET_CLAIM).await;
+            assert_eq!(body, Value::Null);
+            match claim_answer {
+                Some(c) => reply.json(200, c),
+                None => reply.status(
+                    404,
+                    "NotFound",
+                    &not_found("persistentvolumeclaims", "data-pg-0"),
+                ),
+            }
+            match pv_answer {
+                PvAnswer::None => {}
+                PvAnswer::Volume(driver) => server
+                    .expect("GET", GET_PV)
+                    .await
+                    .1
+                    .json(200, volume(driver)),
+                PvAnswer::Missing => server.expect("GET", GET_PV).await.1.status(
+                    404,
+                    "NotFound",
+                    &not_found("persistentvolumes", "pvc-1234"),
+                ),
+            }
+        };
+        let (r, ()) = tokio::join!(api.volume_handle("db", "data-pg-0"), serve);
+        let got = r.as_ref().map(|h| h.as_deref()).map_err(|e| e.code());
+        assert_eq!(got, want, "case {n}: {r:?}");
+        if let Err(e) = &r {
+            assert!(e.to_string().contains("db/data-pg-0"), "case {n}: {e}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn set_migration_status_merge_patches_the_status_subresource() {
+    let (api, mut server) = pair();
+    let status = VolumeMigrationStatus {
+        phase: crate::kube::crd::MigrationPhase::Copying,
+        bytes_done: 512 << 20,
+        bytes_total: 2 << 30,
+        percent: 25,
+        round: 1,
+        message: "copying volume vol-8f2c to node node-b".into(),
+        conditions: vec![],
+    };
+    let call = api.set_migration_status("db", "pg-to-b", &status);
+    let serve = async {
+        let (s, reply) = server.next().await;
+        assert_eq!(
+            s.line(),
+            "PATCH /apis/berth.csi.dev/v1alpha1/namespaces/db/volumemigrations/pg-to-b/status?"
+        );
+        assert_eq!(s.content_type.as_deref(), Some(MERGE));
+        assert_eq!(
+            s.body,
+            json!({ "status": {
+                "phase": "Copying", "bytesDone": 512u64 << 20, "bytesTotal": 2u64 << 30,
+                "percent": 25, "round": 1, "message": "copying volume vol-8f2c to node node-b",
+                "conditions": [],
+            }})
+        );
+        reply.json(
+            200,
+            json!({
+                "apiVersion": "berth.csi.dev/v1alpha1", "kind": "VolumeMigration",
+                "metadata": { "name": "pg-to-b", "namespace": "db", "generation": 1 },
+                "spec": { "pvc": "data-pg-0", "targetNode": "node-b" },
+                "status": s.body["status"],
+            }),
+        );
+    };
+    let (r, ()) = tokio::join!(call, serve);
+    r.unwrap();
+
+    // The VolumeMigration deleted meanwhile: NOT_FOUND, which the migrations loop reads as
+    // "gone".
+    let call = api.set_migration_status("db", "pg-to-b", &status);
+    let serve = async {
+        let (_, reply) = server.next().await;
+        reply.status(
+            404,
+            "NotFound",
+            &not_found("volumemigrations.berth.csi.dev", "pg-to-b"),
+        );
+    };
+    let (r, ()) = tokio::join!(call, serve);
+    assert_eq!(r.unwrap_err().code(), Code::NotFound);
+}
+
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/berth-system/leases";
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/berth-system/leases/berth-controller";
+
+fn lease(holder: Option<&str>, version: &str, transitions: i32) -> Value {
+    let mut spec = json!({
+        "leaseDurationSeconds": 15,
+        "acquireTime": "2026-03-01T09:00:00.000000Z",
+        "renewTime": "2026-03-01T10:00:00.000000Z",
+        "leaseTransitions": transitions,
+    });
+    if let Some(h) = holder {
+        spec["holderIdentity"] = json!(h);
+    }
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": { "name": "berth-controller", "namespace": "berth-system", "resourceVersion": version },
+        "spec": spec,
+    })
+}
+
+async fn acquire(
+    api: &KubeApi,
+    server: &mut crate::kube::testing::Server,
+    script: impl AsyncFnOnce(&mut crate::kube::testing::Server),
+) -> Result<bool> {
+    let call = api.try_acquire_lease("berth-system", "berth-controller", "controller-a", 15);
+    let (r, ()) = tokio::join!(call, script(server));
+    r
+}
+
+#[tokio::test]
+async fn an_absent_lease_is_created_for_the_holder() {
+    let (api, mut server) = pair();
+    let r = acquire(&api, &mut server, async |s| {
+        let (body, reply) = s.expect("GET", LEASE).await;
+        assert_eq!(body, Value::Null);
+        reply.status(
+            404,
+            "NotFound",
+            &not_found("leases.coordination.k8s.io", "berth-controller"),
+        );
+        let (body, reply) = s.expect("POST", &format!("{LEASES}?")).await;
+        assert_eq!(
+            scrubbed(body.clone()),
+            json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": { "name": "berth-controller", "namespace": "berth-system" },
+                "spec": {
+                    "holderIdentity": "controller-a", "leaseDurationSeconds": 15,
+                    "acquireTime": "<now>", "renewTime": "<now>", "leaseTransitions": 0,
+                },
+            })
+        );
+        let mut created = body;
+        created["metadata"]["resourceVersion"] = json!("1");
+        reply.json(201, created);
+    })
+    .await;
+    assert!(r.unwrap());
+}
+
+#[tokio::test]
+async fn losing_the_race_to_create_the_lease_is_false() {
+    let (api, mut server) = pair();
+    let r = acquire(&api, &mut server, async |s| {
+        s.expect("GET", LEASE)
+            .await
+            .1
+            .status(404, "NotFound", "not found");
+        s.expect("POST", &format!("{LEASES}?")).await.1.status(
+            409,
+            "AlreadyExists",
+            "leases.coordination.k8s.io \"berth-controller\" already exists",
+        );
+    })
+    .await;
+    assert!(!r.unwrap());
+}
+
+/// The PUT a holder makes: the lease as read, resourceVersion included, with the new spec.
+fn put_body(version: &str, transitions: i32, acquire_time: &str) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": { "name": "berth-controller", "namespace": "berth-system", "resourceVersion": version },
+        "spec": {
+            "holderIdentity": "controller-a", "leaseDurationSeconds": 15,
+            "acquireTime": acquire_time, "renewTime": "<now>", "leaseTransitions": transitions,
+        },
+    })
+}
+
+#[tokio::test]
+async fn the_holder_renews_its_lease_guarded_by_its_resource_version() {
+    // (answer to the PUT, expected result): 409 means someone wrote the lease since the read.
+    for (answer, want) in [(200, true), (409, false)] {
+        let (api, mut server) = pair();
+        let r = acquire(&api, &mut server, async |s| {
+            s.expect("GET", LEASE).await.1.json(200, lease(Some("controller-a"), "7", 3));
+            let (body, reply) = s.expect("PUT", &format!("{LEASE}?")).await;
+            // acquireTime and leaseTransitions stay: it is a renewal, not a new holder.
+            let mut want_body = put_body("7", 3, "<now>");
+            want_body["spec"]["acquireTime"] = json!("2026-03-01T09:00:00.000000Z");
+            assert_eq!(scrubbed(body.clone()), want_body);
+            if answer == 200 {
+                reply.json(200, body);
+            } else {
+                reply.status(409, "Conflict", "Operation cannot be fulfilled on leases.coordination.k8s.io \"berth-controller\": the object has been modified; please apply your changes to the latest version and try again");
+            }
+        })
+        .await;
+        assert_eq!(r.unwrap(), want, "PUT answered {answer}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_holders_lease_is_taken_over_only_after_it_stayed_unchanged_for_its_duration() {
+    let (api, mut server) = pair();
+    // Its renewTime is long past by our clock, yet that proves nothing across machines:
+    // first seen now, it is valid for 15 s of our own time.
+    let r = acquire(&api, &mut server, async |s| {
+        s.expect("GET", LEASE)
+            .await
+            .1
+            .json(200, lease(Some("controller-b"), "9", 2));
+    })
+    .await;
+    assert!(!r.unwrap(), "a lease first seen is not expired");
+
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let r = acquire(&api, &mut server, async |s| {
+        s.expect("GET", LEASE)
+            .await
+            .1
+            .json(200, lease(Some("controller-b"), "9", 2));
+    })
+    .await;
+    assert!(!r.unwrap(), "10 s unchanged: still valid");
+
+    // controller-b renews: the clock starts again.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let r = acquire(&api, &mut server, async |s| {
+        s.expect("GET", LEASE)
+            .await
+            .1
+            .json(200, lease(Some("controller-b"), "10", 2));
+    })
+    .await;
+    assert!(!r.unwrap(), "renewed meanwhile");
+
+    tokio::time::advance(Duration::from_secs(15)).await;
+    let r = acquire(&api, &mut server, async |s| {
+        s.expect("GET", LEASE)
+            .await
+            .1
+            .json(200, lease(Some("controller-b"), "10", 2));
+        let (body, reply) = s.expect("PUT", &format!("{LEASE}?")).await;
+        assert_eq!(scrubbed(body.clone()), put_body("10", 3, "<now>"));
+        reply.json(200, body);
+    })
+    .await;
+    assert!(r.unwrap(), "15 s unchanged: expired, taken over");
+}
+
+#[tokio::test]
+async fn a_released_lease_is_taken_at_once() {
+    let (api, mut server) = pair();
+    let r = acquire(&api, &mut server, async |s| {
+        s.expect("GET", LEASE)
+            .await
+            .1
+            .json(200, lease(None, "12", 4));
+        let (body, reply) = s.expect("PUT", &format!("{LEASE}?")).await;
+        assert_eq!(scrubbed(body.clone()), put_body("12", 5, "<now>"));
+        reply.json(200, body);
+    })
+    .await;
+    assert!(r.unwrap());
+}
+
+#[tokio::test]
+async fn a_lease_read_that_fails_is_an_error_not_a_loss() {
+    let (api, mut server) = pair();
+    let r = acquire(&api, &mut server, async |s| {
+        s.expect("GET", LEASE)
+            .await
+            .1
+            .status(500, "InternalError", "etcdserver: leader changed");
+    })
+    .await;
+    assert_eq!(r.unwrap_err().code(), Code::Unavailable);
+    let r = acquire(&api, &mut server, async |s| {
+        s.expect("GET", LEASE).await.1.status(
+            403,
+            "Forbidden",
+            "leases.coordination.k8s.io \"berth-controller\" is forbidden: User \"system:serviceaccount:berth-system:berth-controller\" cannot get resource \"leases\"",
+        );
+    })
+    .await;
+    assert_eq!(r.unwrap_err().code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn release_clears_the_holder_only_when_it_is_ours() {
+    let (api, mut server) = pair();
+    let call = api.release_lease("berth-system", "berth-controller", "controller-a");
+    let serve = async {
+        server
+            .expect("GET", LEASE)
+            .await
+            .1
+            .json(200, lease(Some("controller-a"), "20", 1));
+        let (body, reply) = server.expect("PUT", &format!("{LEASE}?")).await;
+        assert_eq!(
+            scrubbed(body.clone()),
+            json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": { "name": "berth-controller", "namespace": "berth-system", "resourceVersion": "20" },
+                "spec": {
+                    "leaseDurationSeconds": 1, "acquireTime": "<now>", "renewTime": "<now>",
+                    "leaseTransitions": 1,
+                },
+            })
+        );
+        reply.json(200, body);
+    };
+    let (r, ()) = tokio::join!(call, serve);
+    r.unwrap();
+
+    let call = api.release_lease("berth-system", "berth-controller", "controller-a");
+    let serve = async {
+        server
+            .expect("GET", LEASE)
+            .await
+            .1
+            .json(200, lease(Some("controller-b"), "21", 2));
+    };
+    let (r, ()) = tokio::join!(call, serve);
+    r.unwrap();
+    drop(api);
+    assert!(
+        server.next_if_any().await.is_none(),
+        "no write to another holder's lease"
+    );
+}
+
+fn migration(name: &str, version: &str) -> Value {
+    json!({
+        "apiVersion": "berth.csi.dev/v1alpha1", "kind": "VolumeMigration",
+        "metadata": { "name": name, "namespace": "db", "uid": format!("uid-{name}"), "generation": 1, "resourceVersion": version },
+        "spec": { "pvc": "data-pg-0", "targetNode": "node-b" },
+    })
+}
+
+#[tokio::test]
+async fn watch_migrations_lists_then_watches_from_the_list_version() {
+    for namespace in [None, Some("db")] {
+        let prefix = match namespace {
+            None => "/apis/berth.csi.dev/v1alpha1/volumemigrations".to_string(),
+            Some(ns) => format!("/apis/berth.csi.dev/v1alpha1/namespaces/{ns}/volumemigrations"),
+        };
+        let (api, mut server) = pair();
+        let serve = async {
+            server.expect("GET", &format!("{prefix}?")).await.1.json(
+                200,
+                json!({
+                    "apiVersion": "berth.csi.dev/v1alpha1", "kind": "VolumeMigrationList",
+                    "metadata": { "resourceVersion": "300" },
+                    "items": [migration("m1", "290")],
+                }),
+            );
+        };
+        let (r, ()) = tokio::join!(api.watch_migrations(namespace), serve);
+        let mut events = r.unwrap();
+        let Some(Ok(MigrationEvent::Listed(items))) = events.next().await else {
+            panic!("the stream starts with the list");
+        };
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].spec.target_node, "node-b");
+
+        let next = events.next();
+        let serve = async {
+            let (body, reply) = server
+                .expect(
+                    "GET",
+                    &format!("{prefix}?&watch=true&timeoutSeconds=290&allowWatchBookmarks=true&resourceVersion=300"),
+                )
+                .await;
+            assert_eq!(body, Value::Null);
+            let feed = reply.watch();
+            feed.unbounded_send(json!({ "type": "ADDED", "object": migration("m2", "301") }))
+                .unwrap();
+            feed
+        };
+        let (first, feed) = tokio::join!(next, serve);
+        assert!(
+            matches!(first, Some(Ok(MigrationEvent::Applied(m))) if m.metadata.name.as_deref() == Some("m2"))
+        );
+        feed.unbounded_send(json!({ "type": "BOOKMARK", "object": {
+            "apiVersion": "berth.csi.dev/v1alpha1", "kind": "VolumeMigration",
+            "metadata": { "resourceVersion": "305" },
+        }}))
+        .unwrap();
+        let mut m1 = migration("m1", "306");
+        m1["status"] = json!({ "phase": "Copying", "bytesDone": 1, "bytesTotal": 2, "percent": 50, "round": 1, "message": "" });
+        feed.unbounded_send(json!({ "type": "MODIFIED", "object": m1 }))
+            .unwrap();
+        feed.unbounded_send(json!({ "type": "DELETED", "object": migration("m2", "307") }))
+            .unwrap();
+        // The bookmark is skipped.
+        assert!(
+            matches!(events.next().await, Some(Ok(MigrationEvent::Applied(m))) if m.status.as_ref().unwrap().percent == 50)
+        );
+        assert!(
+            matches!(events.next().await, Some(Ok(MigrationEvent::Deleted(m))) if m.metadata.name.as_deref() == Some("m2"))
+        );
+        // The server ends the watch: so does the stream.
+        drop(feed);
+        assert!(events.next().await.is_none());
+    }
+}
+
+#[tokio::test]
+async fn a_watch_that_expires_yields_an_error() {
+    let (api, mut server) = pair();
+    let serve = async {
+        server.expect("GET", "/apis/berth.csi.dev/v1alpha1/volumemigrations?").await.1.json(
+            200,
+            json!({ "apiVersion": "berth.csi.dev/v1alpha1", "kind": "VolumeMigrationList", "metadata": { "resourceVersion": "5" }, "items": [] }),
+        );
+    };
+    let (r, ()) = tokio::join!(api.watch_migrations(None), serve);
+    let mut events = r.unwrap();
+    assert!(matches!(events.next().await, Some(Ok(MigrationEvent::Listed(v))) if v.is_empty()));
+    let next = events.next();
+    let serve = async {
+        let (_, reply) = server.next().await;
+        let feed = reply.watch();
+        feed.unbounded_send(json!({ "type": "ERROR", "object": {
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "too old resource version: 5 (120)", "reason": "Expired", "code": 410,
+        }}))
+        .unwrap();
+        feed
+    };
+    let (e, _feed) = tokio::join!(next, serve);
+    let e = e.unwrap().unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+    assert!(e.to_string().contains("too old resource version"), "{e}");
+}

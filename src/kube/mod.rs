@@ -1,0 +1,124 @@
+//! The thin Kubernetes layer: berth's custom resources ([`crd`]), the few API calls berth
+//! makes ([`ClusterApi`], implemented over kube-rs by [`KubeApi`]) and the background tasks
+//! built on them ([`node_heartbeat`], [`discover_nodes`], [`leader_election`],
+//! [`migrations`]).
+//!
+//! Everything above this module talks to [`ClusterApi`], never to a `kube::Client`, so the
+//! rest of berth is tested without a cluster; this module's own tests run [`KubeApi`] against
+//! a `tower_test` mock of the API server and assert every request it makes.
+//!
+//! The RBAC rules in charts/berth/templates/rbac-*.yaml are exactly the requests made here:
+//! each trait method names the verbs it needs.
+
+mod client;
+pub mod crd;
+mod migrations;
+mod tasks;
+#[cfg(test)]
+mod testing;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+use self::crd::{BerthNodeSpec, BerthNodeStatus, VolumeMigration, VolumeMigrationStatus};
+pub use self::{
+    client::{FIELD_MANAGER, KubeApi, REPORTING_CONTROLLER},
+    migrations::{Migrator, migrations},
+    tasks::{discover_nodes, leader_election, node_heartbeat},
+};
+use crate::error::Result;
+
+/// A BerthNode as the controller sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiscoveredNode {
+    /// The node id (the BerthNode's name).
+    pub id: String,
+    /// Its agent's host:port.
+    pub address: String,
+    pub domain: String,
+    /// None until the node plugin's first status write.
+    pub status: Option<BerthNodeStatus>,
+}
+
+/// What [`ClusterApi::watch_migrations`] yields.
+#[derive(Debug, Clone)]
+pub enum MigrationEvent {
+    /// Every VolumeMigration there is (a fresh list): one not in it is gone.
+    Listed(Vec<VolumeMigration>),
+    /// Created or changed.
+    Applied(VolumeMigration),
+    Deleted(VolumeMigration),
+}
+
+/// The Kubernetes API calls berth makes.
+#[async_trait]
+pub trait ClusterApi: Send + Sync + 'static {
+    /// Node plugin: creates or updates its BerthNode, spec then status, by server-side apply
+    /// with field manager [`FIELD_MANAGER`] (RBAC: berthnodes create, patch;
+    /// berthnodes/status patch).
+    async fn publish_node(
+        &self,
+        node_id: &str,
+        spec: BerthNodeSpec,
+        status: BerthNodeStatus,
+    ) -> Result<()>;
+
+    /// Controller: every BerthNode (RBAC: berthnodes list).
+    async fn list_nodes(&self) -> Result<Vec<DiscoveredNode>>;
+
+    /// Records an events.k8s.io/v1 Event about the PersistentVolumeClaim `namespace/name`:
+    /// `reason` in CamelCase, `message` for people, Warning or Normal. It appears in
+    /// `kubectl describe pvc` (RBAC: persistentvolumeclaims get, for the claim's uid;
+    /// events.k8s.io events create).
+    async fn pvc_event(
+        &self,
+        namespace: &str,
+        name: &str,
+        reason: &str,
+        message: &str,
+        warning: bool,
+    ) -> Result<()>;
+
+    /// The CSI volume handle of the claim's bound PersistentVolume; None while the claim is
+    /// not bound. A claim that does not exist is NOT_FOUND; one bound to a volume of another
+    /// driver is INVALID_ARGUMENT (RBAC: persistentvolumeclaims get, persistentvolumes get).
+    async fn volume_handle(&self, namespace: &str, pvc: &str) -> Result<Option<String>>;
+
+    /// VolumeMigrations in `namespace` (None: every namespace): a list, then a watch from
+    /// that list's resourceVersion. The stream starts with [`MigrationEvent::Listed`]. It
+    /// ends, after an error or without one, when the watch drops (the API server ends every
+    /// watch after a while); call again, which lists afresh (RBAC: volumemigrations list,
+    /// watch).
+    async fn watch_migrations(
+        &self,
+        namespace: Option<&str>,
+    ) -> Result<BoxStream<'static, Result<MigrationEvent>>>;
+
+    /// Replaces a VolumeMigration's status through the status subresource (a JSON merge
+    /// patch of the whole status; RBAC: volumemigrations/status patch).
+    async fn set_migration_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        status: &VolumeMigrationStatus,
+    ) -> Result<()>;
+
+    /// Acquires or renews the coordination.k8s.io/v1 Lease `namespace/name` for `holder`,
+    /// valid `duration_secs`; true when `holder` holds it now. Every write carries the
+    /// resourceVersion read just before, so of two candidates racing for it one gets 409
+    /// Conflict and false. Another holder's lease is taken over only once it has stayed
+    /// unchanged for its whole duration as measured by this process's clock, never by
+    /// comparing the holder's timestamps with ours, so clock skew between nodes cannot make
+    /// two leaders (RBAC: leases get, create, update).
+    async fn try_acquire_lease(
+        &self,
+        namespace: &str,
+        name: &str,
+        holder: &str,
+        duration_secs: u32,
+    ) -> Result<bool>;
+
+    /// Gives up the Lease if `holder` holds it, so that a standby takes over at its next
+    /// try instead of after the lease expires (RBAC: leases get, update).
+    async fn release_lease(&self, namespace: &str, name: &str, holder: &str) -> Result<()>;
+}
