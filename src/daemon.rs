@@ -1,11 +1,19 @@
 //! Starting a berth process: privileges, pool, crash reconciliation, then serving.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::watch;
 
 use crate::{
     agent,
-    cluster::{self, Cluster, ClusterHealth},
+    cluster::{self, Cluster, ClusterHealth, admin::ClusterMigrator},
     error::{Error, Result},
+    kube::{self, ClusterApi, KubeApi, crd::BerthNodeSpec},
     proto::{
         admin::v1::admin_server::AdminServer,
         csi::v1::{
@@ -25,7 +33,28 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     pub tls_dir: PathBuf,
     pub domain: String,
+    /// In Kubernetes: the address peers reach the agent at, published in the node's
+    /// BerthNode object so the controller finds it.
+    pub advertise: Option<String>,
 }
+
+/// How the cluster controller learns its nodes.
+#[derive(Debug, Clone)]
+pub enum Discovery {
+    /// A nodes file (`--nodes`).
+    File(PathBuf),
+    /// BerthNode objects in the Kubernetes API; leader election with a Lease in
+    /// `namespace` among the controller's replicas, which are told apart by `instance`.
+    Kubernetes { namespace: String, instance: String },
+}
+
+/// How often a node republishes its BerthNode, and the controller lists them.
+const HEARTBEAT: Duration = Duration::from_secs(30);
+const DISCOVERY: Duration = Duration::from_secs(10);
+/// How long a controller leads without renewing: a standby takes over this long after the
+/// leader dies.
+const LEASE: Duration = Duration::from_secs(15);
+const LEASE_NAME: &str = "berth-controller";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -40,13 +69,14 @@ pub struct Config {
     pub agent: Option<AgentConfig>,
 }
 
-/// `berth controller --nodes FILE`: drives node agents, holds no pool.
+/// `berth controller --nodes FILE` or `--node-discovery kubernetes`: drives node agents,
+/// holds no pool.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
     pub endpoint: Endpoint,
     pub driver_name: String,
     pub node_id: String,
-    pub nodes_file: PathBuf,
+    pub discovery: Discovery,
     pub tls_dir: PathBuf,
     pub domain: String,
 }
@@ -161,6 +191,30 @@ pub async fn run(cfg: Config) -> Result<()> {
         "berth ready"
     );
     let shutdown = server::shutdown_channel();
+    if let Some(a) = &cfg.agent
+        && let Some(advertise) = &a.advertise
+    {
+        let api: Arc<dyn ClusterApi> =
+            Arc::new(KubeApi::connect(cfg.driver_name.clone(), cfg.node_id.clone()).await?);
+        let spec = BerthNodeSpec {
+            agent_address: advertise.clone(),
+            domain: a.domain.clone(),
+        };
+        let pool = ctx.pool.clone();
+        let capacity = move || {
+            pool.capacity()
+                .map(|c| (c.total_bytes, c.available_bytes))
+                .unwrap_or((0, 0))
+        };
+        tokio::spawn(kube::node_heartbeat(
+            api,
+            cfg.node_id.clone(),
+            spec,
+            capacity,
+            HEARTBEAT,
+            shutdown.clone(),
+        ));
+    }
     let csi = server::serve(
         server::csi_router(ctx.clone(), cfg.roles),
         &cfg.endpoint,
@@ -180,8 +234,57 @@ pub async fn run(cfg: Config) -> Result<()> {
 /// the endpoint, replication in the background. Needs no root: it touches no storage.
 pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
     let tls = TlsMaterial::load(&cfg.tls_dir)?;
-    let cluster = Arc::new(Cluster::load(&cfg.nodes_file, &tls, cfg.domain.clone())?);
-    tracing::info!(nodes = ?cluster.node_ids().collect::<Vec<_>>(), domain = %cfg.domain, "berth cluster controller ready");
+    let shutdown = server::shutdown_channel();
+    let (leader_tx, leader) = watch::channel(false);
+    let cluster = match &cfg.discovery {
+        Discovery::File(path) => {
+            // One controller per nodes file: it always leads.
+            let _ = leader_tx.send(true);
+            Arc::new(Cluster::load(path, &tls, cfg.domain.clone())?)
+        }
+        Discovery::Kubernetes {
+            namespace,
+            instance,
+        } => {
+            let api: Arc<dyn ClusterApi> =
+                Arc::new(KubeApi::connect(cfg.driver_name.clone(), instance.clone()).await?);
+            let cluster = Arc::new(Cluster::new(
+                Default::default(),
+                &tls,
+                cfg.domain.clone(),
+                Some(api.clone()),
+            )?);
+            let members = cluster.clone();
+            tokio::spawn(kube::discover_nodes(
+                api.clone(),
+                cfg.domain.clone(),
+                move |nodes| {
+                    if let Err(e) = members.set_members(nodes) {
+                        tracing::warn!(error = %e, "discovered nodes not taken");
+                    }
+                },
+                DISCOVERY,
+                shutdown.clone(),
+            ));
+            tokio::spawn(kube::leader_election(
+                api.clone(),
+                namespace.clone(),
+                LEASE_NAME.to_string(),
+                instance.clone(),
+                LEASE,
+                leader_tx,
+                shutdown.clone(),
+            ));
+            tokio::spawn(while_leading(
+                leader.clone(),
+                shutdown.clone(),
+                api,
+                Arc::new(ClusterMigrator(cluster.clone())),
+            ));
+            cluster
+        }
+    };
+    tracing::info!(nodes = ?cluster.node_ids(), domain = %cfg.domain, "berth cluster controller ready");
     let info = DriverInfo {
         name: cfg.driver_name.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -204,7 +307,40 @@ pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
         .add_service(AdminServer::new(cluster::admin::AdminService::new(
             cluster.clone(),
         )));
-    let shutdown = server::shutdown_channel();
-    tokio::spawn(cluster::moves::replication_loop(cluster, shutdown.clone()));
+    tokio::spawn(cluster::moves::replication_loop(
+        cluster,
+        leader,
+        shutdown.clone(),
+    ));
     server::serve(router, &cfg.endpoint, shutdown).await
+}
+
+/// Drives VolumeMigration objects only while this controller leads: started when it
+/// becomes leader, stopped when it stops being one.
+async fn while_leading(
+    mut leader: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+    api: Arc<dyn ClusterApi>,
+    migrator: Arc<ClusterMigrator>,
+) {
+    loop {
+        if leader.wait_for(|l| *l).await.is_err() {
+            return;
+        }
+        tracing::info!("leading: driving VolumeMigrations and replication");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(kube::migrations(
+            api.clone(),
+            migrator.clone(),
+            None,
+            stop_rx,
+        ));
+        let lost = leader.wait_for(|l| !*l).await.is_err();
+        let _ = stop_tx.send(true);
+        let _ = task.await;
+        if lost || *shutdown.borrow() {
+            return;
+        }
+        tracing::info!("no longer leading");
+    }
 }

@@ -1,7 +1,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use berth::{
-    daemon::{self, AgentConfig, ClusterConfig, Config},
+    daemon::{self, AgentConfig, ClusterConfig, Config, Discovery},
     proto::admin::v1::{MigrateRequest, admin_client::AdminClient},
     server::{Endpoint, Roles},
     storage::setup::PoolSource,
@@ -24,8 +24,15 @@ enum Command {
         #[command(flatten)]
         common: Common,
         /// Nodes file: one `node-id host:port` (agent address) per line.
-        #[arg(long, requires = "tls_dir")]
+        #[arg(long, requires = "tls_dir", conflicts_with = "node_discovery")]
         nodes: Option<PathBuf>,
+        /// Find the nodes from their BerthNode objects instead of a file, elect a leader
+        /// among controller replicas with a Lease, and drive VolumeMigration objects.
+        #[arg(long, value_enum, requires = "tls_dir")]
+        node_discovery: Option<NodeDiscovery>,
+        /// The namespace of the leader-election Lease.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        namespace: String,
         #[command(flatten)]
         cluster: ClusterArgs,
     },
@@ -37,6 +44,14 @@ enum Command {
         /// Address the node agent serves on (mutual TLS), e.g. 0.0.0.0:7070.
         #[arg(long, env = "BERTH_AGENT_LISTEN", requires = "tls_dir")]
         agent_listen: Option<SocketAddr>,
+        /// Publish this node (agent address, capacity) as a BerthNode object for the
+        /// controller to find.
+        #[arg(long, value_enum, requires = "agent_listen")]
+        node_discovery: Option<NodeDiscovery>,
+        /// The host:port peers reach this node's agent at (default: $POD_IP and the
+        /// --agent-listen port).
+        #[arg(long, env = "BERTH_AGENT_ADVERTISE")]
+        agent_advertise: Option<String>,
         #[command(flatten)]
         cluster: ClusterArgs,
     },
@@ -51,6 +66,8 @@ enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Prints the CustomResourceDefinitions berth uses (BerthNode, VolumeMigration).
+    Crd,
     /// Pre-warms a move: ships VOLUME to NODE while it stays in use where it is, so the
     /// cut-over (the next publish on NODE) ships only the last seconds of change.
     Migrate {
@@ -65,6 +82,11 @@ enum Command {
         )]
         endpoint: String,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum NodeDiscovery {
+    Kubernetes,
 }
 
 #[derive(Args, Clone)]
@@ -243,23 +265,37 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Command::Crd => {
+            print!("{}", berth::kube::crd::crds_yaml());
+            return ExitCode::SUCCESS;
+        }
         Command::Controller {
             common,
-            nodes: Some(nodes),
+            nodes,
+            node_discovery,
+            namespace,
             cluster,
-        } => {
+        } if nodes.is_some() || node_discovery.is_some() => {
             init_logging(common.log_format);
             let Some(endpoint) = endpoint(&common.endpoint) else {
                 return ExitCode::from(2);
             };
+            // A controller replica's id (its pod name in Kubernetes) tells the Lease holders
+            // apart.
+            let node_id = node_id(common.node_id);
+            let discovery = match nodes {
+                Some(file) => Discovery::File(file),
+                None => Discovery::Kubernetes {
+                    namespace,
+                    instance: node_id.clone(),
+                },
+            };
             let cfg = ClusterConfig {
                 endpoint,
                 driver_name: common.driver_name,
-                node_id: node_id(common.node_id),
-                nodes_file: nodes,
-                tls_dir: cluster
-                    .tls_dir
-                    .expect("clap requires --tls-dir with --nodes"),
+                node_id,
+                discovery,
+                tls_dir: cluster.tls_dir.expect("clap requires --tls-dir"),
                 domain: cluster.topology_domain,
             };
             return finish(runtime().block_on(daemon::run_cluster(cfg)));
@@ -275,21 +311,40 @@ fn main() -> ExitCode {
         Command::Node {
             common,
             agent_listen,
+            node_discovery,
+            agent_advertise,
             cluster,
-        } => (
-            Roles {
-                controller: false,
-                node: true,
-            },
-            common,
-            agent_listen.map(|listen| AgentConfig {
-                listen,
-                tls_dir: cluster
-                    .tls_dir
-                    .expect("clap requires --tls-dir with --agent-listen"),
-                domain: cluster.topology_domain,
-            }),
-        ),
+        } => {
+            let advertise = match (node_discovery, agent_advertise, agent_listen) {
+                (None, _, _) => None,
+                (Some(_), Some(a), _) => Some(a),
+                (Some(_), None, Some(listen)) => match std::env::var("POD_IP") {
+                    Ok(ip) if !ip.is_empty() => Some(format!("{ip}:{}", listen.port())),
+                    _ => {
+                        eprintln!(
+                            "berth: --node-discovery kubernetes needs --agent-advertise or $POD_IP: the address peers reach this agent at"
+                        );
+                        return ExitCode::from(2);
+                    }
+                },
+                (Some(_), None, None) => unreachable!("clap requires --agent-listen"),
+            };
+            (
+                Roles {
+                    controller: false,
+                    node: true,
+                },
+                common,
+                agent_listen.map(|listen| AgentConfig {
+                    listen,
+                    tls_dir: cluster
+                        .tls_dir
+                        .expect("clap requires --tls-dir with --agent-listen"),
+                    domain: cluster.topology_domain,
+                    advertise,
+                }),
+            )
+        }
         Command::AllInOne(c) => (
             Roles {
                 controller: true,

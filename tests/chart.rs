@@ -563,6 +563,16 @@ const CRDS: &str = "charts/berth/crds/berth.csi.dev.yaml";
 #[test]
 fn chart_crds_are_what_berth_crd_prints() {
     let want = berth::kube::crd::crds_yaml();
+    let printed = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("crd")
+        .output()
+        .unwrap();
+    assert!(printed.status.success());
+    assert_eq!(
+        String::from_utf8(printed.stdout).unwrap(),
+        want,
+        "`berth crd` prints crds_yaml()"
+    );
     let path = root().join(CRDS);
     if std::env::var_os("BERTH_UPDATE_CRDS").is_some() {
         std::fs::write(&path, &want).unwrap();

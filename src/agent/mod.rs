@@ -135,7 +135,10 @@ impl AgentService {
 }
 
 fn copy_of(v: &VolumeRecord, epoch: u64) -> pb::VolumeCopy {
+    let label = |k: &str| v.labels.get(k).cloned().unwrap_or_default();
     pb::VolumeCopy {
+        pvc_namespace: label("csi.storage.k8s.io/pvc/namespace"),
+        pvc_name: label("csi.storage.k8s.io/pvc/name"),
         volume_id: v.id.to_string(),
         name: v.name.clone(),
         epoch,

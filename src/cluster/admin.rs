@@ -1,4 +1,5 @@
-//! `berth migrate`: pre-warming a move while the volume stays in use.
+//! `berth migrate`: pre-warming a move while the volume stays in use, for an operator at a
+//! terminal (the Admin API) or a VolumeMigration object (Kubernetes, [`ClusterMigrator`]).
 
 use std::sync::Arc;
 
@@ -9,14 +10,67 @@ use tonic::{Request, Response, Status};
 use super::{Cluster, Placement};
 use crate::{
     error::{Error, Result},
-    proto::admin::v1::{self as pb, admin_server::Admin},
+    kube::Migrator,
+    proto::{
+        admin::v1::{self as pb, admin_server::Admin},
+        agent::v1::FetchProgress,
+    },
     service::convert,
+    storage::VolumeId,
 };
 
 /// Rounds stop once one ships at most this much: the rest is what the cut-over ships.
 const SETTLED_BYTES: u64 = 64 << 20;
 /// A volume written faster than the network can ship never settles; stop trying then.
 const MAX_ROUNDS: u32 = 8;
+
+/// A pre-warm's progress: round, bytes of this round done and in all.
+pub type PrewarmProgress<'a> = &'a (dyn Fn(u32, u64, u64) + Send + Sync);
+
+impl Cluster {
+    /// Ships `vol` to `to` round after round while it stays in use where it is, until a
+    /// round ships at most [`SETTLED_BYTES`]. Returns a sentence for the operator.
+    pub async fn prewarm(
+        &self,
+        vol: &VolumeId,
+        to: &str,
+        progress: PrewarmProgress<'_>,
+    ) -> Result<String> {
+        self.member(to)?;
+        let _g = self.inflight.try_lock([vol.to_string()])?;
+        let mut last = 0;
+        for round in 1..=MAX_ROUNDS {
+            let invs = self.inventories().await;
+            let p = Placement::of(vol, &invs)?;
+            let primary = p
+                .primary
+                .clone()
+                .ok_or_else(|| Error::VolumeNotFound(vol.to_string()))?;
+            if primary.node == to {
+                return Ok(format!("volume {vol} already lives on {to}"));
+            }
+            let report = |f: &FetchProgress| progress(round, f.bytes_done, f.bytes_total);
+            let shipped = self
+                .replicate(
+                    vol,
+                    &primary,
+                    std::slice::from_ref(&to.to_string()),
+                    &report,
+                )
+                .await?;
+            last = shipped.first().map_or(0, |(_, b)| *b);
+            if last <= SETTLED_BYTES {
+                return Ok(format!(
+                    "{to} is {last} bytes behind {}; publish the volume on {to} to cut over",
+                    primary.node
+                ));
+            }
+        }
+        Ok(format!(
+            "{to} is still {last} bytes behind after {MAX_ROUNDS} rounds (the volume changes about as fast as it ships); the cut-over ships the rest"
+        ))
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct AdminService {
@@ -29,65 +83,6 @@ impl AdminService {
     }
 }
 
-async fn prewarm(
-    cluster: Arc<Cluster>,
-    req: pb::MigrateRequest,
-    tx: mpsc::Sender<Result<pb::MigrateProgress, Status>>,
-) -> Result<()> {
-    let vol = convert::existing_volume_id(&req.volume_id)?;
-    let to = convert::required(&req.to_node_id, "to_node_id")?.to_string();
-    cluster.member(&to)?;
-    let _g = cluster.inflight.try_lock([vol.to_string()])?;
-    for round in 1..=MAX_ROUNDS {
-        let invs = cluster.inventories().await;
-        let p = Placement::of(&vol, &invs)?;
-        let primary = p
-            .primary
-            .clone()
-            .ok_or_else(|| Error::VolumeNotFound(vol.to_string()))?;
-        if primary.node == to {
-            let _ = tx
-                .send(Ok(pb::MigrateProgress {
-                    phase: "ready".into(),
-                    round,
-                    message: format!("volume {vol} already lives on {to}"),
-                    ..Default::default()
-                }))
-                .await;
-            return Ok(());
-        }
-        let report = |f: &crate::proto::agent::v1::FetchProgress| {
-            let _ = tx.try_send(Ok(pb::MigrateProgress {
-                phase: "copying".into(),
-                bytes_done: f.bytes_done,
-                bytes_total: f.bytes_total,
-                round,
-                message: String::new(),
-            }));
-        };
-        let shipped = cluster
-            .replicate(&vol, &primary, std::slice::from_ref(&to), &report)
-            .await?;
-        let bytes = shipped.first().map_or(0, |(_, b)| *b);
-        if bytes <= SETTLED_BYTES || round == MAX_ROUNDS {
-            let _ = tx
-                .send(Ok(pb::MigrateProgress {
-                    phase: "ready".into(),
-                    bytes_done: bytes,
-                    bytes_total: bytes,
-                    round,
-                    message: format!(
-                        "{to} is {bytes} bytes behind {}; publish the volume on {to} to cut over",
-                        primary.node
-                    ),
-                }))
-                .await;
-            return Ok(());
-        }
-    }
-    Ok(())
-}
-
 #[tonic::async_trait]
 impl Admin for AdminService {
     type MigrateStream = ReceiverStream<Result<pb::MigrateProgress, Status>>;
@@ -97,15 +92,64 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::MigrateRequest>,
     ) -> Result<Response<Self::MigrateStream>, Status> {
+        let req = req.into_inner();
+        let (vol, to) = match (
+            convert::existing_volume_id(&req.volume_id),
+            convert::required(&req.to_node_id, "to_node_id"),
+        ) {
+            (Ok(v), Ok(t)) => (v, t.to_string()),
+            (Err(e), _) | (_, Err(e)) => return Err(e.into()),
+        };
         let (tx, rx) = mpsc::channel(64);
         let cluster = self.cluster.clone();
-        let req = req.into_inner();
         tokio::spawn(async move {
-            if let Err(e) = prewarm(cluster, req, tx.clone()).await {
-                tracing::warn!(error = %e, "pre-warm failed");
-                let _ = tx.send(Err(e.into())).await;
-            }
+            let report = |round, bytes_done, bytes_total| {
+                let _ = tx.try_send(Ok(pb::MigrateProgress {
+                    phase: "copying".into(),
+                    bytes_done,
+                    bytes_total,
+                    round,
+                    message: String::new(),
+                }));
+            };
+            let done = match cluster.prewarm(&vol, &to, &report).await {
+                Ok(message) => Ok(pb::MigrateProgress {
+                    phase: "ready".into(),
+                    message,
+                    ..Default::default()
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pre-warm failed");
+                    Err(e.into())
+                }
+            };
+            let _ = tx.send(done).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// VolumeMigration objects drive the same pre-warm.
+#[derive(Debug, Clone)]
+pub struct ClusterMigrator(pub Arc<Cluster>);
+
+#[async_trait::async_trait]
+impl Migrator for ClusterMigrator {
+    async fn prewarm(
+        &self,
+        volume_id: &str,
+        to: &str,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<()> {
+        let vol = convert::existing_volume_id(volume_id)?;
+        let report = |_round, done, total| progress(done, total);
+        let message = self.0.prewarm(&vol, to, &report).await?;
+        tracing::info!(volume.id = %vol, to, %message, "pre-warm for a VolumeMigration done");
+        Ok(())
+    }
+
+    async fn primary_node(&self, volume_id: &str) -> Result<Option<String>> {
+        let vol = convert::existing_volume_id(volume_id)?;
+        Ok(self.0.locate(&vol).await?.primary.map(|c| c.node))
     }
 }

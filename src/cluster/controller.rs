@@ -98,10 +98,7 @@ impl ClusterController {
             .max()
             .map(|(_, n)| n.clone())
             .ok_or_else(|| {
-                Error::TopologyUnsatisfiable(format!(
-                    "any of {:?}",
-                    self.cluster.node_ids().collect::<Vec<_>>()
-                ))
+                Error::TopologyUnsatisfiable(format!("any of {:?}", self.cluster.node_ids()))
             })
     }
 
@@ -351,16 +348,16 @@ impl ClusterController {
                 }
             }
         }
-        let lists = join_all(self.cluster.node_ids().map(|n| async move {
-            let r = match self.cluster.csi(n) {
+        let lists = join_all(self.cluster.node_ids().into_iter().map(|n| async move {
+            let r = match self.cluster.csi(&n) {
                 Ok(mut c) => c
                     .list_volumes(csi::ListVolumesRequest::default())
                     .await
                     .map(|r| r.into_inner())
-                    .map_err(|s| peer(n, s)),
+                    .map_err(|s| peer(&n, s)),
                 Err(e) => Err(e),
             };
-            (n.to_string(), r)
+            (n, r)
         }))
         .await;
         let mut entries = Vec::new();
@@ -414,7 +411,7 @@ impl ClusterController {
                 }
                 vec![n.clone()]
             }
-            None => self.cluster.node_ids().map(String::from).collect(),
+            None => self.cluster.node_ids(),
         };
         let mut fwd = req.clone();
         fwd.accessible_topology = None;
@@ -482,7 +479,7 @@ impl ClusterController {
         if convert::snapshot_id(&req.snapshot_id)?.is_none() {
             return Ok(csi::DeleteSnapshotResponse {});
         }
-        for n in self.cluster.node_ids() {
+        for n in &self.cluster.node_ids() {
             self.cluster
                 .csi(n)?
                 .delete_snapshot(req.clone())
@@ -500,7 +497,7 @@ impl ClusterController {
         fwd.max_entries = 0;
         fwd.starting_token = String::new();
         let mut entries: Vec<csi::list_snapshots_response::Entry> = Vec::new();
-        for n in self.cluster.node_ids() {
+        for n in &self.cluster.node_ids() {
             let r = self
                 .cluster
                 .csi(n)?
@@ -572,7 +569,23 @@ impl Controller for ClusterController {
         &self,
         req: Request<csi::CreateVolumeRequest>,
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
-        respond(ClusterController::create_volume(self, req.into_inner()).await)
+        let req = req.into_inner();
+        let param = |k: &str| req.parameters.get(k).cloned();
+        let pvc =
+            param("csi.storage.k8s.io/pvc/namespace").zip(param("csi.storage.k8s.io/pvc/name"));
+        let name = req.name.clone();
+        let result = ClusterController::create_volume(self, req).await;
+        if let Err(e) = &result
+            && e.code() != tonic::Code::Aborted
+        {
+            self.cluster.pvc_event(
+                pvc,
+                "ProvisioningFailed",
+                format!("berth could not provision volume {name}: {e}"),
+                true,
+            );
+        }
+        respond(result)
     }
 
     #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id))]
@@ -672,7 +685,7 @@ impl Controller for ClusterController {
         respond(
             async {
                 let mut last = Err(Error::SnapshotNotFound(req.snapshot_id.clone()));
-                for n in self.cluster.node_ids() {
+                for n in &self.cluster.node_ids() {
                     match self.cluster.csi(n)?.get_snapshot(req.clone()).await {
                         Ok(r) => return Ok(r.into_inner()),
                         Err(s) if s.code() == tonic::Code::NotFound => {}
@@ -782,7 +795,7 @@ impl GroupController for ClusterController {
                 if convert::group_id(&req.group_snapshot_id)?.is_none() {
                     return Ok(csi::DeleteVolumeGroupSnapshotResponse {});
                 }
-                for n in self.cluster.node_ids() {
+                for n in &self.cluster.node_ids() {
                     self.cluster
                         .group(n)?
                         .delete_volume_group_snapshot(req.clone())
@@ -804,7 +817,7 @@ impl GroupController for ClusterController {
             async {
                 let _: Option<GroupSnapshotId> = convert::group_id(&req.group_snapshot_id)?;
                 let mut last = Err(Error::GroupSnapshotNotFound(req.group_snapshot_id.clone()));
-                for n in self.cluster.node_ids() {
+                for n in &self.cluster.node_ids() {
                     match self
                         .cluster
                         .group(n)?

@@ -10,13 +10,18 @@ pub mod controller;
 pub mod metadata;
 pub mod moves;
 
-use std::{collections::BTreeMap, path::Path, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{Arc, RwLock},
+};
 
 use futures::future::join_all;
 use tonic::{Status, transport::Channel};
 
 use crate::{
     error::{Error, Result},
+    kube::ClusterApi,
     proto::{
         agent::v1::{self as pb, agent_client::AgentClient},
         csi::v1::{
@@ -38,13 +43,25 @@ pub struct Member {
 }
 
 /// The nodes this controller drives, and the connections to their agents.
-#[derive(Debug)]
 pub struct Cluster {
-    members: BTreeMap<String, Member>,
+    /// Changes when discovery sees nodes come and go (`set_members`).
+    members: RwLock<BTreeMap<String, Member>>,
+    tls: TlsMaterial,
     pub domain: String,
     /// One controller-level operation per volume: a publish that moves data and a
     /// replication round of the same volume must not interleave.
     pub inflight: InFlight,
+    /// Where Events about volumes go (Kubernetes), if anywhere.
+    events: Option<Arc<dyn ClusterApi>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("nodes", &self.node_ids())
+            .field("domain", &self.domain)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Parses a nodes file: one `node-id host:port` per line; blank lines and `#` comments
@@ -81,41 +98,82 @@ impl Cluster {
         nodes: BTreeMap<String, String>,
         tls: &TlsMaterial,
         domain: String,
+        events: Option<Arc<dyn ClusterApi>>,
     ) -> Result<Cluster> {
-        let members = nodes
-            .into_iter()
-            .map(|(id, address)| {
-                let channel = crate::agent::channel(&address, tls)?;
-                Ok((
-                    id.clone(),
-                    Member {
-                        id,
-                        address,
-                        channel,
-                    },
-                ))
-            })
-            .collect::<Result<_>>()?;
-        Ok(Cluster {
-            members,
+        let c = Cluster {
+            members: RwLock::default(),
+            tls: tls.clone(),
             domain,
             inflight: InFlight::default(),
-        })
+            events,
+        };
+        c.set_members(nodes)?;
+        Ok(c)
     }
 
     pub fn load(path: &Path, tls: &TlsMaterial, domain: String) -> Result<Cluster> {
         let text = std::fs::read_to_string(path).map_err(Error::io("read", path))?;
-        Cluster::new(parse_nodes(&text)?, tls, domain)
+        Cluster::new(parse_nodes(&text)?, tls, domain, None)
     }
 
-    pub fn member(&self, node: &str) -> Result<&Member> {
+    /// Makes the member list `nodes` (node id → agent address), keeping the connections
+    /// of members whose address did not change.
+    pub fn set_members(&self, nodes: BTreeMap<String, String>) -> Result<()> {
+        let mut next = BTreeMap::new();
+        let current = self.members.read().expect("members lock poisoned").clone();
+        for (id, address) in nodes {
+            let m = match current.get(&id) {
+                Some(m) if m.address == address => m.clone(),
+                _ => Member {
+                    id: id.clone(),
+                    channel: crate::agent::channel(&address, &self.tls)?,
+                    address,
+                },
+            };
+            next.insert(id, m);
+        }
+        let ids: Vec<&String> = next.keys().collect();
+        tracing::info!(nodes = ?ids, "cluster members");
+        *self.members.write().expect("members lock poisoned") = next;
+        Ok(())
+    }
+
+    pub fn member(&self, node: &str) -> Result<Member> {
         self.members
+            .read()
+            .expect("members lock poisoned")
             .get(node)
+            .cloned()
             .ok_or_else(|| Error::NodeNotFound(node.to_string()))
     }
 
-    pub fn node_ids(&self) -> impl Iterator<Item = &str> {
-        self.members.keys().map(String::as_str)
+    pub fn node_ids(&self) -> Vec<String> {
+        self.members
+            .read()
+            .expect("members lock poisoned")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Records an Event on the volume's claim, when berth runs in Kubernetes and knows the
+    /// claim (from the provisioner's extra-create-metadata). Never waits, never fails the
+    /// operation it reports on.
+    pub fn pvc_event(
+        &self,
+        pvc: Option<(String, String)>,
+        reason: &'static str,
+        message: String,
+        warning: bool,
+    ) {
+        let (Some(api), Some((ns, name))) = (self.events.clone(), pvc) else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Err(e) = api.pvc_event(&ns, &name, reason, &message, warning).await {
+                tracing::warn!(pvc = %format!("{ns}/{name}"), reason, error = %e, "could not record an Event");
+            }
+        });
     }
 
     pub fn agent(&self, node: &str) -> Result<AgentClient<Channel>> {
@@ -136,16 +194,16 @@ impl Cluster {
     /// Every node's inventory, asked in parallel; a node that does not answer is an error
     /// in its slot, not a failure of the whole.
     pub async fn inventories(&self) -> Vec<(String, Result<pb::InventoryResponse>)> {
-        join_all(self.members.keys().map(|id| async move {
-            let r = match self.agent(id) {
+        join_all(self.node_ids().into_iter().map(|id| async move {
+            let r = match self.agent(&id) {
                 Ok(mut c) => c
                     .inventory(pb::InventoryRequest {})
                     .await
                     .map(|r| r.into_inner())
-                    .map_err(|s| peer(id, s)),
+                    .map_err(|s| peer(&id, s)),
                 Err(e) => Err(e),
             };
-            (id.clone(), r)
+            (id, r)
         }))
         .await
     }
@@ -187,6 +245,12 @@ pub struct Copy {
 impl Copy {
     pub fn role(&self) -> pb::Role {
         pb::Role::try_from(self.info.role).unwrap_or(pb::Role::Unspecified)
+    }
+
+    /// The claim this volume serves, when the provisioner said.
+    pub fn pvc(&self) -> Option<(String, String)> {
+        (!self.info.pvc_name.is_empty())
+            .then(|| (self.info.pvc_namespace.clone(), self.info.pvc_name.clone()))
     }
 }
 
@@ -280,6 +344,15 @@ impl Placement {
         v
     }
 
+    /// The claim of the volume, from whichever copy knows it.
+    pub fn pvc(&self) -> Option<(String, String)> {
+        self.primary
+            .iter()
+            .chain(&self.fenced)
+            .chain(&self.replicas)
+            .find_map(Copy::pvc)
+    }
+
     pub fn copy_on(&self, node: &str) -> Option<&Copy> {
         self.primary
             .iter()
@@ -298,16 +371,15 @@ pub fn common_base(a: &pb::VolumeCopy, b: &pb::VolumeCopy) -> Option<String> {
         .map(|s| s.snapshot_id.clone())
 }
 
-/// The cluster controller is ready when it has nodes to drive; each call reports the
-/// nodes it could not reach.
+/// The cluster controller holds no storage of its own, so it is always ready to answer;
+/// whether a node can be reached is reported by each call that needs it. (A Probe failing
+/// while discovery has not found nodes yet would make the liveness probe restart a healthy
+/// controller.)
 #[derive(Debug)]
 pub struct ClusterHealth(pub Arc<Cluster>);
 
 impl Health for ClusterHealth {
     fn check(&self) -> Result<()> {
-        if self.0.members.is_empty() {
-            return Err(Error::PoolUnavailable("no nodes configured".into()));
-        }
         Ok(())
     }
 }
@@ -384,6 +456,99 @@ mod tests {
         ];
         let e = Placement::of(&other, &invs).unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable);
+    }
+
+    /// Records the Events it is asked for; every other call is a test bug.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<(String, String, String, bool)>>);
+
+    #[async_trait::async_trait]
+    impl ClusterApi for Recorder {
+        async fn publish_node(
+            &self,
+            _: &str,
+            _: crate::kube::crd::BerthNodeSpec,
+            _: crate::kube::crd::BerthNodeStatus,
+        ) -> Result<()> {
+            unreachable!()
+        }
+        async fn list_nodes(&self) -> Result<Vec<crate::kube::DiscoveredNode>> {
+            unreachable!()
+        }
+        async fn pvc_event(
+            &self,
+            ns: &str,
+            name: &str,
+            reason: &str,
+            _: &str,
+            warning: bool,
+        ) -> Result<()> {
+            self.0
+                .lock()
+                .unwrap()
+                .push((ns.into(), name.into(), reason.into(), warning));
+            Ok(())
+        }
+        async fn volume_handle(&self, _: &str, _: &str) -> Result<Option<String>> {
+            unreachable!()
+        }
+        async fn watch_migrations(
+            &self,
+            _: Option<&str>,
+        ) -> Result<futures::stream::BoxStream<'static, Result<crate::kube::MigrationEvent>>>
+        {
+            unreachable!()
+        }
+        async fn set_migration_status(
+            &self,
+            _: &str,
+            _: &str,
+            _: &crate::kube::crd::VolumeMigrationStatus,
+        ) -> Result<()> {
+            unreachable!()
+        }
+        async fn try_acquire_lease(&self, _: &str, _: &str, _: &str, _: u32) -> Result<bool> {
+            unreachable!()
+        }
+        async fn release_lease(&self, _: &str, _: &str, _: &str) -> Result<()> {
+            unreachable!()
+        }
+    }
+
+    #[tokio::test]
+    async fn events_go_to_the_claim_when_it_is_known() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::tls::generate(dir.path(), &["controller".to_string()]).unwrap();
+        let tls = TlsMaterial::load(&dir.path().join("controller")).unwrap();
+        let rec = Arc::new(Recorder::default());
+        let c = Cluster::new(BTreeMap::new(), &tls, "default".into(), Some(rec.clone())).unwrap();
+        c.pvc_event(
+            Some(("db".into(), "pg-data".into())),
+            "VolumeMoved",
+            "moved".into(),
+            false,
+        );
+        c.pvc_event(None, "VolumeMoveFailed", "no claim known".into(), true);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            vec![("db".into(), "pg-data".into(), "VolumeMoved".into(), false)]
+        );
+        // Discovery replaces the members; an unchanged address keeps its connection.
+        c.set_members(BTreeMap::from([(
+            "a".to_string(),
+            "127.0.0.1:1".to_string(),
+        )]))
+        .unwrap();
+        c.set_members(BTreeMap::from([
+            ("a".to_string(), "127.0.0.1:1".to_string()),
+            ("b".to_string(), "127.0.0.1:2".to_string()),
+        ]))
+        .unwrap();
+        assert_eq!(c.node_ids(), ["a", "b"]);
+        assert_eq!(c.member("b").unwrap().address, "127.0.0.1:2");
+        c.set_members(BTreeMap::new()).unwrap();
+        assert_eq!(c.member("a").unwrap_err().code(), tonic::Code::NotFound);
     }
 
     #[test]

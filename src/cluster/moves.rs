@@ -98,7 +98,7 @@ impl Cluster {
         on_progress: OnProgress<'_>,
     ) -> Result<()> {
         self.member(to)?;
-        let mut p = self.locate(vol).await?;
+        let p = self.locate(vol).await?;
         if p.is_empty() {
             return Err(Error::VolumeNotFound(vol.to_string()));
         }
@@ -107,6 +107,47 @@ impl Cluster {
         {
             return self.settle_fenced(vol, &p, primary).await;
         }
+        let pvc = p.pvc();
+        let started = std::time::Instant::now();
+        let from = p
+            .primary
+            .as_ref()
+            .or(p.fenced.first())
+            .map(|c| c.node.clone());
+        let result = self.take_over(vol, to, p, on_progress).await;
+        let from = from.unwrap_or_default();
+        match &result {
+            Ok(bytes) => self.pvc_event(
+                pvc,
+                "VolumeMoved",
+                format!(
+                    "berth moved volume {vol} from node {from} to node {to}: {} MiB shipped in {:.1}s",
+                    bytes >> 20,
+                    started.elapsed().as_secs_f64()
+                ),
+                false,
+            ),
+            // Another operation on the volume: the CO retries, nothing to report yet.
+            Err(e) if e.code() == tonic::Code::Aborted => {}
+            Err(e) => self.pvc_event(
+                pvc,
+                "VolumeMoveFailed",
+                format!("berth could not move volume {vol} from node {from} to node {to} (it retries with the next publish): {e}"),
+                true,
+            ),
+        }
+        result.map(|_| ())
+    }
+
+    /// The hand-off proper, from a placement where `to` is not the primary. Returns the
+    /// bytes shipped.
+    async fn take_over(
+        &self,
+        vol: &VolumeId,
+        to: &str,
+        mut p: Placement,
+        on_progress: OnProgress<'_>,
+    ) -> Result<u64> {
         // The copy to take over from: a fence towards `to` left by an earlier attempt, or
         // the primary.
         let source = match p.fenced.iter().find(|c| c.info.fenced_to == to) {
@@ -163,19 +204,20 @@ impl Cluster {
         let snap = fenced.snapshot.unwrap_or_default().snapshot_id;
         failpoint::hit("handoff:after-fence");
         tracing::info!(volume.id = %vol, from = %source.node, to, epoch, base = ?base, "hand-off: shipping the final snapshot");
-        self.ship(
-            Shipment {
-                vol,
-                from: &source.node,
-                to,
-                snapshot: &snap,
-                base,
-                epoch,
-                template: fenced.template,
-            },
-            on_progress,
-        )
-        .await?;
+        let shipped = self
+            .ship(
+                Shipment {
+                    vol,
+                    from: &source.node,
+                    to,
+                    snapshot: &snap,
+                    base,
+                    epoch,
+                    template: fenced.template,
+                },
+                on_progress,
+            )
+            .await?;
         failpoint::hit("handoff:after-ship");
         self.agent(to)?
             .promote(pb::PromoteRequest {
@@ -196,7 +238,7 @@ impl Cluster {
             })
             .await
             .map_err(|s| peer(&source.node, s))?;
-        Ok(())
+        Ok(shipped.bytes_done)
     }
 
     /// Finishes hand-offs whose promotion happened but whose old copy was not settled.
@@ -399,13 +441,23 @@ impl Moves {
 /// Background replication: every second, each primary whose newest replica is older than
 /// its interval (or which lacks replicas) gets a round. Rounds of different volumes run
 /// concurrently; a volume's round never overlaps another operation on it.
-pub async fn replication_loop(cluster: Arc<Cluster>, shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn replication_loop(
+    cluster: Arc<Cluster>,
+    leader: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let failing: Arc<Mutex<std::collections::HashSet<VolumeId>>> = Arc::default();
     loop {
         tick.tick().await;
         if *shutdown.borrow() {
             return;
+        }
+        // Only the leader schedules rounds: two controllers would cut and prune each
+        // other's snapshots.
+        if !*leader.borrow() {
+            continue;
         }
         let invs = cluster.inventories().await;
         let mut due = Vec::new();
@@ -454,15 +506,31 @@ pub async fn replication_loop(cluster: Arc<Cluster>, shutdown: tokio::sync::watc
             let lag: Vec<(String, Option<i64>)> =
                 targets.iter().map(|t| (t.clone(), newest_age(t))).collect();
             tracing::debug!(volume.id = %vol, ?lag, "replication round due (seconds behind per replica)");
-            let cluster = cluster.clone();
+            let (cluster, failing, pvc) = (cluster.clone(), failing.clone(), p.pvc());
             tokio::spawn(async move {
                 let _guard = guard;
                 match cluster.replicate(&vol, &primary, &targets, &ignore).await {
                     Ok(done) => {
-                        tracing::info!(volume.id = %vol, shipped = ?done, "replication round done")
+                        tracing::info!(volume.id = %vol, shipped = ?done, "replication round done");
+                        if failing.lock().expect("failing lock poisoned").remove(&vol) {
+                            cluster.pvc_event(
+                                pvc,
+                                "ReplicationRecovered",
+                                format!("replicas of volume {vol} are up to date again"),
+                                false,
+                            );
+                        }
                     }
                     Err(e) => {
-                        tracing::warn!(volume.id = %vol, error = %e, "replication round failed")
+                        tracing::warn!(volume.id = %vol, error = %e, "replication round failed");
+                        // One Event when a volume starts failing, not one per retry.
+                        if failing
+                            .lock()
+                            .expect("failing lock poisoned")
+                            .insert(vol.clone())
+                        {
+                            cluster.pvc_event(pvc, "ReplicationFailed", format!("replication of volume {vol} to {targets:?} failed (retrying every second): {e}"), true);
+                        }
                     }
                 }
             });
