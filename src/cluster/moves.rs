@@ -113,9 +113,15 @@ impl Cluster {
             .primary
             .as_ref()
             .or(p.fenced.first())
-            .map(|c| c.node.clone());
+            .map(|c| c.node.clone())
+            .unwrap_or_default();
+        self.pvc_event(
+            pvc.clone(),
+            "VolumeMoveStarted",
+            format!("berth is moving volume {vol} from node {from} to node {to}, where it is being attached"),
+            false,
+        );
         let result = self.take_over(vol, to, p, on_progress).await;
-        let from = from.unwrap_or_default();
         match &result {
             Ok(bytes) => self.pvc_event(
                 pvc,
