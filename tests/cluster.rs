@@ -645,3 +645,167 @@ async fn a_snapshot_restores_on_a_node_that_did_not_hold_it() {
         assert!(c.inventory(i).await.snapshots.is_empty());
     }
 }
+
+/// The cluster controller answers as the spec's tables say, whatever node holds the data:
+/// idempotent create (one volume, on one node), same name with other parameters, missing
+/// ids, unknown nodes, pagination across nodes, capacity per node and per domain.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cluster_controller_follows_the_spec_tables() {
+    use tonic::Code;
+    let c = TestCluster::start(2).await;
+    let ctl = c.ctl().await;
+
+    // CreateVolume: a repeat is the same volume; another size under the same name is
+    // ALREADY_EXISTS; volumes spread by free space.
+    let a = create_block(&c, "spec-a", 0, &[]).await;
+    let again = create_block(&c, "spec-a", 1, &[]).await;
+    assert_eq!(
+        a, again,
+        "a repeat answers with the first volume, wherever asked"
+    );
+    assert_eq!(c.copies(&a).await, vec![(0, pb::Role::Primary)]);
+    let err = ctl
+        .clone()
+        .create_volume(create_req("spec-a", 2 * VOL, block_cap()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let b = create_volume(&ctl, create_req("spec-b", VOL, block_cap())).await;
+
+    // Deletes and unpublishes of what does not exist succeed.
+    let unknown = "vol-00000000000000000000000000000000";
+    ctl.clone()
+        .delete_volume(delete_volume_req(unknown))
+        .await
+        .unwrap();
+    ctl.clone()
+        .delete_volume(delete_volume_req("not-an-id"))
+        .await
+        .unwrap();
+    ctl.clone()
+        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: unknown.into(),
+            node_id: "node-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    ctl.clone()
+        .delete_snapshot(delete_snapshot_req("snap-00000000000000000000000000000000"))
+        .await
+        .unwrap();
+
+    // Publish: unknown volume and unknown node are NOT_FOUND; no capability is
+    // INVALID_ARGUMENT.
+    for (label, req, want) in [
+        (
+            "unknown volume",
+            ctl_publish(unknown, "node-a"),
+            Code::NotFound,
+        ),
+        ("unknown node", ctl_publish(&a, "node-z"), Code::NotFound),
+        (
+            "no capability",
+            csi::ControllerPublishVolumeRequest {
+                volume_capability: None,
+                ..ctl_publish(&a, "node-a")
+            },
+            Code::InvalidArgument,
+        ),
+    ] {
+        let got = ctl
+            .clone()
+            .controller_publish_volume(req)
+            .await
+            .unwrap_err()
+            .code();
+        assert_eq!(got, want, "ControllerPublishVolume: {label}");
+    }
+    let get = ctl
+        .clone()
+        .controller_get_volume(get_volume_req(unknown))
+        .await
+        .unwrap_err();
+    assert_eq!(get.code(), Code::NotFound);
+
+    // ListVolumes pages across both nodes; a token berth never issued is ABORTED.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = ctl
+            .clone()
+            .list_volumes(csi::ListVolumesRequest {
+                max_entries: 1,
+                starting_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 1);
+        seen.extend(
+            page.entries
+                .iter()
+                .map(|e| e.volume.as_ref().unwrap().volume_id.clone()),
+        );
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    seen.sort();
+    let mut want = vec![a.clone(), b.volume_id.clone()];
+    want.sort();
+    assert_eq!(seen, want);
+    let bad = ctl
+        .clone()
+        .list_volumes(csi::ListVolumesRequest {
+            max_entries: 1,
+            starting_token: "bogus".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::Aborted);
+
+    // GetCapacity: a node's own, or the largest any node of the domain can take.
+    let cap = |segments: &[(&str, &str)]| csi::GetCapacityRequest {
+        volume_capabilities: vec![block_cap()],
+        accessible_topology: Some(csi::Topology {
+            segments: segments
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }),
+        ..Default::default()
+    };
+    let node_a = ctl
+        .clone()
+        .get_capacity(cap(&[("topology.berth.csi.dev/node", "node-a")]))
+        .await
+        .unwrap()
+        .into_inner()
+        .available_capacity;
+    let domain = ctl
+        .clone()
+        .get_capacity(cap(&[("topology.berth.csi.dev/domain", "default")]))
+        .await
+        .unwrap()
+        .into_inner()
+        .available_capacity;
+    assert!(node_a > 0 && domain >= node_a, "{node_a} {domain}");
+    let nowhere = ctl
+        .clone()
+        .get_capacity(cap(&[("topology.berth.csi.dev/node", "node-z")]))
+        .await
+        .unwrap()
+        .into_inner()
+        .available_capacity;
+    assert_eq!(nowhere, 0);
+
+    for v in [a, b.volume_id] {
+        ctl.clone()
+            .delete_volume(delete_volume_req(&v))
+            .await
+            .unwrap();
+        assert_eq!(c.copies(&v).await, vec![]);
+    }
+}
