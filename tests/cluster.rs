@@ -439,6 +439,61 @@ async fn killing_the_source_between_fence_and_final_snapshot() {
     assert_moved(&c, 1, &vol, &hash).await;
 }
 
+/// The network drops the connection mid-stream while both nodes stay up: the old primary is
+/// intact and fenced, and the retry resumes the transfer where it was cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_cut_mid_stream_resumes_on_retry() {
+    let mut c = TestCluster::start_proxied(2, &[0]).await;
+    let (vol, hash) = volume_with_data(&c, "pvc-cut", 200, &[]).await;
+    c.restart_node(0, Some("send:chunk:sleep=30")).await;
+    let ctl = c.ctl().await;
+    let (v2, b) = (vol.clone(), c.nodes[1].id.clone());
+    let publish = tokio::spawn(async move {
+        ctl.clone()
+            .controller_publish_volume(ctl_publish(&v2, &b))
+            .await
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while c.counters(1).await.received_data_bytes < 80 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "transfer never started\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.proxies[0].cut();
+    assert!(
+        publish.await.unwrap().is_err(),
+        "the cut fails this attempt"
+    );
+    assert_eq!(
+        c.copies(&vol).await,
+        vec![(0, pb::Role::Fenced)],
+        "old primary intact, fenced"
+    );
+    try_publish(&c, 1, &vol)
+        .await
+        .unwrap_or_else(|e| panic!("retry: {e:?}\n{}", c.logs()));
+    let counters = c.counters(1).await;
+    assert_eq!(counters.transfers_resumed, 1, "{counters:?}");
+    assert!(
+        counters.received_data_bytes < (200 << 20) + (80 << 20),
+        "the retry resumed rather than starting over: {counters:?}"
+    );
+    assert!(c.nodes[0].child.is_some(), "no process died");
+    c.ctl()
+        .await
+        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: vol.clone(),
+            node_id: "node-b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_moved(&c, 1, &vol, &hash).await;
+}
+
 /// The controller is killed at each step of a hand-off; a new controller, knowing nothing
 /// but the nodes' inventories, finishes the move on the retried publish.
 #[tokio::test(flavor = "multi_thread")]

@@ -45,6 +45,46 @@ pub struct TestCluster {
     pub nodes: Vec<NodeProc>,
     pub controller: Option<Child>,
     pub controller_failpoint: Option<String>,
+    /// TCP proxies in front of some nodes' agents (see [`TestCluster::start_proxied`]).
+    pub proxies: Vec<Proxy>,
+}
+
+/// A TCP proxy on loopback whose live connections can be cut at once, while new ones are
+/// still accepted: a network that drops connections, without any process dying.
+pub struct Proxy {
+    pub port: u16,
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl Proxy {
+    pub async fn start(target: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let gen_tx = generation.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut cut = gen_tx.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, generation }
+    }
+
+    /// Drops every connection open now.
+    pub fn cut(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
 }
 
 fn free_port() -> u16 {
@@ -81,6 +121,12 @@ async fn wait_for_socket(
 impl TestCluster {
     /// Starts `n` nodes (node-a, node-b, ...) and the controller.
     pub async fn start(n: usize) -> TestCluster {
+        TestCluster::start_proxied(n, &[]).await
+    }
+
+    /// As [`TestCluster::start`], with the agents of the nodes at `proxied` reached (by
+    /// the controller and by peers) through a [`Proxy`] each, in the same order.
+    pub async fn start_proxied(n: usize, proxied: &[usize]) -> TestCluster {
         require_root();
         let dir = tempfile::Builder::new()
             .prefix("berth-cluster-")
@@ -106,11 +152,22 @@ impl TestCluster {
             nodes,
             controller: None,
             controller_failpoint: None,
+            proxies: Vec::new(),
         };
+        for &i in proxied {
+            c.proxies.push(Proxy::start(c.nodes[i].port).await);
+        }
         let nodes_file: String = c
             .nodes
             .iter()
-            .map(|n| format!("{} 127.0.0.1:{}\n", n.id, n.port))
+            .enumerate()
+            .map(|(i, n)| {
+                let port = proxied
+                    .iter()
+                    .position(|&p| p == i)
+                    .map_or(n.port, |k| c.proxies[k].port);
+                format!("{} 127.0.0.1:{port}\n", n.id)
+            })
             .collect();
         std::fs::write(c.dir.path().join("nodes"), nodes_file).unwrap();
         for i in 0..n {
