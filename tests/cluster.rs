@@ -66,6 +66,12 @@ async fn detach(c: &TestCluster, i: usize, vol: &str) {
     n.node_unstage_volume(unstage_req(vol, &staging))
         .await
         .unwrap();
+    ctl_unpublish(c, vol, &c.nodes[i].id).await;
+}
+
+/// ControllerUnpublishVolume, retried on ABORTED (a replication round or a move of the
+/// volume under way), as a CO does.
+async fn ctl_unpublish(c: &TestCluster, vol: &str, node: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let r = c
@@ -73,16 +79,16 @@ async fn detach(c: &TestCluster, i: usize, vol: &str) {
             .await
             .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
                 volume_id: vol.into(),
-                node_id: c.nodes[i].id.clone(),
+                node_id: node.into(),
                 ..Default::default()
             })
             .await;
         match r {
-            Ok(_) => break,
+            Ok(_) => return,
             Err(e) if e.code() == tonic::Code::Aborted && std::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await
             }
-            Err(e) => panic!("unpublish on node {i}: {e:?}"),
+            Err(e) => panic!("unpublish on {node}: {e:?}"),
         }
     }
 }
@@ -313,15 +319,7 @@ async fn killing_the_target_mid_move_resumes_on_retry() {
         counters.received_data_bytes < 200 << 20,
         "the retry did not start from zero: {counters:?}"
     );
-    c.ctl()
-        .await
-        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: vol.clone(),
-            node_id: "node-b".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    ctl_unpublish(&c, &vol, "node-b").await;
     assert_moved(&c, 1, &vol, &hash).await;
 
     // Killed while promoting: after the new volume record, and after the image is in place
@@ -337,15 +335,7 @@ async fn killing_the_target_mid_move_resumes_on_retry() {
         try_publish(&c, to, &vol)
             .await
             .unwrap_or_else(|e| panic!("{fp}: retry: {e:?}\n{}", c.logs()));
-        c.ctl()
-            .await
-            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-                volume_id: vol.clone(),
-                node_id: c.nodes[to].id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        ctl_unpublish(&c, &vol, &c.nodes[to].id).await;
         assert_moved(&c, to, &vol, &hash).await;
         at = to;
     }
@@ -392,15 +382,7 @@ async fn killing_the_source_mid_stream_leaves_it_intact_and_the_retry_completes(
         .await
         .unwrap_or_else(|e| panic!("retry: {e:?}\n{}", c.logs()));
     assert_eq!(c.counters(1).await.transfers_resumed, 1);
-    c.ctl()
-        .await
-        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: vol.clone(),
-            node_id: "node-b".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    ctl_unpublish(&c, &vol, "node-b").await;
     assert_moved(&c, 1, &vol, &hash).await;
 }
 
@@ -427,15 +409,7 @@ async fn killing_the_source_between_fence_and_final_snapshot() {
     try_publish(&c, 1, &vol)
         .await
         .unwrap_or_else(|e| panic!("retry: {e:?}\n{}", c.logs()));
-    c.ctl()
-        .await
-        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: vol.clone(),
-            node_id: "node-b".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    ctl_unpublish(&c, &vol, "node-b").await;
     assert_moved(&c, 1, &vol, &hash).await;
 }
 
@@ -482,15 +456,7 @@ async fn a_connection_cut_mid_stream_resumes_on_retry() {
         "the retry resumed rather than starting over: {counters:?}"
     );
     assert!(c.nodes[0].child.is_some(), "no process died");
-    c.ctl()
-        .await
-        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-            volume_id: vol.clone(),
-            node_id: "node-b".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    ctl_unpublish(&c, &vol, "node-b").await;
     assert_moved(&c, 1, &vol, &hash).await;
 }
 
@@ -516,15 +482,7 @@ async fn killing_the_controller_at_each_step_of_a_move_loses_nothing() {
         try_publish(&c, to, &vol)
             .await
             .unwrap_or_else(|e| panic!("{step}: retry: {e:?}\n{}", c.logs()));
-        c.ctl()
-            .await
-            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-                volume_id: vol.clone(),
-                node_id: c.nodes[to].id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        ctl_unpublish(&c, &vol, &c.nodes[to].id).await;
         assert_moved(&c, to, &vol, &hash).await;
         at = to;
     }

@@ -644,15 +644,7 @@ impl Controller for ClusterController {
         &self,
         _: Request<csi::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
-        use csi::controller_service_capability::{Rpc, Type};
-        Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
-            capabilities: capabilities::CONTROLLER
-                .iter()
-                .map(|&t| csi::ControllerServiceCapability {
-                    r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
-                })
-                .collect(),
-        }))
+        Ok(Response::new(capabilities::controller_response()))
     }
 
     #[tracing::instrument(skip_all, fields(name = %req.get_ref().name, volume.id = %req.get_ref().source_volume_id))]
@@ -740,14 +732,7 @@ impl GroupController for ClusterController {
         &self,
         _: Request<csi::GroupControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::GroupControllerGetCapabilitiesResponse>, Status> {
-        use csi::group_controller_service_capability::{Rpc, Type, rpc};
-        Ok(Response::new(csi::GroupControllerGetCapabilitiesResponse {
-            capabilities: vec![csi::GroupControllerServiceCapability {
-                r#type: Some(Type::Rpc(Rpc {
-                    r#type: rpc::Type::CreateDeleteGetVolumeGroupSnapshot as i32,
-                })),
-            }],
-        }))
+        Ok(Response::new(capabilities::group_response()))
     }
 
     /// A group is cut by one node's freeze: its members must share a node.

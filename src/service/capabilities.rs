@@ -2,6 +2,7 @@
 //! reviewed together.
 
 use crate::proto::csi::v1::{
+    self as csi,
     controller_service_capability::rpc::Type as CtrlCap,
     group_controller_service_capability::rpc::Type as GroupCap,
     node_service_capability::rpc::Type as NodeCap,
@@ -67,4 +68,30 @@ pub fn access_mode_supported(mode: Mode) -> bool {
 
 pub fn read_only_mode(mode: Mode) -> bool {
     matches!(mode, Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly)
+}
+
+/// ControllerGetCapabilities' answer, the same for a single node and a cluster.
+pub fn controller_response() -> csi::ControllerGetCapabilitiesResponse {
+    use csi::controller_service_capability::{Rpc, Type};
+    csi::ControllerGetCapabilitiesResponse {
+        capabilities: CONTROLLER
+            .iter()
+            .map(|&t| csi::ControllerServiceCapability {
+                r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
+            })
+            .collect(),
+    }
+}
+
+/// GroupControllerGetCapabilities' answer, the same for a single node and a cluster.
+pub fn group_response() -> csi::GroupControllerGetCapabilitiesResponse {
+    use csi::group_controller_service_capability::{Rpc, Type};
+    csi::GroupControllerGetCapabilitiesResponse {
+        capabilities: GROUP
+            .iter()
+            .map(|&t| csi::GroupControllerServiceCapability {
+                r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
+            })
+            .collect(),
+    }
 }

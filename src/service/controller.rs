@@ -529,15 +529,7 @@ impl Controller for ControllerService {
         &self,
         _: Request<csi::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
-        use csi::controller_service_capability::{Rpc, Type};
-        Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
-            capabilities: capabilities::CONTROLLER
-                .iter()
-                .map(|&t| csi::ControllerServiceCapability {
-                    r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
-                })
-                .collect(),
-        }))
+        Ok(Response::new(capabilities::controller_response()))
     }
 
     #[tracing::instrument(skip_all, fields(name = %req.get_ref().name, volume.id = %req.get_ref().source_volume_id))]

@@ -261,15 +261,7 @@ impl GroupController for GroupService {
         &self,
         _: Request<csi::GroupControllerGetCapabilitiesRequest>,
     ) -> Result<Response<csi::GroupControllerGetCapabilitiesResponse>, Status> {
-        use csi::group_controller_service_capability::{Rpc, Type};
-        Ok(Response::new(csi::GroupControllerGetCapabilitiesResponse {
-            capabilities: capabilities::GROUP
-                .iter()
-                .map(|&t| csi::GroupControllerServiceCapability {
-                    r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
-                })
-                .collect(),
-        }))
+        Ok(Response::new(capabilities::group_response()))
     }
 
     #[tracing::instrument(skip_all, fields(name = %req.get_ref().name))]
