@@ -9,6 +9,8 @@
 //! - "p99": the 99th percentile (nearest rank) of all samples of all rounds pooled; with one
 //!   sample per round that is the worst round.
 //!
+//! Section 7 (`--only move`) starts a two-node cluster instead (src/bin/bench/move.rs).
+//!
 //! Tables go to stdout, progress to stderr: `berth-bench > results.md`. Needs root (berth
 //! attaches loop devices and mounts), fio, filefrag, xfs_io and coreutils. Everything the
 //! bench mounted or attached is undone and its temp dir removed, also after an error or
@@ -42,6 +44,10 @@ macro_rules! bail {
 macro_rules! note {
     ($($t:tt)*) => { eprintln!("[berth-bench] {}", format!($($t)*)) };
 }
+
+// After the macros: a module sees only the macros defined above its declaration.
+#[path = "bench/move.rs"]
+mod move_section;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -98,6 +104,34 @@ struct Cli {
     /// fio: I/O engine (libaio or io_uring).
     #[arg(long, default_value = "libaio")]
     fio_engine: String,
+    /// move: size of each node's embedded pool image (sparse); must hold the big volume.
+    #[arg(long, default_value = "96Gi")]
+    move_pool_size: String,
+    /// move: size of the pre-warmed and stop-and-copy volumes, GiB.
+    #[arg(long, default_value_t = 8)]
+    move_volume_gib: u64,
+    /// move: size of the big pre-warmed volume (same data, same changes), GiB.
+    #[arg(long, default_value_t = 64)]
+    move_big_volume_gib: u64,
+    /// move: data written before the pre-warm, GiB.
+    #[arg(long, default_value_t = 2)]
+    move_data_gib: u64,
+    /// move: data changed after the pre-warm, before the cut-over, MiB.
+    #[arg(long, default_value_t = 64)]
+    move_change_mib: u64,
+    /// move: sizes of the fully written volumes moved without a replica, GiB.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    move_full_gib: Vec<u64>,
+    /// move: rounds of the full moves (default: --runs).
+    #[arg(long)]
+    move_full_runs: Option<usize>,
+    /// move: rounds of the largest full move (default: --move-full-runs), to keep the
+    /// section's time in bounds.
+    #[arg(long)]
+    move_largest_full_runs: Option<usize>,
+    /// move: copy the controller's and nodes' logs into this directory before cleaning up.
+    #[arg(long)]
+    move_keep_logs: Option<PathBuf>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,15 +148,18 @@ enum Section {
     Memory,
     /// 6. fio on a published volume vs the pool filesystem.
     Fio,
+    /// 7. Moving volumes between the nodes of a two-node cluster.
+    Move,
 }
 
 impl Section {
-    const ALL: [Section; 5] = [
+    const ALL: [Section; 6] = [
         Section::Rpc,
         Section::Snapshot,
         Section::Stage,
         Section::Memory,
         Section::Fio,
+        Section::Move,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -131,6 +168,7 @@ impl Section {
             Section::Stage => "stage",
             Section::Memory => "memory",
             Section::Fio => "fio",
+            Section::Move => "move",
         }
     }
 }
@@ -909,13 +947,14 @@ async fn machine_summary(cfg: &Cfg) -> String {
     let fio = run("fio", &["--version"]).await.unwrap_or_default();
     let berth_version = run(p(&cfg.berth), &["--version"]).await.unwrap_or_default();
     format!(
-        "- kernel: `{}`, {cores} cores ({cpu}), {mem} RAM\n- {} (`{}`), {}\n- workdir: `{}` (pool: sparse {} image per berth process)\n- load average at start: {}",
+        "- kernel: `{}`, {cores} cores ({cpu}), {mem} RAM\n- {} (`{}`), {}\n- workdir: `{}` (pool: sparse {} image per berth process; {} per node in the move section)\n- load average at start: {}",
         uname.trim(),
         berth_version.trim(),
         cfg.berth.display(),
         fio.trim(),
         cfg.root.display(),
         cfg.cli.pool_size,
+        cfg.cli.move_pool_size,
         loadavg()
     )
 }
@@ -2081,6 +2120,9 @@ async fn preflight(cfg: &Cfg, sections: &[Section]) -> Result<()> {
     if sections.contains(&Section::Fio) {
         tools.push("fio");
     }
+    if sections.contains(&Section::Move) {
+        tools.extend(["fio", "fstrim", "fsfreeze"]);
+    }
     for tool in tools {
         if run("sh", &["-c", &format!("command -v {tool}")])
             .await
@@ -2116,6 +2158,7 @@ async fn bench(cfg: &Cfg, sections: &[Section]) -> Result<()> {
             Section::Stage => bench_stage(cfg).await?,
             Section::Memory => bench_memory(cfg).await?,
             Section::Fio => bench_fio(cfg).await?,
+            Section::Move => move_section::bench_move(cfg).await?,
         }
         say(&format!(
             "_Section took {:.1} s; load average after: {}._\n",
