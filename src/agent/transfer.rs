@@ -43,6 +43,9 @@ use crate::{
 pub const CHUNK: u64 = 4 * MIB;
 /// Chunks in flight between the sender's reader and the network.
 const QUEUE: usize = 4;
+/// Chunks smaller than this travel together, up to [`BATCH_BYTES`] a message.
+const BATCH_BELOW: u64 = 256 * 1024;
+const BATCH_BYTES: u64 = MIB;
 /// Pieces the sender asks the kernel to read ahead of the one it sends.
 const READ_AHEAD: usize = 64;
 /// How much is applied between durable progress records.
@@ -187,6 +190,7 @@ fn stream_chunks(
     // one is sent, so a delta of scattered blocks is read with many requests in flight
     // rather than one at a time.
     let mut hinted = 0;
+    let mut batch = Batch::default();
     for (i, c) in chunks.iter().enumerate() {
         while hinted < chunks.len() && hinted < i + READ_AHEAD {
             if let Piece::Data { offset, len } = chunks[hinted]
@@ -235,16 +239,31 @@ fn stream_chunks(
                 }
             }
         };
-        failpoint::hit("send:chunk");
-        if tx
-            .blocking_send(Ok(pb::SendMessage {
-                body: Some(Body::Chunk(chunk)),
-            }))
-            .is_err()
-        {
-            // The receiver went away; it resumes with a new request.
-            return Ok(());
+        let size = chunk.data.len() as u64;
+        if size >= BATCH_BELOW {
+            if !batch.flush(tx) {
+                return Ok(());
+            }
+            failpoint::hit("send:chunk");
+            if tx
+                .blocking_send(Ok(pb::SendMessage {
+                    body: Some(Body::Chunk(chunk)),
+                }))
+                .is_err()
+            {
+                // The receiver went away; it resumes with a new request.
+                return Ok(());
+            }
+        } else {
+            batch.bytes += size;
+            batch.chunks.push(chunk);
+            if batch.bytes >= BATCH_BYTES && !batch.flush(tx) {
+                return Ok(());
+            }
         }
+    }
+    if !batch.flush(tx) {
+        return Ok(());
     }
     let _ = tx.blocking_send(Ok(pb::SendMessage {
         body: Some(Body::Trailer(pb::TransferTrailer {
@@ -252,6 +271,29 @@ fn stream_chunks(
         })),
     }));
     Ok(())
+}
+
+/// Small chunks waiting to travel together.
+#[derive(Default)]
+struct Batch {
+    chunks: Vec<pb::Chunk>,
+    bytes: u64,
+}
+
+impl Batch {
+    /// Sends what is waiting; false when the receiver went away.
+    fn flush(&mut self, tx: &mpsc::Sender<Result<pb::SendMessage, Status>>) -> bool {
+        if self.chunks.is_empty() {
+            return true;
+        }
+        failpoint::hit("send:chunk");
+        self.bytes = 0;
+        let chunks = std::mem::take(&mut self.chunks);
+        tx.blocking_send(Ok(pb::SendMessage {
+            body: Some(Body::Batch(pb::ChunkBatch { chunks })),
+        }))
+        .is_ok()
+    }
 }
 
 /// What a receive is asked to produce.
@@ -453,57 +495,67 @@ pub async fn receive(
         .await;
     let trailer = loop {
         let msg = stream.message().await.map_err(peer_err)?;
-        let chunk = match msg.and_then(|m| m.body) {
-            Some(Body::Chunk(c)) => c,
+        let chunks = match msg.and_then(|m| m.body) {
+            Some(Body::Chunk(c)) => vec![c],
+            Some(Body::Batch(b)) => b.chunks,
             Some(Body::Trailer(t)) => break t,
             Some(Body::Header(_)) => return Err(verify_err(&job, "a second header")),
             None => return Err(verify_err(&job, "the stream ended before its trailer")),
         };
-        let (kind, len) = if chunk.zero_length > 0 {
-            (KIND_ZERO, chunk.zero_length)
-        } else {
-            (KIND_DATA, chunk.data.len() as u64)
-        };
-        let actual = blake3::hash(&chunk.data);
-        if actual.as_bytes().as_slice() != chunk.digest.as_slice()
-            || chunk.offset < st.next_offset
-            || chunk.offset.saturating_add(len) > header.size_bytes
-        {
-            add(&counters.rejected, 1);
-            return Err(verify_err(
-                &job,
-                &format!("chunk at offset {} does not verify", chunk.offset),
-            ));
-        }
-        tokio::task::block_in_place(|| -> Result<()> {
-            if kind == KIND_DATA {
-                file.write_all_at(&chunk.data, chunk.offset)
-                    .map_err(Error::io("write", &img))?;
+        for chunk in chunks {
+            let (kind, len) = if chunk.zero_length > 0 {
+                (KIND_ZERO, chunk.zero_length)
             } else {
-                punch(&file, &img, chunk.offset, len)?;
+                (KIND_DATA, chunk.data.len() as u64)
+            };
+            let actual = blake3::hash(&chunk.data);
+            if actual.as_bytes().as_slice() != chunk.digest.as_slice()
+                || chunk.offset < st.next_offset
+                || chunk.offset.saturating_add(len) > header.size_bytes
+            {
+                add(&counters.rejected, 1);
+                return Err(verify_err(
+                    &job,
+                    &format!("chunk at offset {} does not verify", chunk.offset),
+                ));
             }
-            chunks_file
-                .write_all(&entry(chunk.offset, len, kind, actual.as_bytes()))
-                .map_err(Error::io("write", &chunks_path))
-        })?;
-        add(
-            if kind == KIND_DATA {
-                &counters.received_data
-            } else {
-                &counters.received_zero
-            },
-            len,
-        );
-        st.next_offset = chunk.offset + len;
-        st.chunks += 1;
-        st.bytes_done += len;
-        since_sync += len;
-        if since_sync >= SYNC_EVERY {
-            since_sync = 0;
-            tokio::task::block_in_place(|| {
-                checkpoint(&file, &img, &mut chunks_file, &chunks_path, &progress_path, &st)
+            tokio::task::block_in_place(|| -> Result<()> {
+                if kind == KIND_DATA {
+                    file.write_all_at(&chunk.data, chunk.offset)
+                        .map_err(Error::io("write", &img))?;
+                } else {
+                    punch(&file, &img, chunk.offset, len)?;
+                }
+                chunks_file
+                    .write_all(&entry(chunk.offset, len, kind, actual.as_bytes()))
+                    .map_err(Error::io("write", &chunks_path))
             })?;
-            failpoint::hit("receive:after-checkpoint");
+            add(
+                if kind == KIND_DATA {
+                    &counters.received_data
+                } else {
+                    &counters.received_zero
+                },
+                len,
+            );
+            st.next_offset = chunk.offset + len;
+            st.chunks += 1;
+            st.bytes_done += len;
+            since_sync += len;
+            if since_sync >= SYNC_EVERY {
+                since_sync = 0;
+                tokio::task::block_in_place(|| {
+                    checkpoint(
+                        &file,
+                        &img,
+                        &mut chunks_file,
+                        &chunks_path,
+                        &progress_path,
+                        &st,
+                    )
+                })?;
+                failpoint::hit("receive:after-checkpoint");
+            }
         }
         if last_report.elapsed() >= Duration::from_millis(500) {
             last_report = Instant::now();
