@@ -197,7 +197,12 @@ async fn a_volume_moves_there_and_back_with_only_the_change_on_the_wire() {
     // which travel batched), and move back: only the change crosses.
     write_pattern(&dev_b, 100 << 20, 4 << 20, 3);
     for k in 0..256u64 {
-        write_pattern(&dev_b, (300 << 20) + k * (256 << 10), 4096, (k % 200) as u8 + 20);
+        write_pattern(
+            &dev_b,
+            (300 << 20) + k * (256 << 10),
+            4096,
+            (k % 200) as u8 + 20,
+        );
     }
     let on_b = device_hash(&dev_b);
     detach(&c, 1, &vol).await;
