@@ -469,6 +469,34 @@ async fn a_connection_cut_mid_stream_resumes_on_retry() {
     assert_moved(&c, 1, &vol, &hash).await;
 }
 
+/// A hand-off that failed (the target died mid-receive) is cancelled when the CO publishes
+/// the volume back where it was: the old primary is writable again at a higher epoch, and
+/// its data, changed after the cancel, moves correctly later.
+#[tokio::test(flavor = "multi_thread")]
+async fn publishing_back_on_the_source_cancels_a_failed_hand_off() {
+    let mut c = TestCluster::start(2).await;
+    let (vol, _) = volume_with_data(&c, "pvc-cancel", 100, &[]).await;
+    c.restart_node(1, Some("receive:after-checkpoint")).await;
+    assert!(try_publish(&c, 1, &vol).await.is_err());
+    c.wait_node_exit(1, Duration::from_secs(30)).await;
+    c.restart_node(1, None).await;
+    assert_eq!(c.copies(&vol).await, vec![(0, pb::Role::Fenced)]);
+
+    // Back on A: unfenced, and writable.
+    let dev = attach(&c, 0, &vol).await;
+    assert_eq!(c.copies(&vol).await, vec![(0, pb::Role::Primary)]);
+    write_pattern(&dev, 50 << 20, 8 << 20, 42);
+    let hash = device_hash(&dev);
+    detach(&c, 0, &vol).await;
+    let dev_b = attach(&c, 1, &vol).await;
+    assert_eq!(
+        device_hash(&dev_b),
+        hash,
+        "the change after the cancel arrived"
+    );
+    detach(&c, 1, &vol).await;
+}
+
 /// The controller is killed at each step of a hand-off; a new controller, knowing nothing
 /// but the nodes' inventories, finishes the move on the retried publish.
 #[tokio::test(flavor = "multi_thread")]

@@ -177,6 +177,11 @@ impl Cluster {
                     node: p.unreachable.join(", "),
                     reason: format!("no primary of volume {vol} answered"),
                 })?;
+                if primary.node == to {
+                    // The cancelled hand-off was away from `to`: the volume is home.
+                    tracing::info!(volume.id = %vol, node = to, "hand-off cancelled; the volume stays");
+                    return Ok(0);
+                }
                 if let Some(n) = primary.info.published_node_ids.first() {
                     // Spec, ControllerPublishVolume: a volume published to another node
                     // with a single-node capability is FAILED_PRECONDITION.

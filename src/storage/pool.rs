@@ -454,6 +454,7 @@ impl Pool {
     ) -> Result<VolumeRecord> {
         let _alloc = self.alloc.lock().await;
         let mut v = self.ready_volume(id)?;
+        refuse_fenced(&v)?;
         let image = self.volume_image(id);
         if limit != 0 && limit < v.capacity_bytes {
             return Err(Error::OutOfRange(format!(
@@ -495,6 +496,7 @@ impl Pool {
         settings: MutableSettings,
     ) -> Result<VolumeRecord> {
         let mut v = self.ready_volume(id)?;
+        refuse_fenced(&v)?;
         if settings.preallocate && !v.settings.preallocate {
             let _alloc = self.alloc.lock().await;
             let img = self.volume_image(id);
@@ -695,6 +697,18 @@ impl Pool {
             .map_err(Error::io("truncate", &image))?;
         f.sync_all().map_err(Error::io("fsync", &image))?;
         Ok(true)
+    }
+}
+
+/// A fenced volume's image is also its final shipping snapshot (`ship::Pool::fence`), so
+/// nothing may change it until the hand-off completes or is cancelled.
+fn refuse_fenced(v: &VolumeRecord) -> Result<()> {
+    match &v.fence {
+        Some(f) => Err(Error::FailedPrecondition(format!(
+            "volume {} is handing off to node {}; retry once it lives there",
+            v.id, f.to
+        ))),
+        None => Ok(()),
     }
 }
 

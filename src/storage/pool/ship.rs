@@ -88,6 +88,35 @@ impl Pool {
         Ok(rec)
     }
 
+    /// The final snapshot of a fenced volume: a hard link to its image. Nothing writes a
+    /// fenced volume (no publish, stage, expansion or modification is accepted), so the
+    /// link is a point-in-time copy that costs nothing, where a reflink of an image that
+    /// copy-on-write writes have fragmented costs time proportional to its extents, inside
+    /// the cut-over. `unfence` removes the link before the volume is writable again.
+    async fn link_shipping_snapshot(
+        &self,
+        vol: &VolumeId,
+        keep: &[SnapshotId],
+    ) -> Result<SnapshotRecord> {
+        let name = format!("{vol}/final/{}", uuid::Uuid::new_v4());
+        let mut rec = match self.begin_snapshot(&name, vol, None).await? {
+            Ok(rec) => rec,
+            Err(existing) => existing,
+        };
+        rec.shipping = true;
+        let tmp = self.tmp(&format!("{}.img", rec.id));
+        fsutil::remove_file_durable(&tmp)?;
+        let image = self.volume_image(vol);
+        fs::hard_link(&image, &tmp).map_err(Error::io("link", &tmp))?;
+        let rec = self.finish_snapshot(rec)?;
+        for old in self.shipping_snapshots(vol)? {
+            if old.id != rec.id && !keep.contains(&old.id) {
+                self.delete_snapshot(&old.id)?;
+            }
+        }
+        Ok(rec)
+    }
+
     /// Fences a primary for a hand-off to `to` at `epoch` and cuts the final snapshot.
     /// Repeating the same fence returns the same snapshot; the record is written before the
     /// snapshot is cut, so nothing can be published between the two.
@@ -134,7 +163,7 @@ impl Pool {
         });
         self.save_volume(&v)?;
         failpoint::hit("fence:after-record");
-        let snap = self.cut_shipping_snapshot(vol, keep).await?;
+        let snap = self.link_shipping_snapshot(vol, keep).await?;
         v.fence = Some(Fence {
             to: to.to_string(),
             epoch,
@@ -148,6 +177,10 @@ impl Pool {
     /// the fence's so that a promotion the cancelled hand-off might still make loses.
     pub fn unfence(&self, vol: &VolumeId) -> Result<u64> {
         let mut v = self.ready_volume(vol)?;
+        // The final snapshot shares the image's inode: it goes before writes can come back.
+        if let Some(s) = v.fence.as_ref().and_then(|f| f.snapshot.as_ref()) {
+            self.delete_snapshot(s)?;
+        }
         if let Some(f) = v.fence.take() {
             v.epoch = f.epoch + 1;
             self.save_volume(&v)?;
