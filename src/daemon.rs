@@ -296,7 +296,7 @@ pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService::new(
             info,
-            Arc::new(ClusterHealth(cluster.clone())),
+            Arc::new(ClusterHealth),
             true,
         )))
         .add_service(ControllerServer::new(controller.clone()))

@@ -80,6 +80,13 @@ pub enum Error {
     /// A peer node could not be reached (down, or refused our certificate).
     #[error("node {node} is unreachable: {reason}")]
     Unreachable { node: String, reason: String },
+    /// A step of moving a volume failed on a node; the next attempt resumes the move.
+    #[error("moving volume {volume} stopped at node {node}: {reason}; the next publish resumes it")]
+    MoveInterrupted {
+        volume: String,
+        node: String,
+        reason: String,
+    },
     /// Received data did not verify; nothing of it was kept as a snapshot.
     #[error("transfer of {snapshot} failed verification: {reason}")]
     Verification { snapshot: String, reason: String },
@@ -122,7 +129,7 @@ impl Error {
             | Error::Timeout { .. }
             | Error::Corrupt { .. } => Code::Internal,
             Error::Peer { status, .. } => status.code(),
-            Error::Unreachable { .. } => Code::Unavailable,
+            Error::Unreachable { .. } | Error::MoveInterrupted { .. } => Code::Unavailable,
             Error::Verification { .. } => Code::DataLoss,
             // Probe's table: "Plugin not healthy" is FAILED_PRECONDITION.
             Error::PoolUnavailable(_) => Code::FailedPrecondition,

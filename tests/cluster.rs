@@ -497,6 +497,26 @@ async fn publishing_back_on_the_source_cancels_a_failed_hand_off() {
     detach(&c, 1, &vol).await;
 }
 
+/// While a node is down, nothing that changes copies proceeds: its copy may be the one
+/// that matters. A move answers UNAVAILABLE (and moves nothing) until every node answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_move_while_a_node_is_silent() {
+    let mut c = TestCluster::start(3).await;
+    let (vol, hash) = volume_with_data(&c, "pvc-silent", 16, &[]).await;
+    c.kill_node(2);
+    let err = try_publish(&c, 1, &vol).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    c.restart_node(2, None).await;
+    assert_eq!(
+        c.copies(&vol).await,
+        vec![(0, pb::Role::Primary)],
+        "nothing moved"
+    );
+    try_publish(&c, 1, &vol).await.unwrap();
+    ctl_unpublish(&c, &vol, "node-b").await;
+    assert_moved(&c, 1, &vol, &hash).await;
+}
+
 /// The controller is killed at each step of a hand-off; a new controller, knowing nothing
 /// but the nodes' inventories, finishes the move on the retried publish.
 #[tokio::test(flavor = "multi_thread")]
@@ -759,6 +779,15 @@ async fn the_cluster_controller_follows_the_spec_tables() {
             csi::ControllerPublishVolumeRequest {
                 volume_capability: None,
                 ..ctl_publish(&a, "node-a")
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            // csi-sanity's case: a missing field is reported before any lookup.
+            "no capability, unknown volume and node",
+            csi::ControllerPublishVolumeRequest {
+                volume_capability: None,
+                ..ctl_publish("id", "fakenode")
             },
             Code::InvalidArgument,
         ),

@@ -370,7 +370,6 @@ pub async fn serve(
     tls: TlsMaterial,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    transfer::tidy_incoming(&ctx.pool)?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(Error::io("bind", addr.to_string()))?;

@@ -13,7 +13,7 @@
 //! there. Only a verified image is renamed into place.
 
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{File, OpenOptions},
     io::{Read, Seek, SeekFrom, Write},
     os::unix::fs::FileExt,
     path::Path,
@@ -128,6 +128,11 @@ pub async fn send(
 ) -> Result<SendStream> {
     let id = parse_snapshot(&req.snapshot_id, "snapshot_id")?;
     let rec = pool.any_ready_snapshot(&id)?;
+    // A shipping snapshot is only sent as one, and a CSI snapshot only as one.
+    let want_shipping = req.kind == pb::SnapshotKind::Shipping as i32;
+    if rec.shipping != want_shipping {
+        return Err(Error::SnapshotNotFound(id.to_string()));
+    }
     let base = if req.base_snapshot_id.is_empty() {
         None
     } else {
@@ -384,9 +389,7 @@ pub async fn receive(
         .filter(|p| p.base == job.base && p.volume == job.volume && img.exists());
     let resumed = state.is_some();
     if state.is_none() {
-        for p in [&img, &progress_path, &chunks_path] {
-            fsutil::remove_file_durable(p)?;
-        }
+        pool.discard_incoming(&job.snapshot)?;
         match &job.base {
             Some(b) => {
                 let base = pool.any_ready_snapshot(b)?;
@@ -438,9 +441,7 @@ pub async fn receive(
     {
         // The sender's plan changed (its filesystem rearranged the extents): what was
         // applied follows another plan, so start over.
-        for p in [&img, &progress_path, &chunks_path] {
-            fsutil::remove_file_durable(p)?;
-        }
+        pool.discard_incoming(&job.snapshot)?;
         return Err(Error::Aborted(format!(
             "transfer of {} changed plan; retry starts over",
             job.snapshot
@@ -581,9 +582,7 @@ pub async fn receive(
     if ours != trailer.image_digest || st.chunks != header.chunks {
         add(&counters.rejected, 1);
         // What was applied cannot be trusted: start the next attempt from scratch.
-        for p in [&img, &progress_path, &chunks_path] {
-            fsutil::remove_file_durable(p)?;
-        }
+        pool.discard_incoming(&job.snapshot)?;
         return Err(verify_err(
             &job,
             "the image digest does not match the sender's",
@@ -682,27 +681,4 @@ fn verify_err(job: &Fetch, reason: &str) -> Error {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Removes what a receive left in `incoming/` for snapshots that arrived since (a crash
-/// between the rename and the cleanup).
-pub fn tidy_incoming(pool: &Pool) -> Result<()> {
-    let dir = pool.root().join("berth").join("incoming");
-    for e in fs::read_dir(&dir)
-        .map_err(Error::io("list", &dir))?
-        .flatten()
-    {
-        let p = e.path();
-        let Some(id) = p
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .and_then(SnapshotId::parse)
-        else {
-            continue;
-        };
-        if pool.any_ready_snapshot(&id).is_ok() {
-            fsutil::remove_file_durable(&p)?;
-        }
-    }
-    Ok(())
 }

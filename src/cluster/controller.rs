@@ -54,19 +54,19 @@ impl ClusterController {
     /// The node holding the writable copy of `vol`.
     async fn primary_of(&self, vol: &VolumeId) -> Result<(String, Placement)> {
         let p = self.cluster.locate(vol).await?;
-        match &p.primary {
+        match p.holder() {
             Some(c) => Ok((c.node.clone(), p)),
-            None => match p.fenced.first() {
-                // Mid hand-off: the fenced copy still answers reads of its state.
-                Some(f) => Ok((f.node.clone(), p)),
-                None => Err(Error::VolumeNotFound(vol.to_string())),
-            },
+            None => Err(Error::VolumeNotFound(vol.to_string())),
         }
     }
 
     /// Where a new volume goes: the node the scheduler picked (first preferred segment
     /// naming a node), else the allowed node with the most free space.
-    async fn place(&self, req: &csi::CreateVolumeRequest) -> Result<String> {
+    fn place(
+        &self,
+        req: &csi::CreateVolumeRequest,
+        invs: &[(String, Result<pb::InventoryResponse>)],
+    ) -> Result<String> {
         let topo = req.accessibility_requirements.as_ref();
         let allowed = |node: &str| -> bool {
             let Some(t) = topo else { return true };
@@ -91,7 +91,6 @@ impl ClusterController {
                 }
             }
         }
-        let invs = self.cluster.inventories().await;
         invs.iter()
             .filter_map(|(n, i)| i.as_ref().ok().map(|i| (i.available_bytes, n)))
             .filter(|(_, n)| allowed(n))
@@ -109,11 +108,13 @@ impl ClusterController {
         let name = convert::name(&req.name)?.to_string();
         let id = VolumeId::for_name(&name);
         let _g = self.cluster.inflight.try_lock([id.to_string()])?;
-        let existing = self.cluster.locate(&id).await?;
-        let node = match existing.primary.as_ref().or(existing.fenced.first()) {
+        // One inventory round serves the lookup, the placement and the snapshot's holder.
+        let invs = self.cluster.inventories().await;
+        let existing = Placement::of(&id, &invs)?;
+        let node = match existing.holder() {
             // A retry, or a same-name request with other parameters: the holder decides.
             Some(c) => c.node.clone(),
-            None => self.place(&req).await?,
+            None => self.place(&req, &invs)?,
         };
         // A restore from a snapshot another node holds: bring the snapshot here first.
         if let Some(csi::volume_content_source::Type::Snapshot(s)) = req
@@ -121,7 +122,7 @@ impl ClusterController {
             .as_ref()
             .and_then(|s| s.r#type.as_ref())
         {
-            self.bring_snapshot(&s.snapshot_id, &node).await?;
+            self.bring_snapshot(&s.snapshot_id, &node, &invs).await?;
         }
         if let Some(csi::volume_content_source::Type::Volume(v)) = req
             .volume_content_source
@@ -152,11 +153,15 @@ impl ClusterController {
     }
 
     /// Ships a CSI snapshot to `node` if it does not hold it yet.
-    async fn bring_snapshot(&self, snapshot_id: &str, node: &str) -> Result<()> {
+    async fn bring_snapshot(
+        &self,
+        snapshot_id: &str,
+        node: &str,
+        invs: &[(String, Result<pb::InventoryResponse>)],
+    ) -> Result<()> {
         let Some(id) = convert::snapshot_id(snapshot_id)? else {
             return Err(Error::SnapshotNotFound(snapshot_id.to_string()));
         };
-        let invs = self.cluster.inventories().await;
         let holders: Vec<(&String, &pb::SnapshotCopy)> = invs
             .iter()
             .filter_map(|(n, i)| {
@@ -250,12 +255,16 @@ impl ClusterController {
         &self,
         req: csi::ControllerPublishVolumeRequest,
     ) -> Result<csi::ControllerPublishVolumeResponse> {
-        let id = convert::existing_volume_id(&req.volume_id)?;
+        // Spec "Error Scheme": a missing field is INVALID_ARGUMENT before any lookup.
+        convert::required(&req.volume_id, "volume_id")?;
         let node = convert::required(&req.node_id, "node_id")?.to_string();
+        let cap = req
+            .volume_capability
+            .as_ref()
+            .ok_or(Error::Missing("volume_capability"))?;
+        convert::well_formed(cap)?;
+        let id = convert::existing_volume_id(&req.volume_id)?;
         self.cluster.member(&node)?;
-        if req.volume_capability.is_none() {
-            return Err(Error::Missing("volume_capability"));
-        }
         let p = self.cluster.locate(&id).await?;
         if p.is_empty() {
             return Err(Error::VolumeNotFound(id.to_string()));
@@ -296,6 +305,9 @@ impl ClusterController {
             return Ok(csi::ControllerUnpublishVolumeResponse {});
         };
         let p = self.cluster.locate(&id).await?;
+        // A silent node may hold the copy that records the publish; answering OK without
+        // it would let a later publish elsewhere move a volume still in use there.
+        p.require_all(&id)?;
         for c in p.primary.iter().chain(&p.fenced).chain(&p.stale) {
             self.cluster
                 .csi(&c.node)?
@@ -462,6 +474,14 @@ impl ClusterController {
                 .await
                 .map_err(|s| peer(n, s))?
                 .into_inner());
+        }
+        // Not found, but a silent node may hold it: cutting a second snapshot under the same
+        // id elsewhere would answer a retry with other data.
+        if let Some((n, Err(e))) = invs.iter().find(|(_, i)| i.is_err()) {
+            return Err(Error::Unreachable {
+                node: n.clone(),
+                reason: format!("snapshot {sid} may be on it: {e}"),
+            });
         }
         let vid = req.source_volume_id.clone();
         self.on_primary(
@@ -676,6 +696,9 @@ impl Controller for ClusterController {
         let req = req.into_inner();
         respond(
             async {
+                if convert::snapshot_id(&req.snapshot_id)?.is_none() {
+                    return Err(Error::SnapshotNotFound(req.snapshot_id.clone()));
+                }
                 let mut last = Err(Error::SnapshotNotFound(req.snapshot_id.clone()));
                 for n in &self.cluster.node_ids() {
                     match self.cluster.csi(n)?.get_snapshot(req.clone()).await {

@@ -37,7 +37,6 @@ use crate::agent::transfer::MAX_MESSAGE;
 
 #[derive(Debug, Clone)]
 pub struct Member {
-    pub id: String,
     pub address: String,
     channel: Channel,
 }
@@ -125,7 +124,6 @@ impl Cluster {
             let m = match current.get(&id) {
                 Some(m) if m.address == address => m.clone(),
                 _ => Member {
-                    id: id.clone(),
                     channel: crate::agent::channel(&address, &self.tls)?,
                     address,
                 },
@@ -344,6 +342,25 @@ impl Placement {
         v
     }
 
+    /// The copy that answers for the volume: the primary, or mid hand-off the fenced copy
+    /// (its data is intact and its record current).
+    pub fn holder(&self) -> Option<&Copy> {
+        self.primary.as_ref().or(self.fenced.first())
+    }
+
+    /// Fails when a node that may hold a copy did not answer: a decision that changes
+    /// copies (a hand-off, a replication round, an unpublish) must see them all, or a
+    /// stale copy could win over one on the silent node.
+    pub fn require_all(&self, vol: &VolumeId) -> Result<()> {
+        match self.unreachable.is_empty() {
+            true => Ok(()),
+            false => Err(Error::Unreachable {
+                node: self.unreachable.join(", "),
+                reason: format!("every node must answer before copies of {vol} change"),
+            }),
+        }
+    }
+
     /// The claim of the volume, from whichever copy knows it.
     pub fn pvc(&self) -> Option<(String, String)> {
         self.primary
@@ -376,7 +393,7 @@ pub fn common_base(a: &pb::VolumeCopy, b: &pb::VolumeCopy) -> Option<String> {
 /// while discovery has not found nodes yet would make the liveness probe restart a healthy
 /// controller.)
 #[derive(Debug)]
-pub struct ClusterHealth(pub Arc<Cluster>);
+pub struct ClusterHealth;
 
 impl Health for ClusterHealth {
     fn check(&self) -> Result<()> {

@@ -102,6 +102,8 @@ impl Cluster {
         if p.is_empty() {
             return Err(Error::VolumeNotFound(vol.to_string()));
         }
+        // The new epoch must be above every copy's, and a silent node may hold the primary.
+        p.require_all(vol)?;
         if let Some(primary) = &p.primary
             && primary.node == to
         {
@@ -121,7 +123,22 @@ impl Cluster {
             format!("berth is moving volume {vol} from node {from} to node {to}, where it is being attached"),
             false,
         );
-        let result = self.take_over(vol, to, p, on_progress).await;
+        // A step that failed on a node is the move's failure, not the CO's: its code (say
+        // NOT_FOUND for a pruned snapshot) must not reach ControllerPublishVolume, whose
+        // table gives NOT_FOUND one meaning only. The move resumes on the next publish.
+        let result = self
+            .take_over(vol, to, p, on_progress)
+            .await
+            .map_err(|e| match e {
+                Error::Peer { node, status } if status.code() != tonic::Code::Aborted => {
+                    Error::MoveInterrupted {
+                        volume: vol.to_string(),
+                        node,
+                        reason: status.message().to_string(),
+                    }
+                }
+                e => e,
+            });
         match &result {
             Ok(bytes) => self.pvc_event(
                 pvc,
@@ -284,6 +301,8 @@ impl Cluster {
     ) -> Result<Vec<(String, u64)>> {
         let invs = self.inventories().await;
         let p = Placement::of(vol, &invs)?;
+        // The bases to keep are those of every replica; a silent one's would be pruned.
+        p.require_all(vol)?;
         let bases: Vec<(String, Option<String>)> = targets
             .iter()
             .map(|t| {
@@ -438,10 +457,12 @@ impl Moves {
         let result = handle
             .await
             .unwrap_or_else(|e| Err((Code::Internal, e.to_string())));
-        self.running
-            .lock()
-            .expect("moves lock poisoned")
-            .remove(&key);
+        // Only this move's entry: a later caller may already have started the next one.
+        let mut running = self.running.lock().expect("moves lock poisoned");
+        if running.get(&key).is_some_and(|f| f.ptr_eq(&fut)) {
+            running.remove(&key);
+        }
+        drop(running);
         result.map_err(|(code, msg)| Error::Peer {
             node: to,
             status: tonic::Status::new(code, msg),

@@ -96,12 +96,14 @@ impl ControllerService {
         &self,
         req: csi::ControllerPublishVolumeRequest,
     ) -> Result<csi::ControllerPublishVolumeResponse> {
-        let id = convert::existing_volume_id(&req.volume_id)?;
+        // Spec "Error Scheme": a missing field is INVALID_ARGUMENT before any lookup.
+        required(&req.volume_id, "volume_id")?;
         let node = required(&req.node_id, "node_id")?;
         let cap = req
             .volume_capability
             .as_ref()
             .ok_or(Error::Missing("volume_capability"))?;
+        let id = convert::existing_volume_id(&req.volume_id)?;
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
         let mut v = self.ctx.pool.ready_volume(&id)?;
         if node != self.node_id() {

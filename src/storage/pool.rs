@@ -658,9 +658,10 @@ impl Pool {
                 fsutil::remove_file_durable(&p)?;
             }
         }
-        for sub in ["volumes", "snapshots", "groups"] {
+        for sub in ["volumes", "snapshots", "groups", "replicas"] {
             fsutil::remove_stale_temps(&self.dir.join(sub))?;
         }
+        self.tidy_incoming()?;
         Ok(repaired)
     }
 

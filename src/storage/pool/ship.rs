@@ -44,6 +44,14 @@ impl Pool {
         ]
     }
 
+    /// Drops a receive's partial image and its progress: it starts over next time.
+    pub fn discard_incoming(&self, id: &SnapshotId) -> Result<()> {
+        for f in self.incoming(id) {
+            fsutil::remove_file_durable(&f)?;
+        }
+        Ok(())
+    }
+
     /// The shipping snapshots of a volume held here, oldest first.
     pub fn shipping_snapshots(&self, vol: &VolumeId) -> Result<Vec<SnapshotRecord>> {
         let mut v: Vec<_> = self
@@ -72,42 +80,35 @@ impl Pool {
         vol: &VolumeId,
         keep: &[SnapshotId],
     ) -> Result<SnapshotRecord> {
+        self.shipping_snapshot(vol, keep, false).await
+    }
+
+    /// `link`: the snapshot is a hard link to the image, for a fenced volume's final
+    /// snapshot. Nothing writes a fenced volume (no publish, stage, expansion or
+    /// modification is accepted), so the link is a point-in-time copy that costs nothing,
+    /// where a reflink of an image that copy-on-write writes have fragmented costs time
+    /// proportional to its extents, inside the cut-over. `unfence` removes the link before
+    /// the volume is writable again.
+    async fn shipping_snapshot(
+        &self,
+        vol: &VolumeId,
+        keep: &[SnapshotId],
+        link: bool,
+    ) -> Result<SnapshotRecord> {
+        // A fresh name each time: shipping snapshots are never retried by name.
         let name = format!("{vol}/shipping/{}", uuid::Uuid::new_v4());
         let mut rec = match self.begin_snapshot(&name, vol, None).await? {
             Ok(rec) => rec,
             Err(existing) => existing,
         };
         rec.shipping = true;
-        self.copy_snapshot(&rec).await?;
-        let rec = self.finish_snapshot(rec)?;
-        for old in self.shipping_snapshots(vol)? {
-            if old.id != rec.id && !keep.contains(&old.id) {
-                self.delete_snapshot(&old.id)?;
-            }
+        if link {
+            let tmp = self.tmp(&format!("{}.img", rec.id));
+            fsutil::remove_file_durable(&tmp)?;
+            fs::hard_link(self.volume_image(vol), &tmp).map_err(Error::io("link", &tmp))?;
+        } else {
+            self.copy_snapshot(&rec).await?;
         }
-        Ok(rec)
-    }
-
-    /// The final snapshot of a fenced volume: a hard link to its image. Nothing writes a
-    /// fenced volume (no publish, stage, expansion or modification is accepted), so the
-    /// link is a point-in-time copy that costs nothing, where a reflink of an image that
-    /// copy-on-write writes have fragmented costs time proportional to its extents, inside
-    /// the cut-over. `unfence` removes the link before the volume is writable again.
-    async fn link_shipping_snapshot(
-        &self,
-        vol: &VolumeId,
-        keep: &[SnapshotId],
-    ) -> Result<SnapshotRecord> {
-        let name = format!("{vol}/final/{}", uuid::Uuid::new_v4());
-        let mut rec = match self.begin_snapshot(&name, vol, None).await? {
-            Ok(rec) => rec,
-            Err(existing) => existing,
-        };
-        rec.shipping = true;
-        let tmp = self.tmp(&format!("{}.img", rec.id));
-        fsutil::remove_file_durable(&tmp)?;
-        let image = self.volume_image(vol);
-        fs::hard_link(&image, &tmp).map_err(Error::io("link", &tmp))?;
         let rec = self.finish_snapshot(rec)?;
         for old in self.shipping_snapshots(vol)? {
             if old.id != rec.id && !keep.contains(&old.id) {
@@ -163,7 +164,7 @@ impl Pool {
         });
         self.save_volume(&v)?;
         failpoint::hit("fence:after-record");
-        let snap = self.link_shipping_snapshot(vol, keep).await?;
+        let snap = self.shipping_snapshot(vol, keep, true).await?;
         v.fence = Some(Fence {
             to: to.to_string(),
             epoch,
@@ -316,10 +317,30 @@ impl Pool {
                 && let Ok(Some(progress)) = fsutil::read_json::<IncomingProgress>(&p)
                 && &progress.volume == vol
             {
-                let snap = progress.snapshot;
-                for f in self.incoming(&snap) {
-                    fsutil::remove_file_durable(&f)?;
-                }
+                self.discard_incoming(&progress.snapshot)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes what a receive left in `incoming/` for snapshots that arrived since (a crash
+    /// between the rename and the cleanup). Partial receives stay: they resume.
+    pub(super) fn tidy_incoming(&self) -> Result<()> {
+        let dir = self.dir.join("incoming");
+        for e in fs::read_dir(&dir)
+            .map_err(Error::io("list", &dir))?
+            .flatten()
+        {
+            let p = e.path();
+            let Some(id) = p
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(SnapshotId::parse)
+            else {
+                continue;
+            };
+            if self.any_ready_snapshot(&id).is_ok() {
+                fsutil::remove_file_durable(&p)?;
             }
         }
         Ok(())
