@@ -741,6 +741,20 @@ async fn the_cluster_controller_follows_the_spec_tables() {
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     let b = create_volume(&ctl, create_req("spec-b", VOL, block_cap())).await;
+    // A clone without topology goes where its source is, whatever node has more room.
+    let clone = create_volume(
+        &ctl,
+        from_volume(create_req("spec-clone", VOL, block_cap()), &a),
+    )
+    .await;
+    assert_eq!(
+        c.copies(&clone.volume_id).await,
+        vec![(0, pb::Role::Primary)]
+    );
+    ctl.clone()
+        .delete_volume(delete_volume_req(&clone.volume_id))
+        .await
+        .unwrap();
 
     // Deletes and unpublishes of what does not exist succeed.
     let unknown = "vol-00000000000000000000000000000000";

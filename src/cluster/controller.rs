@@ -22,7 +22,7 @@ use crate::{
         },
     },
     service::{DOMAIN_KEY, TOPOLOGY_KEY, capabilities, convert, respond},
-    storage::{GroupSnapshotId, SnapshotId, VolumeId},
+    storage::{GroupSnapshotId, SnapshotId, VolumeId, VolumeSource},
 };
 
 #[derive(Debug, Clone)]
@@ -60,6 +60,21 @@ impl ClusterController {
         }
     }
 
+    /// Whether the request's requisite topology admits `node` of this domain.
+    fn allowed(&self, req: &csi::CreateVolumeRequest, node: &str) -> bool {
+        let Some(t) = req.accessibility_requirements.as_ref() else {
+            return true;
+        };
+        t.requisite.is_empty()
+            || t.requisite.iter().any(|seg| {
+                seg.segments.get(TOPOLOGY_KEY).is_none_or(|n| n == node)
+                    && seg
+                        .segments
+                        .get(DOMAIN_KEY)
+                        .is_none_or(|d| d == &self.cluster.domain)
+            })
+    }
+
     /// Where a new volume goes: the node the scheduler picked (first preferred segment
     /// naming a node), else the allowed node with the most free space.
     fn place(
@@ -68,19 +83,7 @@ impl ClusterController {
         invs: &[(String, Result<pb::InventoryResponse>)],
     ) -> Result<String> {
         let topo = req.accessibility_requirements.as_ref();
-        let allowed = |node: &str| -> bool {
-            let Some(t) = topo else { return true };
-            if t.requisite.is_empty() {
-                return true;
-            }
-            t.requisite.iter().any(|seg| {
-                seg.segments.get(TOPOLOGY_KEY).is_none_or(|n| n == node)
-                    && seg
-                        .segments
-                        .get(DOMAIN_KEY)
-                        .is_none_or(|d| d == &self.cluster.domain)
-            })
-        };
+        let allowed = |node: &str| self.allowed(req, node);
         if let Some(t) = topo {
             for seg in &t.preferred {
                 if let Some(n) = seg.segments.get(TOPOLOGY_KEY)
@@ -111,31 +114,34 @@ impl ClusterController {
         // One inventory round serves the lookup, the placement and the snapshot's holder.
         let invs = self.cluster.inventories().await;
         let existing = Placement::of(&id, &invs)?;
-        let node = match existing.holder() {
+        let source = convert::content_source(req.volume_content_source.as_ref())?;
+        // A clone is made on the node holding its source, so that node is the placement
+        // (when the topology allows it), not the one with the most free space.
+        let clone_of = match &source {
+            Some(VolumeSource::Volume(src)) => Some(
+                Placement::of(src, &invs)?
+                    .holder()
+                    .map(|c| c.node.clone())
+                    .ok_or_else(|| Error::VolumeNotFound(src.to_string()))?,
+            ),
+            _ => None,
+        };
+        let node = match (existing.holder(), &clone_of) {
             // A retry, or a same-name request with other parameters: the holder decides.
-            Some(c) => c.node.clone(),
-            None => self.place(&req, &invs)?,
+            (Some(c), _) => c.node.clone(),
+            (None, Some(holder)) => {
+                if !self.allowed(&req, holder) {
+                    return Err(Error::TopologyUnsatisfiable(format!(
+                        "{holder} (a clone is made on the node holding its source)"
+                    )));
+                }
+                holder.clone()
+            }
+            (None, None) => self.place(&req, &invs)?,
         };
         // A restore from a snapshot another node holds: bring the snapshot here first.
-        if let Some(csi::volume_content_source::Type::Snapshot(s)) = req
-            .volume_content_source
-            .as_ref()
-            .and_then(|s| s.r#type.as_ref())
-        {
-            self.bring_snapshot(&s.snapshot_id, &node, &invs).await?;
-        }
-        if let Some(csi::volume_content_source::Type::Volume(v)) = req
-            .volume_content_source
-            .as_ref()
-            .and_then(|s| s.r#type.as_ref())
-            && let Some(src) = convert::volume_id(&v.volume_id)?
-        {
-            let (holder, _) = self.primary_of(&src).await?;
-            if holder != node {
-                return Err(Error::TopologyUnsatisfiable(format!(
-                    "{node}: a clone is made on the node holding its source ({holder})"
-                )));
-            }
+        if let Some(VolumeSource::Snapshot(s)) = &source {
+            self.bring_snapshot(s.as_str(), &node, &invs).await?;
         }
         // Placement is decided: the node checks the request against itself only.
         req.accessibility_requirements = None;
