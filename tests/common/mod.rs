@@ -270,6 +270,16 @@ impl Driver {
         );
         assert_eq!(self.test_mounts(), Vec::<String>::new(), "mounts left");
         assert_eq!(self.pool_files(), Vec::<PathBuf>::new(), "pool files left");
+        // Deleted images are unlinked in the background; they must not stay.
+        let trash = self.pool_root().join("berth").join("trash");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::fs::read_dir(&trash).is_ok_and(|mut d| d.next().is_some()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the trash is not emptied"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 }
 

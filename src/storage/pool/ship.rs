@@ -46,10 +46,10 @@ impl Pool {
 
     /// Drops a receive's partial image and its progress: it starts over next time.
     pub fn discard_incoming(&self, id: &SnapshotId) -> Result<()> {
-        for f in self.incoming(id) {
-            fsutil::remove_file_durable(&f)?;
-        }
-        Ok(())
+        let [img, progress, chunks] = self.incoming(id);
+        self.trash.put(&img)?;
+        fsutil::remove_file_durable(&progress)?;
+        fsutil::remove_file_durable(&chunks)
     }
 
     /// The shipping snapshots of a volume held here, oldest first.
