@@ -638,6 +638,7 @@ fn finish_bookkeeping(pool: &Pool, job: &Fetch) -> Result<()> {
         epoch: job.epoch,
         primary: job.source_node.clone(),
         snapshot: job.snapshot.clone(),
+        base: job.base.clone(),
     })
 }
 

@@ -207,6 +207,9 @@ pub struct ReplicaRecord {
     pub epoch: u64,
     pub primary: String,
     pub snapshot: SnapshotId,
+    /// The snapshot `snapshot` was shipped against, when it came as a delta and is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<SnapshotId>,
 }
 
 /// How a volume is ControllerPublished to a node: a repeat must ask for the same.
