@@ -200,13 +200,9 @@ fn stream_chunks(
         while hinted < chunks.len() && hinted < i + READ_AHEAD {
             if let Piece::Data { offset, len } = chunks[hinted]
                 && offset >= resume
+                && len < BATCH_BELOW
             {
-                let _ = rustix::fs::fadvise(
-                    &f,
-                    offset,
-                    std::num::NonZeroU64::new(len),
-                    rustix::fs::Advice::WillNeed,
-                );
+                advise(&f, offset, len, rustix::fs::Advice::WillNeed);
             }
             hinted += 1;
         }
@@ -215,6 +211,10 @@ fn stream_chunks(
                 let data = &mut buf[..len as usize];
                 f.read_exact_at(data, offset)
                     .map_err(Error::io("read", image))?;
+                if len >= BATCH_BELOW {
+                    // Read once: keeping it cached would only push out pages worth keeping.
+                    advise(&f, offset, len, rustix::fs::Advice::DontNeed);
+                }
                 let d = blake3::hash(data);
                 digest.update(&entry(offset, len, KIND_DATA, d.as_bytes()));
                 // Chunks a resumed receiver already holds are read for the digest only.
@@ -276,6 +276,67 @@ fn stream_chunks(
         })),
     }));
     Ok(())
+}
+
+/// Alignment of memory, offsets and lengths for direct I/O: the largest logical block size
+/// a pool device may have.
+const DIRECT_ALIGN: usize = 4096;
+
+/// Writes received data into the image being assembled. Large aligned chunks (a full copy
+/// or long changed runs) go around the page cache: through it, a fresh image's pages are
+/// first dirtied in memory and then written back in bursts, at each checkpoint's fsync,
+/// while nothing is received; and page-cache writes into newly allocated memory are the
+/// slowest step of a transfer on a VM (docs/BENCHMARKS.md). Small pieces, which land in a
+/// clone of the base where each must be copied-on-write, stay buffered: written back
+/// together in ascending order they cost less than one synchronous direct write each.
+struct ImageWriter {
+    /// None where the filesystem refuses direct I/O; everything is buffered then.
+    direct: Option<File>,
+    aligned: Vec<u8>,
+}
+
+impl ImageWriter {
+    fn new(img: &Path) -> ImageWriter {
+        use std::os::unix::fs::OpenOptionsExt;
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(img)
+            .ok();
+        ImageWriter {
+            direct,
+            aligned: Vec::new(),
+        }
+    }
+
+    fn write(&mut self, buffered: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
+        let aligned = |n: u64| n.is_multiple_of(DIRECT_ALIGN as u64);
+        if let Some(direct) = &self.direct
+            && data.len() as u64 >= BATCH_BELOW
+            && aligned(offset)
+            && aligned(data.len() as u64)
+        {
+            if self.aligned.len() < data.len() + DIRECT_ALIGN {
+                self.aligned = vec![0; CHUNK as usize + DIRECT_ALIGN];
+            }
+            let start = self.aligned.as_ptr().align_offset(DIRECT_ALIGN);
+            let buf = &mut self.aligned[start..start + data.len()];
+            buf.copy_from_slice(data);
+            match direct.write_all_at(buf, offset) {
+                Ok(()) => return Ok(()),
+                // Alignment this device does not take: buffered from now on.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => self.direct = None,
+                Err(e) => return Err(e),
+            }
+        }
+        buffered.write_all_at(data, offset)
+    }
+}
+
+/// Hints the page cache about a range of `f`. Hints only: a kernel that ignores them costs
+/// speed, never correctness.
+fn advise(f: &File, offset: u64, len: u64, advice: rustix::fs::Advice) {
+    let _ = rustix::fs::fadvise(f, offset, std::num::NonZeroU64::new(len), advice);
 }
 
 /// Small chunks waiting to travel together.
@@ -479,12 +540,17 @@ pub async fn receive(
     chunks_file
         .seek(SeekFrom::End(0))
         .map_err(Error::io("seek", &chunks_path))?;
-    // Buffered: a delta of scattered blocks is thousands of small chunks, and one write
-    // call per 49-byte entry would cost more than the entries themselves.
-    let mut chunks_file = std::io::BufWriter::with_capacity(1 << 20, chunks_file);
+    let (apply, applied) = Applier::start(Sink {
+        writer: ImageWriter::new(&img),
+        img: img.clone(),
+        file,
+        // Buffered: a delta of scattered blocks is thousands of small chunks, and one
+        // write call per 49-byte entry would cost more than the entries themselves.
+        chunks_file: std::io::BufWriter::with_capacity(1 << 20, chunks_file),
+        chunks_path: chunks_path.clone(),
+        progress_path,
+    });
     let total = header.data_bytes + header.zero_bytes;
-    let mut since_sync = 0u64;
-    let mut last_report = Instant::now();
     let _ = progress
         .send(Ok(pb::FetchProgress {
             bytes_done: st.bytes_done,
@@ -494,81 +560,24 @@ pub async fn receive(
             method: header.method.clone(),
         }))
         .await;
-    let trailer = loop {
-        let msg = stream.message().await.map_err(peer_err)?;
-        let chunks = match msg.and_then(|m| m.body) {
-            Some(Body::Chunk(c)) => vec![c],
-            Some(Body::Batch(b)) => b.chunks,
-            Some(Body::Trailer(t)) => break t,
-            Some(Body::Header(_)) => return Err(verify_err(&job, "a second header")),
-            None => return Err(verify_err(&job, "the stream ended before its trailer")),
-        };
-        for chunk in chunks {
-            let (kind, len) = if chunk.zero_length > 0 {
-                (KIND_ZERO, chunk.zero_length)
-            } else {
-                (KIND_DATA, chunk.data.len() as u64)
-            };
-            let actual = blake3::hash(&chunk.data);
-            if actual.as_bytes().as_slice() != chunk.digest.as_slice()
-                || chunk.offset < st.next_offset
-                || chunk.offset.saturating_add(len) > header.size_bytes
-            {
-                add(&counters.rejected, 1);
-                return Err(verify_err(
-                    &job,
-                    &format!("chunk at offset {} does not verify", chunk.offset),
-                ));
-            }
-            tokio::task::block_in_place(|| -> Result<()> {
-                if kind == KIND_DATA {
-                    file.write_all_at(&chunk.data, chunk.offset)
-                        .map_err(Error::io("write", &img))?;
-                } else {
-                    punch(&file, &img, chunk.offset, len)?;
-                }
-                chunks_file
-                    .write_all(&entry(chunk.offset, len, kind, actual.as_bytes()))
-                    .map_err(Error::io("write", &chunks_path))
-            })?;
-            add(
-                if kind == KIND_DATA {
-                    &counters.received_data
-                } else {
-                    &counters.received_zero
-                },
-                len,
-            );
-            st.next_offset = chunk.offset + len;
-            st.chunks += 1;
-            st.bytes_done += len;
-            since_sync += len;
-            if since_sync >= SYNC_EVERY {
-                since_sync = 0;
-                tokio::task::block_in_place(|| {
-                    checkpoint(
-                        &file,
-                        &img,
-                        &mut chunks_file,
-                        &chunks_path,
-                        &progress_path,
-                        &st,
-                    )
-                })?;
-                failpoint::hit("receive:after-checkpoint");
-            }
-        }
-        if last_report.elapsed() >= Duration::from_millis(500) {
-            last_report = Instant::now();
-            let _ = progress.try_send(Ok(pb::FetchProgress {
-                bytes_done: st.bytes_done,
-                bytes_total: total,
-                done: false,
-                resumed,
-                method: header.method.clone(),
-            }));
-        }
-    };
+    let streamed = Receiving {
+        header: &header,
+        job: &job,
+        counters: &counters,
+        progress: &progress,
+        resumed,
+    }
+    .stream_into(&mut stream, &apply, &mut st)
+    .await;
+    // The applier finishes what it was handed before anything else touches the image,
+    // whatever ended the stream: a retry must not race a late write.
+    drop(apply);
+    let Sink {
+        file,
+        mut chunks_file,
+        ..
+    } = applied.await.expect("applier panicked")?;
+    let trailer = streamed?;
     let ours = tokio::task::block_in_place(|| -> Result<Vec<u8>> {
         chunks_file
             .flush()
@@ -618,6 +627,199 @@ pub async fn receive(
         }))
         .await;
     Ok(())
+}
+
+/// What a receive checks chunks against and reports to.
+struct Receiving<'a> {
+    header: &'a pb::TransferHeader,
+    job: &'a Fetch,
+    counters: &'a Counters,
+    progress: &'a Progress,
+    resumed: bool,
+}
+
+impl Receiving<'_> {
+    /// Reads chunks off the stream, verifies each and hands it to the applier, until the
+    /// trailer.
+    async fn stream_into(
+        &self,
+        stream: &mut tonic::Streaming<pb::SendMessage>,
+        apply: &mpsc::Sender<Apply>,
+        st: &mut IncomingProgress,
+    ) -> Result<pb::TransferTrailer> {
+        let Receiving {
+            header,
+            job,
+            counters,
+            progress,
+            resumed,
+        } = *self;
+        let peer_err = |status: Status| Error::Peer {
+            node: job.source_node.clone(),
+            status,
+        };
+        // The applier only stops early on an error, which it returns when joined.
+        let gone = || Error::Aborted("the image writer stopped".into());
+        let total = header.data_bytes + header.zero_bytes;
+        let mut since_sync = 0u64;
+        let mut last_report = Instant::now();
+        loop {
+            let chunks = match stream
+                .message()
+                .await
+                .map_err(peer_err)?
+                .and_then(|m| m.body)
+            {
+                Some(Body::Chunk(c)) => vec![c],
+                Some(Body::Batch(b)) => b.chunks,
+                Some(Body::Trailer(t)) => return Ok(t),
+                Some(Body::Header(_)) => return Err(verify_err(job, "a second header")),
+                None => return Err(verify_err(job, "the stream ended before its trailer")),
+            };
+            for chunk in chunks {
+                let (kind, len) = if chunk.zero_length > 0 {
+                    (KIND_ZERO, chunk.zero_length)
+                } else {
+                    (KIND_DATA, chunk.data.len() as u64)
+                };
+                let actual = blake3::hash(&chunk.data);
+                if actual.as_bytes().as_slice() != chunk.digest.as_slice()
+                    || chunk.offset < st.next_offset
+                    || chunk.offset.saturating_add(len) > header.size_bytes
+                {
+                    add(&counters.rejected, 1);
+                    return Err(verify_err(
+                        job,
+                        &format!("chunk at offset {} does not verify", chunk.offset),
+                    ));
+                }
+                let entry = entry(chunk.offset, len, kind, actual.as_bytes());
+                let op = if kind == KIND_DATA {
+                    add(&counters.received_data, len);
+                    Apply::Data {
+                        offset: chunk.offset,
+                        data: chunk.data,
+                        entry,
+                    }
+                } else {
+                    add(&counters.received_zero, len);
+                    Apply::Zero {
+                        offset: chunk.offset,
+                        len,
+                        entry,
+                    }
+                };
+                apply.send(op).await.map_err(|_| gone())?;
+                st.next_offset = chunk.offset + len;
+                st.chunks += 1;
+                st.bytes_done += len;
+                since_sync += len;
+                if since_sync >= SYNC_EVERY {
+                    since_sync = 0;
+                    apply
+                        .send(Apply::Checkpoint(st.clone()))
+                        .await
+                        .map_err(|_| gone())?;
+                }
+            }
+            if last_report.elapsed() >= Duration::from_millis(500) {
+                last_report = Instant::now();
+                let _ = progress.try_send(Ok(pb::FetchProgress {
+                    bytes_done: st.bytes_done,
+                    bytes_total: total,
+                    done: false,
+                    resumed,
+                    method: header.method.clone(),
+                }));
+            }
+        }
+    }
+}
+
+/// One step for the applier, in stream order.
+enum Apply {
+    Data {
+        offset: u64,
+        data: Vec<u8>,
+        entry: Vec<u8>,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        entry: Vec<u8>,
+    },
+    /// Make everything before durable, then record `progress`.
+    Checkpoint(IncomingProgress),
+}
+
+/// Chunks handed to the applier and not yet written: enough to keep the disk busy while
+/// the next ones are received, decrypted and hashed.
+const APPLY_QUEUE: usize = 8;
+
+/// A thread that writes received chunks into the image, so the disk and the network work
+/// at the same time rather than in turn.
+struct Applier;
+
+impl Applier {
+    fn start(mut sink: Sink) -> (mpsc::Sender<Apply>, tokio::task::JoinHandle<Result<Sink>>) {
+        let (tx, mut rx) = mpsc::channel(APPLY_QUEUE);
+        let handle = tokio::task::spawn_blocking(move || {
+            while let Some(op) = rx.blocking_recv() {
+                sink.apply(op)?;
+            }
+            Ok(sink)
+        });
+        (tx, handle)
+    }
+}
+
+/// What the applier writes to.
+struct Sink {
+    writer: ImageWriter,
+    img: std::path::PathBuf,
+    file: File,
+    chunks_file: std::io::BufWriter<File>,
+    chunks_path: std::path::PathBuf,
+    progress_path: std::path::PathBuf,
+}
+
+impl Sink {
+    fn apply(&mut self, op: Apply) -> Result<()> {
+        match op {
+            Apply::Data {
+                offset,
+                data,
+                entry,
+            } => {
+                self.writer
+                    .write(&self.file, &data, offset)
+                    .map_err(Error::io("write", &self.img))?;
+                self.entry(&entry)
+            }
+            Apply::Zero { offset, len, entry } => {
+                punch(&self.file, &self.img, offset, len)?;
+                self.entry(&entry)
+            }
+            Apply::Checkpoint(st) => {
+                checkpoint(
+                    &self.file,
+                    &self.img,
+                    &mut self.chunks_file,
+                    &self.chunks_path,
+                    &self.progress_path,
+                    &st,
+                )?;
+                failpoint::hit("receive:after-checkpoint");
+                Ok(())
+            }
+        }
+    }
+
+    fn entry(&mut self, entry: &[u8]) -> Result<()> {
+        self.chunks_file
+            .write_all(entry)
+            .map_err(Error::io("write", &self.chunks_path))
+    }
 }
 
 fn finish_bookkeeping(pool: &Pool, job: &Fetch) -> Result<()> {
