@@ -190,7 +190,6 @@ fn stream_chunks(
 ) -> Result<()> {
     let f = File::open(image).map_err(Error::io("open", image))?;
     let mut digest = blake3::Hasher::new();
-    let mut buf = vec![0u8; CHUNK as usize];
     // Reads run ahead of the stream: the kernel is asked for the next pieces while this
     // one is sent, so a delta of scattered blocks is read with many requests in flight
     // rather than one at a time.
@@ -208,14 +207,12 @@ fn stream_chunks(
         }
         let chunk = match *c {
             Piece::Data { offset, len } => {
-                let data = &mut buf[..len as usize];
-                f.read_exact_at(data, offset)
-                    .map_err(Error::io("read", image))?;
+                let data = read_at(&f, offset, len).map_err(Error::io("read", image))?;
                 if len >= BATCH_BELOW {
                     // Read once: keeping it cached would only push out pages worth keeping.
                     advise(&f, offset, len, rustix::fs::Advice::DontNeed);
                 }
-                let d = blake3::hash(data);
+                let d = blake3::hash(&data);
                 digest.update(&entry(offset, len, KIND_DATA, d.as_bytes()));
                 // Chunks a resumed receiver already holds are read for the digest only.
                 if offset < resume {
@@ -224,7 +221,7 @@ fn stream_chunks(
                 add(&counters.sent_data, len);
                 pb::Chunk {
                     offset,
-                    data: data.to_vec(),
+                    data: data.into(),
                     zero_length: 0,
                     digest: d.as_bytes().to_vec(),
                 }
@@ -238,7 +235,7 @@ fn stream_chunks(
                 add(&counters.sent_zero, len);
                 pb::Chunk {
                     offset,
-                    data: Vec::new(),
+                    data: Default::default(),
                     zero_length: len,
                     digest: d.as_bytes().to_vec(),
                 }
@@ -331,6 +328,19 @@ impl ImageWriter {
         }
         buffered.write_all_at(data, offset)
     }
+}
+
+/// `len` bytes of `f` at `offset`, read straight into the buffer the message takes over
+/// (no zeroing, no copy from a reusable read buffer: a chunk is 4 MiB).
+fn read_at(f: &File, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    let mut data = Vec::with_capacity(len as usize);
+    let mut r = f;
+    r.seek(SeekFrom::Start(offset))?;
+    r.take(len).read_to_end(&mut data)?;
+    if data.len() as u64 != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(data)
 }
 
 /// Hints the page cache about a range of `f`. Hints only: a kernel that ignores them costs
@@ -740,7 +750,7 @@ impl Receiving<'_> {
 enum Apply {
     Data {
         offset: u64,
-        data: Vec<u8>,
+        data: prost::bytes::Bytes,
         entry: Vec<u8>,
     },
     Zero {
