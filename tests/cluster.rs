@@ -821,6 +821,66 @@ async fn the_cluster_controller_follows_the_spec_tables() {
         .unwrap_err();
     assert_eq!(get.code(), Code::NotFound);
 
+    // Routed calls: a missing field is INVALID_ARGUMENT even for a volume no node holds
+    // (the node answers the same before its own lookup); a well-formed call for an
+    // unknown volume is NOT_FOUND.
+    let validate =
+        |id: &str, caps: Vec<csi::VolumeCapability>| csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: id.into(),
+            volume_capabilities: caps,
+            ..Default::default()
+        };
+    let expand = |id: &str, bytes: Option<i64>| csi::ControllerExpandVolumeRequest {
+        volume_id: id.into(),
+        capacity_range: bytes.map(|b| csi::CapacityRange {
+            required_bytes: b,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    let modify = |id: &str, params: &[(&str, &str)]| csi::ControllerModifyVolumeRequest {
+        volume_id: id.into(),
+        mutable_parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    for id in [unknown, a.as_str()] {
+        let codes = [
+            ctl.clone()
+                .validate_volume_capabilities(validate(id, vec![]))
+                .await
+                .map(drop),
+            ctl.clone()
+                .controller_expand_volume(expand(id, None))
+                .await
+                .map(drop),
+            ctl.clone()
+                .controller_modify_volume(modify(id, &[]))
+                .await
+                .map(drop),
+        ]
+        .map(|r| r.unwrap_err().code());
+        assert_eq!(codes, [Code::InvalidArgument; 3], "missing fields, {id}");
+    }
+    let codes = [
+        ctl.clone()
+            .validate_volume_capabilities(validate(unknown, vec![block_cap()]))
+            .await
+            .map(drop),
+        ctl.clone()
+            .controller_expand_volume(expand(unknown, Some(2 * VOL)))
+            .await
+            .map(drop),
+        ctl.clone()
+            .controller_modify_volume(modify(unknown, &[("preallocate", "true")]))
+            .await
+            .map(drop),
+    ]
+    .map(|r| r.unwrap_err().code());
+    assert_eq!(codes, [Code::NotFound; 3], "unknown volume");
+
     // ListVolumes pages across both nodes; a token berth never issued is ABORTED.
     let mut seen = Vec::new();
     let mut token = String::new();

@@ -21,7 +21,11 @@ use crate::{
             self as csi, controller_server::Controller, group_controller_server::GroupController,
         },
     },
-    service::{DOMAIN_KEY, TOPOLOGY_KEY, capabilities, convert, respond},
+    service::{
+        DOMAIN_KEY, TOPOLOGY_KEY, capabilities,
+        convert::{self, Shape},
+        respond,
+    },
     storage::{GroupSnapshotId, SnapshotId, VolumeId, VolumeSource},
 };
 
@@ -324,20 +328,16 @@ impl ClusterController {
         Ok(csi::ControllerUnpublishVolumeResponse {})
     }
 
-    async fn on_primary<Req, Resp, F, Fut>(
-        &self,
-        volume_id: &str,
-        req: Req,
-        call: F,
-    ) -> Result<Resp>
+    async fn on_primary<Req, Resp, F, Fut>(&self, req: Req, call: F) -> Result<Resp>
     where
+        Req: Shape,
         F: FnOnce(
             crate::proto::csi::v1::controller_client::ControllerClient<tonic::transport::Channel>,
             Req,
         ) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<Response<Resp>, Status>>,
     {
-        let id = convert::existing_volume_id(volume_id)?;
+        let id = req.checked()?;
         let (node, _) = self.primary_of(&id).await?;
         Ok(call(self.cluster.csi(&node)?, req)
             .await
@@ -489,13 +489,8 @@ impl ClusterController {
                 reason: format!("snapshot {sid} may be on it: {e}"),
             });
         }
-        let vid = req.source_volume_id.clone();
-        self.on_primary(
-            &vid,
-            req,
-            |mut c, r| async move { c.create_snapshot(r).await },
-        )
-        .await
+        self.on_primary(req, |mut c, r| async move { c.create_snapshot(r).await })
+            .await
     }
 
     async fn delete_snapshot(
@@ -642,10 +637,8 @@ impl Controller for ClusterController {
         &self,
         req: Request<csi::ValidateVolumeCapabilitiesRequest>,
     ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
-        let req = req.into_inner();
-        let id = req.volume_id.clone();
         respond(
-            self.on_primary(&id, req, |mut c, r| async move {
+            self.on_primary(req.into_inner(), |mut c, r| async move {
                 c.validate_volume_capabilities(r).await
             })
             .await,
@@ -723,10 +716,8 @@ impl Controller for ClusterController {
         &self,
         req: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
-        let req = req.into_inner();
-        let id = req.volume_id.clone();
         respond(
-            self.on_primary(&id, req, |mut c, r| async move {
+            self.on_primary(req.into_inner(), |mut c, r| async move {
                 c.controller_expand_volume(r).await
             })
             .await,
@@ -744,10 +735,8 @@ impl Controller for ClusterController {
         &self,
         req: Request<csi::ControllerModifyVolumeRequest>,
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
-        let req = req.into_inner();
-        let id = req.volume_id.clone();
         respond(
-            self.on_primary(&id, req, |mut c, r| async move {
+            self.on_primary(req.into_inner(), |mut c, r| async move {
                 c.controller_modify_volume(r).await
             })
             .await,

@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     Context, capabilities,
-    convert::{self, required},
+    convert::{self, Shape, required},
     params, respond,
 };
 use crate::{
@@ -183,13 +183,7 @@ impl ControllerService {
         &self,
         req: csi::ValidateVolumeCapabilitiesRequest,
     ) -> Result<csi::ValidateVolumeCapabilitiesResponse> {
-        let id = convert::existing_volume_id(&req.volume_id)?;
-        if req.volume_capabilities.is_empty() {
-            return Err(Error::Missing("volume_capabilities"));
-        }
-        for c in &req.volume_capabilities {
-            convert::well_formed(c)?;
-        }
+        let id = req.checked()?;
         let v = self.ctx.pool.ready_volume(&id)?;
         if let Err(e) = params::create_params(&req.parameters, &req.mutable_parameters) {
             return Ok(unconfirmed(e.to_string()));
@@ -404,12 +398,8 @@ impl ControllerService {
         &self,
         req: csi::ControllerExpandVolumeRequest,
     ) -> Result<csi::ControllerExpandVolumeResponse> {
-        let id = convert::existing_volume_id(&req.volume_id)?;
-        let range = req
-            .capacity_range
-            .as_ref()
-            .ok_or(Error::Missing("capacity_range"))?;
-        let (required_bytes, limit_bytes) = convert::capacity(Some(range))?;
+        let id = req.checked()?;
+        let (required_bytes, limit_bytes) = convert::capacity(req.capacity_range.as_ref())?;
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
         let current = self.ctx.pool.ready_volume(&id)?;
         if let Some(cap) = &req.volume_capability
@@ -443,10 +433,7 @@ impl ControllerService {
         &self,
         req: csi::ControllerModifyVolumeRequest,
     ) -> Result<csi::ControllerModifyVolumeResponse> {
-        let id = convert::existing_volume_id(&req.volume_id)?;
-        if req.mutable_parameters.is_empty() {
-            return Err(Error::Missing("mutable_parameters"));
-        }
+        let id = req.checked()?;
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
         let v = self.ctx.pool.ready_volume(&id)?;
         // Parsed in full before anything is applied: the spec forbids a partial change.

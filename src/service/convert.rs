@@ -89,6 +89,55 @@ pub fn capacity(range: Option<&csi::CapacityRange>) -> Result<(u64, u64)> {
     Ok((r.required_bytes as u64, r.limit_bytes as u64))
 }
 
+/// The checks of a request's own fields, which the spec answers with INVALID_ARGUMENT
+/// before anything is looked up: the node's controller and the cluster controller run the
+/// same ones, so a malformed request gets the same code whether or not the volume exists.
+pub trait Shape {
+    /// The volume the request names, once its fields are well formed.
+    fn checked(&self) -> Result<VolumeId>;
+}
+
+impl Shape for csi::ValidateVolumeCapabilitiesRequest {
+    fn checked(&self) -> Result<VolumeId> {
+        let id = existing_volume_id(&self.volume_id)?;
+        if self.volume_capabilities.is_empty() {
+            return Err(Error::Missing("volume_capabilities"));
+        }
+        for c in &self.volume_capabilities {
+            well_formed(c)?;
+        }
+        Ok(id)
+    }
+}
+
+impl Shape for csi::ControllerExpandVolumeRequest {
+    fn checked(&self) -> Result<VolumeId> {
+        let id = existing_volume_id(&self.volume_id)?;
+        let range = self
+            .capacity_range
+            .as_ref()
+            .ok_or(Error::Missing("capacity_range"))?;
+        capacity(Some(range))?;
+        Ok(id)
+    }
+}
+
+impl Shape for csi::CreateSnapshotRequest {
+    fn checked(&self) -> Result<VolumeId> {
+        existing_volume_id(&self.source_volume_id)
+    }
+}
+
+impl Shape for csi::ControllerModifyVolumeRequest {
+    fn checked(&self) -> Result<VolumeId> {
+        let id = existing_volume_id(&self.volume_id)?;
+        if self.mutable_parameters.is_empty() {
+            return Err(Error::Missing("mutable_parameters"));
+        }
+        Ok(id)
+    }
+}
+
 pub fn mode(cap: &csi::VolumeCapability) -> csi::volume_capability::access_mode::Mode {
     cap.access_mode
         .as_ref()
