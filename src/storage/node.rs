@@ -546,10 +546,15 @@ impl NodeState {
                 owned.extend(r.published.values().filter_map(|p| p.device.clone()));
             }
         }
-        let volumes_dir = self.pool.volumes_dir();
+        // A volume image deleted while a crash left it attached sits in the trash, where
+        // the loop device keeps its space until detached.
+        let dirs = [self.pool.volumes_dir(), self.pool.trash_dir()];
         let mounts = fsutil::mounts()?;
         for l in loopdev::list().await? {
-            let in_pool = l.backing_file.parent() == Some(volumes_dir.as_path());
+            let in_pool = l
+                .backing_file
+                .parent()
+                .is_some_and(|p| dirs.iter().any(|d| d == p));
             if !in_pool || owned.contains(&l.device) {
                 continue;
             }

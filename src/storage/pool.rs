@@ -20,7 +20,7 @@
 use std::{
     fs::{self, File},
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{Arc, mpsc},
 };
 
 use tokio::sync::Mutex;
@@ -63,6 +63,9 @@ pub struct Pool {
 struct Trash {
     dir: PathBuf,
     wake: mpsc::Sender<()>,
+    /// Held while the trash is being emptied: an unlink that is under way frees its
+    /// space only when it returns, and [`Trash::reclaim`] must wait for that.
+    emptying: Arc<std::sync::Mutex<()>>,
 }
 
 impl Trash {
@@ -70,18 +73,31 @@ impl Trash {
     /// the pool is dropped.
     fn start(dir: PathBuf) -> Result<Trash> {
         let (wake, rx) = mpsc::channel::<()>();
-        let d = dir.clone();
+        let emptying = Arc::new(std::sync::Mutex::new(()));
+        let (d, lock) = (dir.clone(), emptying.clone());
         std::thread::Builder::new()
             .name("berth-trash".into())
             .spawn(move || {
                 while rx.recv().is_ok() {
                     while rx.try_recv().is_ok() {}
+                    let _emptying = lock.lock().unwrap_or_else(|e| e.into_inner());
                     empty(&d);
                 }
             })
             .map_err(Error::io("start the trash reaper in", &dir))?;
         let _ = wake.send(());
-        Ok(Trash { dir, wake })
+        Ok(Trash {
+            dir,
+            wake,
+            emptying,
+        })
+    }
+
+    /// Empties the trash now, after any unlink the reaper has under way: when this
+    /// returns, the space of everything deleted before the call is free.
+    fn reclaim(&self) {
+        let _emptying = self.emptying.lock().unwrap_or_else(|e| e.into_inner());
+        empty(&self.dir);
     }
 
     /// Moves `image` into the trash; an image already gone is success.
@@ -106,21 +122,19 @@ impl Trash {
 
 /// Unlinks everything in the trash. Not durable on purpose: whatever a crash brings back
 /// is unlinked again by the next reaper.
-fn empty(dir: &Path) -> usize {
+fn empty(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
-        return 0;
+        return;
     };
-    let mut n = 0;
     for e in entries.flatten() {
         match fs::remove_file(e.path()) {
-            Ok(()) => n += 1,
+            Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
             Err(err) => {
                 tracing::warn!(path = %e.path().display(), error = %err, "cannot unlink a deleted image")
             }
         }
     }
-    n
 }
 
 /// A CreateVolume request in berth's terms.
@@ -208,6 +222,10 @@ impl Pool {
     /// Where volume images live: loop devices backed by files here are berth's.
     pub fn volumes_dir(&self) -> PathBuf {
         self.dir.join("volumes")
+    }
+    /// Where deleted images wait to be unlinked (see [`Trash`]).
+    pub fn trash_dir(&self) -> PathBuf {
+        self.trash.dir.clone()
     }
     pub fn snapshot_image(&self, id: &SnapshotId) -> PathBuf {
         self.dir.join("snapshots").join(format!("{id}.img"))
@@ -342,7 +360,8 @@ impl Pool {
 
     fn ensure_room(&self, bytes: u64) -> Result<()> {
         let mut cap = self.capacity()?;
-        if bytes > cap.available_bytes && empty(&self.trash.dir) > 0 {
+        if bytes > cap.available_bytes {
+            self.trash.reclaim();
             cap = self.capacity()?;
         }
         if bytes > cap.available_bytes {
