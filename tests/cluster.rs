@@ -350,6 +350,75 @@ async fn killing_the_target_mid_move_resumes_on_retry() {
     }
 }
 
+/// A replicated volume's hand-off adopts the received delta image instead of cloning it
+/// (docs/moving.md, "Promote B"). A crash at either promote failpoint in that mode leaves
+/// the old primary intact or a verified new one, the retry completes, and moves back and
+/// forth keep finding a common base.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_adopting_promotion_survives_crashes_at_each_step() {
+    let mut c = TestCluster::start(2).await;
+    let vol = create_block(
+        &c,
+        "pvc-adopt",
+        0,
+        &[("replicas", "2"), ("replicationInterval", "1h")],
+    )
+    .await;
+    let dev = attach(&c, 0, &vol).await;
+    write_pattern(&dev, 0, 16 << 20, 4);
+    // The replication loop's first round leaves node B a replica to take a delta against.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !c.copies(&vol).await.contains(&(1, pb::Role::Replica)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no replica on B\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Scattered changes since: what the hand-off ships as a delta.
+    for k in 0..64u64 {
+        write_pattern(
+            &dev,
+            (32 << 20) + k * (256 << 10),
+            4096,
+            (k % 100) as u8 + 30,
+        );
+    }
+    let hash = device_hash(&dev);
+    detach(&c, 0, &vol).await;
+
+    let mut at = 0;
+    for fp in ["promote:after-record", "promote:after-volume", ""] {
+        let to = 1 - at;
+        let adopted = |c: &TestCluster| {
+            c.nodes[to]
+                .log()
+                .matches("volume adopted the received image")
+                .count()
+        };
+        let before = adopted(&c);
+        if !fp.is_empty() {
+            c.restart_node(to, Some(fp)).await;
+            let err = try_publish(&c, to, &vol).await.unwrap_err();
+            assert_ne!(err.code(), tonic::Code::Ok);
+            c.wait_node_exit(to, Duration::from_secs(30)).await;
+            c.restart_node(to, None).await;
+        }
+        try_publish(&c, to, &vol)
+            .await
+            .unwrap_or_else(|e| panic!("{fp}: retry: {e:?}\n{}", c.logs()));
+        ctl_unpublish(&c, &vol, &c.nodes[to].id).await;
+        assert_moved(&c, to, &vol, &hash).await;
+        assert!(
+            adopted(&c) > before,
+            "{fp}: node {to} adopted the image\n{}",
+            c.logs()
+        );
+        at = to;
+    }
+}
+
 /// The source is killed while it streams (the connection is cut mid-transfer): the old
 /// primary stays intact and fenced, and the retry completes the move.
 #[tokio::test(flavor = "multi_thread")]

@@ -191,14 +191,16 @@ impl Pool {
 
     /// Makes the replica held here the primary at `epoch`, from its received `snapshot`.
     ///
-    /// When the snapshot arrived as a delta against a base still held here, the volume
-    /// takes the received image itself and the base stays as this node's newest shipping
-    /// snapshot: a reflink of the received image would cost time proportional to its
-    /// extents, and a delta of scattered changes has just fragmented it (0.75 s for 16,384
-    /// changed 4 KiB blocks, inside the cut-over). The price is that the next shipment from
-    /// here, planned against the base, carries that delta once more. Without a base the
-    /// image was written whole and in order, its clone is cheap, and the snapshot stays as
-    /// the base for shipping the volume anywhere next.
+    /// A volume that is replicated (`replicas` ≥ 2), whose snapshot arrived as a delta
+    /// against a base still held here, takes the received image itself, and the base stays
+    /// as this node's newest shipping snapshot: a reflink of the received image would cost
+    /// time proportional to its extents, and a delta of scattered changes has just
+    /// fragmented it (0.75 s for 16,384 changed 4 KiB blocks, inside the cut-over). The
+    /// price is that the next shipment from here, planned against the base, carries that
+    /// delta once more; the volume's next replication round pays it and moves the common
+    /// base forward. Without replication nothing would, and every later move would carry
+    /// all changes since the base, so such a volume, and one whose snapshot came whole
+    /// (written in order: its clone is cheap), is cloned and keeps the snapshot as the base.
     pub async fn promote(
         &self,
         vol: &VolumeId,
@@ -207,6 +209,8 @@ impl Pool {
     ) -> Result<VolumeRecord> {
         if let Some(v) = self.volume(vol)?.filter(|v| v.state == RecordState::Ready) {
             if v.fence.is_none() && v.epoch >= epoch {
+                // A crash may have come between the volume and the replica record's removal.
+                fsutil::remove_file_durable(&self.replica_meta(vol))?;
                 return Ok(v);
             }
             return Err(Error::FailedPrecondition(format!(
@@ -225,10 +229,15 @@ impl Pool {
             )));
         }
         let snap = self.any_ready_snapshot(snapshot)?;
-        let adopt = r.base.as_ref().is_some_and(|b| {
-            self.any_ready_snapshot(b)
-                .is_ok_and(|b| b.shipping && &b.source_volume == vol)
-        });
+        let src = self.snapshot_image(&snap.id);
+        // The image must already have the volume's size: growing a linked image would
+        // change the snapshot while it is still Ready.
+        let adopt = r.volume.replication.replicas > 1
+            && fs::metadata(&src).is_ok_and(|m| m.len() == r.volume.capacity_bytes)
+            && r.base.as_ref().is_some_and(|b| {
+                self.any_ready_snapshot(b)
+                    .is_ok_and(|b| b.shipping && &b.source_volume == vol)
+            });
         let record = VolumeRecord {
             state: RecordState::Creating,
             epoch,
@@ -246,7 +255,6 @@ impl Pool {
         failpoint::hit("promote:after-record");
         let tmp = self.tmp(&format!("{vol}.img"));
         fsutil::remove_file_durable(&tmp)?;
-        let src = self.snapshot_image(&snap.id);
         let (reflink, capacity, tmp2) = (self.reflink, record.capacity_bytes, tmp.clone());
         tokio::task::spawn_blocking(move || -> Result<()> {
             if adopt {
@@ -277,6 +285,11 @@ impl Pool {
             ..record
         };
         self.save_volume(&record)?;
+        if adopt {
+            tracing::info!(volume.id = %vol, snapshot.id = %snap.id, base = ?r.base, "volume adopted the received image; the base stays");
+        } else {
+            tracing::info!(volume.id = %vol, snapshot.id = %snap.id, "volume cloned from the received snapshot");
+        }
         failpoint::hit("promote:after-volume");
         if adopt {
             self.delete_snapshot(&snap.id)?;
@@ -399,12 +412,17 @@ impl Pool {
     }
 
     /// Records the newest replica of a volume here and drops the shipping snapshots it no
-    /// longer needs: the newest is the base for the next round, and the one it was shipped
-    /// against lets a promotion adopt the newest's image (see [`Pool::promote`]).
+    /// longer needs: the newest is the base for the next round, and for a replicated volume
+    /// the one it was shipped against lets a promotion adopt the newest's image (see
+    /// [`Pool::promote`]).
     pub fn set_replica(&self, rec: &ReplicaRecord) -> Result<()> {
         fsutil::write_json(&self.replica_meta(&rec.volume.id), rec)?;
+        let base = rec
+            .base
+            .as_ref()
+            .filter(|_| rec.volume.replication.replicas > 1);
         for s in self.shipping_snapshots(&rec.volume.id)? {
-            if s.id != rec.snapshot && Some(&s.id) != rec.base.as_ref() {
+            if s.id != rec.snapshot && Some(&s.id) != base {
                 self.delete_snapshot(&s.id)?;
             }
         }
