@@ -314,7 +314,7 @@ impl ImageWriter {
             && aligned(data.len() as u64)
         {
             if self.aligned.len() < data.len() + DIRECT_ALIGN {
-                self.aligned = vec![0; CHUNK as usize + DIRECT_ALIGN];
+                self.aligned = vec![0; data.len().max(CHUNK as usize) + DIRECT_ALIGN];
             }
             let start = self.aligned.as_ptr().align_offset(DIRECT_ALIGN);
             let buf = &mut self.aligned[start..start + data.len()];
@@ -694,6 +694,7 @@ impl Receiving<'_> {
                 };
                 let actual = blake3::hash(&chunk.data);
                 if actual.as_bytes().as_slice() != chunk.digest.as_slice()
+                    || len > CHUNK
                     || chunk.offset < st.next_offset
                     || chunk.offset.saturating_add(len) > header.size_bytes
                 {

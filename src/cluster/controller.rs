@@ -465,8 +465,8 @@ impl ClusterController {
         &self,
         req: csi::CreateSnapshotRequest,
     ) -> Result<csi::CreateSnapshotResponse> {
-        let name = convert::name(&req.name)?.to_string();
-        let sid = SnapshotId::for_name(&name);
+        req.checked()?;
+        let sid = SnapshotId::for_name(&req.name);
         // A retry finds the snapshot where it was made, even if the volume moved since.
         let invs = self.cluster.inventories().await;
         if let Some((n, _)) = invs.iter().find(|(_, i)| {

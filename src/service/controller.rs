@@ -305,11 +305,8 @@ impl ControllerService {
         &self,
         req: csi::CreateSnapshotRequest,
     ) -> Result<csi::CreateSnapshotResponse> {
-        let name = convert::name(&req.name)?;
-        let source = required(&req.source_volume_id, "source_volume_id")?;
-        params::snapshot_params(&req.parameters)?;
-        let source =
-            VolumeId::parse(source).ok_or_else(|| Error::VolumeNotFound(source.to_string()))?;
+        let source = req.checked()?;
+        let name = req.name.as_str();
         let id = SnapshotId::for_name(name);
         let _guard = self
             .ctx

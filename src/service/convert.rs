@@ -124,7 +124,10 @@ impl Shape for csi::ControllerExpandVolumeRequest {
 
 impl Shape for csi::CreateSnapshotRequest {
     fn checked(&self) -> Result<VolumeId> {
-        existing_volume_id(&self.source_volume_id)
+        name(&self.name)?;
+        let source = required(&self.source_volume_id, "source_volume_id")?;
+        super::params::snapshot_params(&self.parameters)?;
+        VolumeId::parse(source).ok_or_else(|| Error::VolumeNotFound(source.to_string()))
     }
 }
 
