@@ -623,6 +623,19 @@ impl Pool {
         source: &VolumeId,
         group: Option<&GroupSnapshotId>,
     ) -> Result<std::result::Result<SnapshotRecord, SnapshotRecord>> {
+        self.start_snapshot(name, source, group, true).await
+    }
+
+    /// [`Pool::begin_snapshot`]; `copy`: the snapshot will be a copy that may come to hold
+    /// blocks of its own, and needs room for them. A hard link (a fenced volume's final
+    /// snapshot) never will: a nearly full node must still be able to hand a volume off.
+    async fn start_snapshot(
+        &self,
+        name: &str,
+        source: &VolumeId,
+        group: Option<&GroupSnapshotId>,
+        copy: bool,
+    ) -> Result<std::result::Result<SnapshotRecord, SnapshotRecord>> {
         let id = SnapshotId::for_name(name);
         let _alloc = self.alloc.lock().await;
         match self.snapshot(&id)? {
@@ -644,7 +657,11 @@ impl Pool {
         // What the snapshot may come to hold alone: the volume's allocated blocks, but never
         // more than its size (XFS can show more allocated than written while it holds CoW
         // reservations, which would refuse snapshots on a nearly full pool for nothing).
-        let needed = fsutil::allocated_bytes(&self.volume_image(source))?.min(vol.capacity_bytes);
+        let needed = if copy {
+            fsutil::allocated_bytes(&self.volume_image(source))?.min(vol.capacity_bytes)
+        } else {
+            0
+        };
         self.ensure_room(needed)?;
         let rec = SnapshotRecord {
             id,

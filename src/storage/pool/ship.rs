@@ -97,7 +97,7 @@ impl Pool {
     ) -> Result<SnapshotRecord> {
         // A fresh name each time: shipping snapshots are never retried by name.
         let name = format!("{vol}/shipping/{}", uuid::Uuid::new_v4());
-        let mut rec = match self.begin_snapshot(&name, vol, None).await? {
+        let mut rec = match self.start_snapshot(&name, vol, None, !link).await? {
             Ok(rec) => rec,
             Err(existing) => existing,
         };
