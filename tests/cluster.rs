@@ -567,7 +567,8 @@ async fn publishing_back_on_the_source_cancels_a_failed_hand_off() {
 }
 
 /// While a node is down, nothing that changes copies proceeds: its copy may be the one
-/// that matters. A move answers UNAVAILABLE (and moves nothing) until every node answers.
+/// that matters. A move answers UNAVAILABLE (and moves nothing) until every node answers;
+/// GetCapacity answers from the nodes that do.
 #[tokio::test(flavor = "multi_thread")]
 async fn no_move_while_a_node_is_silent() {
     let mut c = TestCluster::start(3).await;
@@ -575,6 +576,23 @@ async fn no_move_while_a_node_is_silent() {
     c.kill_node(2);
     let err = try_publish(&c, 1, &vol).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    // Capacity is still known for the nodes that answer; the silent one's is not.
+    let cap = |node: Option<&str>| csi::GetCapacityRequest {
+        volume_capabilities: vec![block_cap()],
+        accessible_topology: node.map(|n| csi::Topology {
+            segments: [("topology.berth.csi.dev/node".to_string(), n.to_string())].into(),
+        }),
+        ..Default::default()
+    };
+    let ctl = c.ctl().await;
+    let domain = ctl.clone().get_capacity(cap(None)).await.unwrap();
+    assert!(domain.into_inner().available_capacity > 0);
+    let silent = ctl
+        .clone()
+        .get_capacity(cap(Some("node-c")))
+        .await
+        .unwrap_err();
+    assert_eq!(silent.code(), tonic::Code::Unavailable, "{silent:?}");
     c.restart_node(2, None).await;
     assert_eq!(
         c.copies(&vol).await,
@@ -1022,6 +1040,17 @@ async fn the_cluster_controller_follows_the_spec_tables() {
         .into_inner()
         .available_capacity;
     assert_eq!(nowhere, 0);
+    let elsewhere = ctl
+        .clone()
+        .get_capacity(cap(&[("topology.berth.csi.dev/domain", "other")]))
+        .await
+        .unwrap()
+        .into_inner()
+        .available_capacity;
+    assert_eq!(
+        elsewhere, 0,
+        "another domain's capacity is not this cluster's"
+    );
 
     for v in [a, b.volume_id] {
         ctl.clone()

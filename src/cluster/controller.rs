@@ -418,11 +418,13 @@ impl ClusterController {
     }
 
     async fn get_capacity(&self, req: csi::GetCapacityRequest) -> Result<csi::GetCapacityResponse> {
-        let nodes: Vec<String> = match req
-            .accessible_topology
-            .as_ref()
-            .and_then(|t| t.segments.get(TOPOLOGY_KEY))
-        {
+        let segments = req.accessible_topology.as_ref().map(|t| &t.segments);
+        let segment = |key: &str| segments.and_then(|s| s.get(key));
+        // Another domain's nodes are not this controller's: nothing fits there.
+        if segment(DOMAIN_KEY).is_some_and(|d| d != &self.cluster.domain) {
+            return Ok(csi::GetCapacityResponse::default());
+        }
+        let nodes: Vec<String> = match segment(TOPOLOGY_KEY) {
             Some(n) => {
                 if self.cluster.member(n).is_err() {
                     return Ok(csi::GetCapacityResponse::default());
@@ -447,18 +449,29 @@ impl ClusterController {
             }
         }))
         .await;
-        // A volume must fit on one node: the answer is the largest any node can take.
+        // A volume must fit on one node: the answer is the largest any node that answers
+        // can take. A silent node takes nothing now; only when none answers is the
+        // capacity unknown.
         let mut best: Option<csi::GetCapacityResponse> = None;
+        let mut silent = None;
         for a in answers {
-            let a = a?;
-            if best
-                .as_ref()
-                .is_none_or(|b| a.available_capacity > b.available_capacity)
-            {
-                best = Some(a);
+            match a {
+                Ok(a) => {
+                    if best
+                        .as_ref()
+                        .is_none_or(|b| a.available_capacity > b.available_capacity)
+                    {
+                        best = Some(a);
+                    }
+                }
+                Err(e) => silent = Some(e),
             }
         }
-        Ok(best.unwrap_or_default())
+        match (best, silent) {
+            (Some(best), _) => Ok(best),
+            (None, Some(e)) => Err(e),
+            (None, None) => Ok(csi::GetCapacityResponse::default()),
+        }
     }
 
     async fn create_snapshot(
