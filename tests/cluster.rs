@@ -540,7 +540,7 @@ async fn a_connection_cut_mid_stream_resumes_on_retry() {
 
 /// A hand-off that failed (the target died mid-receive) is cancelled when the CO publishes
 /// the volume back where it was: the old primary is writable again at a higher epoch, and
-/// its data, changed after the cancel, moves correctly later.
+/// its data, changed after the cancel, moves correctly later, leaving no partial behind.
 #[tokio::test(flavor = "multi_thread")]
 async fn publishing_back_on_the_source_cancels_a_failed_hand_off() {
     let mut c = TestCluster::start(2).await;
@@ -564,6 +564,12 @@ async fn publishing_back_on_the_source_cancels_a_failed_hand_off() {
         "the change after the cancel arrived"
     );
     detach(&c, 1, &vol).await;
+    let incoming = c.nodes[1].pool_root().join("berth").join("incoming");
+    assert_eq!(
+        std::fs::read_dir(&incoming).unwrap().count(),
+        0,
+        "the cancelled hand-off's partial receive is gone"
+    );
 }
 
 /// While a node is down, nothing that changes copies proceeds: its copy may be the one

@@ -251,6 +251,12 @@ impl Agent for AgentService {
         let start = || -> Result<_> {
             let job = Fetch::from_proto(&req)?;
             let guard = self.shipping.try_lock([job.snapshot.to_string()])?;
+            // A fetch of one snapshot of a volume makes the idle partial receives of its
+            // other snapshots obsolete (a cancelled hand-off's, say): the controller always
+            // ships the newest. Running receives, this one included, hold their lock.
+            self.ctx
+                .pool
+                .discard_incoming_of(&job.volume, |s| self.shipping.is_busy(s.as_str()))?;
             let channel = channel(&req.source_address, &self.tls)?;
             Ok((job, guard, channel))
         };

@@ -28,6 +28,14 @@ pub struct Guard {
 }
 
 impl InFlight {
+    /// Whether an operation holds `key` now.
+    pub fn is_busy(&self, key: &str) -> bool {
+        self.busy
+            .lock()
+            .expect("in-flight set poisoned")
+            .contains(key)
+    }
+
     /// Claims every key or none; a key already claimed means ABORTED.
     pub fn try_lock<I, S>(&self, keys: I) -> Result<Guard>
     where

@@ -348,6 +348,15 @@ impl Pool {
         for s in self.shipping_snapshots(vol)? {
             self.delete_snapshot(&s.id)?;
         }
+        self.discard_incoming_of(vol, |_| false)
+    }
+
+    /// Drops the partial receives of `vol`'s snapshots except those `keep` names.
+    pub fn discard_incoming_of(
+        &self,
+        vol: &VolumeId,
+        keep: impl Fn(&SnapshotId) -> bool,
+    ) -> Result<()> {
         let dir = self.dir.join("incoming");
         for e in fs::read_dir(&dir)
             .map_err(Error::io("list", &dir))?
@@ -357,6 +366,7 @@ impl Pool {
             if p.extension().is_some_and(|x| x == "json")
                 && let Ok(Some(progress)) = fsutil::read_json::<IncomingProgress>(&p)
                 && &progress.volume == vol
+                && !keep(&progress.snapshot)
             {
                 self.discard_incoming(&progress.snapshot)?;
             }
