@@ -367,15 +367,10 @@ async fn an_adopting_promotion_survives_crashes_at_each_step() {
     let dev = attach(&c, 0, &vol).await;
     write_pattern(&dev, 0, 16 << 20, 4);
     // The replication loop's first round leaves node B a replica to take a delta against.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !c.copies(&vol).await.contains(&(1, pb::Role::Replica)) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no replica on B\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    c.wait_until("a replica on B", Duration::from_secs(30), || async {
+        c.copies(&vol).await.contains(&(1, pb::Role::Replica))
+    })
+    .await;
     // Scattered changes since: what the hand-off ships as a delta.
     for k in 0..64u64 {
         write_pattern(
@@ -435,15 +430,10 @@ async fn killing_the_source_mid_stream_leaves_it_intact_and_the_retry_completes(
             .await
     });
     // Wait until the receiver has data in flight, then cut it off.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while c.counters(1).await.received_data_bytes < 80 << 20 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "transfer never started\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    c.wait_until("80 MiB received", Duration::from_secs(30), || async {
+        c.counters(1).await.received_data_bytes >= 80 << 20
+    })
+    .await;
     c.kill_node(0);
     assert!(
         publish.await.unwrap().is_err(),
@@ -505,15 +495,10 @@ async fn a_connection_cut_mid_stream_resumes_on_retry() {
             .controller_publish_volume(ctl_publish(&v2, &b))
             .await
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while c.counters(1).await.received_data_bytes < 80 << 20 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "transfer never started\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    c.wait_until("80 MiB received", Duration::from_secs(30), || async {
+        c.counters(1).await.received_data_bytes >= 80 << 20
+    })
+    .await;
     c.proxies[0].cut();
     assert!(
         publish.await.unwrap().is_err(),
@@ -659,18 +644,11 @@ async fn replication_keeps_a_fresh_copy_and_reports_its_lag() {
             .find(|(_, r)| *r == pb::Role::Replica)
             .map(|(i, _)| i)
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let r = loop {
-        if let Some(r) = replica_node(&c).await {
-            break r;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no replica appeared\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    c.wait_until("a replica", Duration::from_secs(30), || async {
+        replica_node(&c).await.is_some()
+    })
+    .await;
+    let r = replica_node(&c).await.unwrap();
     assert_ne!(r, 0);
     let got = c
         .ctl()
@@ -690,31 +668,17 @@ async fn replication_keeps_a_fresh_copy_and_reports_its_lag() {
     write_pattern(&dev, 64 << 20, 8 << 20, 10);
     c.wait_node_exit(r, Duration::from_secs(30)).await;
     c.restart_node(r, None).await;
-    let before = c.counters(r).await.transfers_completed;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while c.counters(r).await.transfers_completed <= before {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "replication did not heal\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let wait_round = async |c: &TestCluster, r: usize| {
+        let before = c.counters(r).await.transfers_completed;
+        c.wait_until("a replication round", Duration::from_secs(30), || async {
+            c.counters(r).await.transfers_completed > before
+        })
+        .await;
+    };
+    wait_round(&c, r).await;
     // The controller dies after cutting a round's snapshot, and then the primary's node
     // process dies while it streams (the volume stays mounted and in use: the kernel holds
     // it). A new controller and the restarted node carry on replicating.
-    let wait_round = async |c: &TestCluster, r: usize| {
-        let before = c.counters(r).await.transfers_completed;
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while c.counters(r).await.transfers_completed <= before {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no round completed\n{}",
-                c.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
     c.restart_controller(Some("replicate:after-snapshot")).await;
     write_pattern(&dev, 96 << 20, 8 << 20, 11);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

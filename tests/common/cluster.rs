@@ -299,6 +299,24 @@ impl TestCluster {
         self.spawn_controller().await;
     }
 
+    /// Polls `cond` every 20 ms until it holds; after `within`, fails the test saying
+    /// `what` was awaited, with every process's log.
+    pub async fn wait_until<F, Fut>(&self, what: &str, within: Duration, mut cond: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + within;
+        while !cond().await {
+            assert!(
+                Instant::now() < deadline,
+                "waited {within:?} for {what}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until node `i`'s process has exited by itself (a failpoint fired).
     pub async fn wait_node_exit(&mut self, i: usize, within: Duration) {
         let deadline = Instant::now() + within;
