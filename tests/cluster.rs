@@ -903,7 +903,7 @@ async fn the_cluster_controller_follows_the_spec_tables() {
             .collect(),
         ..Default::default()
     };
-    for id in [unknown, a.as_str()] {
+    for id in [unknown, a.as_str(), "not-an-id"] {
         let codes = [
             ctl.clone()
                 .validate_volume_capabilities(validate(id, vec![]))

@@ -93,13 +93,10 @@ impl Admin for AdminService {
         req: Request<pb::MigrateRequest>,
     ) -> Result<Response<Self::MigrateStream>, Status> {
         let req = req.into_inner();
-        let (vol, to) = match (
-            convert::existing_volume_id(&req.volume_id),
-            convert::required(&req.to_node_id, "to_node_id"),
-        ) {
-            (Ok(v), Ok(t)) => (v, t.to_string()),
-            (Err(e), _) | (_, Err(e)) => return Err(e.into()),
-        };
+        // Both fields before the volume id is parsed: a missing field is INVALID_ARGUMENT
+        // even beside an id that names nothing.
+        let to = convert::required(&req.to_node_id, "to_node_id")?.to_string();
+        let vol = convert::existing_volume_id(&req.volume_id)?;
         let (tx, rx) = mpsc::channel(64);
         let cluster = self.cluster.clone();
         tokio::spawn(async move {

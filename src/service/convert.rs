@@ -99,26 +99,26 @@ pub trait Shape {
 
 impl Shape for csi::ValidateVolumeCapabilitiesRequest {
     fn checked(&self) -> Result<VolumeId> {
-        let id = existing_volume_id(&self.volume_id)?;
+        required(&self.volume_id, "volume_id")?;
         if self.volume_capabilities.is_empty() {
             return Err(Error::Missing("volume_capabilities"));
         }
         for c in &self.volume_capabilities {
             well_formed(c)?;
         }
-        Ok(id)
+        existing_volume_id(&self.volume_id)
     }
 }
 
 impl Shape for csi::ControllerExpandVolumeRequest {
     fn checked(&self) -> Result<VolumeId> {
-        let id = existing_volume_id(&self.volume_id)?;
+        required(&self.volume_id, "volume_id")?;
         let range = self
             .capacity_range
             .as_ref()
             .ok_or(Error::Missing("capacity_range"))?;
         capacity(Some(range))?;
-        Ok(id)
+        existing_volume_id(&self.volume_id)
     }
 }
 
@@ -133,11 +133,11 @@ impl Shape for csi::CreateSnapshotRequest {
 
 impl Shape for csi::ControllerModifyVolumeRequest {
     fn checked(&self) -> Result<VolumeId> {
-        let id = existing_volume_id(&self.volume_id)?;
+        required(&self.volume_id, "volume_id")?;
         if self.mutable_parameters.is_empty() {
             return Err(Error::Missing("mutable_parameters"));
         }
-        Ok(id)
+        existing_volume_id(&self.volume_id)
     }
 }
 
