@@ -478,7 +478,7 @@ impl ClusterController {
         &self,
         req: csi::CreateSnapshotRequest,
     ) -> Result<csi::CreateSnapshotResponse> {
-        req.checked()?;
+        let source = req.checked()?;
         let sid = SnapshotId::for_name(&req.name);
         // A retry finds the snapshot where it was made, even if the volume moved since.
         let invs = self.cluster.inventories().await;
@@ -502,8 +502,18 @@ impl ClusterController {
                 reason: format!("snapshot {sid} may be on it: {e}"),
             });
         }
-        self.on_primary(req, |mut c, r| async move { c.create_snapshot(r).await })
+        // Every node answered: the same inventories say where the source is.
+        let node = Placement::of(&source, &invs)?
+            .holder()
+            .map(|c| c.node.clone())
+            .ok_or_else(|| Error::VolumeNotFound(source.to_string()))?;
+        Ok(self
+            .cluster
+            .csi(&node)?
+            .create_snapshot(req)
             .await
+            .map_err(|s| peer(&node, s))?
+            .into_inner())
     }
 
     async fn delete_snapshot(

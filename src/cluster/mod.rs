@@ -116,16 +116,23 @@ impl Cluster {
     }
 
     /// Makes the member list `nodes` (node id → agent address), keeping the connections
-    /// of members whose address did not change.
+    /// of members whose address did not change. A member whose address is unusable is
+    /// left out and reported in the error, after the others took effect: one malformed
+    /// BerthNode must not freeze the membership for every other node.
     pub fn set_members(&self, nodes: BTreeMap<String, String>) -> Result<()> {
         let mut next = BTreeMap::new();
+        let mut refused = None;
         let current = self.members.read().expect("members lock poisoned").clone();
         for (id, address) in nodes {
             let m = match current.get(&id) {
                 Some(m) if m.address == address => m.clone(),
-                _ => Member {
-                    channel: crate::agent::channel(&address, &self.tls)?,
-                    address,
+                _ => match crate::agent::channel(&address, &self.tls) {
+                    Ok(channel) => Member { channel, address },
+                    Err(e) => {
+                        tracing::warn!(node = %id, %address, error = %e, "node left out: its agent address is unusable");
+                        refused.get_or_insert(e);
+                        continue;
+                    }
                 },
             };
             next.insert(id, m);
@@ -133,7 +140,7 @@ impl Cluster {
         let ids: Vec<&String> = next.keys().collect();
         tracing::info!(nodes = ?ids, "cluster members");
         *self.members.write().expect("members lock poisoned") = next;
-        Ok(())
+        refused.map_or(Ok(()), Err)
     }
 
     pub fn member(&self, node: &str) -> Result<Member> {
@@ -564,6 +571,14 @@ mod tests {
         .unwrap();
         assert_eq!(c.node_ids(), ["a", "b"]);
         assert_eq!(c.member("b").unwrap().address, "127.0.0.1:2");
+        // A malformed address leaves that node out, not the others.
+        c.set_members(BTreeMap::from([
+            ("a".to_string(), "127.0.0.1:1".to_string()),
+            ("bad".to_string(), "no such address\n".to_string()),
+            ("c".to_string(), "127.0.0.1:3".to_string()),
+        ]))
+        .unwrap_err();
+        assert_eq!(c.node_ids(), ["a", "c"]);
         c.set_members(BTreeMap::new()).unwrap();
         assert_eq!(c.member("a").unwrap_err().code(), tonic::Code::NotFound);
     }

@@ -111,12 +111,7 @@ impl Cluster {
         }
         let pvc = p.pvc();
         let started = std::time::Instant::now();
-        let from = p
-            .primary
-            .as_ref()
-            .or(p.fenced.first())
-            .map(|c| c.node.clone())
-            .unwrap_or_default();
+        let from = p.holder().map(|c| c.node.clone()).unwrap_or_default();
         self.pvc_event(
             pvc.clone(),
             "VolumeMoveStarted",
