@@ -535,9 +535,7 @@ impl Driver {
             .join(format!("{volume_id}.img"))
     }
     fn log_tail(&self) -> String {
-        let log = fs::read_to_string(self.dir.join("berth.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        tail(&self.dir.join("berth.log"))
     }
     fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
@@ -646,18 +644,30 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        stop_child(&mut self.child);
         cleanup_tree(&self.dir);
     }
+}
+
+/// SIGTERM, up to 10 s to drain, then SIGKILL.
+fn stop_child(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// The last 20 lines of a log, for error messages.
+fn tail(path: &Path) -> String {
+    let log = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 // ---- CSI requests ------------------------------------------------------------------------
