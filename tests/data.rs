@@ -5,7 +5,7 @@ mod common;
 
 use std::{
     fs::{File, OpenOptions},
-    os::unix::fs::{FileExt, OpenOptionsExt},
+    os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
     process::Command,
     sync::{
@@ -51,6 +51,33 @@ fn blockdev_size(path: &Path) -> u64 {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// A block-layer queue setting of the block device with number `dev`.
+fn queue_setting(dev: u64, knob: &str) -> String {
+    let sysfs = format!(
+        "/sys/dev/block/{}:{}/queue/{knob}",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    std::fs::read_to_string(&sysfs)
+        .unwrap_or_else(|e| panic!("{sysfs}: {e}"))
+        .trim()
+        .to_string()
+}
+
+/// Writes `value` to a queue setting of every loop device that has no backing file.
+fn reset_free_loop_devices(knob: &str, value: &str) {
+    for e in std::fs::read_dir("/sys/block")
+        .expect("/sys/block")
+        .flatten()
+    {
+        let free = !e.path().join("loop/backing_file").exists();
+        if e.file_name().to_string_lossy().starts_with("loop") && free {
+            // A device another test attaches meanwhile only loses a tuning; never an error.
+            let _ = std::fs::write(e.path().join("queue").join(knob), value);
+        }
+    }
 }
 
 /// A buffer aligned for O_DIRECT (4 KiB covers every logical block size a loop device has),
@@ -315,7 +342,16 @@ async fn xfs_clone_holds_the_source_bytes_and_diverges() {
 #[tokio::test(flavor = "multi_thread")]
 async fn block_volume_snapshot_restore_and_clone_are_bit_identical() {
     const SIZE: i64 = 64 * MIB;
+    // Settings outlive a detach, so a device number reused from an earlier run would pass
+    // without berth setting anything: give the free devices the value berth must change.
+    reset_free_loop_devices("rq_affinity", "2");
     let d = Driver::start().await;
+    let pool_dev = std::fs::metadata(d.pool_root()).expect("stat pool").dev();
+    assert_eq!(
+        queue_setting(pool_dev, "rq_affinity"),
+        "1",
+        "the embedded pool's device keeps the kernel's default (docs/BENCHMARKS.md, rq_affinity)"
+    );
     let ctl = d.controller().await;
     let cap = block_cap();
     let src = create_volume(&ctl, create_req("pvc-blk", SIZE, cap.clone())).await;
@@ -324,8 +360,15 @@ async fn block_volume_snapshot_restore_and_clone_are_bit_identical() {
         !src.volume_context.contains_key("fsType"),
         "a block volume has no filesystem"
     );
+    reset_free_loop_devices("rq_affinity", "1");
     let dev = stage_and_publish(&d, &src.volume_id, &cap, "blk").await;
     assert_eq!(blockdev_size(&dev), SIZE as u64);
+    let rdev = std::fs::metadata(&dev).expect("stat device").rdev();
+    assert_eq!(
+        queue_setting(rdev, "rq_affinity"),
+        "2",
+        "a volume's requests complete on the submitting CPU (docs/BENCHMARKS.md, rq_affinity)"
+    );
     assert_device(
         &dev,
         &vec![0u8; SIZE as usize],

@@ -163,6 +163,7 @@ impl NodeState {
         self.save(&rec)?;
 
         let device = loopdev::attach(&self.pool.volume_image(id), self.direct_io).await?;
+        loopdev::tune(&device, loopdev::Role::Volume);
         rec.device = Some(device.clone());
         self.save(&rec)?;
         failpoint::hit("node-stage:after-attach");
@@ -348,6 +349,7 @@ impl NodeState {
                         Some(d) => d,
                         None => {
                             let d = loopdev::attach_new(&image, self.direct_io, true).await?;
+                            loopdev::tune(&d, loopdev::Role::Volume);
                             want.device = Some(d.clone());
                             rec.published.insert(target.to_owned(), want);
                             self.save(&rec)?;

@@ -65,6 +65,7 @@ pub async fn prepare(state_dir: &Path, source: &PoolSource) -> Result<PathBuf> {
                 return Ok(mount_point);
             }
             let device = loopdev::attach(&image, true).await?;
+            loopdev::tune(&device, loopdev::Role::Pool);
             format_and_mount(&device, &mount_point).await?;
         }
         PoolSource::Device(device) => {
