@@ -94,10 +94,16 @@ impl Trash {
     }
 
     /// Empties the trash now, after any unlink the reaper has under way: when this
-    /// returns, the space of everything deleted before the call is free.
-    fn reclaim(&self) {
-        let _emptying = self.emptying.lock().unwrap_or_else(|e| e.into_inner());
-        empty(&self.dir);
+    /// returns, the space of everything deleted before the call is free. The unlinks take
+    /// seconds for big or fragmented images, so they run off the async workers.
+    async fn reclaim(&self) {
+        let (dir, emptying) = (self.dir.clone(), self.emptying.clone());
+        tokio::task::spawn_blocking(move || {
+            let _emptying = emptying.lock().unwrap_or_else(|e| e.into_inner());
+            empty(&dir);
+        })
+        .await
+        .expect("emptying the trash panicked");
     }
 
     /// Moves `image` into the trash; an image already gone is success.
@@ -358,10 +364,10 @@ impl Pool {
         })
     }
 
-    fn ensure_room(&self, bytes: u64) -> Result<()> {
+    async fn ensure_room(&self, bytes: u64) -> Result<()> {
         let mut cap = self.capacity()?;
         if bytes > cap.available_bytes {
-            self.trash.reclaim();
+            self.trash.reclaim().await;
             cap = self.capacity()?;
         }
         if bytes > cap.available_bytes {
@@ -411,7 +417,7 @@ impl Pool {
                 Some(_) => self.discard_volume_data(&id)?,
                 None => {}
             }
-            self.ensure_room(capacity)?;
+            self.ensure_room(capacity).await?;
             let record = VolumeRecord {
                 id: id.clone(),
                 name: req.name.clone(),
@@ -561,7 +567,7 @@ impl Pool {
         }
         let target = size_for(required, limit, v.capacity_bytes)?;
         if target > v.capacity_bytes {
-            self.ensure_room(target - v.capacity_bytes)?;
+            self.ensure_room(target - v.capacity_bytes).await?;
             let img = image.clone();
             let preallocate = v.settings.preallocate;
             tokio::task::spawn_blocking(move || -> Result<()> {
@@ -662,7 +668,7 @@ impl Pool {
         } else {
             0
         };
-        self.ensure_room(needed)?;
+        self.ensure_room(needed).await?;
         let rec = SnapshotRecord {
             id,
             name: name.to_string(),
