@@ -420,6 +420,36 @@ async fn an_adopting_promotion_survives_crashes_at_each_step() {
         );
         at = to;
     }
+
+    // An I/O error, not a crash, after the adopted snapshot was marked for deletion: the
+    // node undoes the promotion itself and keeps the snapshot, so the retry succeeds
+    // without a restart (before, a Creating record made it refuse the volume until one).
+    let to = 1 - at;
+    let adopted = |c: &TestCluster| {
+        c.nodes[to]
+            .log()
+            .matches("volume adopted the received image")
+            .count()
+    };
+    let before = adopted(&c);
+    c.restart_node(to, Some("promote:before-ready:error")).await;
+    let err = try_publish(&c, to, &vol).await.unwrap_err();
+    assert_ne!(err.code(), tonic::Code::Ok);
+    assert!(
+        c.nodes[to].log().contains("promotion failed; undone"),
+        "{}",
+        c.logs()
+    );
+    try_publish(&c, to, &vol)
+        .await
+        .unwrap_or_else(|e| panic!("retry after an undone promotion: {e:?}\n{}", c.logs()));
+    ctl_unpublish(&c, &vol, &c.nodes[to].id).await;
+    assert_moved(&c, to, &vol, &hash).await;
+    assert!(
+        adopted(&c) > before,
+        "the retry adopted the kept snapshot\n{}",
+        c.logs()
+    );
 }
 
 /// The source is killed while it streams (the connection is cut mid-transfer): the old

@@ -2,23 +2,59 @@
 //! it reaches the named point, which is exactly what `kill -9` mid-operation does: no
 //! destructors, no flushes, no cleanup. `BERTH_FAILPOINT=<name>:sleep=<ms>` instead holds
 //! the operation there, to prove what happens to an RPC that is in flight (SIGTERM drain,
-//! ABORTED for a concurrent call). Used only by tests; when the variable is unset the check
-//! is one cached comparison.
+//! ABORTED for a concurrent call). `BERTH_FAILPOINT=<name>:error` makes the first [`check`]
+//! of the point return an I/O error, once per process: an error the operation must undo
+//! itself, where a crash is undone by the next start's reconcile. Used only by tests; when
+//! the variable is unset the check is one cached comparison.
 
-use std::{sync::OnceLock, time::Duration};
+use std::{
+    path::Path,
+    sync::{
+        OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use crate::error::{Error, Result};
 
 #[derive(Debug, PartialEq, Eq)]
 enum Action {
     Kill,
     Sleep(Duration),
+    Fail,
 }
 
 fn parse(spec: &str) -> Option<(String, Action)> {
-    let (name, action) = match spec.split_once(":sleep=") {
-        Some((name, ms)) => (name, Action::Sleep(Duration::from_millis(ms.parse().ok()?))),
-        None => (spec, Action::Kill),
+    let (name, action) = if let Some(name) = spec.strip_suffix(":error") {
+        (name, Action::Fail)
+    } else if let Some((name, ms)) = spec.split_once(":sleep=") {
+        (name, Action::Sleep(Duration::from_millis(ms.parse().ok()?)))
+    } else {
+        (spec, Action::Kill)
     };
     (!name.is_empty()).then(|| (name.to_string(), action))
+}
+
+/// [`hit`] for a point that can also fail: with `<name>:error` armed, its first call
+/// returns an I/O error.
+pub fn check(name: &str) -> Result<()> {
+    static FIRED: AtomicBool = AtomicBool::new(false);
+    match armed() {
+        Some((armed, Action::Fail)) if armed == name => {
+            if FIRED.swap(true, Ordering::SeqCst) {
+                return Ok(());
+            }
+            tracing::warn!(failpoint = name, "failpoint reached, failing the operation");
+            Err(Error::io("reach failpoint", Path::new(name))(
+                std::io::Error::other("injected by BERTH_FAILPOINT"),
+            ))
+        }
+        _ => {
+            hit(name);
+            Ok(())
+        }
+    }
 }
 
 fn armed() -> Option<&'static (String, Action)> {
@@ -73,7 +109,9 @@ mod tests {
             parse("a:b:sleep=250"),
             Some(("a:b".into(), Action::Sleep(Duration::from_millis(250))))
         );
+        assert_eq!(parse("a:b:error"), Some(("a:b".into(), Action::Fail)));
         assert_eq!(parse("a:sleep=x"), None);
+        assert_eq!(parse(":error"), None);
         assert_eq!(parse(""), None);
     }
 }

@@ -253,8 +253,37 @@ impl Pool {
             self.save_volume(&record)?;
         }
         failpoint::hit("promote:after-record");
+        let record = match self.make_promoted(record, &snap, adopt).await {
+            Ok(record) => record,
+            Err(e) => {
+                self.undo_promote(vol, adopt.then_some(&snap));
+                return Err(e);
+            }
+        };
+        if adopt {
+            tracing::info!(volume.id = %vol, snapshot.id = %snap.id, base = ?r.base, "volume adopted the received image; the base stays");
+        } else {
+            tracing::info!(volume.id = %vol, snapshot.id = %snap.id, "volume cloned from the received snapshot");
+        }
+        failpoint::hit("promote:after-volume");
+        if adopt {
+            self.delete_snapshot(&snap.id)?;
+        }
+        fsutil::remove_file_durable(&self.replica_meta(vol))?;
+        Ok(record)
+    }
+
+    /// The data steps of [`Pool::promote`], from a `Creating` record to a `Ready` one.
+    async fn make_promoted(
+        &self,
+        record: VolumeRecord,
+        snap: &SnapshotRecord,
+        adopt: bool,
+    ) -> Result<VolumeRecord> {
+        let vol = &record.id;
         let tmp = self.tmp(&format!("{vol}.img"));
         fsutil::remove_file_durable(&tmp)?;
+        let src = self.snapshot_image(&snap.id);
         let (reflink, capacity, tmp2) = (self.reflink, record.capacity_bytes, tmp.clone());
         tokio::task::spawn_blocking(move || -> Result<()> {
             if adopt {
@@ -278,24 +307,36 @@ impl Pool {
             // The snapshot's name goes before the volume can be written through the same
             // inode. A crash from here to Ready leaves neither: the hand-off ships the
             // snapshot again (the old primary still holds it, fenced).
-            self.mark_snapshot_deleting(&snap)?;
+            self.mark_snapshot_deleting(snap)?;
         }
+        failpoint::check("promote:before-ready")?;
         let record = VolumeRecord {
             state: RecordState::Ready,
             ..record
         };
         self.save_volume(&record)?;
-        if adopt {
-            tracing::info!(volume.id = %vol, snapshot.id = %snap.id, base = ?r.base, "volume adopted the received image; the base stays");
-        } else {
-            tracing::info!(volume.id = %vol, snapshot.id = %snap.id, "volume cloned from the received snapshot");
-        }
-        failpoint::hit("promote:after-volume");
-        if adopt {
-            self.delete_snapshot(&snap.id)?;
-        }
-        fsutil::remove_file_durable(&self.replica_meta(vol))?;
         Ok(record)
+    }
+
+    /// Undoes a promotion that failed with an error rather than a crash, as the next start's
+    /// reconcile would undo it, so that this node can be promoted again, or receive the
+    /// volume again, without a restart. A snapshot the failed attempt adopted goes back to
+    /// `Ready`: the volume never became `Ready`, so nothing wrote the image they share, and
+    /// a retry promotes from it without shipping it again. What this cannot undo (a second
+    /// I/O error) stays for reconcile.
+    fn undo_promote(&self, vol: &VolumeId, adopted: Option<&SnapshotRecord>) {
+        let undone = self.finish_delete_volume(vol).and_then(|()| match adopted {
+            Some(s) => fsutil::write_json(&self.snapshot_meta(&s.id), s),
+            None => Ok(()),
+        });
+        match undone {
+            Ok(()) => {
+                tracing::warn!(volume.id = %vol, "promotion failed; undone, the replica stays")
+            }
+            Err(e) => {
+                tracing::error!(volume.id = %vol, error = %e, "promotion failed and could not be undone; the next start reconciles it")
+            }
+        }
     }
 
     /// After the new primary took over at `epoch`: the fenced copy here becomes a replica
