@@ -405,16 +405,10 @@ async fn an_adopting_promotion_survives_crashes_at_each_step() {
         None,
     ] {
         let to = 1 - at;
-        let adopted = |c: &TestCluster| {
-            c.nodes[to]
-                .log()
-                .matches("volume adopted the received image")
-                .count()
-        };
-        let before = adopted(&c);
+        let before = adoptions(&c, to);
         move_through_a_crash(&mut c, to, fp, &vol, &hash).await;
         assert!(
-            adopted(&c) > before,
+            adoptions(&c, to) > before,
             "{fp:?}: node {to} adopted the image\n{}",
             c.logs()
         );
@@ -425,13 +419,7 @@ async fn an_adopting_promotion_survives_crashes_at_each_step() {
     // node undoes the promotion itself and keeps the snapshot, so the retry succeeds
     // without a restart (before, a Creating record made it refuse the volume until one).
     let to = 1 - at;
-    let adopted = |c: &TestCluster| {
-        c.nodes[to]
-            .log()
-            .matches("volume adopted the received image")
-            .count()
-    };
-    let before = adopted(&c);
+    let before = adoptions(&c, to);
     c.restart_node(to, Some("promote:before-ready:error")).await;
     let err = try_publish(&c, to, &vol).await.unwrap_err();
     assert_ne!(err.code(), tonic::Code::Ok);
@@ -446,10 +434,19 @@ async fn an_adopting_promotion_survives_crashes_at_each_step() {
     ctl_unpublish(&c, &vol, &c.nodes[to].id).await;
     assert_moved(&c, to, &vol, &hash).await;
     assert!(
-        adopted(&c) > before,
+        adoptions(&c, to) > before,
         "the retry adopted the kept snapshot\n{}",
         c.logs()
     );
+}
+
+/// How many promotions node `node` has made by adopting the received image, from its log
+/// (which spans its restarts).
+fn adoptions(c: &TestCluster, node: usize) -> usize {
+    c.nodes[node]
+        .log()
+        .matches("volume adopted the received image")
+        .count()
 }
 
 /// The source is killed while it streams (the connection is cut mid-transfer): the old
