@@ -94,6 +94,14 @@ pub fn hit(name: &str) {
                 _ => std::thread::sleep(*d),
             }
         }
+        Some((armed, Action::Fail)) if armed == name => {
+            // Only `check` can fail an operation; a test arming this point would pass
+            // without testing anything.
+            tracing::error!(
+                failpoint = name,
+                "failpoint armed with :error is a point that cannot fail; ignored"
+            );
+        }
         _ => {}
     }
 }

@@ -256,7 +256,9 @@ impl Pool {
         let record = match self.make_promoted(record, &snap, adopt).await {
             Ok(record) => record,
             Err(e) => {
-                self.undo_promote(vol, adopt.then_some(&snap));
+                if let Err(undo) = self.undo_promote(vol, adopt.then_some(&snap)) {
+                    tracing::error!(volume.id = %vol, error = %undo, "promotion failed and could not be undone; the next start reconciles it");
+                }
                 return Err(e);
             }
         };
@@ -318,25 +320,35 @@ impl Pool {
         Ok(record)
     }
 
-    /// Undoes a promotion that failed with an error rather than a crash, as the next start's
-    /// reconcile would undo it, so that this node can be promoted again, or receive the
-    /// volume again, without a restart. A snapshot the failed attempt adopted goes back to
-    /// `Ready`: the volume never became `Ready`, so nothing wrote the image they share, and
-    /// a retry promotes from it without shipping it again. What this cannot undo (a second
-    /// I/O error) stays for reconcile.
-    fn undo_promote(&self, vol: &VolumeId, adopted: Option<&SnapshotRecord>) {
-        let undone = self.finish_delete_volume(vol).and_then(|()| match adopted {
-            Some(s) => fsutil::write_json(&self.snapshot_meta(&s.id), s),
-            None => Ok(()),
-        });
-        match undone {
-            Ok(()) => {
-                tracing::warn!(volume.id = %vol, "promotion failed; undone, the replica stays")
-            }
-            Err(e) => {
-                tracing::error!(volume.id = %vol, error = %e, "promotion failed and could not be undone; the next start reconciles it")
+    /// Undoes a promotion that failed with an error rather than a crash, so that this node
+    /// can be promoted again, or receive the volume again, without a restart (a `Creating`
+    /// record makes it refuse the volume until reconcile removes it). Unlike reconcile, it
+    /// keeps an adopted snapshot: the volume never became `Ready`, so nothing wrote the
+    /// image they share, and the retry promotes from it without shipping it again. The
+    /// snapshot comes back first, so a failure after it still leaves the retry a `Ready`
+    /// snapshot to start from. A volume whose `Ready` record is already in place (only its
+    /// directory sync failed) is promoted, not undone: another controller may have seen it
+    /// as the primary. What cannot be undone here is left for reconcile.
+    fn undo_promote(&self, vol: &VolumeId, adopted: Option<&SnapshotRecord>) -> Result<()> {
+        if self
+            .volume(vol)?
+            .is_some_and(|v| v.state == RecordState::Ready)
+        {
+            return Ok(());
+        }
+        if let Some(s) = adopted {
+            // Only the mark this attempt made is taken back: a snapshot deleted meanwhile
+            // (its record gone, or its image already in the trash) stays deleted.
+            let marked = self
+                .snapshot(&s.id)?
+                .is_some_and(|now| now.state == RecordState::Deleting);
+            if marked && self.snapshot_image(&s.id).exists() {
+                fsutil::write_json(&self.snapshot_meta(&s.id), s)?;
             }
         }
+        self.finish_delete_volume(vol)?;
+        tracing::warn!(volume.id = %vol, "promotion failed; undone, the replica stays");
+        Ok(())
     }
 
     /// After the new primary took over at `epoch`: the fenced copy here becomes a replica
