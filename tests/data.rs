@@ -53,13 +53,17 @@ fn blockdev_size(path: &Path) -> u64 {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
-/// A block-layer queue setting of the block device with number `dev`.
-fn queue_setting(dev: u64, knob: &str) -> String {
-    let sysfs = format!(
+/// The sysfs file of a block-layer queue setting of the block device with number `dev`.
+fn queue_knob(dev: u64, knob: &str) -> String {
+    format!(
         "/sys/dev/block/{}:{}/queue/{knob}",
         libc::major(dev),
         libc::minor(dev)
-    );
+    )
+}
+
+fn queue_setting(dev: u64, knob: &str) -> String {
+    let sysfs = queue_knob(dev, knob);
     std::fs::read_to_string(&sysfs)
         .unwrap_or_else(|e| panic!("{sysfs}: {e}"))
         .trim()
@@ -345,7 +349,7 @@ async fn block_volume_snapshot_restore_and_clone_are_bit_identical() {
     // Settings outlive a detach, so a device number reused from an earlier run would pass
     // without berth setting anything: give the free devices the value berth must change.
     reset_free_loop_devices("rq_affinity", "2");
-    let d = Driver::start().await;
+    let mut d = Driver::start().await;
     let pool_dev = std::fs::metadata(d.pool_root()).expect("stat pool").dev();
     assert_eq!(
         queue_setting(pool_dev, "rq_affinity"),
@@ -369,6 +373,11 @@ async fn block_volume_snapshot_restore_and_clone_are_bit_identical() {
         "2",
         "a volume's requests complete on the submitting CPU (docs/BENCHMARKS.md, rq_affinity)"
     );
+    // A device staged before berth tuned its devices is tuned when the node starts.
+    std::fs::write(queue_knob(rdev, "rq_affinity"), "1").expect("untune the device");
+    d.restart(None).await;
+    assert_eq!(queue_setting(rdev, "rq_affinity"), "2", "tuned at start-up");
+    let ctl = d.controller().await;
     assert_device(
         &dev,
         &vec![0u8; SIZE as usize],

@@ -120,13 +120,15 @@ pub enum Role {
     Volume,
 }
 
-/// Sets the device's `rq_affinity` for its role. Measured on berth's stack (ext4 volume,
-/// loop on an image in the pool XFS, pool on its own loop device; docs/BENCHMARKS.md,
-/// "rq_affinity"): 4 KiB random writes at QD32 on one volume, alternating the setting, went
+/// Sets the device's `rq_affinity` for its role. Measured with the embedded pool (an image
+/// on a loop device; docs/BENCHMARKS.md, "Session 4"): on one ext4 volume with 4 KiB
+/// sectors, as berth attaches it, alternating the setting took 4 KiB random writes at QD32
 /// from 0.88x to 0.97x of a file on the pool (medians of 10 rounds); reads did not change.
-/// Setting 2 on the pool's device as well undid the gain, so the pool is set back to 1:
-/// the kernel keeps the setting across detach and reattach, and a device number a volume
-/// used may come back as the pool's. Best effort: the device works either way.
+/// In a run with 512-byte sectors, 2 on the pool's device as well undid the gain, so the
+/// pool is set to 1, the kernel's default: the kernel keeps the setting across detach and
+/// reattach, and a device number a volume used can come back as the pool's. Pools on a
+/// device or directory were not measured; volumes get 2 there too. Best effort: the device
+/// works either way.
 pub fn tune(device: &Path, role: Role) {
     let Some(name) = device.file_name() else {
         return;

@@ -557,7 +557,13 @@ impl NodeState {
                 .backing_file
                 .parent()
                 .is_some_and(|p| dirs.iter().any(|d| d == p));
-            if !in_pool || owned.contains(&l.device) {
+            if !in_pool {
+                continue;
+            }
+            if owned.contains(&l.device) {
+                // A stage from before berth tuned its devices keeps working untuned
+                // otherwise, until it is unstaged.
+                loopdev::tune(&l.device, loopdev::Role::Volume);
                 continue;
             }
             let dev = l.device.to_string_lossy();
