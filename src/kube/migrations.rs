@@ -263,7 +263,6 @@ struct Migration {
     status: VolumeMigrationStatus,
     /// Reason of the conditions when Failed.
     failure: Option<&'static str>,
-    last_write: Option<Instant>,
 }
 
 async fn drive(ctx: Arc<Ctx>, vm: VolumeMigration) {
@@ -275,7 +274,6 @@ async fn drive(ctx: Arc<Ctx>, vm: VolumeMigration) {
         spec: vm.spec,
         status: vm.status.unwrap_or_default(),
         failure: None,
-        last_write: None,
         ctx,
     };
     let mut backoff = Backoff::new(timing.retry_min, timing.retry_max);
@@ -396,7 +394,13 @@ impl Migration {
         tokio::pin!(copy);
         let first_round = self.status.round;
         let mut last_event = Instant::now();
-        let mut tick = tokio::time::interval(timing.status_every);
+        // The first tick one period out: the pass has just written the status. A second
+        // clock (time of the last write) beside the ticks would skip every other write,
+        // since each write lands a little after its tick.
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + timing.status_every,
+            timing.status_every,
+        );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -409,9 +413,7 @@ impl Migration {
                     let (done, total, rounds) = *progress.lock().expect("progress lock poisoned");
                     let round = first_round + rounds;
                     let s = &self.status;
-                    let changed = (s.bytes_done, s.bytes_total, s.round) != (done, total, round);
-                    let due = self.last_write.is_none_or(|t| t.elapsed() >= timing.status_every);
-                    if !changed || !due {
+                    if (s.bytes_done, s.bytes_total, s.round) == (done, total, round) {
                         continue;
                     }
                     self.set_progress(done, total, round);
@@ -469,7 +471,6 @@ impl Migration {
             self.failure,
             Timestamp::now(),
         );
-        self.last_write = Some(Instant::now());
         match self
             .ctx
             .api
