@@ -373,10 +373,16 @@ async fn block_volume_snapshot_restore_and_clone_are_bit_identical() {
         "2",
         "a volume's requests complete on the submitting CPU (docs/BENCHMARKS.md, rq_affinity)"
     );
-    // A device staged before berth tuned its devices is tuned when the node starts.
+    // Devices attached before berth tuned them (a stage, the pool) are tuned when it starts.
     std::fs::write(queue_knob(rdev, "rq_affinity"), "1").expect("untune the device");
+    std::fs::write(queue_knob(pool_dev, "rq_affinity"), "2").expect("untune the pool");
     d.restart(None).await;
     assert_eq!(queue_setting(rdev, "rq_affinity"), "2", "tuned at start-up");
+    assert_eq!(
+        queue_setting(pool_dev, "rq_affinity"),
+        "1",
+        "the mounted pool's device is tuned at start-up"
+    );
     let ctl = d.controller().await;
     assert_device(
         &dev,

@@ -62,6 +62,12 @@ pub async fn prepare(state_dir: &Path, source: &PoolSource) -> Result<PathBuf> {
                 fsutil::sync_dir(state_dir)?;
             }
             if fsutil::is_mount_point(&mount_point)? {
+                // A restart: the device may have been attached by an older berth, on a
+                // number a volume had before, so it is tuned here too. Only found, never
+                // attached: a second device on a mounted image would be a leak.
+                if let Some(device) = loopdev::find(&image).await? {
+                    loopdev::tune(&device, loopdev::Role::Pool);
+                }
                 return Ok(mount_point);
             }
             let device = loopdev::attach(&image, true).await?;
