@@ -354,7 +354,7 @@ async fn block_volume_snapshot_restore_and_clone_are_bit_identical() {
     assert_eq!(
         queue_setting(pool_dev, "rq_affinity"),
         "1",
-        "the embedded pool's device keeps the kernel's default (docs/BENCHMARKS.md, rq_affinity)"
+        "the embedded pool's device keeps the kernel's default (docs/BENCHMARKS.md, Session 4)"
     );
     let ctl = d.controller().await;
     let cap = block_cap();
@@ -371,7 +371,7 @@ async fn block_volume_snapshot_restore_and_clone_are_bit_identical() {
     assert_eq!(
         queue_setting(rdev, "rq_affinity"),
         "2",
-        "a volume's requests complete on the submitting CPU (docs/BENCHMARKS.md, rq_affinity)"
+        "a volume's requests complete on the submitting CPU (docs/BENCHMARKS.md, Session 4)"
     );
     // Devices attached before berth tuned them (a stage, the pool) are tuned when it starts.
     std::fs::write(queue_knob(rdev, "rq_affinity"), "1").expect("untune the device");

@@ -550,7 +550,7 @@ pub async fn receive(
     chunks_file
         .seek(SeekFrom::End(0))
         .map_err(Error::io("seek", &chunks_path))?;
-    let (apply, applied) = Applier::start(Sink {
+    let (apply, applied) = Sink {
         writer: ImageWriter::new(&img),
         img: img.clone(),
         file,
@@ -559,7 +559,8 @@ pub async fn receive(
         chunks_file: std::io::BufWriter::with_capacity(1 << 20, chunks_file),
         chunks_path: chunks_path.clone(),
         progress_path,
-    });
+    }
+    .spawn();
     let total = header.data_bytes + header.zero_bytes;
     let _ = progress
         .send(Ok(pb::FetchProgress {
@@ -767,23 +768,6 @@ enum Apply {
 /// the next ones are received, decrypted and hashed.
 const APPLY_QUEUE: usize = 8;
 
-/// A thread that writes received chunks into the image, so the disk and the network work
-/// at the same time rather than in turn.
-struct Applier;
-
-impl Applier {
-    fn start(mut sink: Sink) -> (mpsc::Sender<Apply>, tokio::task::JoinHandle<Result<Sink>>) {
-        let (tx, mut rx) = mpsc::channel(APPLY_QUEUE);
-        let handle = tokio::task::spawn_blocking(move || {
-            while let Some(op) = rx.blocking_recv() {
-                sink.apply(op)?;
-            }
-            Ok(sink)
-        });
-        (tx, handle)
-    }
-}
-
 /// What the applier writes to.
 struct Sink {
     writer: ImageWriter,
@@ -795,6 +779,20 @@ struct Sink {
 }
 
 impl Sink {
+    /// Starts the applier: a thread that writes received chunks into the image, so the
+    /// disk and the network work at the same time rather than in turn. It returns the sink
+    /// when the sender is dropped, or its first error.
+    fn spawn(mut self) -> (mpsc::Sender<Apply>, tokio::task::JoinHandle<Result<Sink>>) {
+        let (tx, mut rx) = mpsc::channel(APPLY_QUEUE);
+        let handle = tokio::task::spawn_blocking(move || {
+            while let Some(op) = rx.blocking_recv() {
+                self.apply(op)?;
+            }
+            Ok(self)
+        });
+        (tx, handle)
+    }
+
     fn apply(&mut self, op: Apply) -> Result<()> {
         match op {
             Apply::Data {

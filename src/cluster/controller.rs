@@ -150,12 +150,12 @@ impl ClusterController {
         // Placement is decided: the node checks the request against itself only.
         req.accessibility_requirements = None;
         let resp = self
-            .cluster
-            .csi(&node)?
-            .create_volume(req)
-            .await
-            .map_err(|s| peer(&node, s))?
-            .into_inner();
+            .on_node(
+                &node,
+                req,
+                |mut c, r| async move { c.create_volume(r).await },
+            )
+            .await?;
         tracing::info!(volume.id = %id, node, "volume placed");
         Ok(csi::CreateVolumeResponse {
             volume: resp.volume.map(|v| self.cluster_volume(v)),
@@ -298,13 +298,10 @@ impl ClusterController {
                 .run(self.cluster.clone(), id.clone(), node.clone())
                 .await?;
         }
-        Ok(self
-            .cluster
-            .csi(&node)?
-            .controller_publish_volume(req)
-            .await
-            .map_err(|s| peer(&node, s))?
-            .into_inner())
+        self.on_node(&node, req, |mut c, r| async move {
+            c.controller_publish_volume(r).await
+        })
+        .await
     }
 
     async fn unpublish(
@@ -339,9 +336,21 @@ impl ClusterController {
     {
         let id = req.checked()?;
         let (node, _) = self.primary_of(&id).await?;
-        Ok(call(self.cluster.csi(&node)?, req)
+        self.on_node(&node, req, call).await
+    }
+
+    /// Forwards `req` to `node`'s controller; its error is that node's.
+    async fn on_node<Req, Resp, F, Fut>(&self, node: &str, req: Req, call: F) -> Result<Resp>
+    where
+        F: FnOnce(
+            crate::proto::csi::v1::controller_client::ControllerClient<tonic::transport::Channel>,
+            Req,
+        ) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<Response<Resp>, Status>>,
+    {
+        Ok(call(self.cluster.csi(node)?, req)
             .await
-            .map_err(|s| peer(&node, s))?
+            .map_err(|s| peer(node, s))?
             .into_inner())
     }
 
@@ -507,13 +516,12 @@ impl ClusterController {
             .holder()
             .map(|c| c.node.clone())
             .ok_or_else(|| Error::VolumeNotFound(source.to_string()))?;
-        Ok(self
-            .cluster
-            .csi(&node)?
-            .create_snapshot(req)
-            .await
-            .map_err(|s| peer(&node, s))?
-            .into_inner())
+        self.on_node(
+            &node,
+            req,
+            |mut c, r| async move { c.create_snapshot(r).await },
+        )
+        .await
     }
 
     async fn delete_snapshot(
@@ -584,12 +592,10 @@ impl ClusterController {
         let id = convert::existing_volume_id(&req.volume_id)?;
         let (node, p) = self.primary_of(&id).await?;
         let mut resp = self
-            .cluster
-            .csi(&node)?
-            .controller_get_volume(req)
-            .await
-            .map_err(|s| peer(&node, s))?
-            .into_inner();
+            .on_node(&node, req, |mut c, r| async move {
+                c.controller_get_volume(r).await
+            })
+            .await?;
         resp.volume = resp.volume.map(|v| self.cluster_volume(v));
         let wanted = p.primary.as_ref().map_or(1, |c| c.info.replicas);
         if let Some(lag) = lag_report(&p, wanted)

@@ -395,8 +395,7 @@ impl ControllerService {
         &self,
         req: csi::ControllerExpandVolumeRequest,
     ) -> Result<csi::ControllerExpandVolumeResponse> {
-        let id = req.checked()?;
-        let (required_bytes, limit_bytes) = convert::capacity(req.capacity_range.as_ref())?;
+        let (id, required_bytes, limit_bytes) = convert::expand_request(&req)?;
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
         let current = self.ctx.pool.ready_volume(&id)?;
         if let Some(cap) = &req.volume_capability

@@ -110,15 +110,25 @@ impl Shape for csi::ValidateVolumeCapabilitiesRequest {
     }
 }
 
+/// ControllerExpandVolume's fields, checked as [`Shape`] checks them: the volume and the
+/// (required, limit) bytes of its capacity range.
+pub fn expand_request(req: &csi::ControllerExpandVolumeRequest) -> Result<(VolumeId, u64, u64)> {
+    required(&req.volume_id, "volume_id")?;
+    let range = req
+        .capacity_range
+        .as_ref()
+        .ok_or(Error::Missing("capacity_range"))?;
+    let (required_bytes, limit_bytes) = capacity(Some(range))?;
+    Ok((
+        existing_volume_id(&req.volume_id)?,
+        required_bytes,
+        limit_bytes,
+    ))
+}
+
 impl Shape for csi::ControllerExpandVolumeRequest {
     fn checked(&self) -> Result<VolumeId> {
-        required(&self.volume_id, "volume_id")?;
-        let range = self
-            .capacity_range
-            .as_ref()
-            .ok_or(Error::Missing("capacity_range"))?;
-        capacity(Some(range))?;
-        existing_volume_id(&self.volume_id)
+        expand_request(self).map(|(id, ..)| id)
     }
 }
 

@@ -668,7 +668,11 @@ impl Pool {
         } else {
             0
         };
-        self.ensure_room(needed).await?;
+        // Nothing to make room for (a fence's link): no scan of the pool's records inside
+        // the hand-off.
+        if needed > 0 {
+            self.ensure_room(needed).await?;
+        }
         let rec = SnapshotRecord {
             id,
             name: name.to_string(),
