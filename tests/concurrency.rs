@@ -447,6 +447,29 @@ async fn different_operations_on_one_volume_race_safely() {
     d.assert_clean();
 }
 
+// ---- the sidecars probe at once -----------------------------------------------------------------
+
+/// The controller pod's sidecars all call Probe at start-up, and csi-provisioner exits on a
+/// failed one: concurrent probes must never fail each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_probes_never_fail_each_other() {
+    const CALLERS: usize = 16;
+    const ROUNDS: usize = 20;
+    let d = Driver::start().await;
+    let id = d.identity().await;
+    for _ in 0..ROUNDS {
+        let probes = (0..CALLERS).map(|_| {
+            let mut id = id.clone();
+            async move { id.probe(csi::ProbeRequest {}).await }
+        });
+        for r in futures::future::join_all(probes).await {
+            let ready = r.expect("a concurrent Probe failed").into_inner().ready;
+            assert_eq!(ready, Some(true));
+        }
+    }
+    assert_no_tmp_files(&d);
+}
+
 // ---- the pool is never promised twice ----------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -248,8 +248,9 @@ impl Pool {
 
     /// Ready when the pool directory accepts a durable write.
     pub fn probe(&self) -> Result<()> {
-        // Per process: a controller and a node sharing the pool probe it independently.
-        let p = self.tmp(&format!(".probe-{}", std::process::id()));
+        // Per call: the CO's sidecars probe at once, and a controller and a node may share
+        // the pool; two probes of one name would remove each other's file.
+        let p = self.tmp(&format!(".probe-{}", fsutil::unique_suffix()));
         fsutil::write_atomic(&p, b"ok").map_err(|e| Error::PoolUnavailable(e.to_string()))?;
         fsutil::remove_file_durable(&p).map_err(|e| Error::PoolUnavailable(e.to_string()))
     }

@@ -5,6 +5,7 @@ use std::{
     io::Write,
     os::fd::AsFd,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use serde::{Serialize, de::DeserializeOwned};
@@ -16,8 +17,9 @@ use crate::error::{Error, Result};
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().expect("metadata paths always have a parent");
     let tmp = dir.join(format!(
-        ".{}{TEMP_SUFFIX}",
-        path.file_name().unwrap_or_default().to_string_lossy()
+        ".{}.{}{TEMP_SUFFIX}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        unique_suffix()
     ));
     let mut f = File::create(&tmp).map_err(Error::io("create", &tmp))?;
     f.write_all(bytes).map_err(Error::io("write", &tmp))?;
@@ -27,8 +29,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     sync_dir(dir)
 }
 
-/// Temp files of [`write_atomic`] are `.<name>.tmp` beside their target.
+/// Temp files of [`write_atomic`] are `.<name>.<unique>.tmp` beside their target.
 const TEMP_SUFFIX: &str = ".tmp";
+
+/// `<pid>-<n>`: different for every call on this host, so two writers of one record (two
+/// processes sharing a pool, or two requests in one) never write or rename each other's
+/// temp file. With one fixed name, the second rename finds the file already gone.
+pub fn unique_suffix() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
 
 /// Removes the temp files a crash inside [`write_atomic`] left in `dir`; the records
 /// themselves are whole (old or new). Call only while nothing else writes records there.
@@ -287,6 +301,32 @@ mod tests {
         write_atomic(&p, b"first").unwrap();
         write_atomic(&p, b"second").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"second");
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
+    }
+
+    #[test]
+    fn concurrent_atomic_writes_of_one_record_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rec.json");
+        std::thread::scope(|s| {
+            for t in 0..8u8 {
+                let p = &p;
+                s.spawn(move || {
+                    for _ in 0..200 {
+                        write_atomic(p, &[t; 64]).expect("a concurrent write must not fail");
+                    }
+                });
+            }
+        });
+        let bytes = fs::read(&p).unwrap();
+        assert!(
+            bytes.len() == 64 && bytes.iter().all(|b| *b == bytes[0]),
+            "one whole write"
+        );
         assert_eq!(
             fs::read_dir(dir.path()).unwrap().count(),
             1,
