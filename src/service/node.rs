@@ -1,6 +1,6 @@
 //! CSI Node service.
 
-use std::sync::Arc;
+use std::{path::Path, sync::Arc};
 
 use tonic::{Request, Response, Status};
 
@@ -24,12 +24,11 @@ impl NodeService {
         &self,
         req: csi::NodeStageVolumeRequest,
     ) -> Result<csi::NodeStageVolumeResponse> {
-        let id = convert::existing_volume_id(&req.volume_id)?;
+        // Every field of the request before the volume id is looked up: a missing field is
+        // INVALID_ARGUMENT even beside an id that names nothing.
         let staging = convert::co_path(&req.staging_target_path, "staging_target_path")?;
-        let cap = req
-            .volume_capability
-            .as_ref()
-            .ok_or(Error::Missing("volume_capability"))?;
+        let cap = well_formed_capability(req.volume_capability.as_ref())?;
+        let id = convert::existing_volume_id(&req.volume_id)?;
         let usage = node_usage(&id, cap)?;
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
         let mode = convert::mode(cap).as_str_name();
@@ -41,8 +40,8 @@ impl NodeService {
         &self,
         req: csi::NodeUnstageVolumeRequest,
     ) -> Result<csi::NodeUnstageVolumeResponse> {
-        let id = convert::existing_volume_id(&req.volume_id)?;
         let staging = convert::co_path(&req.staging_target_path, "staging_target_path")?;
+        let id = convert::existing_volume_id(&req.volume_id)?;
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
         if let Some(r) = self.ctx.node.record(&id)?
             && r.staging_path != staging
@@ -61,12 +60,9 @@ impl NodeService {
         &self,
         req: csi::NodePublishVolumeRequest,
     ) -> Result<csi::NodePublishVolumeResponse> {
-        let id = convert::existing_volume_id(&req.volume_id)?;
         let target = convert::co_path(&req.target_path, "target_path")?;
-        let cap = req
-            .volume_capability
-            .as_ref()
-            .ok_or(Error::Missing("volume_capability"))?;
+        let cap = well_formed_capability(req.volume_capability.as_ref())?;
+        let id = convert::existing_volume_id(&req.volume_id)?;
         if req.staging_target_path.is_empty() {
             // Spec table: STAGE_UNSTAGE_VOLUME is advertised, so a publish without a staging
             // path is FAILED_PRECONDITION.
@@ -108,8 +104,8 @@ impl NodeService {
         &self,
         req: csi::NodeUnpublishVolumeRequest,
     ) -> Result<csi::NodeUnpublishVolumeResponse> {
-        let id = convert::existing_volume_id(&req.volume_id)?;
         let target = convert::co_path(&req.target_path, "target_path")?;
+        let id = convert::existing_volume_id(&req.volume_id)?;
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
         self.ctx.node.unpublish(&id, &target).await?;
         Ok(csi::NodeUnpublishVolumeResponse {})
@@ -120,9 +116,12 @@ impl NodeService {
         req: csi::NodeGetVolumeStatsRequest,
     ) -> Result<csi::NodeGetVolumeStatsResponse> {
         use csi::volume_usage::Unit;
+        let path = Path::new(convert::required(&req.volume_path, "volume_path")?);
         let id = convert::existing_volume_id(&req.volume_id)?;
-        let path = convert::co_path(&req.volume_path, "volume_path")?;
-        let st = self.ctx.node.stats(&id, &path).await?;
+        // Not checked for shape: a path where the volume is not staged or published (a
+        // relative one included) is the table's "does not exist on the specified
+        // volume_path", NOT_FOUND, which stats() answers by comparing with its records.
+        let st = self.ctx.node.stats(&id, path).await?;
         let mut usage = vec![csi::VolumeUsage {
             available: st.available_bytes as i64,
             total: st.total_bytes as i64,
@@ -157,9 +156,9 @@ impl NodeService {
         &self,
         req: csi::NodeExpandVolumeRequest,
     ) -> Result<csi::NodeExpandVolumeResponse> {
-        let id = convert::existing_volume_id(&req.volume_id)?;
         let path = convert::co_path(&req.volume_path, "volume_path")?;
         let (required_bytes, limit_bytes) = convert::capacity(req.capacity_range.as_ref())?;
+        let id = convert::existing_volume_id(&req.volume_id)?;
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
         let vol = self.ctx.pool.ready_volume(&id)?;
         // "Exceeds capabilities": a capability the volume cannot serve (fits() also rejects
@@ -187,12 +186,19 @@ impl NodeService {
     }
 }
 
-/// Node RPCs answer an unusable capability with FAILED_PRECONDITION ("Exceeds capabilities").
+/// A REQUIRED capability, present and well formed (INVALID_ARGUMENT otherwise).
+fn well_formed_capability(cap: Option<&csi::VolumeCapability>) -> Result<&csi::VolumeCapability> {
+    let cap = cap.ok_or(Error::Missing("volume_capability"))?;
+    convert::well_formed(cap)?;
+    Ok(cap)
+}
+
+/// Node RPCs answer an unusable (but well-formed) capability with FAILED_PRECONDITION
+/// ("Exceeds capabilities").
 fn node_usage(
     id: &crate::storage::VolumeId,
     cap: &csi::VolumeCapability,
 ) -> Result<crate::storage::node::Usage> {
-    convert::well_formed(cap)?;
     if let Some(reason) = convert::unsupported(cap) {
         return Err(Error::CapabilityMismatch {
             volume: id.to_string(),
