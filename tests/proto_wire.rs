@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use prost_types::{DescriptorProto, EnumDescriptorProto, FileDescriptorProto, FileDescriptorSet};
 use protox::prost_reflect::{DescriptorPool, DynamicMessage};
 
+#[path = "common/shared.rs"]
+mod shared;
+
 const FILE: &str = "csi.proto";
 
 struct Compiled {
@@ -56,16 +59,13 @@ fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn reference_dir() -> PathBuf {
-    let dir = manifest_dir().join("../shared/reference/csi-spec");
-    if !dir.join(FILE).is_file() {
-        panic!(
-            "CSI reference proto is missing: expected {} (shared/ must sit beside the \
-             repository checkout). This test must not be skipped; provide the reference file.",
-            dir.join(FILE).display()
-        );
-    }
-    dir
+/// The reference's directory, or None (after a notice) in a clone without `../shared`.
+fn reference_dir() -> Option<PathBuf> {
+    let file = shared::path(
+        &format!("reference/csi-spec/{FILE}"),
+        "csi_proto_is_wire_identical_to_reference",
+    )?;
+    Some(file.parent().expect("a file has a directory").to_owned())
 }
 
 // ------------------------------------------------------------------ structural diff
@@ -301,7 +301,10 @@ fn first_text_difference(reference: &str, ours: &str) -> String {
 
 #[test]
 fn csi_proto_is_wire_identical_to_reference() {
-    let reference = compile(&reference_dir());
+    let Some(reference) = reference_dir() else {
+        return;
+    };
+    let reference = compile(&reference);
     let ours = compile(&manifest_dir().join("proto"));
 
     // Sanity: the comparison really sees the content (guards against comparing two empties).
@@ -338,4 +341,40 @@ fn csi_proto_is_wire_identical_to_reference() {
             first_text_difference(&to_text(&reference), &to_text(&ours))
         );
     }
+}
+
+/// A fresh clone has no `../shared`: the comparison says so and skips, but under CI it
+/// fails. Runs this very test binary again with the reference pointed at nothing.
+#[test]
+fn without_shared_the_comparison_skips_except_under_ci() {
+    let run = |ci: Option<&str>| {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "csi_proto_is_wire_identical_to_reference",
+            "--nocapture",
+        ])
+        .env("BERTH_SHARED_DIR", "/nonexistent/berth-shared");
+        match ci {
+            Some(v) => cmd.env("CI", v),
+            None => cmd.env_remove("CI"),
+        };
+        let out = cmd.output().expect("run the test binary");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = run(None);
+    assert!(
+        ok,
+        "outside CI a clone without shared/ must pass:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("skipping"),
+        "it must say it skipped:\n{stderr}"
+    );
+    let (ok, stderr) = run(Some("true"));
+    assert!(!ok, "under CI=true a missing shared/ must fail:\n{stderr}");
+    assert!(stderr.contains("CI is set"), "{stderr}");
 }

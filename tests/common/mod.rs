@@ -22,6 +22,7 @@ use csi::{
 use tonic::transport::Channel;
 
 pub mod cluster;
+pub mod shared;
 
 pub const NODE_ID: &str = "node-1";
 pub const MIB: i64 = 1 << 20;
