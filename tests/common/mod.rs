@@ -21,6 +21,7 @@ use csi::{
 };
 use tonic::transport::Channel;
 
+pub mod apiserver;
 pub mod cluster;
 
 pub const NODE_ID: &str = "node-1";
