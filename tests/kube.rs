@@ -214,6 +214,21 @@ fn spec(address: &str, domain: &str) -> BerthNodeSpec {
     }
 }
 
+/// The reasons of berth's Events (src/cluster, src/kube/migrations.rs).
+const REASONS: [&str; 11] = [
+    "VolumeMoveStarted",
+    "VolumeMoved",
+    "VolumeMoveFailed",
+    "ReplicationFailed",
+    "ReplicationRecovered",
+    "ProvisioningFailed",
+    "MigrationStarted",
+    "MigrationProgress",
+    "MigrationReady",
+    "MigrationCompleted",
+    "MigrationFailed",
+];
+
 #[tokio::test]
 async fn events_are_accepted_and_shown_by_kubectl_describe_pvc() {
     let Some(s) = server() else { return };
@@ -233,15 +248,19 @@ async fn events_are_accepted_and_shown_by_kubectl_describe_pvc() {
     assert_eq!(long.len(), 253);
     claim(&admin, ns, &long, None).await;
     let api = KubeApi::new(admin.clone(), DRIVER, "i".repeat(200));
-    api.pvc_event(
-        ns,
-        "data-pg-0",
-        "VolumeMoved",
-        "moved volume vol-1 to node-b",
-        false,
-    )
-    .await
-    .expect("a Normal event");
+    // Every reason berth records (docs/kubernetes.md, "What berth reports").
+    for reason in REASONS {
+        let warning = reason.ends_with("Failed");
+        api.pvc_event(
+            ns,
+            "data-pg-0",
+            reason,
+            &format!("{reason}: moved volume vol-1 to node-b"),
+            warning,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{reason}: {e}"));
+    }
     // A note beyond events.k8s.io's 1 kB, in two-byte characters.
     api.pvc_event(ns, "data-pg-0", "MigrationFailed", &"é".repeat(700), true)
         .await
@@ -255,7 +274,7 @@ async fn events_are_accepted_and_shown_by_kubectl_describe_pvc() {
         .expect("an event about a claim that does not exist");
 
     let events = events_in(&admin, ns).await;
-    assert_eq!(events.len(), 4, "{events:#?}");
+    assert_eq!(events.len(), REASONS.len() + 3, "{events:#?}");
     let about = |name: &str| -> Vec<&Event> {
         events
             .iter()
@@ -277,20 +296,18 @@ async fn events_are_accepted_and_shown_by_kubectl_describe_pvc() {
     }
     let warning = about("data-pg-0")
         .into_iter()
-        .find(|e| e.type_.as_deref() == Some("Warning"))
-        .expect("the Warning");
+        .find(|e| e.note.as_deref().is_some_and(|n| n.starts_with('é')))
+        .expect("the long note");
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
     assert_eq!(warning.note.as_deref(), Some(&*"é".repeat(512)));
     assert_eq!(about(&long).len(), 1);
     assert!(about("gone")[0].regarding.as_ref().unwrap().uid.is_none());
 
     // What the user looks at (it selects the claim's events by uid as well as name).
     let described = s.kubectl(&["describe", "pvc", "data-pg-0", "-n", ns], "");
-    for want in [
-        "VolumeMoved",
-        "moved volume vol-1 to node-b",
-        "MigrationFailed",
-    ] {
-        assert!(described.contains(want), "{want} missing:\n{described}");
+    for reason in REASONS {
+        let want = format!("{reason}: moved volume vol-1 to node-b");
+        assert!(described.contains(&want), "{want} missing:\n{described}");
     }
 }
 
@@ -848,8 +865,8 @@ fn chart_rbac() -> Option<String> {
 
 #[tokio::test]
 async fn the_charts_rbac_allows_every_call_berth_makes_and_refuses_others() {
-    let Some(s) = server() else { return };
     let Some(rbac) = chart_rbac() else { return };
+    let Some(s) = server() else { return };
     let admin = s.admin().await;
     let release = "berth-system";
     let ns = "rbac-db";

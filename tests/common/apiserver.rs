@@ -15,11 +15,12 @@
 //! process ends, however it ends.
 
 use std::{
+    collections::BTreeSet,
     io::Write,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
-    sync::{Mutex, Once},
+    sync::Mutex,
 };
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -59,21 +60,20 @@ pub fn under_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false")
 }
 
-/// Says once on stderr that the API-server tests are skipped and why; panics under CI.
+/// Says on stderr, once per reason, that tests against the API server are skipped and why;
+/// panics under CI.
 pub fn skip(missing: &str) {
-    let msg = format!("a real API server needs {missing}");
-    assert!(
-        !under_ci(),
-        "{msg}: CI is set, so the API-server tests must run"
-    );
-    static NOTICE: Once = Once::new();
-    // Straight to stderr: libtest captures the output of passing tests.
-    NOTICE.call_once(|| {
-        let _ = writeln!(
-            std::io::stderr(),
-            "{msg}; skipping the tests against a real API server"
-        );
-    });
+    let msg = format!("a test against a real API server needs {missing}");
+    assert!(!under_ci(), "{msg}: CI is set, so it must run");
+    static SAID: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    if SAID
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(msg.clone())
+    {
+        // Straight to stderr: libtest captures the output of passing tests.
+        let _ = writeln!(std::io::stderr(), "{msg}; skipping it");
+    }
 }
 
 impl ApiServer {
