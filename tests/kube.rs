@@ -634,7 +634,7 @@ async fn leader_election_hands_the_lease_over_when_the_leader_stops() {
             ns.into(),
             "berth-controller".into(),
             holder.into(),
-            Duration::from_secs(3),
+            Duration::from_secs(6),
             leader_tx,
             stop,
         ));
@@ -646,13 +646,15 @@ async fn leader_election_hands_the_lease_over_when_the_leader_stops() {
         .expect("a leads")
         .unwrap();
     let (mut b, stop_b, task_b) = candidate("controller-b");
-    // A renews every second: b never takes over while a runs.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // A renews every 2 s (a third of the lease; a slower renewal steps down): b never takes
+    // over while a runs, longer than the lease lasts.
+    tokio::time::sleep(Duration::from_secs(8)).await;
     assert!(*a.borrow() && !*b.borrow());
     stop_a.send(true).unwrap();
     task_a.await.unwrap();
-    // Released: b takes it at its next try, not after the lease's 3 s.
-    tokio::time::timeout(Duration::from_millis(2500), b.wait_for(|l| *l))
+    // Released: b takes it at its next try (within 2 s), not once the lease has stayed
+    // unchanged for its 6 s.
+    tokio::time::timeout(Duration::from_millis(4500), b.wait_for(|l| *l))
         .await
         .expect("b leads soon after a released")
         .unwrap();
