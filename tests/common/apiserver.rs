@@ -33,10 +33,6 @@ pub struct ApiServer {
     reaper: Mutex<Option<(Child, ChildStdin)>>,
 }
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// The directory of the kube tools (helm, kubectl).
 pub fn kube_tools_dir() -> PathBuf {
     std::env::var_os("BERTH_KUBE_TOOLS")
@@ -55,16 +51,14 @@ pub fn kube_tool(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Under CI these tests must run.
-pub fn under_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false")
-}
-
 /// Says on stderr, once per reason, that tests against the API server are skipped and why;
 /// panics under CI.
 pub fn skip(missing: &str) {
     let msg = format!("a test against a real API server needs {missing}");
-    assert!(!under_ci(), "{msg}: CI is set, so it must run");
+    assert!(
+        !super::shared::under_ci(),
+        "{msg}: CI is set, so it must run"
+    );
     static SAID: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
     if SAID
         .lock()
@@ -79,14 +73,8 @@ pub fn skip(missing: &str) {
 impl ApiServer {
     /// Starts an API server (about 5 s), or None after [`skip`] when this machine cannot.
     pub fn start() -> Option<ApiServer> {
-        let k8s = repo().join("../shared/k8s");
-        if !k8s.join("up").is_file() {
-            skip(&format!(
-                "{} (the shared test assets beside the repository)",
-                k8s.display()
-            ));
-            return None;
-        }
+        let up = super::shared::path("k8s/up", "a test against a real API server")?;
+        let k8s = up.parent().expect("a file has a directory");
         let Some(kubectl) = kube_tool("kubectl") else {
             skip(&format!(
                 "kubectl in {} or on PATH (install it with `.ci/kube-tools`)",
