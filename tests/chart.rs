@@ -471,6 +471,14 @@ fn assert_member_certificates(t: &Tools, yaml: &str, what: &str) {
         ca("berth-controller-tls"),
         "{what}: one CA"
     );
+    // The controller signs fetch grants with this (RSA) key, and nodes verify them.
+    let load = |n: &str| TlsMaterial::load(&dir.path().join(n)).unwrap();
+    let (scheme, signature, cert) = load("berth-controller-tls").sign(b"grant").unwrap();
+    assert_eq!(
+        load("berth-agent-tls").verify_signed(&cert, scheme, b"grant", &signature),
+        Ok(Peer::Controller),
+        "{what}"
+    );
     for (secret, purpose, name) in [
         ("berth-agent-tls", "sslserver", "berth-agent"),
         ("berth-agent-tls", "sslclient", "berth-agent"),
