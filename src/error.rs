@@ -93,6 +93,9 @@ pub enum Error {
     /// The pool is not mounted/writable; the driver cannot serve until it is.
     #[error("storage pool unavailable: {0}")]
     PoolUnavailable(String),
+    /// An agent caller whose certificate does not allow the call (crate::agent::auth).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 }
 
 impl Error {
@@ -133,6 +136,7 @@ impl Error {
             Error::Verification { .. } => Code::DataLoss,
             // Probe's table: "Plugin not healthy" is FAILED_PRECONDITION.
             Error::PoolUnavailable(_) => Code::FailedPrecondition,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
         }
     }
 }

@@ -59,10 +59,12 @@ enum Command {
     AllInOne(Common),
     /// Makes a cluster CA (kept in OUT and reused) and a certificate per name, each in
     /// OUT/<name>/ as ca.crt, tls.crt, tls.key: a --tls-dir for a node or the controller.
+    /// Each certificate names its member; agents take commands only from the controller's.
     Certs {
         #[arg(long)]
         out: PathBuf,
-        /// Node ids and "controller", say.
+        /// "controller" for the controller's certificate; any other name is a node id (a DNS
+        /// name: lowercase letters, digits, '-', '.').
         #[arg(required = true)]
         names: Vec<String>,
     },

@@ -433,46 +433,86 @@ fn chart_refuses_both_a_pool_device_and_a_pool_dir() {
     );
 }
 
-#[test]
-fn generated_agent_certificate_is_for_berth_agent_both_ways() {
-    let Some(t) = tools() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let yaml = render(&t, None, KUBE_VERSIONS[KUBE_VERSIONS.len() - 1]);
-    let file = dir.path().join("render.yaml");
+/// Writes the `ca.crt`, `tls.crt`, `tls.key` of each Secret in `yaml` to `dir/<name>/`.
+fn secrets_to_dirs(t: &Tools, yaml: &str, dir: &Path) -> Vec<String> {
+    let file = dir.join("render.yaml");
     std::fs::write(&file, yaml).unwrap();
-    // Write the Secret's three keys out as PEM files.
     let out = run(Command::new(&t.python)
         .arg("-c")
         .arg(
-            "import base64, sys, yaml\n\
-             [s] = [o for o in yaml.safe_load_all(open(sys.argv[1])) if o and o['kind'] == 'Secret']\n\
-             assert s['metadata']['name'] == 'berth-agent-tls', s['metadata']['name']\n\
-             for k in ('ca.crt', 'tls.crt', 'tls.key'):\n\
-             \x20   open(sys.argv[2] + '/' + k, 'wb').write(base64.b64decode(s['data'][k]))\n",
+            "import base64, os, sys, yaml\n\
+             for s in [o for o in yaml.safe_load_all(open(sys.argv[1])) if o and o['kind'] == 'Secret']:\n\
+             \x20   d = os.path.join(sys.argv[2], s['metadata']['name'])\n\
+             \x20   os.makedirs(d)\n\
+             \x20   print(s['metadata']['name'])\n\
+             \x20   for k in ('ca.crt', 'tls.crt', 'tls.key'):\n\
+             \x20       open(d + '/' + k, 'wb').write(base64.b64decode(s['data'][k]))\n",
         )
         .arg(&file)
-        .arg(dir.path()));
+        .arg(dir));
     assert!(out.status.success(), "{}", text(&out.stderr));
-    // Agents are servers and clients of each other, and check the name berth-agent.
-    for purpose in ["sslserver", "sslclient"] {
+    text(&out.stdout).lines().map(str::to_string).collect()
+}
+
+/// The chart's two certificates, read by berth itself: the nodes' names "some node" and
+/// verifies as the agent server name both ways (agents serve and dial), the controller's
+/// names the controller. Both of one CA.
+fn assert_member_certificates(t: &Tools, yaml: &str, what: &str) {
+    use berth::tls::{Peer, TlsMaterial};
+    let dir = tempfile::tempdir().unwrap();
+    let names = secrets_to_dirs(t, yaml, dir.path());
+    assert_eq!(names, ["berth-agent-tls", "berth-controller-tls"], "{what}");
+    let me = |n: &str| TlsMaterial::load(&dir.path().join(n)).unwrap().me();
+    assert_eq!(me("berth-agent-tls"), Some(Peer::AnyNode), "{what}");
+    assert_eq!(me("berth-controller-tls"), Some(Peer::Controller), "{what}");
+    let ca = |n: &str| std::fs::read(dir.path().join(n).join("ca.crt")).unwrap();
+    assert_eq!(
+        ca("berth-agent-tls"),
+        ca("berth-controller-tls"),
+        "{what}: one CA"
+    );
+    // The controller signs fetch grants with this (RSA) key, and nodes verify them.
+    let load = |n: &str| TlsMaterial::load(&dir.path().join(n)).unwrap();
+    let (scheme, signature, cert) = load("berth-controller-tls").sign(b"grant").unwrap();
+    assert_eq!(
+        load("berth-agent-tls").verify_signed(&cert, scheme, b"grant", &signature),
+        Ok(Peer::Controller),
+        "{what}"
+    );
+    for (secret, purpose, name) in [
+        ("berth-agent-tls", "sslserver", "berth-agent"),
+        ("berth-agent-tls", "sslclient", "berth-agent"),
+        ("berth-controller-tls", "sslclient", "controller.berth"),
+    ] {
+        let d = dir.path().join(secret);
         let out = run(Command::new("openssl")
-            .args([
-                "verify",
-                "-purpose",
-                purpose,
-                "-verify_hostname",
-                "berth-agent",
-            ])
+            .args(["verify", "-purpose", purpose, "-verify_hostname", name])
             .arg("-CAfile")
-            .arg(dir.path().join("ca.crt"))
-            .arg(dir.path().join("tls.crt")));
+            .arg(d.join("ca.crt"))
+            .arg(d.join("tls.crt")));
         assert!(
             out.status.success(),
-            "the generated certificate does not verify for {purpose} as berth-agent:\n{}{}",
+            "{what}: {secret} does not verify for {purpose} as {name}:\n{}{}",
             text(&out.stdout),
             text(&out.stderr)
         );
     }
+}
+
+#[test]
+fn chart_refuses_a_node_secret_without_the_controllers() {
+    assert_rejected(
+        "agentTLS.existingSecret=mine",
+        "agentTLS.existingControllerSecret",
+        &["go together"],
+    );
+}
+
+#[test]
+fn generated_certificates_name_the_nodes_and_the_controller() {
+    let Some(t) = tools() else { return };
+    let yaml = render(&t, None, KUBE_VERSIONS[KUBE_VERSIONS.len() - 1]);
+    assert_member_certificates(&t, &yaml, "the chart");
 }
 
 #[test]
@@ -553,9 +593,10 @@ fn manifests_agent_tls_script_makes_a_valid_secret() {
         text(&out.stderr)
     );
     let yaml = text(&out.stdout);
-    assert!(yaml.contains("name: berth-agent-tls") && yaml.contains("namespace: berth-system"));
+    assert!(yaml.contains("namespace: berth-system"));
     let dir = tempfile::tempdir().unwrap();
     validate(&t, dir.path(), "agent-tls", &yaml, KUBE_VERSIONS[0]);
+    assert_member_certificates(&t, &yaml, "manifests/create-agent-tls.sh");
 }
 
 const CRDS: &str = "charts/berth/crds/berth.csi.dev.yaml";

@@ -264,6 +264,215 @@ async fn agents_refuse_peers_without_a_cluster_certificate() {
     assert_eq!(c.copies(&vol).await, vec![(0, pb::Role::Primary)]);
 }
 
+fn assert_denied<T: std::fmt::Debug>(what: &str, r: Result<T, tonic::Status>) {
+    match r {
+        Err(s) if s.code() == tonic::Code::PermissionDenied => {}
+        other => panic!("{what}: expected PERMISSION_DENIED, got {other:?}"),
+    }
+}
+
+/// A grant signed by `tls`'s key exactly as given (expiry included).
+fn signed(tls: &berth::tls::TlsMaterial, body: pb::GrantBody) -> pb::Grant {
+    use prost::Message;
+    let body = body.encode_to_vec();
+    let (scheme, signature, signer_certificate) = tls.sign(&body).unwrap();
+    pb::Grant {
+        body,
+        signer_certificate,
+        scheme: scheme.into(),
+        signature,
+    }
+}
+
+/// A node's certificate commands nothing on a peer (fence, promote, delete, the node's CSI
+/// Controller: the controller's alone) and pulls only a snapshot the controller granted it;
+/// the controller's certificate does both. A client dialling one node refuses another
+/// node's agent at that address.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_certificate_cannot_command_its_peers() {
+    let c = TestCluster::start(2).await;
+    let vol = create_block(&c, "pvc-authz", 0, &[]).await;
+    let as_b = c.certs().join("node-b");
+    let ch = c.agent_channel_with(0, Some(&as_b)).await.unwrap();
+    let mut a = pb::agent_client::AgentClient::new(ch.clone());
+    let id = || vol.clone();
+    assert_denied("Inventory", a.inventory(pb::InventoryRequest {}).await);
+    assert_denied(
+        "SyncSnapshot",
+        a.sync_snapshot(pb::SyncSnapshotRequest {
+            volume_id: id(),
+            keep: vec![],
+        })
+        .await,
+    );
+    assert_denied(
+        "Fence",
+        a.fence(pb::FenceRequest {
+            volume_id: id(),
+            to_node_id: "node-b".into(),
+            epoch: 99,
+            keep: vec![],
+        })
+        .await,
+    );
+    assert_denied(
+        "Unfence",
+        a.unfence(pb::UnfenceRequest { volume_id: id() }).await,
+    );
+    assert_denied(
+        "Promote",
+        a.promote(pb::PromoteRequest {
+            volume_id: id(),
+            epoch: 99,
+            snapshot_id: String::new(),
+        })
+        .await,
+    );
+    assert_denied(
+        "Settle",
+        a.settle(pb::SettleRequest {
+            volume_id: id(),
+            epoch: 99,
+            new_primary_node_id: "node-b".into(),
+            keep: false,
+        })
+        .await,
+    );
+    assert_denied(
+        "Forget",
+        a.forget(pb::ForgetRequest { volume_id: id() }).await,
+    );
+    assert_denied(
+        "Fetch",
+        a.fetch(pb::FetchRequest {
+            volume_id: id(),
+            ..Default::default()
+        })
+        .await,
+    );
+    let mut ctl = csi::controller_client::ControllerClient::new(ch.clone());
+    assert_denied(
+        "DeleteVolume",
+        ctl.delete_volume(delete_volume_req(&vol)).await,
+    );
+    assert_denied(
+        "CreateSnapshot",
+        ctl.create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: id(),
+            name: "stolen".into(),
+            ..Default::default()
+        })
+        .await,
+    );
+    assert_denied(
+        "GroupControllerGetCapabilities",
+        csi::group_controller_client::GroupControllerClient::new(ch.clone())
+            .group_controller_get_capabilities(csi::GroupControllerGetCapabilitiesRequest {})
+            .await,
+    );
+    assert_denied(
+        "GetMetadataAllocated",
+        csi::snapshot_metadata_client::SnapshotMetadataClient::new(ch.clone())
+            .get_metadata_allocated(csi::GetMetadataAllocatedRequest::default())
+            .await,
+    );
+
+    // The controller may: it cuts a shipping snapshot to pull.
+    let snap = c
+        .agent(0)
+        .await
+        .sync_snapshot(pb::SyncSnapshotRequest {
+            volume_id: id(),
+            keep: vec![],
+        })
+        .await
+        .expect("the controller's certificate commands")
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    let controller = berth::tls::TlsMaterial::load(&c.certs().join("controller")).unwrap();
+    let node_b = berth::tls::TlsMaterial::load(&as_b).unwrap();
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + 600;
+    let body = |receiver: &str, snapshot: &str, expires: i64| pb::GrantBody {
+        snapshot_id: snapshot.into(),
+        kind: pb::SnapshotKind::Shipping as i32,
+        base_snapshot_id: String::new(),
+        source_node_id: "node-a".into(),
+        receiver_node_id: receiver.into(),
+        expires_unix_seconds: expires,
+    };
+    let send = |grant: Option<pb::Grant>| pb::SendRequest {
+        snapshot_id: snap.clone(),
+        kind: pb::SnapshotKind::Shipping as i32,
+        base_snapshot_id: String::new(),
+        resume_offset: 0,
+        grant,
+    };
+    assert_denied("Send without a grant", a.send(send(None)).await);
+    let refused = [
+        (
+            "a grant node-b signed itself",
+            signed(&node_b, body("node-b", &snap, later)),
+        ),
+        (
+            "a grant for node-c",
+            signed(&controller, body("node-c", &snap, later)),
+        ),
+        (
+            "a grant for another snapshot",
+            signed(&controller, body("node-b", "another", later)),
+        ),
+        (
+            "an expired grant",
+            signed(&controller, body("node-b", &snap, later - 1200)),
+        ),
+        ("a grant altered after signing", {
+            let mut g = signed(&controller, body("node-b", &snap, later));
+            let i = g.body.len() - 12;
+            g.body[i] ^= 1;
+            g
+        }),
+    ];
+    for (what, grant) in refused {
+        assert_denied(
+            &format!("Send with {what}"),
+            a.send(send(Some(grant))).await,
+        );
+    }
+    let grant = berth::agent::auth::grant(&controller, body("node-b", &snap, 0)).unwrap();
+    let mut stream = a
+        .send(send(Some(grant)))
+        .await
+        .expect("a granted Send is served")
+        .into_inner();
+    assert!(
+        stream.message().await.unwrap().is_some(),
+        "the granted stream starts"
+    );
+
+    // Dialling node-b's id at node-a's address: node-a's certificate does not name node-b.
+    let addr = format!("127.0.0.1:{}", c.nodes[0].port);
+    let wrong = berth::agent::channel("node-b", &addr, &controller).unwrap();
+    let err = pb::agent_client::AgentClient::new(wrong)
+        .inventory(pb::InventoryRequest {})
+        .await
+        .expect_err("another node's agent answered");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let right = berth::agent::channel("node-a", &addr, &controller).unwrap();
+    pb::agent_client::AgentClient::new(right)
+        .inventory(pb::InventoryRequest {})
+        .await
+        .expect("node-a's agent, dialled as node-a");
+
+    // Nothing changed: the volume is still node-a's unfenced primary.
+    assert_eq!(c.copies(&vol).await, vec![(0, pb::Role::Primary)]);
+}
+
 /// Creates a block volume on node 0 with `mib` MiB written, unpublished; returns its id and
 /// the data's hash.
 async fn volume_with_data(

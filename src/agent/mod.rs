@@ -4,6 +4,7 @@
 //! GroupController for its pool: the cluster controller forwards provisioning there, so one
 //! implementation decides every CSI answer whether berth runs on one node or fifty.
 
+pub mod auth;
 pub mod transfer;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -32,26 +33,49 @@ use crate::{
         respond,
     },
     storage::{RecordState, SnapshotId, VolumeId, VolumeRecord, guard::InFlight},
-    tls::TlsMaterial,
+    tls::{Peer, TlsMaterial},
 };
 
 use transfer::{Counters, Fetch, MAX_MESSAGE};
 
-/// Dials a peer's agent. Connections are made lazily and reused by tonic.
-pub fn channel(address: &str, tls: &TlsMaterial) -> Result<Channel> {
+/// Dials the agent of `node` at `address`. Connections are made lazily and reused by tonic.
+/// TLS is berth's own (not tonic's) so that the handshake checks the certificate names
+/// `node`, not just any member of the cluster (crate::tls::TlsMaterial::client_for_node).
+pub fn channel(node: &str, address: &str, tls: &TlsMaterial) -> Result<Channel> {
     let unreachable = |e: tonic::transport::Error| Error::Unreachable {
         node: address.to_string(),
         reason: e.to_string(),
     };
-    Ok(Endpoint::from_shared(format!("https://{address}"))
-        .map_err(unreachable)?
-        .tls_config(tls.client())
+    let connector = tokio_rustls::TlsConnector::from(tls.client_for_node(node)?);
+    let connect = tower::service_fn(move |uri: tonic::codegen::http::Uri| {
+        let connector = connector.clone();
+        async move {
+            let host = uri.host().unwrap_or_default();
+            // An IPv6 literal comes bracketed in a URI.
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            socket2::SockRef::from(&tcp).set_tcp_keepalive(
+                &socket2::TcpKeepalive::new().with_time(Duration::from_secs(30)),
+            )?;
+            // The name only selects webpki's chain check; the identity check that matters is
+            // the node id (NodeVerifier).
+            let name = rustls::pki_types::ServerName::try_from(crate::tls::AGENT_SERVER_NAME)
+                .expect("a valid DNS name");
+            let stream = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    Ok(Endpoint::from_shared(format!("http://{address}"))
         .map_err(unreachable)?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_keepalive(Some(Duration::from_secs(30)))
         .http2_keep_alive_interval(Duration::from_secs(15))
         .keep_alive_timeout(Duration::from_secs(20))
-        .connect_lazy())
+        .connect_with_connector_lazy(connect))
 }
 
 #[derive(Debug, Clone)]
@@ -230,12 +254,16 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::SendRequest>,
     ) -> Result<Response<Self::SendStream>, Status> {
+        let caller = req.extensions().get::<Peer>().cloned();
+        let req = req.into_inner();
         respond(
-            transfer::send(
-                self.ctx.pool.clone(),
-                self.counters.clone(),
-                req.into_inner(),
-            )
+            async {
+                let caller = caller.ok_or_else(|| {
+                    Error::PermissionDenied("the caller's identity is unknown".into())
+                })?;
+                auth::check_grant(&self.tls, &self.ctx.info.node_id, &caller, &req)?;
+                transfer::send(self.ctx.pool.clone(), self.counters.clone(), req).await
+            }
             .await,
         )
     }
@@ -257,7 +285,7 @@ impl Agent for AgentService {
             self.ctx
                 .pool
                 .discard_incoming_of(&job.volume, |s| self.shipping.is_busy(s.as_str()))?;
-            let channel = channel(&req.source_address, &self.tls)?;
+            let channel = channel(&req.source_node_id, &req.source_address, &self.tls)?;
             Ok((job, guard, channel))
         };
         let (job, guard, channel) = match start() {
@@ -386,6 +414,7 @@ pub async fn serve(
     Server::builder()
         .tls_config(tls.server())
         .map_err(|e| Error::invalid("tls", e.to_string()))?
+        .layer(auth::Authorize::layer())
         .add_service(agent)
         .add_service(ControllerServer::new(ControllerService::new(ctx.clone())))
         .add_service(GroupControllerServer::new(GroupService::new(ctx.clone())))

@@ -382,6 +382,8 @@ pub struct Fetch {
     pub source_node: String,
     pub epoch: u64,
     pub template: Option<VolumeRecord>,
+    /// The controller's grant, passed on to the sender.
+    pub grant: Option<pb::Grant>,
 }
 
 impl Fetch {
@@ -422,6 +424,7 @@ impl Fetch {
             source_node: req.source_node_id.clone(),
             epoch: req.epoch,
             template,
+            grant: req.grant.clone(),
         })
     }
 }
@@ -489,6 +492,7 @@ pub async fn receive(
             } as i32,
             base_snapshot_id: job.base.as_ref().map(|b| b.to_string()).unwrap_or_default(),
             resume_offset,
+            grant: job.grant.clone(),
         })
         .await
         .map_err(|status| Error::Peer {

@@ -208,6 +208,14 @@ impl ClusterController {
                 source_address: source.address.clone(),
                 epoch: 0,
                 template: None,
+                grant: Some(self.cluster.grant(pb::GrantBody {
+                    snapshot_id: id.to_string(),
+                    kind: pb::SnapshotKind::Csi as i32,
+                    base_snapshot_id: String::new(),
+                    source_node_id: from.to_string(),
+                    receiver_node_id: node.to_string(),
+                    expires_unix_seconds: 0,
+                })?),
             })
             .await
             .map_err(|s| peer(node, s))?

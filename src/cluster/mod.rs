@@ -126,7 +126,7 @@ impl Cluster {
         for (id, address) in nodes {
             let m = match current.get(&id) {
                 Some(m) if m.address == address => m.clone(),
-                _ => match crate::agent::channel(&address, &self.tls) {
+                _ => match crate::agent::channel(&id, &address, &self.tls) {
                     Ok(channel) => Member { channel, address },
                     Err(e) => {
                         tracing::warn!(node = %id, %address, error = %e, "node left out: its agent address is unusable");
@@ -179,6 +179,12 @@ impl Cluster {
                 tracing::warn!(pvc = %format!("{ns}/{name}"), reason, error = %e, "could not record an Event");
             }
         });
+    }
+
+    /// The controller's signed permission for a node to pull a snapshot from another
+    /// (crate::agent::auth): senders serve nothing without one.
+    pub fn grant(&self, body: pb::GrantBody) -> Result<pb::Grant> {
+        crate::agent::auth::grant(&self.tls, body)
     }
 
     pub fn agent(&self, node: &str) -> Result<AgentClient<Channel>> {

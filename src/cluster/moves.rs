@@ -61,11 +61,19 @@ impl Cluster {
                 volume_id: vol.to_string(),
                 snapshot_id: snapshot.to_string(),
                 kind: pb::SnapshotKind::Shipping as i32,
-                base_snapshot_id: base.unwrap_or_default(),
+                base_snapshot_id: base.clone().unwrap_or_default(),
                 source_node_id: from.to_string(),
                 source_address: source.address.clone(),
                 epoch,
                 template,
+                grant: Some(self.grant(pb::GrantBody {
+                    snapshot_id: snapshot.to_string(),
+                    kind: pb::SnapshotKind::Shipping as i32,
+                    base_snapshot_id: base.unwrap_or_default(),
+                    source_node_id: from.to_string(),
+                    receiver_node_id: to.to_string(),
+                    expires_unix_seconds: 0,
+                })?),
             })
             .await
             .map_err(|s| peer(to, s))?

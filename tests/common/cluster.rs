@@ -357,6 +357,17 @@ impl TestCluster {
         i: usize,
         tls_dir: Option<&Path>,
     ) -> Result<AgentClient<Channel>, tonic::transport::Error> {
+        Ok(AgentClient::new(self.agent_channel_with(i, tls_dir).await?))
+    }
+
+    /// A connection to node `i`'s agent port (the agent and the node's CSI Controller)
+    /// authenticated with the certificate in `tls_dir`. It checks the chain, not which node
+    /// answers: that is the agents' own client's job (berth::agent::channel).
+    pub async fn agent_channel_with(
+        &self,
+        i: usize,
+        tls_dir: Option<&Path>,
+    ) -> Result<Channel, tonic::transport::Error> {
         let ca = Certificate::from_pem(std::fs::read(self.certs().join("ca.crt")).unwrap());
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(ca)
@@ -367,12 +378,11 @@ impl TestCluster {
                 std::fs::read(d.join("tls.key")).unwrap(),
             ));
         }
-        let ch = Endpoint::from_shared(format!("https://127.0.0.1:{}", self.nodes[i].port))
+        Endpoint::from_shared(format!("https://127.0.0.1:{}", self.nodes[i].port))
             .unwrap()
             .tls_config(tls)?
             .connect()
-            .await?;
-        Ok(AgentClient::new(ch))
+            .await
     }
 
     pub async fn agent(&self, i: usize) -> AgentClient<Channel> {

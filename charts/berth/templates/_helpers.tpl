@@ -38,6 +38,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.agentTLS.existingSecret | default (printf "%s-agent-tls" .Release.Name) -}}
 {{- end }}
 
+{{- define "berth.controllerTLSSecretName" -}}
+{{- .Values.agentTLS.existingControllerSecret | default (printf "%s-controller-tls" .Release.Name) -}}
+{{- end }}
+
 {{- define "berth.pluginDir" -}}
 {{- printf "%s/plugins/%s" (trimSuffix "/" .Values.kubeletDir) (include "berth.driverName" .) -}}
 {{- end }}
@@ -50,6 +54,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- $sc := .Values.storageClasses -}}
 {{- if and $sc.default.enabled $sc.default.isDefaultClass $sc.replicated.enabled $sc.replicated.isDefaultClass -}}
 {{- fail "storageClasses.default.isDefaultClass and storageClasses.replicated.isDefaultClass are both true: a cluster has at most one default StorageClass" -}}
+{{- end -}}
+{{- if ne (empty .Values.agentTLS.existingSecret) (empty .Values.agentTLS.existingControllerSecret) -}}
+{{- fail "agentTLS.existingSecret and agentTLS.existingControllerSecret go together: the nodes' and the controller's certificates of one CA" -}}
 {{- end -}}
 {{- if and .Values.volumeGroupSnapshotClass.enabled (not .Values.sidecars.snapshotter.groupSnapshots) -}}
 {{- fail "volumeGroupSnapshotClass.enabled needs sidecars.snapshotter.groupSnapshots: true" -}}

@@ -226,7 +226,7 @@ impl TestCluster {
             c.csi.push(NodeClient::new(
                 berth::client::connect(&n.endpoint()).await?,
             ));
-            let ch = berth::agent::channel(&format!("127.0.0.1:{}", n.port), &tls)
+            let ch = berth::agent::channel(n.id, &format!("127.0.0.1:{}", n.port), &tls)
                 .map_err(|e| format!("agent channel: {e}"))?;
             c.agents.push(AgentClient::new(ch));
         }
