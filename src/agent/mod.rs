@@ -304,7 +304,9 @@ impl Agent for AgentService {
         // message, keeps its last checkpoint for a retry to resume, and records nothing.
         tokio::spawn(async move {
             let _guard = guard;
-            if let Err(e) = transfer::receive(pool, counters, channel, job, tx.clone(), bounds).await {
+            if let Err(e) =
+                transfer::receive(pool, counters, channel, job, tx.clone(), bounds).await
+            {
                 tracing::warn!(error = %e, "fetch failed");
                 let _ = tx.send(Err(e.into())).await;
             }

@@ -177,7 +177,7 @@ pub async fn send(
     let still_there = move || -> Result<()> {
         match pool.any_ready_snapshot(&id) {
             Ok(_) => Ok(()),
-            Err(_) => Err(Error::Aborted(format!(
+            Err(_) => Err(Error::FailedPrecondition(format!(
                 "snapshot {id} was deleted while it was sent (a cancelled hand-off); what was sent must not be kept"
             ))),
         }
@@ -462,7 +462,7 @@ impl Bounds {
     fn admit(&self, pool: &Pool, job: &Fetch, progress: &Progress) -> Result<Guard> {
         let guard = self.inflight.try_lock([job.volume.to_string()])?;
         if progress.is_closed() {
-            return Err(Error::Aborted(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "the asker of snapshot {} went away",
                 job.snapshot
             )));
@@ -761,10 +761,10 @@ impl Receiving<'_> {
             let message = tokio::select! {
                 m = stream.message() => m.map_err(peer_err)?,
                 _ = progress.closed() => {
-                    return Err(Error::Aborted(format!("the asker of snapshot {} went away", job.snapshot)));
+                    return Err(Error::FailedPrecondition(format!("the asker of snapshot {} went away", job.snapshot)));
                 }
                 _ = bounds.forgotten() => {
-                    return Err(Error::Aborted(format!("volume {} was deleted meanwhile", job.volume)));
+                    return Err(Error::FailedPrecondition(format!("volume {} was deleted meanwhile", job.volume)));
                 }
             };
             let chunks = match message.and_then(|m| m.body) {
