@@ -1123,11 +1123,6 @@ async fn a_promotion_delayed_past_a_cancel_loses() {
     // The late promotion lands now, at the cancelled hand-off's epoch.
     let late = first.await.unwrap();
     assert!(late.is_err(), "the late promotion won: {late:?}");
-    assert!(
-        c.nodes[1].log().contains("a hand-off of volume"),
-        "node-b refused the promotion by its epoch floor\n{}",
-        c.nodes[1].log()
-    );
     let copies = c.copies(&vol).await;
     let writable: Vec<_> = copies
         .iter()
@@ -1138,6 +1133,11 @@ async fn a_promotion_delayed_past_a_cancel_loses() {
         vec![&(0, pb::Role::Primary)],
         "exactly one primary, the unfenced one: {copies:?}\n{}",
         c.logs()
+    );
+    assert!(
+        c.nodes[1].log().contains("a hand-off of volume"),
+        "node-b refused the promotion by its epoch floor\n{}",
+        c.nodes[1].log()
     );
     assert_eq!(device_hash(&target), hash);
     a.node_unpublish_volume(unpublish_req(&vol, &target))
@@ -1306,9 +1306,11 @@ async fn a_staged_volume_is_not_fenced_after_a_forced_detach() {
         .unwrap();
 }
 
-/// Issue 11, item 7: a receive outlives what asked for it. When its controller dies, and
-/// when another controller deletes the volume, the receive (held after verifying, just
-/// before it would record anything) keeps no snapshot and writes no replica record.
+/// Issue 11, item 7: a receive outlives what asked for it. When its controller dies while
+/// the receive holds after verifying, it keeps no snapshot and writes no replica record.
+/// When another controller deletes the volume while the receive holds between keeping the
+/// snapshot and recording the replica (its asker gone too), the delete waits for it
+/// (ABORTED, retried as a CO does) and then removes both: the volume does not come back.
 #[tokio::test(flavor = "multi_thread")]
 async fn orphaned_fetches_record_no_replica() {
     let mut c = TestCluster::start(2).await;
@@ -1339,10 +1341,15 @@ async fn orphaned_fetches_record_no_replica() {
     .await;
     c.kill_controller();
     let _ = first.await;
+    let ended = |c: &TestCluster, n: usize| {
+        let log = c.nodes[1].log();
+        log.matches("fetch failed").count() + log.matches("snapshot received and verified").count()
+            >= n
+    };
     c.wait_until(
         "the orphaned receive to end",
         Duration::from_secs(30),
-        || async { c.nodes[1].log().contains("went away") },
+        || async { ended(&c, 1) },
     )
     .await;
     assert_eq!(
@@ -1352,26 +1359,40 @@ async fn orphaned_fetches_record_no_replica() {
         c.logs()
     );
     assert!(!replica_record.exists());
+    assert!(c.nodes[1].log().contains("went away"));
 
     // The volume is deleted (by another controller) while a receive of it holds.
+    c.restart_node(1, Some("receive:before-record:sleep=4000"))
+        .await;
     c.spawn_controller().await;
     let second_try = publish(&c);
     c.wait_until("the receive to hold", Duration::from_secs(60), || async {
         holds(&c, 1) == 2
     })
     .await;
-    let other = c.second_controller().await;
-    other
-        .ctl()
-        .await
-        .delete_volume(delete_volume_req(&vol))
-        .await
-        .unwrap_or_else(|e| panic!("delete: {e:?}\n{}", other.log()));
+    // Its asker gives up too, so nothing continues the move once the receive records.
+    c.kill_controller();
     let _ = second_try.await;
+    let other = c.second_controller().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match other
+            .ctl()
+            .await
+            .delete_volume(delete_volume_req(&vol))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::Aborted && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("delete: {e:?}\n{}", other.log()),
+        }
+    }
     c.wait_until(
         "the receive of the deleted volume to end",
         Duration::from_secs(30),
-        || async { c.nodes[1].log().contains("was deleted meanwhile") },
+        || async { ended(&c, 2) },
     )
     .await;
     assert_eq!(

@@ -703,6 +703,7 @@ pub async fn receive(
         created_unix_nanos: header.created_unix_nanos.max(0) as u128,
         shipping: job.shipping,
     })?;
+    failpoint::hit("receive:before-record");
     finish_bookkeeping(&pool, &job)?;
     add(&counters.completed, 1);
     if resumed {
