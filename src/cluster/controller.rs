@@ -254,7 +254,6 @@ impl ClusterController {
         // node, which must not outlive the volume (a volume made again under the same name
         // has the same id). The senders first: a receive whose sender's snapshot went stops
         // without a record (`transfer::send`).
-        let holders = p.nodes();
         let mut nodes: Vec<String> = p
             .primary
             .iter()
@@ -262,7 +261,6 @@ impl ClusterController {
             .chain(&p.stale)
             .map(|c| c.node.clone())
             .collect();
-        nodes.extend(holders);
         nodes.extend(self.cluster.node_ids());
         let mut seen = std::collections::HashSet::new();
         nodes.retain(|n| seen.insert(n.clone()));
