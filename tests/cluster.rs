@@ -1260,15 +1260,15 @@ async fn a_staged_volume_is_not_fenced_after_a_forced_detach() {
         .controller_publish_volume(publish_on("node-b"))
         .await
         .unwrap_err();
-    assert!(
-        err.message().contains("still staged"),
-        "the fence was refused because the volume is staged: {err:?}"
-    );
     assert_eq!(
         c.copies(&vol).await,
         vec![(0, pb::Role::Primary)],
-        "not fenced, nothing shipped\n{}",
+        "not fenced, nothing shipped: {err:?}\n{}",
         c.logs()
+    );
+    assert!(
+        err.message().contains("still staged"),
+        "the fence was refused because the volume is staged: {err:?}"
     );
     assert_eq!(c.counters(1).await.transfers_completed, 0);
     // The database goes on writing, and nothing was lost when it stops.
