@@ -317,7 +317,19 @@ async fn a_node_certificate_cannot_command_its_peers() {
     );
     assert_denied(
         "Unfence",
-        a.unfence(pb::UnfenceRequest { volume_id: id() }).await,
+        a.unfence(pb::UnfenceRequest {
+            volume_id: id(),
+            epoch: 99,
+        })
+        .await,
+    );
+    assert_denied(
+        "RaiseEpochFloor",
+        a.raise_epoch_floor(pb::RaiseEpochFloorRequest {
+            volume_id: id(),
+            epoch: 99,
+        })
+        .await,
     );
     assert_denied(
         "Promote",
@@ -1273,4 +1285,342 @@ async fn the_cluster_controller_follows_the_spec_tables() {
             .unwrap();
         assert_eq!(c.copies(&v).await, vec![]);
     }
+}
+
+/// How often node `i` has held at a `:sleep=` failpoint so far.
+fn holds(c: &TestCluster, i: usize) -> usize {
+    c.nodes[i]
+        .log()
+        .matches("failpoint reached, holding")
+        .count()
+}
+
+/// Issue 11, item 5: a hand-off cancelled by a second controller while the first one's
+/// promotion of the target is still on its way. The promotion arrives after the cancel and
+/// loses: one primary in the end (the old one, at the cancel's epoch), and what was written
+/// after the cancel survives, and moves, later, where it should.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_promotion_delayed_past_a_cancel_loses() {
+    let mut c = TestCluster::start(2).await;
+    let (vol, _) = volume_with_data(&c, "pvc-late-promote", 8, &[]).await;
+    c.restart_node(1, Some("promote:start:sleep=6000")).await;
+    let first = {
+        let (endpoint, req) = (c.controller_endpoint(), ctl_publish(&vol, "node-b"));
+        tokio::spawn(async move {
+            csi::controller_client::ControllerClient::new(
+                berth::client::connect(&endpoint).await.unwrap(),
+            )
+            .controller_publish_volume(req)
+            .await
+        })
+    };
+    c.wait_until(
+        "the promotion of node-b to be on its way",
+        Duration::from_secs(60),
+        || async { holds(&c, 1) == 1 },
+    )
+    .await;
+
+    // The other controller replica: the CO publishes the volume back on A.
+    let second = c.second_controller().await;
+    second
+        .ctl()
+        .await
+        .controller_publish_volume(ctl_publish(&vol, "node-a"))
+        .await
+        .unwrap_or_else(|e| panic!("publish back on A: {e:?}\n{}", second.log()));
+    let staging = c.nodes[0].path(&format!("{vol}/staging"));
+    let target = c.nodes[0].path(&format!("{vol}/target"));
+    let mut a = c.node(0).await;
+    a.node_stage_volume(stage_req(&vol, &staging, block_cap()))
+        .await
+        .unwrap();
+    a.node_publish_volume(publish_req(&vol, &staging, &target, block_cap(), false))
+        .await
+        .unwrap();
+    write_pattern(&target, 0, 4 << 20, 99);
+    let hash = device_hash(&target);
+
+    // The late promotion lands now, at the cancelled hand-off's epoch.
+    let late = first.await.unwrap();
+    assert!(late.is_err(), "the late promotion won: {late:?}");
+    let copies = c.copies(&vol).await;
+    let writable: Vec<_> = copies
+        .iter()
+        .filter(|(_, r)| matches!(r, pb::Role::Primary | pb::Role::Fenced))
+        .collect();
+    assert_eq!(
+        writable,
+        vec![&(0, pb::Role::Primary)],
+        "exactly one primary, the unfenced one: {copies:?}\n{}",
+        c.logs()
+    );
+    assert!(
+        c.nodes[1].log().contains("a hand-off of volume"),
+        "node-b refused the promotion by its epoch floor\n{}",
+        c.nodes[1].log()
+    );
+    assert_eq!(device_hash(&target), hash);
+    a.node_unpublish_volume(unpublish_req(&vol, &target))
+        .await
+        .unwrap();
+    a.node_unstage_volume(unstage_req(&vol, &staging))
+        .await
+        .unwrap();
+    ctl_unpublish(&c, &vol, "node-a").await;
+
+    // A later hand-off, above the floor, brings what was written after the cancel.
+    try_publish(&c, 1, &vol)
+        .await
+        .unwrap_or_else(|e| panic!("move to B after the cancel: {e:?}\n{}", c.logs()));
+    ctl_unpublish(&c, &vol, "node-b").await;
+    assert_moved(&c, 1, &vol, &hash).await;
+}
+
+/// Issue 11, item 5: the final snapshot of a fenced volume is its image; a cancel makes the
+/// image writable again while the target may still be pulling it. The Send running then
+/// ends without its trailer, so the torn image it read never verifies anywhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unfence_stops_the_send_of_the_final_snapshot() {
+    let mut c = TestCluster::start(2).await;
+    let (vol, _) = volume_with_data(&c, "pvc-torn-send", 4, &[]).await;
+    c.restart_node(0, Some("send:chunk:sleep=3000")).await;
+    let first = {
+        let (endpoint, req) = (c.controller_endpoint(), ctl_publish(&vol, "node-b"));
+        tokio::spawn(async move {
+            csi::controller_client::ControllerClient::new(
+                berth::client::connect(&endpoint).await.unwrap(),
+            )
+            .controller_publish_volume(req)
+            .await
+        })
+    };
+    c.wait_until(
+        "the final snapshot to be on the wire",
+        Duration::from_secs(60),
+        || async { holds(&c, 0) >= 1 },
+    )
+    .await;
+    let second = c.second_controller().await;
+    second
+        .ctl()
+        .await
+        .controller_publish_volume(ctl_publish(&vol, "node-a"))
+        .await
+        .unwrap_or_else(|e| panic!("publish back on A: {e:?}\n{}", second.log()));
+    // Written while the Send still reads the same inode.
+    let staging = c.nodes[0].path(&format!("{vol}/staging"));
+    let target = c.nodes[0].path(&format!("{vol}/target"));
+    let mut a = c.node(0).await;
+    a.node_stage_volume(stage_req(&vol, &staging, block_cap()))
+        .await
+        .unwrap();
+    a.node_publish_volume(publish_req(&vol, &staging, &target, block_cap(), false))
+        .await
+        .unwrap();
+    write_pattern(&target, 0, 4 << 20, 5);
+
+    assert!(first.await.unwrap().is_err(), "the cancelled move failed");
+    assert!(
+        c.nodes[1].log().contains("was deleted while it was sent"),
+        "the Send ended without its trailer, which node-b reports\n{}",
+        c.logs()
+    );
+    assert_eq!(
+        c.copies(&vol).await,
+        vec![(0, pb::Role::Primary)],
+        "node-b kept nothing of the torn stream\n{}",
+        c.logs()
+    );
+    assert_eq!(c.counters(1).await.transfers_completed, 0);
+}
+
+/// Issue 11, item 6: Kubernetes detaches a volume by force after 6 minutes while its node
+/// may still have it mounted, with the database running. The publish record is gone then,
+/// but the volume is still staged and writable: it is not fenced (FAILED_PRECONDITION from
+/// the node), no snapshot of it ships, and it moves once it is unstaged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_staged_volume_is_not_fenced_after_a_forced_detach() {
+    let c = TestCluster::start(2).await;
+    let cap = mount_cap("ext4");
+    let mut req = create_req("pvc-forced-detach", 256 * MIB, cap.clone());
+    req.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![],
+        preferred: vec![csi::Topology {
+            segments: [("topology.berth.csi.dev/node".to_string(), "node-a".into())].into(),
+        }],
+    });
+    let vol = create_volume(&c.ctl().await, req).await.volume_id;
+    let publish_on = |node: &str| csi::ControllerPublishVolumeRequest {
+        volume_id: vol.clone(),
+        node_id: node.into(),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    };
+    c.ctl()
+        .await
+        .controller_publish_volume(publish_on("node-a"))
+        .await
+        .unwrap();
+    let staging = c.nodes[0].path(&format!("{vol}/staging"));
+    let target = c.nodes[0].path(&format!("{vol}/target"));
+    let mut a = c.node(0).await;
+    a.node_stage_volume(stage_req(&vol, &staging, cap.clone()))
+        .await
+        .unwrap();
+    a.node_publish_volume(publish_req(&vol, &staging, &target, cap.clone(), false))
+        .await
+        .unwrap();
+    std::fs::write(target.join("before"), b"written before the detach").unwrap();
+
+    // The force-detach: the CO unpublishes while the node still has the volume mounted.
+    ctl_unpublish(&c, &vol, "node-a").await;
+    let err = c
+        .ctl()
+        .await
+        .controller_publish_volume(publish_on("node-b"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        c.copies(&vol).await,
+        vec![(0, pb::Role::Primary)],
+        "not fenced, nothing shipped: {err:?}\n{}",
+        c.logs()
+    );
+    assert!(
+        err.message().contains("still staged"),
+        "the fence was refused because the volume is staged: {err:?}"
+    );
+    assert_eq!(c.counters(1).await.transfers_completed, 0);
+    // The database goes on writing, and nothing was lost when it stops.
+    std::fs::write(target.join("after"), b"written after the detach").unwrap();
+    a.node_unpublish_volume(unpublish_req(&vol, &target))
+        .await
+        .unwrap();
+    a.node_unstage_volume(unstage_req(&vol, &staging))
+        .await
+        .unwrap();
+
+    c.ctl()
+        .await
+        .controller_publish_volume(publish_on("node-b"))
+        .await
+        .unwrap_or_else(|e| panic!("move after the unstage: {e:?}\n{}", c.logs()));
+    let staging = c.nodes[1].path(&format!("{vol}/staging"));
+    let target = c.nodes[1].path(&format!("{vol}/target"));
+    let mut b = c.node(1).await;
+    b.node_stage_volume(stage_req(&vol, &staging, cap.clone()))
+        .await
+        .unwrap();
+    b.node_publish_volume(publish_req(&vol, &staging, &target, cap.clone(), false))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(target.join("after")).unwrap(),
+        b"written after the detach"
+    );
+    b.node_unpublish_volume(unpublish_req(&vol, &target))
+        .await
+        .unwrap();
+    b.node_unstage_volume(unstage_req(&vol, &staging))
+        .await
+        .unwrap();
+}
+
+/// Issue 11, item 7: a receive outlives what asked for it. When its controller dies while
+/// the receive holds after verifying, it keeps no snapshot and writes no replica record.
+/// When another controller deletes the volume while the receive holds between keeping the
+/// snapshot and recording the replica (its asker gone too), the delete waits for it
+/// (ABORTED, retried as a CO does) and then removes both: the volume does not come back.
+#[tokio::test(flavor = "multi_thread")]
+async fn orphaned_fetches_record_no_replica() {
+    let mut c = TestCluster::start(2).await;
+    let (vol, _) = volume_with_data(&c, "pvc-orphan", 8, &[]).await;
+    c.restart_node(1, Some("receive:before-accept:sleep=4000"))
+        .await;
+    let publish = |c: &TestCluster| {
+        let (endpoint, req) = (c.controller_endpoint(), ctl_publish(&vol, "node-b"));
+        tokio::spawn(async move {
+            csi::controller_client::ControllerClient::new(
+                berth::client::connect(&endpoint).await.unwrap(),
+            )
+            .controller_publish_volume(req)
+            .await
+        })
+    };
+    let replica_record = c.nodes[1]
+        .pool_root()
+        .join("berth")
+        .join("replicas")
+        .join(format!("{vol}.json"));
+
+    // The asker dies.
+    let first = publish(&c);
+    c.wait_until("the receive to hold", Duration::from_secs(60), || async {
+        holds(&c, 1) == 1
+    })
+    .await;
+    c.kill_controller();
+    let _ = first.await;
+    let ended = |c: &TestCluster, n: usize| {
+        let log = c.nodes[1].log();
+        log.matches("fetch failed").count() + log.matches("snapshot received and verified").count()
+            >= n
+    };
+    c.wait_until(
+        "the orphaned receive to end",
+        Duration::from_secs(30),
+        || async { ended(&c, 1) },
+    )
+    .await;
+    assert_eq!(
+        c.copies(&vol).await,
+        vec![(0, pb::Role::Fenced)],
+        "no replica from a receive nobody waits for\n{}",
+        c.logs()
+    );
+    assert!(!replica_record.exists());
+    assert!(c.nodes[1].log().contains("went away"));
+
+    // The volume is deleted (by another controller) while a receive of it holds.
+    c.restart_node(1, Some("receive:before-record:sleep=4000"))
+        .await;
+    c.spawn_controller().await;
+    let second_try = publish(&c);
+    c.wait_until("the receive to hold", Duration::from_secs(60), || async {
+        holds(&c, 1) == 2
+    })
+    .await;
+    // Its asker gives up too, so nothing continues the move once the receive records.
+    c.kill_controller();
+    let _ = second_try.await;
+    let other = c.second_controller().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match other
+            .ctl()
+            .await
+            .delete_volume(delete_volume_req(&vol))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::Aborted && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("delete: {e:?}\n{}", other.log()),
+        }
+    }
+    c.wait_until(
+        "the receive of the deleted volume to end",
+        Duration::from_secs(30),
+        || async { ended(&c, 2) },
+    )
+    .await;
+    assert_eq!(
+        c.copies(&vol).await,
+        vec![],
+        "the deleted volume did not come back\n{}",
+        c.logs()
+    );
+    assert!(!replica_record.exists());
 }

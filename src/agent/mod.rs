@@ -7,9 +7,14 @@
 pub mod auth;
 pub mod transfer;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     Request, Response, Status,
@@ -34,6 +39,7 @@ use crate::{
     },
     storage::{RecordState, SnapshotId, VolumeId, VolumeRecord, guard::InFlight},
     tls::{Peer, TlsMaterial},
+    util::failpoint,
 };
 
 use transfer::{Counters, Fetch, MAX_MESSAGE};
@@ -87,6 +93,28 @@ pub struct AgentService {
     /// cut and drop each other's snapshots). Separate from the CSI guard: a replication
     /// round must not make a NodePublish on the same volume fail with ABORTED.
     shipping: InFlight,
+    fetches: Arc<Fetches>,
+}
+
+/// The receives running here, by volume, so that forgetting a volume (its deletion) stops
+/// them and keeps them from recording anything after it.
+#[derive(Debug, Default)]
+struct Fetches(Mutex<HashMap<VolumeId, watch::Sender<bool>>>);
+
+impl Fetches {
+    fn start(&self, vol: &VolumeId) -> watch::Receiver<bool> {
+        let mut m = self.0.lock().expect("fetches lock poisoned");
+        m.retain(|_, s| s.receiver_count() > 0);
+        m.entry(vol.clone())
+            .or_insert_with(|| watch::channel(false).0)
+            .subscribe()
+    }
+
+    fn cancel(&self, vol: &VolumeId) {
+        if let Some(s) = self.0.lock().expect("fetches lock poisoned").remove(vol) {
+            s.send_replace(true);
+        }
+    }
 }
 
 impl AgentService {
@@ -96,6 +124,7 @@ impl AgentService {
             tls,
             counters: Arc::default(),
             shipping: InFlight::default(),
+            fetches: Arc::default(),
         }
     }
 
@@ -294,11 +323,18 @@ impl Agent for AgentService {
         };
         let (tx, rx) = mpsc::channel(16);
         let (pool, counters) = (self.ctx.pool.clone(), self.counters.clone());
-        // The transfer runs to its end even if the asker disconnects: what it receives is
-        // kept, and a retry finds it done (or resumes it).
+        let bounds = transfer::Bounds {
+            inflight: self.ctx.inflight.clone(),
+            forgotten: self.fetches.start(&job.volume),
+        };
+        // The transfer runs in its own task, so it can finish in order when the asker
+        // disconnects (tonic then drops this handler's stream): it stops at the next
+        // message, keeps its last checkpoint for a retry to resume, and records nothing.
         tokio::spawn(async move {
             let _guard = guard;
-            if let Err(e) = transfer::receive(pool, counters, channel, job, tx.clone()).await {
+            if let Err(e) =
+                transfer::receive(pool, counters, channel, job, tx.clone(), bounds).await
+            {
                 tracing::warn!(error = %e, "fetch failed");
                 let _ = tx.send(Err(e.into())).await;
             }
@@ -338,9 +374,24 @@ impl Agent for AgentService {
         respond((|| {
             let id = volume_id(&req.get_ref().volume_id)?;
             let _g = self.ctx.inflight.try_lock([id.to_string()])?;
-            let epoch = self.ctx.pool.unfence(&id)?;
+            let epoch = self.ctx.pool.unfence(&id, req.get_ref().epoch)?;
             tracing::info!(volume.id = %id, epoch, "hand-off cancelled; primary again");
             Ok(pb::UnfenceResponse { epoch })
+        })())
+    }
+
+    #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id, epoch = req.get_ref().epoch))]
+    async fn raise_epoch_floor(
+        &self,
+        req: Request<pb::RaiseEpochFloorRequest>,
+    ) -> Result<Response<pb::RaiseEpochFloorResponse>, Status> {
+        respond((|| {
+            let id = volume_id(&req.get_ref().volume_id)?;
+            // The lock Promote holds: a promotion is wholly before this or wholly after.
+            let _g = self.ctx.inflight.try_lock([id.to_string()])?;
+            self.ctx.pool.raise_epoch_floor(&id, req.get_ref().epoch)?;
+            tracing::info!("epoch floor raised: older promotions are refused here");
+            Ok(pb::RaiseEpochFloorResponse {})
         })())
     }
 
@@ -354,6 +405,8 @@ impl Agent for AgentService {
             async {
                 let id = volume_id(&req.volume_id)?;
                 let snap = transfer::parse_snapshot(&req.snapshot_id, "snapshot_id")?;
+                // A promotion still on its way here (tests hold it to race a cancel).
+                failpoint::hit("promote:start");
                 let _g = self.ctx.inflight.try_lock([id.to_string()])?;
                 self.ctx.pool.promote(&id, req.epoch, &snap).await?;
                 tracing::info!("promoted to primary");
@@ -390,6 +443,10 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::ForgetResponse>, Status> {
         respond((|| {
             let id = volume_id(&req.get_ref().volume_id)?;
+            // Receives of the volume stop, and one finishing now records under the volume's
+            // lock: before this (and its records go below) or not at all.
+            self.fetches.cancel(&id);
+            let _g = self.ctx.inflight.try_lock([id.to_string()])?;
             let _s = self.shipping.try_lock([id.to_string()])?;
             self.ctx.pool.forget(&id)?;
             Ok(pb::ForgetResponse {})

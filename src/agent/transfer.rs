@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::{Status, transport::Channel};
 
 use crate::{
@@ -33,6 +33,7 @@ use crate::{
     storage::{
         MIB, ReplicaRecord, SnapshotId, SnapshotRecord, VolumeId, VolumeRecord,
         delta::{self, Piece},
+        guard::{Guard, InFlight},
         pool::{IncomingProgress, Pool},
     },
     util::{failpoint, fsutil},
@@ -169,12 +170,24 @@ pub async fn send(
         data_bytes = header.data_bytes, size = plan.size, resume_offset = req.resume_offset, "sending snapshot");
     let (tx, rx) = mpsc::channel(QUEUE);
     let resume = req.resume_offset;
+    // A fenced volume's final snapshot is a hard link to its image: once a cancelled
+    // hand-off unfences the volume (which deletes the snapshot first), the image is written
+    // again, and what this stream reads from then on is torn. Every byte read before the
+    // snapshot is seen still in place was read before any such write.
+    let still_there = move || -> Result<()> {
+        match pool.any_ready_snapshot(&id) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(Error::FailedPrecondition(format!(
+                "snapshot {id} was deleted while it was sent (a cancelled hand-off); what was sent must not be kept"
+            ))),
+        }
+    };
     tokio::task::spawn_blocking(move || {
         let msg = |b: Body| Ok(pb::SendMessage { body: Some(b) });
         if tx.blocking_send(msg(Body::Header(header))).is_err() {
             return;
         }
-        if let Err(e) = stream_chunks(&image, &chunks, resume, &counters, &tx) {
+        if let Err(e) = stream_chunks(&image, &chunks, resume, &counters, &tx, &still_there) {
             let _ = tx.blocking_send(Err(e.into()));
         }
     });
@@ -187,6 +200,7 @@ fn stream_chunks(
     resume: u64,
     counters: &Counters,
     tx: &mpsc::Sender<Result<pb::SendMessage, Status>>,
+    still_there: &dyn Fn() -> Result<()>,
 ) -> Result<()> {
     let f = File::open(image).map_err(Error::io("open", image))?;
     let mut digest = blake3::Hasher::new();
@@ -267,6 +281,8 @@ fn stream_chunks(
     if !batch.flush(tx) {
         return Ok(());
     }
+    // Without its trailer nothing of the stream verifies, so nothing of it is kept.
+    still_there()?;
     let _ = tx.blocking_send(Ok(pb::SendMessage {
         body: Some(Body::Trailer(pb::TransferTrailer {
             image_digest: digest.finalize().as_bytes().to_vec(),
@@ -429,8 +445,69 @@ impl Fetch {
     }
 }
 
-/// Progress reports go to whoever asked; a vanished asker does not stop the transfer.
+/// Progress reports go to whoever asked. When the asker goes away (its controller gave up
+/// or died), the transfer stops at once: what was applied up to its last checkpoint stays
+/// for a resume, and nothing is recorded.
 pub type Progress = mpsc::Sender<Result<pb::FetchProgress, Status>>;
+
+/// What a receive answers to besides its asker: the node's lock of the volume, under which
+/// the records are written, and a flag set when the volume is forgotten here (deleted).
+pub struct Bounds {
+    pub inflight: InFlight,
+    pub forgotten: watch::Receiver<bool>,
+}
+
+impl Bounds {
+    /// Under the volume's lock, whether what a receive got may still be recorded: a receive
+    /// can outlive its reason (the controller gave up, the volume was deleted, or promoted
+    /// here, or a cancelled hand-off made its epoch stale), and a record written then would
+    /// resurrect a copy nobody wants. The lock is held until the records are written.
+    fn admit(&self, pool: &Pool, job: &Fetch, progress: &Progress) -> Result<Guard> {
+        let guard = self.inflight.try_lock([job.volume.to_string()])?;
+        if progress.is_closed() {
+            return Err(Error::FailedPrecondition(format!(
+                "the asker of snapshot {} went away",
+                job.snapshot
+            )));
+        }
+        let refused = if *self.forgotten.borrow() {
+            Some(format!("volume {} was deleted meanwhile", job.volume))
+        } else if !job.shipping {
+            None
+        } else if let Some(v) = pool.volume(&job.volume)? {
+            Some(format!(
+                "this node holds volume {} itself now (epoch {})",
+                v.id, v.epoch
+            ))
+        } else {
+            let floor = pool.epoch_floor(&job.volume)?;
+            (job.epoch < floor).then(|| {
+                format!(
+                    "epoch {} of volume {} is stale here (a hand-off was cancelled; the floor is {floor})",
+                    job.epoch, job.volume
+                )
+            })
+        };
+        match refused {
+            Some(why) => {
+                pool.discard_incoming(&job.snapshot)?;
+                Err(Error::FailedPrecondition(format!(
+                    "snapshot {} is not kept: {why}",
+                    job.snapshot
+                )))
+            }
+            None => Ok(guard),
+        }
+    }
+
+    /// Resolves when the volume is forgotten here; never otherwise.
+    async fn forgotten(&self) {
+        let mut f = self.forgotten.clone();
+        if f.wait_for(|f| *f).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
 
 /// The receiving side: pulls `job.snapshot` from the peer behind `channel` and keeps it.
 pub async fn receive(
@@ -439,8 +516,10 @@ pub async fn receive(
     channel: Channel,
     job: Fetch,
     progress: Progress,
+    bounds: Bounds,
 ) -> Result<()> {
     if pool.any_ready_snapshot(&job.snapshot).is_ok() {
+        let _lock = bounds.admit(&pool, &job, &progress)?;
         finish_bookkeeping(&pool, &job)?;
         let _ = progress
             .send(Ok(pb::FetchProgress {
@@ -580,6 +659,7 @@ pub async fn receive(
         job: &job,
         counters: &counters,
         progress: &progress,
+        bounds: &bounds,
         resumed,
     }
     .stream_into(&mut stream, &apply, &mut st)
@@ -615,6 +695,7 @@ pub async fn receive(
     tokio::task::block_in_place(|| file.sync_all().map_err(Error::io("fsync", &img)))?;
     drop(file);
     failpoint::hit("receive:before-accept");
+    let _lock = bounds.admit(&pool, &job, &progress)?;
     pool.accept_incoming(SnapshotRecord {
         id: job.snapshot.clone(),
         name: header.snapshot_name.clone(),
@@ -626,6 +707,7 @@ pub async fn receive(
         created_unix_nanos: header.created_unix_nanos.max(0) as u128,
         shipping: job.shipping,
     })?;
+    failpoint::hit("receive:before-record");
     finish_bookkeeping(&pool, &job)?;
     add(&counters.completed, 1);
     if resumed {
@@ -650,6 +732,7 @@ struct Receiving<'a> {
     job: &'a Fetch,
     counters: &'a Counters,
     progress: &'a Progress,
+    bounds: &'a Bounds,
     resumed: bool,
 }
 
@@ -667,6 +750,7 @@ impl Receiving<'_> {
             job,
             counters,
             progress,
+            bounds,
             resumed,
         } = *self;
         let peer_err = |status: Status| Error::Peer {
@@ -679,12 +763,16 @@ impl Receiving<'_> {
         let mut since_sync = 0u64;
         let mut last_report = Instant::now();
         loop {
-            let chunks = match stream
-                .message()
-                .await
-                .map_err(peer_err)?
-                .and_then(|m| m.body)
-            {
+            let message = tokio::select! {
+                m = stream.message() => m.map_err(peer_err)?,
+                _ = progress.closed() => {
+                    return Err(Error::FailedPrecondition(format!("the asker of snapshot {} went away", job.snapshot)));
+                }
+                _ = bounds.forgotten() => {
+                    return Err(Error::FailedPrecondition(format!("volume {} was deleted meanwhile", job.volume)));
+                }
+            };
+            let chunks = match message.and_then(|m| m.body) {
                 Some(Body::Chunk(c)) => vec![c],
                 Some(Body::Batch(b)) => b.chunks,
                 Some(Body::Trailer(t)) => return Ok(t),

@@ -257,7 +257,22 @@ impl ClusterController {
                 .await
                 .map_err(|s| peer(&c.node, s))?;
         }
-        for node in p.nodes() {
+        // Every member forgets, not only those holding something: a receive of the volume
+        // may be under way anywhere, and a cancelled hand-off left an epoch floor on every
+        // node, which must not outlive the volume (a volume made again under the same name
+        // has the same id). The senders first: a receive whose sender's snapshot went stops
+        // without a record (`transfer::send`).
+        let mut nodes: Vec<String> = p
+            .primary
+            .iter()
+            .chain(&p.fenced)
+            .chain(&p.stale)
+            .map(|c| c.node.clone())
+            .collect();
+        nodes.extend(self.cluster.node_ids());
+        let mut seen = std::collections::HashSet::new();
+        nodes.retain(|n| seen.insert(n.clone()));
+        for node in nodes {
             self.cluster
                 .agent(&node)?
                 .forget(pb::ForgetRequest {

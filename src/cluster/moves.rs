@@ -180,17 +180,8 @@ impl Cluster {
             Some(f) => f.clone(),
             None => {
                 // A hand-off to another node that never finished is cancelled first.
-                for f in &p.fenced {
-                    if p.primary.is_none() {
-                        self.agent(&f.node)?
-                            .unfence(pb::UnfenceRequest {
-                                volume_id: vol.to_string(),
-                            })
-                            .await
-                            .map_err(|s| peer(&f.node, s))?;
-                    }
-                }
-                if !p.fenced.is_empty() {
+                if p.primary.is_none() && !p.fenced.is_empty() {
+                    self.cancel_hand_off(vol, &p).await?;
                     p = self.locate(vol).await?;
                 }
                 let primary = p.primary.clone().ok_or_else(|| Error::Unreachable {
@@ -270,6 +261,47 @@ impl Cluster {
             .await
             .map_err(|s| peer(&source.node, s))?;
         Ok(shipped.bytes_done)
+    }
+
+    /// Cancels the hand-offs of a volume that has no primary: its newest fenced copy becomes
+    /// the primary again. Another controller (or this one, before a restart) may still be
+    /// driving the hand-off, its promotion on the way to the target, so the order matters
+    /// (docs/moving.md, "Cancelling a hand-off"): first every other node learns an epoch
+    /// above any a promotion can carry and refuses promotions below it from then on, and
+    /// refuses to learn it at all if it was promoted already; only then is the copy
+    /// unfenced, at that epoch. A node that did not answer fails the cancel, and the CO's
+    /// retry tries again.
+    async fn cancel_hand_off(&self, vol: &VolumeId, p: &Placement) -> Result<()> {
+        p.require_all(vol)?;
+        let Some(home) = p.fenced.iter().max_by_key(|c| c.info.epoch) else {
+            return Ok(());
+        };
+        // Every promotion is at the epoch of a fence, and every fence is in the inventories.
+        let epoch = p.max_epoch() + 1;
+        let others: Vec<String> = self
+            .node_ids()
+            .into_iter()
+            .filter(|n| n != &home.node)
+            .collect();
+        futures::future::try_join_all(others.iter().map(|node| async move {
+            self.agent(node)?
+                .raise_epoch_floor(pb::RaiseEpochFloorRequest {
+                    volume_id: vol.to_string(),
+                    epoch,
+                })
+                .await
+                .map_err(|s| peer(node, s))
+        }))
+        .await?;
+        self.agent(&home.node)?
+            .unfence(pb::UnfenceRequest {
+                volume_id: vol.to_string(),
+                epoch,
+            })
+            .await
+            .map_err(|s| peer(&home.node, s))?;
+        tracing::info!(volume.id = %vol, node = %home.node, epoch, "hand-off cancelled: the fenced copy is the primary again");
+        Ok(())
     }
 
     /// Finishes hand-offs whose promotion happened but whose old copy was not settled.

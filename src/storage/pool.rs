@@ -9,6 +9,7 @@
 //! berth/groups/<group-id>.json
 //! berth/tmp/                  images being built; never visible as volumes
 //! berth/replicas/<vol-id>.json copies of other nodes' volumes (see `ship`)
+//! berth/replicas/<vol-id>.floor epochs below it are refused here (a cancelled hand-off)
 //! berth/incoming/             images being received from a peer, with their progress
 //! berth/trash/                images deleted, being unlinked in the background
 //! ```

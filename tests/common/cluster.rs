@@ -273,6 +273,44 @@ impl TestCluster {
         self.controller = Some(child);
     }
 
+    /// A second controller process over the same nodes, on its own socket: what two
+    /// controller replicas are when each believes it leads (two `--nodes` controllers, or
+    /// a leader and one whose Lease lapsed). Killed when the returned value is dropped.
+    pub async fn second_controller(&self) -> SecondController {
+        let dir = self.dir.path().join("controller-2");
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("controller.sock");
+        let endpoint = format!("unix://{}", socket.display());
+        let logp = dir.join("controller.log");
+        let log = std::fs::File::create(&logp).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("controller")
+            .arg("--endpoint")
+            .arg(&endpoint)
+            .arg("--node-id")
+            .arg("controller")
+            .arg("--nodes")
+            .arg(self.dir.path().join("nodes"))
+            .arg("--tls-dir")
+            .arg(self.certs().join("controller"))
+            .env("RUST_LOG", "info,berth=debug")
+            .env_remove("BERTH_FAILPOINT")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn a second berth controller");
+        wait_for_socket(&mut child, &socket, &endpoint, || {
+            std::fs::read_to_string(&logp).unwrap_or_default()
+        })
+        .await;
+        SecondController {
+            child,
+            endpoint,
+            log: logp,
+        }
+    }
+
     pub fn kill_node(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {
             let _ = c.kill();
@@ -423,6 +461,31 @@ impl TestCluster {
             s.push_str(&format!("--- {}\n{}", n.id, n.log()));
         }
         s
+    }
+}
+
+pub struct SecondController {
+    child: Child,
+    endpoint: String,
+    log: PathBuf,
+}
+
+impl SecondController {
+    pub async fn ctl(&self) -> super::Ctl {
+        csi::controller_client::ControllerClient::new(
+            berth::client::connect(&self.endpoint).await.unwrap(),
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for SecondController {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -15,13 +15,45 @@ use std::{fs, path::PathBuf};
 use super::Pool;
 use crate::{
     error::{Error, Result},
-    storage::model::*,
+    storage::{loopdev, model::*},
     util::{failpoint, fsutil},
 };
 
 impl Pool {
     fn replica_meta(&self, id: &VolumeId) -> PathBuf {
         self.dir.join("replicas").join(format!("{id}.json"))
+    }
+
+    /// Beside the replica records, not among them: `replicas()` reads only `.json`.
+    fn floor_meta(&self, id: &VolumeId) -> PathBuf {
+        self.dir.join("replicas").join(format!("{id}.floor"))
+    }
+
+    /// The lowest epoch at which this node may still be promoted to the volume's primary or
+    /// keep a replica of it; 0 when no hand-off of it was ever cancelled here.
+    pub fn epoch_floor(&self, id: &VolumeId) -> Result<u64> {
+        Ok(fsutil::read_json::<EpochFloor>(&self.floor_meta(id))?.map_or(0, |f| f.epoch))
+    }
+
+    /// Raises the epoch floor to `epoch` (never lowers it), durably: a cancelled hand-off's
+    /// promotion that arrives later, even after a restart, is refused. Refused while this
+    /// node holds the volume as a primary (or is making it one): that promotion already
+    /// happened, and the hand-off must not be cancelled. The caller holds the volume's
+    /// lock, which [`Pool::promote`]'s caller holds too, so a promotion is wholly before or
+    /// wholly after this.
+    pub fn raise_epoch_floor(&self, id: &VolumeId, epoch: u64) -> Result<()> {
+        if let Some(v) = self.volume(id)?
+            && (v.fence.is_none() || v.state != RecordState::Ready)
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "node holds volume {id} as a primary at epoch {}",
+                v.epoch
+            )));
+        }
+        if self.epoch_floor(id)? < epoch {
+            fsutil::write_json(&self.floor_meta(id), &EpochFloor { epoch })?;
+        }
+        Ok(())
     }
 
     pub fn replica(&self, id: &VolumeId) -> Result<Option<ReplicaRecord>> {
@@ -144,6 +176,16 @@ impl Pool {
                 )));
             }
             None => {
+                // Kubernetes detaches a volume by force after 6 minutes, whatever the node
+                // still does with it: the publish record is gone, but a database may still
+                // write through the staged device. A final snapshot of that is torn, and
+                // would ship as verified: a staged copy is not fenced (docs/moving.md).
+                if let Some(dev) = loopdev::find(&self.volume_image(vol)).await? {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {vol} is still staged on this node (attached writable as {}); unstage it before it can move",
+                        dev.display()
+                    )));
+                }
                 if epoch <= v.epoch {
                     return Err(Error::FailedPrecondition(format!(
                         "hand-off epoch {epoch} is not above the volume's epoch {}",
@@ -174,18 +216,29 @@ impl Pool {
         Ok((snap, v))
     }
 
-    /// Cancels a hand-off that never completed: the copy is primary again, at an epoch above
-    /// the fence's so that a promotion the cancelled hand-off might still make loses.
-    pub fn unfence(&self, vol: &VolumeId) -> Result<u64> {
+    /// Cancels a hand-off that never completed: the copy is primary again, at `epoch`, which
+    /// the controller chose above every epoch any node may be promoted at, after raising
+    /// every other node's floor to it (docs/moving.md, "Cancelling a hand-off"). Repeating
+    /// it is success.
+    pub fn unfence(&self, vol: &VolumeId, epoch: u64) -> Result<u64> {
         let mut v = self.ready_volume(vol)?;
-        // The final snapshot shares the image's inode: it goes before writes can come back.
-        if let Some(s) = v.fence.as_ref().and_then(|f| f.snapshot.as_ref()) {
+        let Some(f) = v.fence.clone() else {
+            return Ok(v.epoch);
+        };
+        if epoch <= f.epoch {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {vol} is fenced at epoch {}; it can only be unfenced above it, not at {epoch}",
+                f.epoch
+            )));
+        }
+        // The final snapshot shares the image's inode: it goes before writes can come back,
+        // and a Send of it still running sees it gone before its trailer (`transfer::send`).
+        if let Some(s) = &f.snapshot {
             self.delete_snapshot(s)?;
         }
-        if let Some(f) = v.fence.take() {
-            v.epoch = f.epoch + 1;
-            self.save_volume(&v)?;
-        }
+        v.fence = None;
+        v.epoch = epoch;
+        self.save_volume(&v)?;
         Ok(v.epoch)
     }
 
@@ -217,6 +270,12 @@ impl Pool {
                 "node holds volume {vol} at epoch {} {}; it cannot be promoted to epoch {epoch}",
                 v.epoch,
                 if v.fence.is_some() { "(fenced)" } else { "" }
+            )));
+        }
+        let floor = self.epoch_floor(vol)?;
+        if epoch < floor {
+            return Err(Error::FailedPrecondition(format!(
+                "a hand-off of volume {vol} at epoch {epoch} was cancelled (this node refuses epochs below {floor})"
             )));
         }
         let r = self
@@ -398,6 +457,8 @@ impl Pool {
     /// shipping snapshots and half-received images. Gone is success.
     pub fn forget(&self, vol: &VolumeId) -> Result<()> {
         fsutil::remove_file_durable(&self.replica_meta(vol))?;
+        // A volume made again under the same name (ids derive from names) starts at epoch 0.
+        fsutil::remove_file_durable(&self.floor_meta(vol))?;
         for s in self.shipping_snapshots(vol)? {
             self.delete_snapshot(&s.id)?;
         }
@@ -491,6 +552,12 @@ impl Pool {
         }
         Ok(())
     }
+}
+
+/// A node's epoch floor for one volume (`Pool::raise_epoch_floor`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct EpochFloor {
+    epoch: u64,
 }
 
 /// How far a receive got: enough to resume it without starting over.
