@@ -13,6 +13,7 @@
 mod client;
 pub mod crd;
 mod migrations;
+mod placement;
 mod tasks;
 #[cfg(test)]
 mod testing;
@@ -24,6 +25,7 @@ use self::crd::{BerthNodeSpec, BerthNodeStatus, VolumeMigration, VolumeMigration
 pub use self::{
     client::{FIELD_MANAGER, KubeApi, REPORTING_CONTROLLER},
     migrations::{Migrator, migrations},
+    placement::PlacementApi,
     tasks::{discover_nodes, leader_election, node_heartbeat},
 };
 use crate::error::Result;
