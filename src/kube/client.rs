@@ -42,6 +42,9 @@ const WATCH_TIMEOUT_SECS: u32 = 290;
 /// events.k8s.io/v1 limits: `note` is at most 1 kB, `reportingInstance` 128 characters.
 const NOTE_MAX: usize = 1024;
 const INSTANCE_MAX: usize = 128;
+/// The API server keeps at most 58 characters of a `generateName` (a 63-character name less
+/// its 5 random ones) and cuts the rest.
+const GENERATED_PREFIX_MAX: usize = 58;
 
 /// The Kubernetes API as berth uses it.
 pub struct KubeApi {
@@ -165,6 +168,29 @@ fn truncate(s: &str, max: usize) -> String {
     s[..end].to_string()
 }
 
+/// `metadata.generateName` of an Event about the object `name`: `<name>-`, for the API server
+/// to append its random suffix to. events.k8s.io/v1 validates the prefix itself as a DNS
+/// subdomain (a trailing `-` is allowed, a trailing `.` is not: `"pg."` is refused with 422),
+/// so the prefix is one DNS label: lower case letters and digits, anything else a `-`, no
+/// leading `-`, short enough that the server's cut at [`GENERATED_PREFIX_MAX`] keeps it whole.
+/// `name` is a claim's name as a VolumeMigration spells it, which nothing has validated.
+fn event_name_prefix(name: &str) -> String {
+    let label: String = name
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9') => c,
+            _ => '-',
+        })
+        .skip_while(|&c| c == '-')
+        .take(GENERATED_PREFIX_MAX - 1)
+        .collect();
+    if label.is_empty() {
+        "claim-".to_string()
+    } else {
+        format!("{label}-")
+    }
+}
+
 fn now() -> MicroTime {
     MicroTime(Timestamp::now())
 }
@@ -236,7 +262,7 @@ impl ClusterApi for KubeApi {
             .and_then(|c| c.metadata.uid);
         let event = Event {
             metadata: ObjectMeta {
-                generate_name: Some(format!("{name}.")),
+                generate_name: Some(event_name_prefix(name)),
                 namespace: Some(namespace.to_string()),
                 ..ObjectMeta::default()
             },

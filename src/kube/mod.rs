@@ -5,7 +5,9 @@
 //!
 //! Everything above this module talks to [`ClusterApi`], never to a `kube::Client`, so the
 //! rest of berth is tested without a cluster; this module's own tests run [`KubeApi`] against
-//! a `tower_test` mock of the API server and assert every request it makes.
+//! a `tower_test` mock of the API server and assert every request it makes, and tests/kube.rs
+//! runs it against a real API server, which proves each of those requests is accepted (and
+//! allowed by the chart's RBAC).
 //!
 //! The RBAC rules in charts/berth/templates/rbac-*.yaml are exactly the requests made here:
 //! each trait method names the verbs it needs.

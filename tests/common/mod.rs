@@ -21,6 +21,7 @@ use csi::{
 };
 use tonic::transport::Channel;
 
+pub mod apiserver;
 pub mod cluster;
 pub mod shared;
 

@@ -4,6 +4,11 @@
 
 use std::{io::Write, path::PathBuf};
 
+/// Under CI (`CI` set, and not to `false`) nothing that needs `../shared` may be skipped.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false")
+}
+
 /// `$BERTH_SHARED_DIR`, else `../shared` beside the checkout.
 fn root() -> PathBuf {
     std::env::var_os("BERTH_SHARED_DIR")
@@ -22,8 +27,7 @@ pub fn path(rel: &str, test: &str) -> Option<PathBuf> {
         "{test}: needs {} (shared/ beside the repository checkout, or $BERTH_SHARED_DIR)",
         p.display()
     );
-    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
-    assert!(!ci, "{msg}: CI is set, so this test must run");
+    assert!(!under_ci(), "{msg}: CI is set, so this test must run");
     // Straight to stderr: libtest captures eprintln! of passing tests.
     let _ = writeln!(std::io::stderr(), "{msg}; skipping it");
     None

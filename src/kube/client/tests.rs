@@ -263,7 +263,7 @@ async fn pvc_event_is_an_events_k8s_io_event_regarding_the_claim() {
                 scrubbed(body.clone()),
                 json!({
                     "apiVersion": "events.k8s.io/v1", "kind": "Event",
-                    "metadata": { "generateName": "data-pg-0.", "namespace": "db" },
+                    "metadata": { "generateName": "data-pg-0-", "namespace": "db" },
                     "eventTime": "<now>",
                     "action": reason, "reason": reason, "note": note,
                     "type": if warning { "Warning" } else { "Normal" },
@@ -276,11 +276,32 @@ async fn pvc_event_is_an_events_k8s_io_event_regarding_the_claim() {
             let t = body["eventTime"].as_str().unwrap();
             assert_eq!(t.len(), "2026-03-01T10:00:00.000000Z".len(), "{t}");
             let mut created = body;
-            created["metadata"]["name"] = json!("data-pg-0.18a2b3c4d5e6f708");
+            created["metadata"]["name"] = json!("data-pg-0-x7k2p");
             reply.json(201, created);
         };
         let (r, ()) = tokio::join!(call, serve);
         r.unwrap();
+    }
+}
+
+#[test]
+fn event_name_prefix_is_one_dns_label_the_server_keeps_whole() {
+    let long = "a".repeat(253);
+    let dotted = format!("{}.{}", "b".repeat(56), "c".repeat(60));
+    for (name, want) in [
+        ("data-pg-0", "data-pg-0-"),
+        ("pg", "pg-"),
+        ("db.primary", "db-primary-"),
+        ("Data_PG", "data-pg-"),
+        ("-x", "x-"),
+        ("_.-", "claim-"),
+        (long.as_str(), &format!("{}-", "a".repeat(57))),
+        // Cut right after a dot: the prefix still ends in `-`, not `.`.
+        (dotted.as_str(), &format!("{}--", "b".repeat(56))),
+    ] {
+        let got = event_name_prefix(name);
+        assert_eq!(got, want, "{name}");
+        assert!(got.len() <= GENERATED_PREFIX_MAX, "{name}");
     }
 }
 

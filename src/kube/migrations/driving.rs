@@ -113,7 +113,7 @@ impl Cluster {
         }
         if line == EVENT {
             let mut e = s.body.clone();
-            e["metadata"]["name"] = json!(format!("data-pg-0.{:x}", self.version));
+            e["metadata"]["name"] = json!(format!("data-pg-0-{:05x}", self.version));
             return reply.json(201, e);
         }
         for m in self.migrations.iter_mut() {

@@ -1,0 +1,1005 @@
+//! berth's Kubernetes layer (src/kube) against a real API server (etcd and kube-apiserver
+//! v1.32, tests/common/apiserver.rs): every object berth writes, the CRDs of `berth crd` with
+//! their schemas and CEL rules, watches, resourceVersion conflicts, the tasks (heartbeat,
+//! discovery, leader election, the migrations loop) and the chart's RBAC under tokens of its
+//! own ServiceAccounts. The tower_test mocks in src/kube assert the exact requests; these
+//! prove the API server accepts them, which a mock cannot: it took `generateName: "pg."`.
+//!
+//! One API server serves every test of this binary (started by the first test, with the
+//! CRDs applied); each test works in its own namespace, BerthNodes and topology domain.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    process::Command,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use berth::{
+    error::Result,
+    kube::{
+        ClusterApi, KubeApi, MigrationEvent, Migrator,
+        crd::{
+            BerthNode, BerthNodeSpec, BerthNodeStatus, MigrationPhase, VolumeMigration,
+            VolumeMigrationStatus,
+        },
+        discover_nodes, leader_election, migrations, node_heartbeat,
+    },
+};
+use common::apiserver::{ApiServer, kube_tool, kube_tools_dir, skip};
+use futures::{StreamExt, future::BoxFuture};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim},
+    events::v1::Event,
+};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tonic::Code;
+
+const DRIVER: &str = "berth.csi.dev";
+
+/// The API server of this test binary, with berth's CRDs applied as a user applies them:
+/// `berth crd | kubectl apply -f -`.
+fn server() -> Option<&'static ApiServer> {
+    static SERVER: OnceLock<Option<ApiServer>> = OnceLock::new();
+    SERVER
+        .get_or_init(|| {
+            let s = ApiServer::start()?;
+            let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+                .arg("crd")
+                .output()
+                .expect("berth crd");
+            assert!(out.status.success(), "berth crd failed");
+            s.kubectl(
+                &["apply", "-f", "-"],
+                &String::from_utf8(out.stdout).unwrap(),
+            );
+            s.kubectl(
+                &[
+                    "wait",
+                    "--for=condition=Established",
+                    "--timeout=60s",
+                    "crd/berthnodes.berth.csi.dev",
+                    "crd/volumemigrations.berth.csi.dev",
+                ],
+                "",
+            );
+            Some(s)
+        })
+        .as_ref()
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("a valid object")
+}
+
+async fn namespace(admin: &kube::Client, name: &str) {
+    Api::<Namespace>::all(admin.clone())
+        .create(
+            &PostParams::default(),
+            &from_json(json!({ "metadata": { "name": name } })),
+        )
+        .await
+        .unwrap();
+}
+
+/// A claim of berth's class; bound (as the PV controller would bind it: there is none here)
+/// to a PersistentVolume of `driver` with volume handle `handle` when given.
+async fn claim(
+    admin: &kube::Client,
+    ns: &str,
+    name: &str,
+    bound: Option<(&str, &str)>,
+) -> PersistentVolumeClaim {
+    let mut spec = json!({
+        "accessModes": ["ReadWriteOnce"], "storageClassName": "berth",
+        "resources": { "requests": { "storage": "1Gi" } },
+    });
+    if let Some((driver, handle)) = bound {
+        let pv = format!("pv-{ns}-{name}");
+        Api::<PersistentVolume>::all(admin.clone())
+            .create(
+                &PostParams::default(),
+                &from_json(json!({
+                    "metadata": { "name": pv },
+                    "spec": {
+                        "capacity": { "storage": "1Gi" }, "accessModes": ["ReadWriteOnce"],
+                        "storageClassName": "berth",
+                        "csi": { "driver": driver, "volumeHandle": handle },
+                    },
+                })),
+            )
+            .await
+            .unwrap();
+        spec["volumeName"] = json!(pv);
+    }
+    let api = Api::<PersistentVolumeClaim>::namespaced(admin.clone(), ns);
+    let c = api
+        .create(
+            &PostParams::default(),
+            &from_json(json!({ "metadata": { "name": name }, "spec": spec })),
+        )
+        .await
+        .unwrap();
+    if bound.is_none() {
+        return c;
+    }
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": { "phase": "Bound" } })),
+    )
+    .await
+    .unwrap()
+}
+
+async fn create_migration(admin: &kube::Client, ns: &str, name: &str, pvc: &str) {
+    Api::<VolumeMigration>::namespaced(admin.clone(), ns)
+        .create(
+            &PostParams::default(),
+            &from_json(json!({
+                "apiVersion": "berth.csi.dev/v1alpha1", "kind": "VolumeMigration",
+                "metadata": { "name": name },
+                "spec": { "pvc": pvc, "targetNode": "node-b" },
+            })),
+        )
+        .await
+        .unwrap();
+}
+
+/// Polls `f` every 200 ms until it yields a value; panics after `secs` naming `what`.
+async fn eventually<T, F: Future<Output = Option<T>>>(
+    what: &str,
+    secs: u64,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {secs} s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T>) -> Code {
+    r.expect_err("the API server should refuse this").code()
+}
+
+/// The API server's answer to a request berth does not make, by HTTP status.
+fn http_status<T: std::fmt::Debug>(r: kube::Result<T>) -> u16 {
+    match r.expect_err("the API server should refuse this") {
+        kube::Error::Api(s) => s.code,
+        e => panic!("not an API error: {e}"),
+    }
+}
+
+async fn events_in(admin: &kube::Client, ns: &str) -> Vec<Event> {
+    Api::<Event>::namespaced(admin.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+}
+
+fn status(total: u64, available: u64) -> BerthNodeStatus {
+    BerthNodeStatus {
+        total_bytes: total,
+        available_bytes: available,
+        heartbeat_time: "2026-03-01T10:00:00Z".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+fn spec(address: &str, domain: &str) -> BerthNodeSpec {
+    BerthNodeSpec {
+        agent_address: address.into(),
+        domain: domain.into(),
+    }
+}
+
+/// The reasons of berth's Events (src/cluster, src/kube/migrations.rs).
+const REASONS: [&str; 11] = [
+    "VolumeMoveStarted",
+    "VolumeMoved",
+    "VolumeMoveFailed",
+    "ReplicationFailed",
+    "ReplicationRecovered",
+    "ProvisioningFailed",
+    "MigrationStarted",
+    "MigrationProgress",
+    "MigrationReady",
+    "MigrationCompleted",
+    "MigrationFailed",
+];
+
+#[tokio::test]
+async fn events_are_accepted_and_shown_by_kubectl_describe_pvc() {
+    let Some(s) = server() else { return };
+    let admin = s.admin().await;
+    let ns = "events";
+    namespace(&admin, ns).await;
+    let pvc = claim(&admin, ns, "data-pg-0", None).await;
+    // The longest claim name there is (253 characters, dotted labels), and a reporting
+    // instance beyond the 128 characters events.k8s.io allows: berth cuts both to fit.
+    let long = [
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(61),
+    ]
+    .join(".");
+    assert_eq!(long.len(), 253);
+    claim(&admin, ns, &long, None).await;
+    let api = KubeApi::new(admin.clone(), DRIVER, "i".repeat(200));
+    // Every reason berth records (docs/kubernetes.md, "What berth reports").
+    for reason in REASONS {
+        let warning = reason.ends_with("Failed");
+        api.pvc_event(
+            ns,
+            "data-pg-0",
+            reason,
+            &format!("{reason}: moved volume vol-1 to node-b"),
+            warning,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{reason}: {e}"));
+    }
+    // A note beyond events.k8s.io's 1 kB, in two-byte characters.
+    api.pvc_event(ns, "data-pg-0", "MigrationFailed", &"é".repeat(700), true)
+        .await
+        .expect("a Warning event");
+    api.pvc_event(ns, &long, "VolumeMoveStarted", "moving", false)
+        .await
+        .expect("an event about a claim with the longest name");
+    // A claim already gone still gets its event (without a uid).
+    api.pvc_event(ns, "gone", "MigrationFailed", "ClaimNotFound", true)
+        .await
+        .expect("an event about a claim that does not exist");
+
+    let events = events_in(&admin, ns).await;
+    assert_eq!(events.len(), REASONS.len() + 3, "{events:#?}");
+    let about = |name: &str| -> Vec<&Event> {
+        events
+            .iter()
+            .filter(|e| e.regarding.as_ref().unwrap().name.as_deref() == Some(name))
+            .collect()
+    };
+    let uid = pvc.metadata.uid.clone();
+    for e in about("data-pg-0") {
+        let name = e.metadata.name.as_deref().unwrap();
+        assert!(name.starts_with("data-pg-0-"), "{name}");
+        let r = e.regarding.as_ref().unwrap();
+        assert_eq!(r.uid, uid);
+        assert_eq!(r.kind.as_deref(), Some("PersistentVolumeClaim"));
+        assert_eq!(
+            e.reporting_controller.as_deref(),
+            Some("berth.csi.dev/controller")
+        );
+        assert_eq!(e.reporting_instance.as_deref(), Some(&*"i".repeat(128)));
+    }
+    let warning = about("data-pg-0")
+        .into_iter()
+        .find(|e| e.note.as_deref().is_some_and(|n| n.starts_with('é')))
+        .expect("the long note");
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    assert_eq!(warning.note.as_deref(), Some(&*"é".repeat(512)));
+    assert_eq!(about(&long).len(), 1);
+    assert!(about("gone")[0].regarding.as_ref().unwrap().uid.is_none());
+
+    // What the user looks at (it selects the claim's events by uid as well as name).
+    let described = s.kubectl(&["describe", "pvc", "data-pg-0", "-n", ns], "");
+    for reason in REASONS {
+        let want = format!("{reason}: moved volume vol-1 to node-b");
+        assert!(described.contains(&want), "{want} missing:\n{described}");
+    }
+}
+
+#[tokio::test]
+async fn berth_crds_enforce_their_schemas_and_cel_rules() {
+    let Some(s) = server() else { return };
+    let admin = s.admin().await;
+    let ns = "crd-rules";
+    namespace(&admin, ns).await;
+    let vms = Api::<VolumeMigration>::namespaced(admin.clone(), ns);
+    create_migration(&admin, ns, "m1", "data-pg-0").await;
+
+    // The spec is immutable (CEL `self == oldSelf`); metadata is not.
+    let moved = vms
+        .patch(
+            "m1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "targetNode": "node-c" } })),
+        )
+        .await;
+    match moved {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 422, "{e:?}");
+            assert!(e.message.contains("spec is immutable"), "{}", e.message);
+        }
+        r => panic!("a changed spec was not refused: {r:?}"),
+    }
+    vms.patch(
+        "m1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "metadata": { "labels": { "team": "db" } } })),
+    )
+    .await
+    .expect("a label is not the spec");
+
+    // Schema: an empty claim name, a missing field (untyped: berth's types cannot say it).
+    let untyped = Api::<DynamicObject>::namespaced_with(
+        admin.clone(),
+        ns,
+        &ApiResource::erase::<VolumeMigration>(&()),
+    );
+    for spec in [
+        json!({ "pvc": "", "targetNode": "node-b" }),
+        json!({ "pvc": "data" }),
+    ] {
+        let bad = from_json::<DynamicObject>(json!({
+            "apiVersion": "berth.csi.dev/v1alpha1", "kind": "VolumeMigration",
+            "metadata": { "name": "bad" }, "spec": spec,
+        }));
+        assert_eq!(
+            http_status(untyped.create(&PostParams::default(), &bad).await),
+            422,
+            "{spec}"
+        );
+    }
+    let nodes = Api::<BerthNode>::all(admin.clone());
+    let bad = BerthNode::new("crd-rules-bad", spec("", "d"));
+    assert_eq!(
+        http_status(nodes.create(&PostParams::default(), &bad).await),
+        422
+    );
+
+    // The status berth writes is accepted through the status subresource; one beyond the
+    // schema (percent over 100) is refused, as INVALID_ARGUMENT.
+    let api = KubeApi::new(admin.clone(), DRIVER, "controller-0");
+    let mut st = VolumeMigrationStatus {
+        phase: MigrationPhase::Copying,
+        bytes_done: 1 << 40,
+        bytes_total: u64::MAX >> 1,
+        percent: 0,
+        round: 3,
+        message: "copying".into(),
+        conditions: vec![from_json(json!({
+            "type": "Ready", "status": "False", "reason": "Copying", "message": "copying",
+            "lastTransitionTime": "2026-03-01T10:00:00Z", "observedGeneration": 1,
+        }))],
+    };
+    api.set_migration_status(ns, "m1", &st).await.unwrap();
+    let got = vms.get("m1").await.unwrap();
+    assert_eq!(got.status.as_ref(), Some(&st));
+    st.percent = 101;
+    assert_eq!(
+        code(api.set_migration_status(ns, "m1", &st).await),
+        Code::InvalidArgument
+    );
+    // A migration that is gone is NOT_FOUND (the worker stops).
+    assert_eq!(
+        code(api.set_migration_status(ns, "nope", &st).await),
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
+async fn berth_node_is_created_updated_taken_from_other_managers_and_discovered() {
+    let Some(s) = server() else { return };
+    let admin = s.admin().await;
+    let nodes = Api::<BerthNode>::all(admin.clone());
+    let api = Arc::new(KubeApi::new(admin.clone(), DRIVER, "node-a"));
+    let name = "bn-publish-a";
+
+    api.publish_node(name, spec("10.0.0.5:7070", "publish"), status(100, 90))
+        .await
+        .expect("create");
+    api.publish_node(name, spec("10.0.0.6:7070", "publish"), status(100, 80))
+        .await
+        .expect("update");
+    let n = nodes.get(name).await.unwrap();
+    assert_eq!(n.spec, spec("10.0.0.6:7070", "publish"));
+    assert_eq!(n.status, Some(status(100, 80)));
+
+    // Someone else applies the address: berth's forced apply takes the field back.
+    nodes
+        .patch(
+            name,
+            &PatchParams::apply("someone-else").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "berth.csi.dev/v1alpha1", "kind": "BerthNode",
+                "metadata": { "name": name },
+                "spec": { "agentAddress": "6.6.6.6:1", "domain": "publish" },
+            })),
+        )
+        .await
+        .unwrap();
+    api.publish_node(name, spec("10.0.0.6:7070", "publish"), status(100, 70))
+        .await
+        .expect("a forced apply");
+    assert_eq!(
+        nodes.get(name).await.unwrap().spec.agent_address,
+        "10.0.0.6:7070"
+    );
+
+    // The tasks: a heartbeat publishes a second node, discovery finds both.
+    let (stop_tx, stop) = watch::channel(false);
+    let beat = tokio::spawn(node_heartbeat(
+        api.clone(),
+        "bn-publish-b".into(),
+        spec("10.0.0.7:7070", "publish"),
+        || (200, 150),
+        Duration::from_secs(1),
+        stop.clone(),
+    ));
+    let seen = Arc::new(Mutex::new(Vec::<BTreeMap<String, String>>::new()));
+    let sink = seen.clone();
+    let discover = tokio::spawn(discover_nodes(
+        api.clone(),
+        "publish".into(),
+        move |m| sink.lock().unwrap().push(m),
+        Duration::from_secs(1),
+        stop,
+    ));
+    let want = BTreeMap::from([
+        ("bn-publish-a".to_string(), "10.0.0.6:7070".to_string()),
+        ("bn-publish-b".to_string(), "10.0.0.7:7070".to_string()),
+    ]);
+    eventually("discovery of both nodes", 20, || async {
+        seen.lock()
+            .unwrap()
+            .last()
+            .filter(|m| **m == want)
+            .map(drop)
+    })
+    .await;
+    let first = nodes.get("bn-publish-b").await.unwrap().status.unwrap();
+    assert_eq!((first.total_bytes, first.available_bytes), (200, 150));
+    // The heartbeat time moves on (RFC 3339 to the second).
+    eventually("a later heartbeat", 10, || async {
+        let now = nodes.get("bn-publish-b").await.unwrap().status.unwrap();
+        (now.heartbeat_time > first.heartbeat_time).then_some(())
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    beat.await.unwrap();
+    discover.await.unwrap();
+}
+
+#[tokio::test]
+async fn watch_migrations_lists_then_follows_creates_status_writes_and_deletes() {
+    let Some(s) = server() else { return };
+    let admin = s.admin().await;
+    let ns = "watch";
+    namespace(&admin, ns).await;
+    create_migration(&admin, ns, "m1", "a").await;
+    let api = KubeApi::new(admin.clone(), DRIVER, "controller-0");
+    let mut events = api.watch_migrations(Some(ns)).await.unwrap();
+    let Some(Ok(MigrationEvent::Listed(items))) = events.next().await else {
+        panic!("no list first")
+    };
+    assert_eq!(items.len(), 1);
+    let next = async |events: &mut futures::stream::BoxStream<'static, Result<MigrationEvent>>| {
+        tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("a watch event")
+            .expect("the watch goes on")
+            .expect("no watch error")
+    };
+    // The watch starts when the stream is polled past the list, from the list's version.
+    let pending = next(&mut events);
+    let create = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        create_migration(&admin, ns, "m2", "b").await;
+    };
+    let (first, ()) = tokio::join!(pending, create);
+    assert!(
+        matches!(&first, MigrationEvent::Applied(m) if m.metadata.name.as_deref() == Some("m2")),
+        "{first:?}"
+    );
+    let st = VolumeMigrationStatus {
+        phase: MigrationPhase::Copying,
+        percent: 50,
+        ..Default::default()
+    };
+    api.set_migration_status(ns, "m2", &st).await.unwrap();
+    let changed = next(&mut events).await;
+    assert!(
+        matches!(&changed, MigrationEvent::Applied(m) if m.status.as_ref().is_some_and(|s| s.percent == 50)),
+        "{changed:?}"
+    );
+    Api::<VolumeMigration>::namespaced(admin.clone(), ns)
+        .delete("m1", &DeleteParams::default())
+        .await
+        .unwrap();
+    let gone = next(&mut events).await;
+    assert!(
+        matches!(&gone, MigrationEvent::Deleted(m) if m.metadata.name.as_deref() == Some("m1")),
+        "{gone:?}"
+    );
+}
+
+/// Copies nothing: reports one round in two steps; the volume lives on the target once the
+/// pre-warm has finished.
+struct FakeMigrator {
+    moved: AtomicBool,
+}
+
+#[async_trait]
+impl Migrator for FakeMigrator {
+    async fn prewarm(
+        &self,
+        _volume_id: &str,
+        _to: &str,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<()> {
+        progress(10 << 20, 100 << 20);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        progress(100 << 20, 100 << 20);
+        self.moved.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn primary_node(&self, _volume_id: &str) -> Result<Option<String>> {
+        let node = if self.moved.load(Ordering::SeqCst) {
+            "node-b"
+        } else {
+            "node-a"
+        };
+        Ok(Some(node.into()))
+    }
+}
+
+#[tokio::test]
+async fn the_migrations_loop_drives_a_migration_to_completed_and_fails_one_without_a_claim() {
+    let Some(s) = server() else { return };
+    let admin = s.admin().await;
+    let ns = "migrate";
+    namespace(&admin, ns).await;
+    claim(&admin, ns, "data-pg-0", Some((DRIVER, "vol-8f2c"))).await;
+    let api = Arc::new(KubeApi::new(admin.clone(), DRIVER, "controller-0"));
+    let migrator = Arc::new(FakeMigrator {
+        moved: AtomicBool::new(false),
+    });
+    let (stop_tx, stop) = watch::channel(false);
+    let task = tokio::spawn(migrations(api, migrator, Some(ns.into()), stop));
+    // Created after the loop listed: the watch brings them.
+    create_migration(&admin, ns, "m1", "data-pg-0").await;
+    create_migration(&admin, ns, "orphan", "no-such-claim").await;
+    let vms = Api::<VolumeMigration>::namespaced(admin.clone(), ns);
+    let phase = |name: &'static str, want: MigrationPhase| {
+        let vms = vms.clone();
+        async move {
+            let vm = vms.get(name).await.unwrap();
+            vm.status.filter(|s| s.phase == want)
+        }
+    };
+    let failed = eventually("orphan Failed", 20, || {
+        phase("orphan", MigrationPhase::Failed)
+    })
+    .await;
+    assert!(failed.message.contains("no-such-claim"), "{failed:?}");
+    let done = eventually("m1 Completed", 30, || {
+        phase("m1", MigrationPhase::Completed)
+    })
+    .await;
+    assert_eq!(done.percent, 100);
+    assert_eq!(done.round, 1);
+    let reasons: Vec<String> = events_in(&admin, ns)
+        .await
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    for want in [
+        "MigrationStarted",
+        "MigrationReady",
+        "MigrationCompleted",
+        "MigrationFailed",
+    ] {
+        assert!(reasons.iter().any(|r| r == want), "{want} in {reasons:?}");
+    }
+    stop_tx.send(true).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn leader_election_hands_the_lease_over_when_the_leader_stops() {
+    let Some(s) = server() else { return };
+    let admin = s.admin().await;
+    let ns = "election";
+    namespace(&admin, ns).await;
+    let candidate = |holder: &'static str| {
+        let api: Arc<dyn ClusterApi> = Arc::new(KubeApi::new(admin.clone(), DRIVER, holder));
+        let (leader_tx, leader) = watch::channel(false);
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(leader_election(
+            api,
+            ns.into(),
+            "berth-controller".into(),
+            holder.into(),
+            Duration::from_secs(6),
+            leader_tx,
+            stop,
+        ));
+        (leader, stop_tx, task)
+    };
+    let (mut a, stop_a, task_a) = candidate("controller-a");
+    tokio::time::timeout(Duration::from_secs(10), a.wait_for(|l| *l))
+        .await
+        .expect("a leads")
+        .unwrap();
+    let (mut b, stop_b, task_b) = candidate("controller-b");
+    // A renews every 2 s (a third of the lease; a slower renewal steps down): b never takes
+    // over while a runs, longer than the lease lasts.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(*a.borrow() && !*b.borrow());
+    stop_a.send(true).unwrap();
+    task_a.await.unwrap();
+    // Released: b takes it at its next try (within 2 s), not once the lease has stayed
+    // unchanged for its 6 s.
+    tokio::time::timeout(Duration::from_millis(4500), b.wait_for(|l| *l))
+        .await
+        .expect("b leads soon after a released")
+        .unwrap();
+    let lease = Api::<Lease>::namespaced(admin.clone(), ns)
+        .get("berth-controller")
+        .await
+        .unwrap();
+    let spec = lease.spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("controller-b"));
+    // Created by a (0), taken over by b (1): a release is no transition.
+    assert_eq!(spec.lease_transitions, Some(1));
+    stop_b.send(true).unwrap();
+    task_b.await.unwrap();
+}
+
+type Hook = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>;
+
+/// A real connection that runs `hook` once, just before forwarding the first request with
+/// `method` on `path`: a competing write lands between berth's read and its write.
+#[derive(Clone)]
+struct Interpose {
+    real: kube::Client,
+    method: http::Method,
+    path: String,
+    hook: Arc<Mutex<Option<Hook>>>,
+}
+
+impl tower::Service<http::Request<kube::client::Body>> for Interpose {
+    type Response = http::Response<kube::client::Body>;
+    type Error = kube::Error;
+    type Future = BoxFuture<'static, kube::Result<Self::Response>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<kube::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
+        let hook = if req.method() == self.method && req.uri().path() == self.path {
+            self.hook.lock().unwrap().take()
+        } else {
+            None
+        };
+        let real = self.real.clone();
+        Box::pin(async move {
+            if let Some(hook) = hook {
+                hook().await;
+            }
+            real.send(req).await
+        })
+    }
+}
+
+fn interposed(real: &kube::Client, method: http::Method, path: String, hook: Hook) -> KubeApi {
+    let svc = Interpose {
+        real: real.clone(),
+        method,
+        path,
+        hook: Arc::new(Mutex::new(Some(hook))),
+    };
+    KubeApi::new(kube::Client::new(svc, "default"), DRIVER, "controller-a")
+}
+
+/// Makes `holder` the Lease's holder as another candidate would, through the admin client.
+fn take_lease(admin: &kube::Client, ns: &str, name: &str, holder: &'static str) -> Hook {
+    let leases = Api::<Lease>::namespaced(admin.clone(), ns);
+    let name = name.to_string();
+    Box::new(move || {
+        Box::pin(async move {
+            match leases.get_opt(&name).await.unwrap() {
+                Some(mut l) => {
+                    l.spec.as_mut().unwrap().holder_identity = Some(holder.into());
+                    leases
+                        .replace(&name, &PostParams::default(), &l)
+                        .await
+                        .unwrap();
+                }
+                None => {
+                    let l: Lease = from_json(json!({
+                        "metadata": { "name": name },
+                        "spec": { "holderIdentity": holder, "leaseDurationSeconds": 15 },
+                    }));
+                    leases.create(&PostParams::default(), &l).await.unwrap();
+                }
+            }
+        })
+    })
+}
+
+#[tokio::test]
+async fn a_lease_write_on_a_stale_resource_version_gets_409_and_loses() {
+    let Some(s) = server() else { return };
+    let admin = s.admin().await;
+    let ns = "conflicts";
+    namespace(&admin, ns).await;
+    let leases = Api::<Lease>::namespaced(admin.clone(), ns);
+    let holder = |name: &'static str| {
+        let leases = leases.clone();
+        async move {
+            let l = leases.get(name).await.unwrap();
+            l.spec.unwrap().holder_identity
+        }
+    };
+    let path = |name: &str| format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases{name}");
+
+    // Two candidates create the Lease at once: the second create is 409 AlreadyExists.
+    let api = interposed(
+        &admin,
+        http::Method::POST,
+        path(""),
+        take_lease(&admin, ns, "create-race", "controller-b"),
+    );
+    assert!(
+        !api.try_acquire_lease(ns, "create-race", "controller-a", 15)
+            .await
+            .unwrap()
+    );
+    assert_eq!(holder("create-race").await.as_deref(), Some("controller-b"));
+
+    // The holder renews on the version it read, but another candidate wrote since: 409,
+    // and the holder knows it lost.
+    let api = interposed(
+        &admin,
+        http::Method::PUT,
+        path("/stale-renew"),
+        take_lease(&admin, ns, "stale-renew", "controller-b"),
+    );
+    assert!(
+        api.try_acquire_lease(ns, "stale-renew", "controller-a", 15)
+            .await
+            .unwrap(),
+        "created"
+    );
+    assert!(
+        !api.try_acquire_lease(ns, "stale-renew", "controller-a", 15)
+            .await
+            .unwrap(),
+        "a stale renewal must lose"
+    );
+    assert_eq!(holder("stale-renew").await.as_deref(), Some("controller-b"));
+
+    // A release that finds the Lease written meanwhile leaves it to its new holder.
+    let api = interposed(
+        &admin,
+        http::Method::PUT,
+        path("/stale-release"),
+        take_lease(&admin, ns, "stale-release", "controller-b"),
+    );
+    assert!(
+        api.try_acquire_lease(ns, "stale-release", "controller-a", 15)
+            .await
+            .unwrap()
+    );
+    api.release_lease(ns, "stale-release", "controller-a")
+        .await
+        .expect("a lost release is no error");
+    assert_eq!(
+        holder("stale-release").await.as_deref(),
+        Some("controller-b")
+    );
+}
+
+/// The chart's RBAC objects as `helm install berth charts/berth -n berth-system` renders
+/// them with default values.
+fn chart_rbac() -> Option<String> {
+    let Some(helm) = kube_tool("helm") else {
+        skip(&format!(
+            "helm in {} or on PATH (install it with `.ci/kube-tools`)",
+            kube_tools_dir().display()
+        ));
+        return None;
+    };
+    let out = Command::new(helm)
+        .args([
+            "template",
+            "berth",
+            "charts/berth",
+            "--namespace",
+            "berth-system",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("helm template");
+    assert!(
+        out.status.success(),
+        "helm template failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8(out.stdout).unwrap();
+    let rbac = [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+    ];
+    let docs: Vec<&str> = rendered
+        .split("\n---\n")
+        .filter(|d| {
+            d.lines()
+                .filter_map(|l| l.strip_prefix("kind: "))
+                .any(|k| rbac.contains(&k.trim()))
+        })
+        .collect();
+    assert!(
+        docs.len() >= 10,
+        "too few RBAC objects rendered:\n{rendered}"
+    );
+    Some(docs.join("\n---\n"))
+}
+
+#[tokio::test]
+async fn the_charts_rbac_allows_every_call_berth_makes_and_refuses_others() {
+    let Some(rbac) = chart_rbac() else { return };
+    let Some(s) = server() else { return };
+    let admin = s.admin().await;
+    let release = "berth-system";
+    let ns = "rbac-db";
+    namespace(&admin, release).await;
+    namespace(&admin, ns).await;
+    s.kubectl(&["apply", "-f", "-"], &rbac);
+    claim(&admin, ns, "data-pg-0", Some((DRIVER, "vol-rbac"))).await;
+    create_migration(&admin, ns, "m1", "data-pg-0").await;
+    let controller = KubeApi::new(
+        s.with_token(&s.token(release, "berth-controller")).await,
+        DRIVER,
+        "berth-controller-0",
+    );
+    let node_client = s.with_token(&s.token(release, "berth-node")).await;
+    let node = KubeApi::new(node_client.clone(), DRIVER, "node-rbac");
+
+    // The node plugin: its BerthNode, created, then updated.
+    for available in [90, 80] {
+        node.publish_node(
+            "bn-rbac",
+            spec("10.0.0.9:7070", "rbac"),
+            status(100, available),
+        )
+        .await
+        .expect("the node publishes its BerthNode");
+    }
+
+    // The controller: every ClusterApi call it makes.
+    let listed = controller.list_nodes().await.expect("list BerthNodes");
+    assert!(listed.iter().any(|n| n.id == "bn-rbac"));
+    assert_eq!(
+        controller
+            .volume_handle(ns, "data-pg-0")
+            .await
+            .expect("claim and volume"),
+        Some("vol-rbac".to_string())
+    );
+    controller
+        .pvc_event(ns, "data-pg-0", "MigrationStarted", "copying", false)
+        .await
+        .expect("an Event");
+    let mut events = controller
+        .watch_migrations(None)
+        .await
+        .expect("list VolumeMigrations everywhere");
+    assert!(matches!(
+        events.next().await,
+        Some(Ok(MigrationEvent::Listed(_)))
+    ));
+    let st = VolumeMigrationStatus {
+        phase: MigrationPhase::Copying,
+        message: "copying".into(),
+        ..Default::default()
+    };
+    controller
+        .set_migration_status(ns, "m1", &st)
+        .await
+        .expect("a status write");
+    // The watch request itself (made once the stream is polled past the list) is allowed:
+    // it brings the status write.
+    let applied = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.next().await {
+                Some(Ok(MigrationEvent::Applied(m))) if m.status.is_some() => return,
+                Some(Ok(_)) => continue,
+                other => panic!("watch VolumeMigrations: {other:?}"),
+            }
+        }
+    });
+    applied.await.expect("the status write, watched");
+    assert!(
+        controller
+            .try_acquire_lease(release, "berth-controller", "berth-controller-0", 15)
+            .await
+            .expect("a Lease in the release namespace")
+    );
+    assert!(
+        controller
+            .try_acquire_lease(release, "berth-controller", "berth-controller-0", 15)
+            .await
+            .expect("a renewal")
+    );
+    controller
+        .release_lease(release, "berth-controller", "berth-controller-0")
+        .await
+        .expect("a release");
+
+    // What each identity must not do.
+    assert_eq!(code(node.list_nodes().await), Code::PermissionDenied);
+    assert_eq!(
+        code(node.set_migration_status(ns, "m1", &st).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(node.pvc_event(ns, "data-pg-0", "Moved", "m", false).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(node.volume_handle(ns, "data-pg-0").await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        http_status(
+            Api::<PersistentVolumeClaim>::namespaced(node_client.clone(), ns)
+                .delete("data-pg-0", &DeleteParams::default())
+                .await
+        ),
+        403
+    );
+    assert_eq!(
+        http_status(
+            Api::<BerthNode>::all(node_client)
+                .delete("bn-rbac", &DeleteParams::default())
+                .await
+        ),
+        403
+    );
+    assert_eq!(
+        code(
+            controller
+                .publish_node("bn-rbac", spec("1.2.3.4:1", "rbac"), status(1, 1))
+                .await
+        ),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(
+            controller
+                .try_acquire_lease("default", "berth-controller", "x", 15)
+                .await
+        ),
+        Code::PermissionDenied
+    );
+}
