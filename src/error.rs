@@ -39,6 +39,10 @@ pub enum Error {
     /// Another operation on the same volume/snapshot is in flight.
     #[error("an operation on {0} is already in progress")]
     Aborted(String),
+    /// A conditional write lost: what it was conditioned on changed meanwhile (another
+    /// controller wrote the record). Read again and decide again.
+    #[error("{what} changed concurrently: {reason}")]
+    Conflict { what: String, reason: String },
     #[error("starting_token {0:?} is not a token this driver issued")]
     BadToken(String),
     #[error("not enough space in the pool: {requested} bytes requested, {available} available")]
@@ -119,7 +123,7 @@ impl Error {
             | Error::GroupSnapshotNotFound(_)
             | Error::NodeNotFound(_) => Code::NotFound,
             Error::AlreadyExists { .. } => Code::AlreadyExists,
-            Error::Aborted(_) | Error::BadToken(_) => Code::Aborted,
+            Error::Aborted(_) | Error::BadToken(_) | Error::Conflict { .. } => Code::Aborted,
             Error::NoSpace { .. } | Error::MaxVolumes(_) | Error::TopologyUnsatisfiable(_) => {
                 Code::ResourceExhausted
             }

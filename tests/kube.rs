@@ -23,10 +23,11 @@ use std::{
 };
 
 use async_trait::async_trait;
+use berth::placement::PlacementStore;
 use berth::{
     error::Result,
     kube::{
-        ClusterApi, KubeApi, MigrationEvent, Migrator,
+        ClusterApi, KubeApi, MigrationEvent, Migrator, PlacementApi,
         crd::{
             BerthNode, BerthNodeSpec, BerthNodeStatus, MigrationPhase, VolumeMigration,
             VolumeMigrationStatus,
@@ -34,7 +35,10 @@ use berth::{
         discover_nodes, leader_election, migrations, node_heartbeat,
     },
 };
-use common::apiserver::{ApiServer, kube_tool, kube_tools_dir, skip};
+use common::{
+    apiserver::{ApiServer, kube_tool, kube_tools_dir, skip},
+    placement::{contract, no_lost_update},
+};
 use futures::{StreamExt, future::BoxFuture};
 use k8s_openapi::api::{
     coordination::v1::Lease,
@@ -72,6 +76,7 @@ fn server() -> Option<&'static ApiServer> {
                     "--for=condition=Established",
                     "--timeout=60s",
                     "crd/berthnodes.berth.csi.dev",
+                    "crd/berthvolumes.berth.csi.dev",
                     "crd/volumemigrations.berth.csi.dev",
                 ],
                 "",
@@ -1002,4 +1007,24 @@ async fn the_charts_rbac_allows_every_call_berth_makes_and_refuses_others() {
         ),
         Code::PermissionDenied
     );
+}
+
+/// The placement record's Kubernetes store: BerthVolumes keep the store contract, and two
+/// controllers, each on its own connection, raising one record's epoch lose no update:
+/// resourceVersion is a true compare-and-swap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn berth_volumes_keep_the_placement_store_contract() {
+    let Some(s) = server() else { return };
+    contract(&PlacementApi::new(s.admin().await)).await;
+    let stores: Vec<Arc<dyn PlacementStore>> = vec![
+        Arc::new(PlacementApi::new(s.admin().await)),
+        Arc::new(PlacementApi::new(s.admin().await)),
+    ];
+    no_lost_update(stores, 25).await;
+    // What `kubectl get berthvolumes` shows, from the CRD's printer columns.
+    let table = s.kubectl(&["get", "berthvolumes"], "");
+    let header = table.lines().next().unwrap_or_default();
+    for column in ["PRIMARY", "REPLICAS", "EPOCH", "PHASE"] {
+        assert!(header.contains(column), "{column} missing:\n{table}");
+    }
 }

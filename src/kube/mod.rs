@@ -15,6 +15,7 @@
 mod client;
 pub mod crd;
 mod migrations;
+mod placement;
 mod tasks;
 #[cfg(test)]
 mod testing;
@@ -26,6 +27,7 @@ use self::crd::{BerthNodeSpec, BerthNodeStatus, VolumeMigration, VolumeMigration
 pub use self::{
     client::{FIELD_MANAGER, KubeApi, REPORTING_CONTROLLER},
     migrations::{Migrator, migrations},
+    placement::PlacementApi,
     tasks::{discover_nodes, leader_election, node_heartbeat},
 };
 use crate::error::Result;

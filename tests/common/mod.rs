@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 
 pub mod apiserver;
 pub mod cluster;
+pub mod placement;
 pub mod shared;
 
 pub const NODE_ID: &str = "node-1";

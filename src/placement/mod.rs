@@ -1,0 +1,194 @@
+//! The placement record: one authoritative record per volume, outside the nodes, of who
+//! holds it. It names the primary node and the epoch that node serves at, the replicas with
+//! the shipping snapshot each holds, and a hand-off in flight.
+//!
+//! Why it exists: without it, every decision about a volume starts from every node's
+//! inventory, because a silent node might hold a newer primary or a volume of the same name.
+//! One silent node then stops every volume operation in the cluster. With the record, a call
+//! about one volume reads one record and talks only to the nodes it names.
+//!
+//! Why it is safe: every change of ownership is one compare-and-swap on the record
+//! ([`PlacementStore::replace`] with the version read). Of two controllers (two replicas, or
+//! a stale leader that has not noticed it lost its lease) deciding different owners from one
+//! version, exactly one write lands; the other gets [`Error::Conflict`] and must read again.
+//! The record's epoch is the fencing token the nodes enforce: a node refuses a command that
+//! carries an epoch older than the one it holds, so a controller acting on an old record is
+//! refused by the nodes as well as by the store.
+//!
+//! Two stores implement it: [`FileStore`] (one controller, `--nodes FILE`: crash-safe files
+//! on the controller's disk) and the `BerthVolume` custom resource
+//! (`crate::kube::PlacementApi`: etcd behind the API server, resourceVersion as the version).
+
+mod file;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use self::file::FileStore;
+use crate::{
+    error::{Error, Result},
+    storage::VolumeId,
+};
+
+/// Where one volume lives. Serialized as the `spec` of a BerthVolume (camelCase), and as the
+/// file store's record.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+// Kubernetes knows int64, not uint64 (crate::kube::crd::signed_integers).
+#[schemars(transform = crate::kube::crd::signed_integers)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumePlacement {
+    /// The CSI volume id (also the BerthVolume's name).
+    #[schemars(length(min = 1, max = 63))]
+    pub volume_id: String,
+    /// The CreateVolume name the id derives from.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    pub phase: PlacementPhase,
+    /// The node whose copy may be written; empty only while the volume is being created.
+    #[serde(default)]
+    pub primary: String,
+    /// The epoch the primary serves at: every change of primary raises it, and a node
+    /// refuses commands of a lower epoch than it holds.
+    pub epoch: u64,
+    /// Copies kept up to date by replication (or left behind by a move), by node.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaPlacement>,
+    /// A hand-off to another node in flight: the primary is fenced towards it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<Handoff>,
+    /// Size of the volume, bytes.
+    pub capacity_bytes: u64,
+    /// The CreateVolume parameters that decide placement and replication (`replicas`,
+    /// `replicationInterval`, ...), as the StorageClass gave them.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    /// The claim the volume serves, `namespace/name`, when the provisioner said (Events go
+    /// there).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub claim: String,
+}
+
+/// The lifecycle of a volume's record.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PlacementPhase {
+    /// Recorded before the node makes the volume: a crash here leaves a record that the
+    /// next CreateVolume of the name completes, or a DeleteVolume removes.
+    #[default]
+    Creating,
+    Ready,
+    /// Recorded before the copies are deleted; the record goes last.
+    Deleting,
+}
+
+/// A node holding a replica of the volume.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+// Kubernetes knows int64, not uint64 (crate::kube::crd::signed_integers).
+#[schemars(transform = crate::kube::crd::signed_integers)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaPlacement {
+    pub node: String,
+    /// The newest shipping snapshot the node holds; empty before its first round.
+    #[serde(default)]
+    pub snapshot: String,
+    /// When that snapshot was cut (RFC 3339): the replica is that old.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub snapshot_time: String,
+}
+
+/// A hand-off of the primary to another node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+// Kubernetes knows int64, not uint64 (crate::kube::crd::signed_integers).
+#[schemars(transform = crate::kube::crd::signed_integers)]
+#[serde(rename_all = "camelCase")]
+pub struct Handoff {
+    /// The node the volume moves to.
+    pub to: String,
+    /// The epoch the new primary will serve at (the record's epoch + 1).
+    pub epoch: u64,
+}
+
+/// A record with the version it was read at: the token of the next compare-and-swap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versioned {
+    pub record: VolumePlacement,
+    /// Opaque: a resourceVersion, or the file store's counter.
+    pub version: String,
+}
+
+/// A page of records in volume-id order.
+#[derive(Clone, Debug, Default)]
+pub struct Page {
+    pub records: Vec<Versioned>,
+    /// Where the next page starts; None after the last.
+    pub next: Option<String>,
+}
+
+/// The authoritative record store. Every write is conditional: [`create`] fails when a
+/// record of the id exists, [`replace`] and [`delete`] when the record changed since
+/// `version` was read. Both fail with [`Error::Conflict`] (ABORTED): the caller reads
+/// again and decides again.
+///
+/// [`create`]: PlacementStore::create
+/// [`replace`]: PlacementStore::replace
+/// [`delete`]: PlacementStore::delete
+#[async_trait]
+pub trait PlacementStore: Send + Sync + std::fmt::Debug + 'static {
+    async fn get(&self, id: &VolumeId) -> Result<Option<Versioned>>;
+
+    async fn create(&self, record: &VolumePlacement) -> Result<Versioned>;
+
+    /// Replaces the record read at `version` with `record` (the same volume id).
+    async fn replace(&self, record: &VolumePlacement, version: &str) -> Result<Versioned>;
+
+    /// Deletes the record read at `version`; a record already gone is success.
+    async fn delete(&self, id: &VolumeId, version: &str) -> Result<()>;
+
+    /// Up to `limit` records (at least one) after `start` (a page's `next`).
+    async fn list(&self, start: Option<&str>, limit: usize) -> Result<Page>;
+}
+
+impl VolumePlacement {
+    /// The record's id, checked: a record whose id this driver could not have issued is
+    /// damage from outside, never a path.
+    pub fn id(&self) -> Result<VolumeId> {
+        VolumeId::parse(&self.volume_id).ok_or_else(|| {
+            Error::invalid(
+                "volume_id",
+                format!("{:?} is not a berth volume id", self.volume_id),
+            )
+        })
+    }
+}
+
+/// Reads, changes and writes back one record until the write lands: `change` sees the
+/// current record and returns the next one (or an error, which ends the loop). For changes
+/// that are correct whatever the record became meanwhile, such as recording a replica's
+/// newer snapshot; an ownership change decides from what it read and must not retry blind.
+pub async fn update<F>(
+    store: &dyn PlacementStore,
+    id: &VolumeId,
+    mut change: F,
+) -> Result<Versioned>
+where
+    F: FnMut(&VolumePlacement) -> Result<VolumePlacement> + Send,
+{
+    // Each round loses only to a write that landed; a bound keeps a livelock visible.
+    const ROUNDS: usize = 64;
+    for _ in 0..ROUNDS {
+        let Some(current) = store.get(id).await? else {
+            return Err(Error::VolumeNotFound(id.to_string()));
+        };
+        let next = change(&current.record)?;
+        match store.replace(&next, &current.version).await {
+            Err(Error::Conflict { .. }) => continue,
+            other => return other,
+        }
+    }
+    Err(Error::Conflict {
+        what: format!("placement of {id}"),
+        reason: format!("{ROUNDS} concurrent writers won in a row"),
+    })
+}
