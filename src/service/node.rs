@@ -1,6 +1,9 @@
 //! CSI Node service.
 
-use std::sync::Arc;
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use tonic::{Request, Response, Status};
 
@@ -20,12 +23,37 @@ impl NodeService {
         Self { ctx }
     }
 
+    /// A CO path, refused when it lies inside berth's own storage (the pool or the state
+    /// directory) or contains it: mounting there would shadow volumes, and unmounting or
+    /// removing there would destroy them. Checked both as given and with the symlinks of
+    /// its existing part resolved.
+    fn co_path(&self, raw: &str, field: &'static str) -> Result<PathBuf> {
+        let p = convert::co_path(raw, field)?;
+        let resolved = resolve_existing(&p);
+        for own in [self.ctx.pool.root(), self.ctx.state_dir.as_path()] {
+            let own_resolved = resolve_existing(own);
+            for (a, b) in [(p.as_path(), own), (resolved.as_path(), &own_resolved)] {
+                if a.starts_with(b) || b.starts_with(a) {
+                    return Err(Error::invalid(
+                        field,
+                        format!(
+                            "{} overlaps berth's storage at {}",
+                            p.display(),
+                            own.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(p)
+    }
+
     async fn stage(
         &self,
         req: csi::NodeStageVolumeRequest,
     ) -> Result<csi::NodeStageVolumeResponse> {
         let id = convert::existing_volume_id(&req.volume_id)?;
-        let staging = convert::co_path(&req.staging_target_path, "staging_target_path")?;
+        let staging = self.co_path(&req.staging_target_path, "staging_target_path")?;
         let cap = req
             .volume_capability
             .as_ref()
@@ -42,7 +70,7 @@ impl NodeService {
         req: csi::NodeUnstageVolumeRequest,
     ) -> Result<csi::NodeUnstageVolumeResponse> {
         let id = convert::existing_volume_id(&req.volume_id)?;
-        let staging = convert::co_path(&req.staging_target_path, "staging_target_path")?;
+        let staging = self.co_path(&req.staging_target_path, "staging_target_path")?;
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
         if let Some(r) = self.ctx.node.record(&id)?
             && r.staging_path != staging
@@ -62,7 +90,7 @@ impl NodeService {
         req: csi::NodePublishVolumeRequest,
     ) -> Result<csi::NodePublishVolumeResponse> {
         let id = convert::existing_volume_id(&req.volume_id)?;
-        let target = convert::co_path(&req.target_path, "target_path")?;
+        let target = self.co_path(&req.target_path, "target_path")?;
         let cap = req
             .volume_capability
             .as_ref()
@@ -74,7 +102,7 @@ impl NodeService {
                 "staging_target_path is required: this plugin stages volumes".into(),
             ));
         }
-        let staging = convert::co_path(&req.staging_target_path, "staging_target_path")?;
+        let staging = self.co_path(&req.staging_target_path, "staging_target_path")?;
         let usage = node_usage(&id, cap)?;
         let readonly = req.readonly || capabilities::read_only_mode(convert::mode(cap));
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
@@ -109,7 +137,7 @@ impl NodeService {
         req: csi::NodeUnpublishVolumeRequest,
     ) -> Result<csi::NodeUnpublishVolumeResponse> {
         let id = convert::existing_volume_id(&req.volume_id)?;
-        let target = convert::co_path(&req.target_path, "target_path")?;
+        let target = self.co_path(&req.target_path, "target_path")?;
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
         self.ctx.node.unpublish(&id, &target).await?;
         Ok(csi::NodeUnpublishVolumeResponse {})
@@ -184,6 +212,25 @@ impl NodeService {
         Ok(csi::NodeExpandVolumeResponse {
             capacity_bytes: bytes as i64,
         })
+    }
+}
+
+/// `p` with the symlinks of its longest existing prefix resolved; the rest is appended as
+/// given (a target the CO has not created yet).
+fn resolve_existing(p: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut cur = p;
+    loop {
+        if let Ok(real) = cur.canonicalize() {
+            return rest.iter().rev().fold(real, |acc, c| acc.join(c));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                cur = parent;
+            }
+            _ => return p.to_owned(),
+        }
     }
 }
 

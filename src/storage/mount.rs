@@ -130,14 +130,16 @@ pub fn bind(source: &Path, target: &Path, readonly: bool) -> Result<()> {
     if readonly {
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
         if let Err(e) = nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
-            let _ = nix::mount::umount2(target, MntFlags::empty());
+            let _ = nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW);
             return Err(Error::io("remount read-only", target)(e.into()));
         }
     }
     Ok(())
 }
 
-/// Unmounts every mount stacked at `target`; nothing mounted there is success.
+/// Unmounts every mount stacked at `target`; nothing mounted there is success. A symlink
+/// at `target` is never followed (UMOUNT_NOFOLLOW): a path swapped for a link after berth
+/// checked it must not unmount whatever the link points to.
 ///
 /// EBUSY is retried briefly: a process forked anywhere on the host holds copies of every
 /// open file descriptor until it execs, so an unmount racing a fork can fail though nothing
@@ -145,7 +147,7 @@ pub fn bind(source: &Path, target: &Path, readonly: bool) -> Result<()> {
 pub fn unmount_all(target: &Path) -> Result<()> {
     let mut busy_retries = 20;
     while fsutil::is_mount_point(target)? {
-        match nix::mount::umount2(target, MntFlags::empty()) {
+        match nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
             Ok(()) => {}
             Err(nix::errno::Errno::EBUSY) if busy_retries > 0 => {
                 busy_retries -= 1;
@@ -168,6 +170,33 @@ pub async fn thaw(mount_point: &Path) -> Result<()> {
     match exec::run("fsfreeze", ["-u".as_ref(), mount_point.as_os_str()]).await {
         Err(Error::Command { stderr, .. }) if stderr.contains("Invalid argument") => Ok(()),
         other => other.map(drop),
+    }
+}
+
+/// [`thaw`] without a runtime: from a drop guard, which cannot await. Thawing does not
+/// wait for I/O, so it needs no timeout.
+pub fn thaw_blocking(mount_point: &Path) -> Result<()> {
+    let command = format!("fsfreeze -u {}", mount_point.display());
+    let out = std::process::Command::new("fsfreeze")
+        .arg("-u")
+        .arg(mount_point)
+        .env("LC_ALL", "C")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| Error::Command {
+            command: command.clone(),
+            status: "not started".into(),
+            stderr: e.to_string(),
+        })?;
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if out.status.success() || stderr.contains("Invalid argument") {
+        Ok(())
+    } else {
+        Err(Error::Command {
+            command,
+            status: out.status.to_string(),
+            stderr,
+        })
     }
 }
 
