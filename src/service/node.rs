@@ -6,6 +6,7 @@ use std::{
 };
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::{Context, capabilities, convert, respond};
 use crate::{
@@ -59,9 +60,20 @@ impl NodeService {
             .as_ref()
             .ok_or(Error::Missing("volume_capability"))?;
         let usage = node_usage(&id, cap)?;
-        let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
+        let guard = self.ctx.inflight.try_lock([id.to_string()])?;
         let mode = convert::mode(cap).as_str_name();
-        self.ctx.node.stage(&id, &staging, usage, mode).await?;
+        // Run in a task of its own, which a dropped request does not cancel: the CO's
+        // deadline must not kill a mkfs or an offline resize2fs mid-way (a killed resize2fs
+        // can damage the filesystem). The volume's guard is held until the stage ends, so a
+        // retry meanwhile gets ABORTED, then finds the stage done.
+        let ctx = self.ctx.clone();
+        let task = async move {
+            let _guard = guard;
+            ctx.node.stage(&id, &staging, usage, mode).await
+        };
+        tokio::spawn(task.in_current_span())
+            .await
+            .expect("stage task panicked")?;
         Ok(csi::NodeStageVolumeResponse {})
     }
 

@@ -224,13 +224,26 @@ pub async fn grow_fs(device: &Path, mount_point: &Path, fs: FsType) -> Result<()
     }
 }
 
+/// The limit of the offline check and grow: none. Both walk every block group, and an
+/// offline resize2fs writes the inode tables of every group it adds, so their time grows
+/// with the filesystem (minutes for terabytes on slow disks, where the default limit is two
+/// minutes). A resize2fs killed mid-way can leave the filesystem needing repair or damaged,
+/// which is far worse than a slow stage. The stage they run in is not cancelled by a
+/// dropped request either (`service::node`).
+pub const OFFLINE_GROW_LIMIT: Option<std::time::Duration> = None;
+
 /// Grows an unmounted ext4 filesystem to its device's size. Unlike the online resize (an
 /// ioctl that needs CAP_SYS_RESOURCE) this only writes to the device.
 pub async fn grow_ext4_offline(device: &Path) -> Result<()> {
     // resize2fs only changes an unmounted filesystem that was checked since it was last
     // mounted. e2fsck exits 1 when it corrected something, which preen mode does safely.
     let dev = device.as_os_str();
-    let (code, out) = exec::status("e2fsck", ["-f".as_ref(), "-p".as_ref(), dev]).await?;
+    let (code, out) = exec::status_limited(
+        "e2fsck",
+        ["-f".as_ref(), "-p".as_ref(), dev],
+        OFFLINE_GROW_LIMIT,
+    )
+    .await?;
     if code > 1 {
         return Err(Error::Command {
             command: format!("e2fsck -f -p {}", device.display()),
@@ -238,12 +251,21 @@ pub async fn grow_ext4_offline(device: &Path) -> Result<()> {
             stderr: out,
         });
     }
-    exec::run("resize2fs", [dev]).await.map(drop)
+    exec::run_limited("resize2fs", [dev], OFFLINE_GROW_LIMIT)
+        .await
+        .map(drop)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The offline grow is never cut short by a timeout (issue 11, item 10): before, it ran
+    /// with the default two minutes, which a large filesystem's resize2fs can need.
+    #[test]
+    fn the_offline_grow_runs_to_completion() {
+        assert_eq!(OFFLINE_GROW_LIMIT, None);
+    }
 
     #[test]
     fn mount_flags_are_checked() {
