@@ -1129,6 +1129,8 @@ async fn a_group_snapshot_thaws_what_an_earlier_one_left_frozen() {
         .group_snapshot
         .expect("a group snapshot");
     write_promptly(target.join("after"), 81, 1 << 20).await;
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert_eq!(rec["frozen"], false, "the thaw cleared berth's mark");
     d.group()
         .await
         .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {

@@ -47,7 +47,7 @@ impl GroupService {
             volumes.push(id);
         }
         let id = GroupSnapshotId::for_name(name);
-        self.thaw_leftovers();
+        self.thaw_leftovers().await;
         let keys = std::iter::once(id.to_string()).chain(volumes.iter().map(|v| v.to_string()));
         let _guard = self.ctx.inflight.try_lock(keys.collect::<Vec<_>>())?;
         let pool = &self.ctx.pool;
@@ -123,8 +123,9 @@ impl GroupService {
     /// Thaws what a group snapshot froze and no running request holds: a thaw that failed
     /// earlier, or a guard's thaw that could not clear the record. Without this, every
     /// retry would fail with EBUSY on a filesystem left frozen. A volume whose in-flight
-    /// guard is taken belongs to a running request, which thaws it itself.
-    fn thaw_leftovers(&self) {
+    /// guard is taken belongs to a running request, which thaws it itself. The thaw clears
+    /// the record's mark, so a later freeze by someone else is never mistaken for berth's.
+    async fn thaw_leftovers(&self) {
         let frozen = match self.ctx.node.frozen() {
             Ok(f) => f,
             Err(e) => {
@@ -137,9 +138,7 @@ impl GroupService {
                 continue;
             };
             tracing::warn!(volume.id = %v, "thawing a filesystem a group snapshot left frozen");
-            // Thawing needs no I/O to finish: the blocking form is as quick as the async one
-            // and keeps this free of awaits while the guard is held.
-            if let Err(e) = self.ctx.node.thaw_blocking(&v) {
+            if let Err(e) = self.ctx.node.thaw(&v).await {
                 tracing::error!(volume.id = %v, error = %e, "could not thaw");
             }
         }
