@@ -1144,3 +1144,60 @@ async fn a_group_snapshot_thaws_what_an_earlier_one_left_frozen() {
     delete_volume(&ctl, &v.volume_id).await;
     d.assert_clean();
 }
+
+/// A NodeStageVolume whose CO deadline passes mid-stage still finishes: the stage runs in
+/// a task of its own, so the deadline cannot kill a mkfs or an offline resize2fs mid-way
+/// through kill_on_drop (issue 11, item 10). The failpoint holds the stage after mkfs for
+/// 1.5 s; the deadline is 300 ms.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stage_past_its_deadline_still_finishes() {
+    let d = Driver::start_with(Options {
+        failpoint: Some("node-stage:after-mkfs:sleep=1500".into()),
+        ..Default::default()
+    })
+    .await;
+    let ctl = d.controller().await;
+    let cap = mount_cap("ext4");
+    let v = create_volume(&ctl, create_req("pvc-late-stage", 64 * MIB, cap.clone())).await;
+    let staging = d.staging_path("late");
+    let mut r = tonic::Request::new(stage_req(&v.volume_id, &staging, cap.clone()));
+    r.set_timeout(Duration::from_millis(300));
+    let got = code(d.node().await.node_stage_volume(r).await);
+    assert!(
+        matches!(got, tonic::Code::DeadlineExceeded | tonic::Code::Cancelled),
+        "a 300 ms deadline cannot be met while the stage is held, got {got:?}"
+    );
+    // Nothing retries: the dropped request's stage mounts the volume by itself.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !is_mounted(&staging) {
+        assert!(
+            Instant::now() < deadline,
+            "the stage stopped with its request:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The retry finds it done (ABORTED while it still finishes, retried as a CO does).
+    let retry_until = Instant::now() + Duration::from_secs(30);
+    loop {
+        match d
+            .node()
+            .await
+            .node_stage_volume(stage_req(&v.volume_id, &staging, cap.clone()))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::Aborted && Instant::now() < retry_until => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("NodeStageVolume retry: {e:?}"),
+        }
+    }
+    d.node()
+        .await
+        .node_unstage_volume(unstage_req(&v.volume_id, &staging))
+        .await
+        .unwrap();
+    delete_volume(&ctl, &v.volume_id).await;
+    d.assert_clean();
+}
