@@ -182,6 +182,11 @@ pub async fn run(cfg: Config) -> Result<()> {
         .as_ref()
         .map(|a| TlsMaterial::load(&a.tls_dir))
         .transpose()?;
+    // Before any state is touched: a second driver must not repair node state a live one
+    // is using.
+    if let server::Endpoint::Unix(path) = &cfg.endpoint {
+        server::refuse_live_socket(path)?;
+    }
     let ctx = prepare(&cfg).await?;
     tracing::info!(
         node.id = %cfg.node_id,

@@ -1,5 +1,5 @@
-//! Serving the CSI services on a unix socket (0600, stale socket replaced) or TCP, with a
-//! graceful drain on SIGTERM/SIGINT.
+//! Serving the CSI services on a unix socket (0600, a stale socket replaced, a live one
+//! refused) or TCP, with a graceful drain on SIGTERM/SIGINT.
 
 use std::{
     fs,
@@ -63,14 +63,42 @@ pub struct Roles {
     pub node: bool,
 }
 
+/// Refuses to start on a socket something still answers on: removing it would take the
+/// live driver's endpoint from under it (its clients would reach the newcomer, and the
+/// newcomer would repair node state the live one is using). A socket nobody listens on
+/// (ECONNREFUSED) is a crashed run's, and is replaced. Checked before berth touches any
+/// state, and again just before the bind.
+pub fn refuse_live_socket(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => Err(Error::invalid(
+                "endpoint",
+                format!(
+                    "{} is in use: another driver answers on it; stop it first, or give this one another endpoint",
+                    path.display()
+                ),
+            )),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(Error::io("probe existing socket", path)(e)),
+        },
+        _ => Ok(()),
+    }
+}
+
 fn bind_unix(path: &Path) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
     }
     match fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
-            // A socket left by a previous (crashed) run: nobody can be listening, because two
-            // drivers on one socket path would be a deployment error caught by the bind below.
+            refuse_live_socket(path)?;
             fs::remove_file(path).map_err(Error::io("remove stale socket", path))?;
         }
         Ok(_) => {
@@ -195,6 +223,24 @@ mod tests {
         for bad in ["", "/run/csi.sock", "unix://relative", "http://x"] {
             assert!(Endpoint::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A second server on a live socket is refused and the first keeps serving on it; once
+    /// the first is gone its socket is stale and replaced (issue 11, item 10).
+    #[tokio::test]
+    async fn a_live_socket_is_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("csi.sock");
+        let first = bind_unix(&p).unwrap();
+        let err = bind_unix(&p).expect_err("a second server on a live socket");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.to_string().contains("in use"), "{err}");
+        let _client = tokio::net::UnixStream::connect(&p)
+            .await
+            .expect("the first server's socket is still in place");
+        first.accept().await.expect("and the first server answers");
+        drop(first);
+        bind_unix(&p).expect("a socket nobody listens on is replaced");
     }
 
     #[tokio::test]

@@ -1007,3 +1007,197 @@ async fn group_snapshot_cuts_data_and_wal_together_and_thaws() {
         .expect("DeleteVolumeGroupSnapshot");
     d.assert_clean();
 }
+
+/// A CO whose deadline passes mid-cut drops the CreateVolumeGroupSnapshot handler (tonic
+/// honours grpc-timeout). The members must not stay frozen: the cut finishes in a task of
+/// its own and thaws them, and a retry succeeds rather than failing with EBUSY (issue 11,
+/// item 2). The failpoint holds the cut for 1.5 s while the members are frozen, so a
+/// deadline of 1 s passes while they are, whatever the machine's speed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_snapshot_past_its_deadline_leaves_nothing_frozen() {
+    let d = Driver::start_with(Options {
+        failpoint: Some("group-snapshot:while-frozen:sleep=1500".into()),
+        ..Default::default()
+    })
+    .await;
+    let ctl = d.controller().await;
+    let (ext4, xfs) = (mount_cap("ext4"), mount_cap("xfs"));
+    let a = create_volume(&ctl, create_req("pvc-frozen-ext4", 64 * MIB, ext4.clone())).await;
+    let b = create_volume(&ctl, create_req("pvc-frozen-xfs", 300 * MIB, xfs.clone())).await;
+    let t_a = stage_and_publish(&d, &a.volume_id, &ext4, "ext4").await;
+    let t_b = stage_and_publish(&d, &b.volume_id, &xfs, "xfs").await;
+    let req = |name: &str| csi::CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: vec![a.volume_id.clone(), b.volume_id.clone()],
+        ..Default::default()
+    };
+    // A few milliseconds usually end before the freeze (the drop then kills fsfreeze, or
+    // comes before it); 1 s ends while the failpoint holds the members frozen.
+    for (i, ms) in [5u64, 1000].into_iter().enumerate() {
+        let mut r = tonic::Request::new(req(&format!("late-{ms}")));
+        r.set_timeout(Duration::from_millis(ms));
+        let got = code(d.group().await.create_volume_group_snapshot(r).await);
+        // The client gives up as the server does (either drops the handler: the server by
+        // grpc-timeout, or on the stream's reset); which one reports first varies.
+        assert!(
+            matches!(got, tonic::Code::DeadlineExceeded | tonic::Code::Cancelled),
+            "a {ms} ms deadline cannot be met while the cut is held, got {got:?}"
+        );
+        // write_promptly: write + fsync in a thread, failing the test after 15 s rather
+        // than hanging on a frozen filesystem.
+        let seed = 70 + 2 * i as u64;
+        write_promptly(t_a.join("after"), seed, 1 << 20).await;
+        write_promptly(t_b.join("after"), seed + 1, 1 << 20).await;
+        // The retry finds the cut the dropped request finished; ABORTED while it is still
+        // finishing (its guard is held to the end), retried as a CO does.
+        let retry_until = Instant::now() + Duration::from_secs(30);
+        let g = loop {
+            match d
+                .group()
+                .await
+                .create_volume_group_snapshot(req(&format!("late-{ms}")))
+                .await
+            {
+                Ok(r) => break r.into_inner().group_snapshot.expect("a group snapshot"),
+                Err(e) if e.code() == tonic::Code::Aborted && Instant::now() < retry_until => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("retry after a {ms} ms deadline: {e:?}\n{}", d.log()),
+            }
+        };
+        assert!(g.ready_to_use);
+        write_promptly(t_b.join("after-retry"), seed, 1 << 20).await;
+        d.group()
+            .await
+            .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+                group_snapshot_id: g.group_snapshot_id.clone(),
+                snapshot_ids: g.snapshots.iter().map(|s| s.snapshot_id.clone()).collect(),
+                ..Default::default()
+            })
+            .await
+            .expect("DeleteVolumeGroupSnapshot");
+    }
+    for (vol, name) in [(&a, "ext4"), (&b, "xfs")] {
+        unpublish_and_unstage(&d, &vol.volume_id, name).await;
+        delete_volume(&ctl, &vol.volume_id).await;
+    }
+    d.assert_clean();
+}
+
+/// A filesystem berth recorded as frozen, which no running request holds (a thaw that
+/// failed earlier), is thawed by the next group snapshot instead of failing it with EBUSY
+/// from fsfreeze (issue 11, item 2).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_snapshot_thaws_what_an_earlier_one_left_frozen() {
+    let d = Driver::start().await;
+    let ctl = d.controller().await;
+    let cap = mount_cap("ext4");
+    let v = create_volume(&ctl, create_req("pvc-left-frozen", 64 * MIB, cap.clone())).await;
+    let target = stage_and_publish(&d, &v.volume_id, &cap, "left").await;
+    // What a failed thaw leaves: the record marked, the filesystem frozen.
+    let record = d
+        .state_dir()
+        .join("node")
+        .join(format!("{}.json", v.volume_id));
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    rec["frozen"] = serde_json::Value::Bool(true);
+    std::fs::write(&record, serde_json::to_vec(&rec).unwrap()).unwrap();
+    let staging = d.staging_path("left");
+    let froze = Command::new("fsfreeze")
+        .arg("-f")
+        .arg(&staging)
+        .status()
+        .unwrap();
+    assert!(froze.success(), "fsfreeze -f {}", staging.display());
+    assert!(
+        !write_within(target.join("blocked"), 80, 4096, Duration::from_millis(500)),
+        "the filesystem is frozen"
+    );
+
+    let g = d
+        .group()
+        .await
+        .create_volume_group_snapshot(csi::CreateVolumeGroupSnapshotRequest {
+            name: "after-a-failed-thaw".into(),
+            source_volume_ids: vec![v.volume_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateVolumeGroupSnapshot: {e:?}\n{}", d.log()))
+        .into_inner()
+        .group_snapshot
+        .expect("a group snapshot");
+    write_promptly(target.join("after"), 81, 1 << 20).await;
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert_eq!(rec["frozen"], false, "the thaw cleared berth's mark");
+    d.group()
+        .await
+        .delete_volume_group_snapshot(csi::DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: g.group_snapshot_id.clone(),
+            snapshot_ids: g.snapshots.iter().map(|s| s.snapshot_id.clone()).collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("DeleteVolumeGroupSnapshot");
+    unpublish_and_unstage(&d, &v.volume_id, "left").await;
+    delete_volume(&ctl, &v.volume_id).await;
+    d.assert_clean();
+}
+
+/// A NodeStageVolume whose CO deadline passes mid-stage still finishes: the stage runs in
+/// a task of its own, so the deadline cannot kill a mkfs or an offline resize2fs mid-way
+/// through kill_on_drop (issue 11, item 10). The failpoint holds the stage after mkfs for
+/// 1.5 s; the deadline is 300 ms.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stage_past_its_deadline_still_finishes() {
+    let d = Driver::start_with(Options {
+        failpoint: Some("node-stage:after-mkfs:sleep=1500".into()),
+        ..Default::default()
+    })
+    .await;
+    let ctl = d.controller().await;
+    let cap = mount_cap("ext4");
+    let v = create_volume(&ctl, create_req("pvc-late-stage", 64 * MIB, cap.clone())).await;
+    let staging = d.staging_path("late");
+    let mut r = tonic::Request::new(stage_req(&v.volume_id, &staging, cap.clone()));
+    r.set_timeout(Duration::from_millis(300));
+    let got = code(d.node().await.node_stage_volume(r).await);
+    assert!(
+        matches!(got, tonic::Code::DeadlineExceeded | tonic::Code::Cancelled),
+        "a 300 ms deadline cannot be met while the stage is held, got {got:?}"
+    );
+    // Nothing retries: the dropped request's stage mounts the volume by itself.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !is_mounted(&staging) {
+        assert!(
+            Instant::now() < deadline,
+            "the stage stopped with its request:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The retry finds it done (ABORTED while it still finishes, retried as a CO does).
+    let retry_until = Instant::now() + Duration::from_secs(30);
+    loop {
+        match d
+            .node()
+            .await
+            .node_stage_volume(stage_req(&v.volume_id, &staging, cap.clone()))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::Aborted && Instant::now() < retry_until => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("NodeStageVolume retry: {e:?}"),
+        }
+    }
+    d.node()
+        .await
+        .node_unstage_volume(unstage_req(&v.volume_id, &staging))
+        .await
+        .unwrap();
+    delete_volume(&ctl, &v.volume_id).await;
+    d.assert_clean();
+}

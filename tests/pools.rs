@@ -209,3 +209,38 @@ async fn device_with_a_partition_table_is_refused() {
     );
     assert!(detached.success());
 }
+
+/// A second berth started on a live driver's socket refuses to start, before it touches any
+/// state, and the first keeps serving on its socket (issue 11, item 10). That a stale
+/// socket is still replaced is `server::tests::a_live_socket_is_not_taken`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_driver_does_not_take_a_live_socket() {
+    let d = Driver::start().await;
+    let other = tempfile::tempdir().unwrap();
+    let second = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("all-in-one")
+        .arg("--endpoint")
+        .arg(d.endpoint())
+        .arg("--state-dir")
+        .arg(other.path().join("state"))
+        .arg("--node-id")
+        .arg("node-2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success(),
+        "the second driver started:\n{stderr}"
+    );
+    assert!(stderr.contains("in use"), "a clear reason: {stderr}");
+    assert!(
+        !other.path().join("state").exists(),
+        "the second driver prepared state before refusing"
+    );
+    let mut identity = d.identity().await;
+    identity
+        .probe(csi::ProbeRequest {})
+        .await
+        .expect("the first driver still answers on its socket");
+    d.assert_clean();
+}

@@ -706,6 +706,7 @@ pub async fn receive(
         reserved_bytes: 0,
         created_unix_nanos: header.created_unix_nanos.max(0) as u128,
         shipping: job.shipping,
+        kind: None,
     })?;
     failpoint::hit("receive:before-record");
     finish_bookkeeping(&pool, &job)?;

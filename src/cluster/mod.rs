@@ -9,6 +9,7 @@ pub mod admin;
 pub mod controller;
 pub mod metadata;
 pub mod moves;
+pub mod rounds;
 
 use std::{
     collections::BTreeMap,

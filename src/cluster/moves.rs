@@ -507,7 +507,8 @@ impl Moves {
 
 /// Background replication: every second, each primary whose newest replica is older than
 /// its interval (or which lacks replicas) gets a round. Rounds of different volumes run
-/// concurrently; a volume's round never overlaps another operation on it.
+/// concurrently, at most [`rounds::MAX_ROUNDS`] at once (a due volume without a free slot
+/// is still due on the next tick); a volume's round never overlaps another operation on it.
 pub async fn replication_loop(
     cluster: Arc<Cluster>,
     leader: tokio::sync::watch::Receiver<bool>,
@@ -516,6 +517,7 @@ pub async fn replication_loop(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let failing: Arc<Mutex<std::collections::HashSet<VolumeId>>> = Arc::default();
+    let slots = Arc::new(tokio::sync::Semaphore::new(super::rounds::MAX_ROUNDS));
     loop {
         tick.tick().await;
         if *shutdown.borrow() {
@@ -560,12 +562,17 @@ pub async fn replication_loop(
                     .as_nanos() as i64;
                 Some((now - s.created_unix_nanos) / 1_000_000_000)
             };
-            let interval = primary.info.replication_interval_seconds as i64;
+            // Saturating: records from before the interval was bounded may hold any u64.
+            let interval =
+                i64::try_from(primary.info.replication_interval_seconds).unwrap_or(i64::MAX);
             let stale = targets
                 .iter()
                 .any(|t| newest_age(t).is_none_or(|age| age >= interval));
             if targets.is_empty() || !stale {
                 continue;
+            }
+            if slots.available_permits() == 0 {
+                break;
             }
             let Ok(guard) = cluster.inflight.try_lock([id.clone()]) else {
                 continue;
@@ -574,7 +581,7 @@ pub async fn replication_loop(
                 targets.iter().map(|t| (t.clone(), newest_age(t))).collect();
             tracing::debug!(volume.id = %vol, ?lag, "replication round due (seconds behind per replica)");
             let (cluster, failing, pvc) = (cluster.clone(), failing.clone(), p.pvc());
-            tokio::spawn(async move {
+            super::rounds::spawn_capped(&slots, || async move {
                 let _guard = guard;
                 match cluster.replicate(&vol, &primary, &targets, &ignore).await {
                     Ok(done) => {

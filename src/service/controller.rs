@@ -337,8 +337,16 @@ impl ControllerService {
             return Ok(csi::DeleteSnapshotResponse {});
         };
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
-        if let Some(s) = self.ctx.pool.snapshot(&id)?
-            && let Some(g) = &s.group
+        let Some(s) = self.ctx.pool.snapshot(&id)? else {
+            return Ok(csi::DeleteSnapshotResponse {});
+        };
+        // A shipping snapshot is berth's own (a replica's base, a hand-off's final copy),
+        // never a CSI snapshot: to the CO it does not exist, and deleting what does not
+        // exist is success. It is left alone.
+        if s.shipping {
+            return Ok(csi::DeleteSnapshotResponse {});
+        }
+        if let Some(g) = &s.group
             && self.ctx.pool.group(g)?.is_some()
         {
             return Err(Error::invalid(
@@ -571,5 +579,151 @@ impl Controller for ControllerService {
         req: Request<csi::ControllerModifyVolumeRequest>,
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
         respond(self.modify(req.into_inner()).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use csi::{
+        volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume, access_mode},
+        volume_content_source::{SnapshotSource, Type},
+    };
+
+    use super::*;
+    use crate::storage::MIB;
+
+    fn cap(block: bool) -> csi::VolumeCapability {
+        csi::VolumeCapability {
+            access_type: Some(if block {
+                AccessType::Block(BlockVolume {})
+            } else {
+                AccessType::Mount(MountVolume {
+                    fs_type: "ext4".into(),
+                    ..Default::default()
+                })
+            }),
+            access_mode: Some(AccessMode {
+                mode: access_mode::Mode::SingleNodeWriter as i32,
+            }),
+        }
+    }
+
+    fn create(name: &str, block: bool, snapshot: Option<&str>) -> csi::CreateVolumeRequest {
+        csi::CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 16 * MIB as i64,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![cap(block)],
+            volume_content_source: snapshot.map(|s| csi::VolumeContentSource {
+                r#type: Some(Type::Snapshot(SnapshotSource {
+                    snapshot_id: s.into(),
+                })),
+            }),
+            ..Default::default()
+        }
+    }
+
+    async fn snapshot(svc: &ControllerService, name: &str, vol: &str) -> String {
+        svc.create_snapshot(csi::CreateSnapshotRequest {
+            name: name.into(),
+            source_volume_id: vol.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .snapshot
+        .unwrap()
+        .snapshot_id
+    }
+
+    fn delete_snapshot(svc: &ControllerService, id: &str) -> Result<csi::DeleteSnapshotResponse> {
+        svc.delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: id.into(),
+            ..Default::default()
+        })
+    }
+
+    /// DeleteSnapshot deletes CSI snapshots only: a shipping snapshot's id names nothing
+    /// the CO made, so it is answered as one that does not exist (OK) and left in place
+    /// (issue 11, item 10).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn delete_snapshot_leaves_shipping_snapshots_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = ControllerService::new(super::super::test_context(dir.path()).await);
+        let pool = svc.ctx.pool.clone();
+        let vol = svc
+            .create_volume(create("ship-src", true, None))
+            .await
+            .unwrap()
+            .volume
+            .unwrap()
+            .volume_id;
+        let vol = VolumeId::parse(&vol).unwrap();
+        let shipping = pool.cut_shipping_snapshot(&vol, &[]).await.unwrap();
+        for _ in 0..2 {
+            delete_snapshot(&svc, shipping.id.as_str()).expect("not a CSI snapshot: OK");
+        }
+        assert!(
+            pool.snapshot(&shipping.id).unwrap().is_some(),
+            "the shipping snapshot is still there"
+        );
+        assert!(pool.snapshot_image(&shipping.id).exists());
+
+        let csi_snap = snapshot(&svc, "csi-snap", vol.as_str()).await;
+        delete_snapshot(&svc, &csi_snap).unwrap();
+        let csi_snap = SnapshotId::parse(&csi_snap).unwrap();
+        assert!(
+            pool.snapshot(&csi_snap).unwrap().is_none(),
+            "a CSI snapshot is deleted"
+        );
+    }
+
+    /// A block volume's snapshot restores as a block volume only, also once its source is
+    /// deleted: the snapshot record keeps the kind (issue 11, item 10). A record written
+    /// before it did falls back to the source's kind, and with the source gone accepts.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_block_snapshot_restores_as_block_after_its_source_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = ControllerService::new(super::super::test_context(dir.path()).await);
+        let pool = svc.ctx.pool.clone();
+        let src = svc
+            .create_volume(create("block-src", true, None))
+            .await
+            .unwrap()
+            .volume
+            .unwrap()
+            .volume_id;
+        let snap = snapshot(&svc, "block-snap", &src).await;
+        let legacy = snapshot(&svc, "legacy-snap", &src).await;
+        svc.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: src.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+        let err = svc
+            .create_volume(create("as-fs", false, Some(&snap)))
+            .await
+            .expect_err("a block snapshot restored as a filesystem");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        svc.create_volume(create("as-block", true, Some(&snap)))
+            .await
+            .expect("a block snapshot restores as block");
+
+        // A record from before the kind was kept, its source gone: nothing tells.
+        let id = SnapshotId::parse(&legacy).unwrap();
+        let mut rec = pool.snapshot(&id).unwrap().unwrap();
+        rec.kind = None;
+        let meta = pool
+            .root()
+            .join("berth/snapshots")
+            .join(format!("{id}.json"));
+        crate::util::fsutil::write_json(&meta, &rec).unwrap();
+        svc.create_volume(create("legacy-as-fs", false, Some(&legacy)))
+            .await
+            .expect("an old record without a kind is accepted");
     }
 }

@@ -3,13 +3,15 @@
 use std::{collections::BTreeSet, sync::Arc};
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::{Context, capabilities, convert, params, respond};
 use crate::{
     error::{Error, Result},
     proto::csi::v1::{self as csi, group_controller_server::GroupController},
     storage::{
-        GroupSnapshotId, GroupSnapshotRecord, RecordState, SnapshotRecord, VolumeId, now_nanos,
+        GroupSnapshotId, GroupSnapshotRecord, RecordState, SnapshotRecord, VolumeId,
+        node::NodeState, now_nanos,
     },
     util::failpoint,
 };
@@ -45,6 +47,7 @@ impl GroupService {
             volumes.push(id);
         }
         let id = GroupSnapshotId::for_name(name);
+        self.thaw_leftovers().await;
         let keys = std::iter::once(id.to_string()).chain(volumes.iter().map(|v| v.to_string()));
         let _guard = self.ctx.inflight.try_lock(keys.collect::<Vec<_>>())?;
         let pool = &self.ctx.pool;
@@ -117,20 +120,52 @@ impl GroupService {
         self.response(&record)
     }
 
+    /// Thaws what a group snapshot froze and no running request holds: a thaw that failed
+    /// earlier, or a guard's thaw that could not clear the record. Without this, every
+    /// retry would fail with EBUSY on a filesystem left frozen. A volume whose in-flight
+    /// guard is taken belongs to a running request, which thaws it itself. The thaw clears
+    /// the record's mark, so a later freeze by someone else is never mistaken for berth's.
+    async fn thaw_leftovers(&self) {
+        let frozen = match self.ctx.node.frozen() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list frozen volumes");
+                return;
+            }
+        };
+        for v in frozen {
+            let Ok(_guard) = self.ctx.inflight.try_lock([v.to_string()]) else {
+                continue;
+            };
+            tracing::warn!(volume.id = %v, "thawing a filesystem a group snapshot left frozen");
+            if let Err(e) = self.ctx.node.thaw(&v).await {
+                tracing::error!(volume.id = %v, error = %e, "could not thaw");
+            }
+        }
+    }
+
     /// Freezes every mounted member, reflinks them all, thaws: one cut across all volumes.
-    /// The thaw runs whatever happened in between; a crash in between is caught by the
-    /// node's reconcile, which thaws what its records say is frozen.
+    /// The thaw runs whatever happened in between, for every member whose freeze was tried
+    /// (a freeze that failed or timed out may still have frozen it), and on a panic too
+    /// (the [`Frozen`] guard). A crash in between is caught by the node's reconcile, which
+    /// thaws what its records say is frozen.
     async fn cut(&self, pending: Vec<SnapshotRecord>) -> Result<Vec<SnapshotRecord>> {
         let pool = &self.ctx.pool;
-        let mut frozen = Vec::new();
+        let mut frozen = Frozen {
+            node: self.ctx.node.clone(),
+            volumes: Vec::new(),
+        };
         let mut result = Ok(());
         for s in &pending {
             if s.state == RecordState::Ready {
                 continue;
             }
+            frozen.volumes.push(s.source_volume.clone());
             match self.ctx.node.freeze(&s.source_volume).await {
-                Ok(true) => frozen.push(s.source_volume.clone()),
-                Ok(false) => {}
+                Ok(true) => {}
+                Ok(false) => {
+                    frozen.volumes.pop();
+                }
                 Err(e) => {
                     result = Err(e);
                     break;
@@ -151,13 +186,10 @@ impl GroupService {
                 copied.push(s.id.clone());
             }
         }
-        for v in frozen.iter().rev() {
-            if let Err(e) = self.ctx.node.thaw(v).await {
-                tracing::error!(volume.id = %v, error = %e, "failed to thaw after group snapshot");
-                if result.is_ok() {
-                    result = Err(e);
-                }
-            }
+        if let Err(e) = frozen.thaw().await
+            && result.is_ok()
+        {
+            result = Err(e);
         }
         result?;
         pending
@@ -253,6 +285,42 @@ impl GroupService {
     }
 }
 
+/// The members a group snapshot may have frozen. [`Frozen::thaw`] thaws them; if the guard
+/// is dropped before that (a panic, the runtime shutting down), its drop thaws them, without
+/// awaiting: Drop cannot.
+struct Frozen {
+    node: Arc<NodeState>,
+    volumes: Vec<VolumeId>,
+}
+
+impl Frozen {
+    /// Thaws every member, in reverse order, each even if another fails; returns the first
+    /// failure.
+    async fn thaw(mut self) -> Result<()> {
+        let mut result = Ok(());
+        while let Some(v) = self.volumes.pop() {
+            if let Err(e) = self.node.thaw(&v).await {
+                tracing::error!(volume.id = %v, error = %e, "failed to thaw after group snapshot");
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        result
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        while let Some(v) = self.volumes.pop() {
+            tracing::warn!(volume.id = %v, "group snapshot ended without its thaw; thawing");
+            if let Err(e) = self.node.thaw_blocking(&v) {
+                tracing::error!(volume.id = %v, error = %e, "could not thaw");
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl GroupController for GroupService {
     async fn group_controller_get_capabilities(
@@ -267,7 +335,13 @@ impl GroupController for GroupService {
         &self,
         req: Request<csi::CreateVolumeGroupSnapshotRequest>,
     ) -> Result<Response<csi::CreateVolumeGroupSnapshotResponse>, Status> {
-        respond(self.create(req.into_inner()).await)
+        // Run in a task of its own, which a dropped request does not cancel: when the CO's
+        // deadline passes mid-cut, the cut still finishes and thaws its members (holding
+        // their in-flight guard until then), rather than leaving a database frozen.
+        let this = self.clone();
+        let req = req.into_inner();
+        let task = tokio::spawn(async move { this.create(req).await }.in_current_span());
+        respond(task.await.expect("group snapshot task panicked"))
     }
 
     #[tracing::instrument(skip_all, fields(group_snapshot.id = %req.get_ref().group_snapshot_id))]

@@ -64,3 +64,27 @@ pub(crate) fn respond<T>(result: Result<T>) -> Result<Response<T>, Status> {
         }
     }
 }
+
+/// A context over a pool in `dir` (any filesystem; without reflink, copies are sparse), for
+/// tests that call the services directly.
+#[cfg(test)]
+pub(crate) async fn test_context(dir: &std::path::Path) -> Arc<Context> {
+    let root = dir.join("pool");
+    std::fs::create_dir_all(&root).unwrap();
+    let pool = Arc::new(Pool::open(&root).await.unwrap());
+    let state_dir = dir.join("state");
+    let node = Arc::new(NodeState::open(&state_dir, pool.clone(), false).unwrap());
+    Arc::new(Context {
+        info: DriverInfo {
+            name: "test.berth.csi.dev".into(),
+            version: "0".into(),
+            node_id: "node-1".into(),
+            max_volumes_per_node: 16,
+            topology_domain: None,
+        },
+        pool,
+        node,
+        inflight: InFlight::default(),
+        state_dir,
+    })
+}

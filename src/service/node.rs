@@ -1,8 +1,12 @@
 //! CSI Node service.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::{Context, capabilities, convert, respond};
 use crate::{
@@ -20,19 +24,55 @@ impl NodeService {
         Self { ctx }
     }
 
+    /// A CO path, refused when it lies inside berth's own storage (the pool or the state
+    /// directory) or contains it: mounting there would shadow volumes, and unmounting or
+    /// removing there would destroy them. Checked both as given and with the symlinks of
+    /// its existing part resolved.
+    fn co_path(&self, raw: &str, field: &'static str) -> Result<PathBuf> {
+        let p = convert::co_path(raw, field)?;
+        let resolved = resolve_existing(&p);
+        for own in [self.ctx.pool.root(), self.ctx.state_dir.as_path()] {
+            let own_resolved = resolve_existing(own);
+            for (a, b) in [(p.as_path(), own), (resolved.as_path(), &own_resolved)] {
+                if a.starts_with(b) || b.starts_with(a) {
+                    return Err(Error::invalid(
+                        field,
+                        format!(
+                            "{} overlaps berth's storage at {}",
+                            p.display(),
+                            own.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(p)
+    }
+
     async fn stage(
         &self,
         req: csi::NodeStageVolumeRequest,
     ) -> Result<csi::NodeStageVolumeResponse> {
         // Every field of the request before the volume id is looked up: a missing field is
         // INVALID_ARGUMENT even beside an id that names nothing.
-        let staging = convert::co_path(&req.staging_target_path, "staging_target_path")?;
+        let staging = self.co_path(&req.staging_target_path, "staging_target_path")?;
         let cap = well_formed_capability(req.volume_capability.as_ref())?;
         let id = convert::existing_volume_id(&req.volume_id)?;
         let usage = node_usage(&id, cap)?;
-        let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
+        let guard = self.ctx.inflight.try_lock([id.to_string()])?;
         let mode = convert::mode(cap).as_str_name();
-        self.ctx.node.stage(&id, &staging, usage, mode).await?;
+        // Run in a task of its own, which a dropped request does not cancel: the CO's
+        // deadline must not kill a mkfs or an offline resize2fs mid-way (a killed resize2fs
+        // can damage the filesystem). The volume's guard is held until the stage ends, so a
+        // retry meanwhile gets ABORTED, then finds the stage done.
+        let ctx = self.ctx.clone();
+        let task = async move {
+            let _guard = guard;
+            ctx.node.stage(&id, &staging, usage, mode).await
+        };
+        tokio::spawn(task.in_current_span())
+            .await
+            .expect("stage task panicked")?;
         Ok(csi::NodeStageVolumeResponse {})
     }
 
@@ -40,7 +80,7 @@ impl NodeService {
         &self,
         req: csi::NodeUnstageVolumeRequest,
     ) -> Result<csi::NodeUnstageVolumeResponse> {
-        let staging = convert::co_path(&req.staging_target_path, "staging_target_path")?;
+        let staging = self.co_path(&req.staging_target_path, "staging_target_path")?;
         let id = convert::existing_volume_id(&req.volume_id)?;
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
         if let Some(r) = self.ctx.node.record(&id)?
@@ -60,7 +100,7 @@ impl NodeService {
         &self,
         req: csi::NodePublishVolumeRequest,
     ) -> Result<csi::NodePublishVolumeResponse> {
-        let target = convert::co_path(&req.target_path, "target_path")?;
+        let target = self.co_path(&req.target_path, "target_path")?;
         let cap = well_formed_capability(req.volume_capability.as_ref())?;
         let id = convert::existing_volume_id(&req.volume_id)?;
         if req.staging_target_path.is_empty() {
@@ -70,7 +110,7 @@ impl NodeService {
                 "staging_target_path is required: this plugin stages volumes".into(),
             ));
         }
-        let staging = convert::co_path(&req.staging_target_path, "staging_target_path")?;
+        let staging = self.co_path(&req.staging_target_path, "staging_target_path")?;
         let usage = node_usage(&id, cap)?;
         let readonly = req.readonly || capabilities::read_only_mode(convert::mode(cap));
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
@@ -104,7 +144,7 @@ impl NodeService {
         &self,
         req: csi::NodeUnpublishVolumeRequest,
     ) -> Result<csi::NodeUnpublishVolumeResponse> {
-        let target = convert::co_path(&req.target_path, "target_path")?;
+        let target = self.co_path(&req.target_path, "target_path")?;
         let id = convert::existing_volume_id(&req.volume_id)?;
         let _guard = self.ctx.inflight.try_lock([id.to_string()])?;
         self.ctx.node.unpublish(&id, &target).await?;
@@ -183,6 +223,25 @@ impl NodeService {
         Ok(csi::NodeExpandVolumeResponse {
             capacity_bytes: bytes as i64,
         })
+    }
+}
+
+/// `p` with the symlinks of its longest existing prefix resolved; the rest is appended as
+/// given (a target the CO has not created yet).
+fn resolve_existing(p: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut cur = p;
+    loop {
+        if let Ok(real) = cur.canonicalize() {
+            return rest.iter().rev().fold(real, |acc, c| acc.join(c));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                cur = parent;
+            }
+            _ => return p.to_owned(),
+        }
     }
 }
 

@@ -54,7 +54,13 @@ const KEEP_SOURCE_KEY: &str = "moveKeepsSource";
 /// More copies than this is a typo, not a plan: every copy is a full volume on a node.
 const MAX_REPLICAS: u32 = 5;
 
-/// "30s", "5m", "1h" or plain seconds; at least one second.
+/// The longest replication interval: a week. A replica that far behind protects nothing a
+/// snapshot would not, so a longer one is a typo; the bound also keeps the scheduler's
+/// signed arithmetic on ages (nanoseconds since the epoch, as i64) far from overflowing,
+/// where a huge value used to wrap negative and make every volume due every second.
+const MAX_INTERVAL_SECONDS: u64 = 7 * 24 * 3600;
+
+/// "30s", "5m", "1h" or plain seconds; from one second to [`MAX_INTERVAL_SECONDS`].
 fn parse_interval(v: &str) -> Result<u64> {
     let (num, mult) = [("s", 1u64), ("m", 60), ("h", 3600)]
         .iter()
@@ -63,11 +69,14 @@ fn parse_interval(v: &str) -> Result<u64> {
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
-        .filter(|&n| n >= 1)
+        .filter(|n| (1..=MAX_INTERVAL_SECONDS).contains(n))
         .ok_or_else(|| {
             Error::invalid(
                 "parameters",
-                format!("{INTERVAL_KEY} {v:?} is not a duration like 30s, 5m or 1h"),
+                format!(
+                    "{INTERVAL_KEY} {v:?} is not a duration from 1s to {}h, like 30s, 5m or 1h",
+                    MAX_INTERVAL_SECONDS / 3600
+                ),
             )
         })
 }
@@ -194,6 +203,32 @@ mod tests {
                 Err("replicationInterval"),
             ),
             (vec![("replicationInterval", "soon")], vec![], Err("soon")),
+            (
+                vec![("replicationInterval", "168h")],
+                vec![],
+                Ok((None, false)),
+            ),
+            (
+                vec![("replicationInterval", "604801")],
+                vec![],
+                Err("replicationInterval"),
+            ),
+            // Wrapped negative as i64 before it was bounded.
+            (
+                vec![("replicationInterval", "9223372036854775808")],
+                vec![],
+                Err("replicationInterval"),
+            ),
+            (
+                vec![("replicationInterval", "18446744073709551615s")],
+                vec![],
+                Err("replicationInterval"),
+            ),
+            (
+                vec![("replicationInterval", "5124095576030431h")],
+                vec![],
+                Err("replicationInterval"),
+            ),
             (vec![("moveKeepsSource", "maybe")], vec![], Err("maybe")),
             // Replication is laid out at creation; it is not a mutable parameter.
             (vec![], vec![("replicas", "2")], Err("replicas")),

@@ -238,6 +238,11 @@ pub struct SnapshotRecord {
     /// is never listed, and goes with its volume.
     #[serde(default)]
     pub shipping: bool,
+    /// What the source volume was (block, or which filesystem), so a restore can be checked
+    /// after the source is deleted. `None` in records written before berth kept it, and in
+    /// snapshots received from another node (the transfer does not carry it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<VolumeKind>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -130,14 +130,16 @@ pub fn bind(source: &Path, target: &Path, readonly: bool) -> Result<()> {
     if readonly {
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
         if let Err(e) = nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
-            let _ = nix::mount::umount2(target, MntFlags::empty());
+            let _ = nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW);
             return Err(Error::io("remount read-only", target)(e.into()));
         }
     }
     Ok(())
 }
 
-/// Unmounts every mount stacked at `target`; nothing mounted there is success.
+/// Unmounts every mount stacked at `target`; nothing mounted there is success. A symlink
+/// at `target` is never followed (UMOUNT_NOFOLLOW): a path swapped for a link after berth
+/// checked it must not unmount whatever the link points to.
 ///
 /// EBUSY is retried briefly: a process forked anywhere on the host holds copies of every
 /// open file descriptor until it execs, so an unmount racing a fork can fail though nothing
@@ -145,7 +147,7 @@ pub fn bind(source: &Path, target: &Path, readonly: bool) -> Result<()> {
 pub fn unmount_all(target: &Path) -> Result<()> {
     let mut busy_retries = 20;
     while fsutil::is_mount_point(target)? {
-        match nix::mount::umount2(target, MntFlags::empty()) {
+        match nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
             Ok(()) => {}
             Err(nix::errno::Errno::EBUSY) if busy_retries > 0 => {
                 busy_retries -= 1;
@@ -168,6 +170,33 @@ pub async fn thaw(mount_point: &Path) -> Result<()> {
     match exec::run("fsfreeze", ["-u".as_ref(), mount_point.as_os_str()]).await {
         Err(Error::Command { stderr, .. }) if stderr.contains("Invalid argument") => Ok(()),
         other => other.map(drop),
+    }
+}
+
+/// [`thaw`] without a runtime: from a drop guard, which cannot await. Thawing does not
+/// wait for I/O, so it needs no timeout.
+pub fn thaw_blocking(mount_point: &Path) -> Result<()> {
+    let command = format!("fsfreeze -u {}", mount_point.display());
+    let out = std::process::Command::new("fsfreeze")
+        .arg("-u")
+        .arg(mount_point)
+        .env("LC_ALL", "C")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| Error::Command {
+            command: command.clone(),
+            status: "not started".into(),
+            stderr: e.to_string(),
+        })?;
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if out.status.success() || stderr.contains("Invalid argument") {
+        Ok(())
+    } else {
+        Err(Error::Command {
+            command,
+            status: out.status.to_string(),
+            stderr,
+        })
     }
 }
 
@@ -195,13 +224,26 @@ pub async fn grow_fs(device: &Path, mount_point: &Path, fs: FsType) -> Result<()
     }
 }
 
+/// The limit of the offline check and grow: none. Both walk every block group, and an
+/// offline resize2fs writes the inode tables of every group it adds, so their time grows
+/// with the filesystem (minutes for terabytes on slow disks, where the default limit is two
+/// minutes). A resize2fs killed mid-way can leave the filesystem needing repair or damaged,
+/// which is far worse than a slow stage. The stage they run in is not cancelled by a
+/// dropped request either (`service::node`).
+pub const OFFLINE_GROW_LIMIT: Option<std::time::Duration> = None;
+
 /// Grows an unmounted ext4 filesystem to its device's size. Unlike the online resize (an
 /// ioctl that needs CAP_SYS_RESOURCE) this only writes to the device.
 pub async fn grow_ext4_offline(device: &Path) -> Result<()> {
     // resize2fs only changes an unmounted filesystem that was checked since it was last
     // mounted. e2fsck exits 1 when it corrected something, which preen mode does safely.
     let dev = device.as_os_str();
-    let (code, out) = exec::status("e2fsck", ["-f".as_ref(), "-p".as_ref(), dev]).await?;
+    let (code, out) = exec::status_limited(
+        "e2fsck",
+        ["-f".as_ref(), "-p".as_ref(), dev],
+        OFFLINE_GROW_LIMIT,
+    )
+    .await?;
     if code > 1 {
         return Err(Error::Command {
             command: format!("e2fsck -f -p {}", device.display()),
@@ -209,12 +251,21 @@ pub async fn grow_ext4_offline(device: &Path) -> Result<()> {
             stderr: out,
         });
     }
-    exec::run("resize2fs", [dev]).await.map(drop)
+    exec::run_limited("resize2fs", [dev], OFFLINE_GROW_LIMIT)
+        .await
+        .map(drop)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The offline grow is never cut short by a timeout (issue 11, item 10): before, it ran
+    /// with the default two minutes, which a large filesystem's resize2fs can need.
+    #[test]
+    fn the_offline_grow_runs_to_completion() {
+        assert_eq!(OFFLINE_GROW_LIMIT, None);
+    }
 
     #[test]
     fn mount_flags_are_checked() {

@@ -230,39 +230,44 @@ impl NodeState {
         }
     }
 
+    /// Undoes a stage. Only the staging path berth recorded for the volume is ever
+    /// unmounted: the record is written before anything is attached or mounted, so a stage
+    /// without one left nothing behind, and a path the CO names that berth did not stage
+    /// may be anyone's mount.
     pub async fn unstage(&self, id: &VolumeId, staging: &Path) -> Result<()> {
-        let rec = self.record(id)?;
-        if rec.is_none() && self.pool.volume(id)?.is_none() && !fsutil::is_mount_point(staging)? {
-            // Spec table: NOT_FOUND when the volume does not exist; with nothing of it left on
-            // this node either, there is nothing to undo.
-            return Err(Error::VolumeNotFound(id.to_string()));
-        }
-        if let Some(r) = &rec {
-            if r.staging_path != staging {
-                return Err(Error::invalid(
-                    "staging_target_path",
-                    format!(
-                        "volume {id} is staged at {}, not {}",
-                        r.staging_path.display(),
-                        staging.display()
-                    ),
-                ));
+        let Some(r) = self.record(id)? else {
+            if self.pool.volume(id)?.is_none() {
+                // Spec table: NOT_FOUND when the volume does not exist.
+                return Err(Error::VolumeNotFound(id.to_string()));
             }
-            let live: Vec<_> = r
-                .published
-                .keys()
-                .filter(|p| fsutil::is_mount_point(p).unwrap_or(false))
-                .collect();
-            if !live.is_empty() {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {id} is still published at {live:?}"
-                )));
-            }
+            // Spec: "If the volume corresponding to the volume_id is not staged to the
+            // staging_target_path, the Plugin MUST reply 0 OK."
+            return Ok(());
+        };
+        if r.staging_path != staging {
+            return Err(Error::invalid(
+                "staging_target_path",
+                format!(
+                    "volume {id} is staged at {}, not {}",
+                    r.staging_path.display(),
+                    staging.display()
+                ),
+            ));
         }
-        mount::unmount_all(staging)?;
+        let live: Vec<_> = r
+            .published
+            .keys()
+            .filter(|p| fsutil::is_mount_point(p).unwrap_or(false))
+            .collect();
+        if !live.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is still published at {live:?}"
+            )));
+        }
+        mount::unmount_all(&r.staging_path)?;
         failpoint::hit("node-unstage:after-unmount");
         let image = self.pool.volume_image(id);
-        let device = match rec.as_ref().and_then(|r| r.device.clone()) {
+        let device = match r.device.clone() {
             Some(d) => Some(d),
             None => loopdev::find(&image).await?,
         };
@@ -270,10 +275,8 @@ impl NodeState {
             detach_if_backed_by(&dev, &image).await?;
         }
         // Read-only devices of block publishes whose unpublish never came (a crash).
-        if let Some(r) = &rec {
-            for dev in r.published.values().filter_map(|p| p.device.as_ref()) {
-                detach_if_backed_by(dev, &image).await?;
-            }
+        for dev in r.published.values().filter_map(|p| p.device.as_ref()) {
+            detach_if_backed_by(dev, &image).await?;
         }
         fsutil::remove_file_durable(&self.record_path(id))
     }
@@ -376,21 +379,29 @@ impl NodeState {
         Ok(())
     }
 
+    /// Undoes a publish. Only a target berth recorded for the volume is unmounted and
+    /// removed: publish records it before it creates or mounts anything, and keeps it until
+    /// this has removed both, so a crash anywhere in between leaves it recorded. Any other
+    /// path is not berth's to touch, whatever is there.
     pub async fn unpublish(&self, id: &VolumeId, target: &Path) -> Result<()> {
         let rec = self.record(id)?;
-        let mounted = fsutil::is_mount_point(target)?;
-        if rec.is_none() && !mounted && self.pool.volume(id)?.is_none() {
-            return Err(Error::VolumeNotFound(id.to_string()));
-        }
+        let staged = rec.is_some();
+        let Some(mut r) = rec.filter(|r| r.published.contains_key(target)) else {
+            if !staged && self.pool.volume(id)?.is_none() {
+                // Spec table: NOT_FOUND when the volume does not exist.
+                return Err(Error::VolumeNotFound(id.to_string()));
+            }
+            // Not published there (never, or already undone): idempotent success.
+            return Ok(());
+        };
         mount::unmount_all(target)?;
+        // symlink_metadata: a symlink put at the target is removed itself, never followed.
         match fs::symlink_metadata(target) {
             Ok(m) if m.is_dir() => fs::remove_dir(target).map_err(Error::io("remove", target))?,
             Ok(_) => fs::remove_file(target).map_err(Error::io("remove", target))?,
             Err(_) => {}
         }
-        if let Some(mut r) = rec
-            && let Some(p) = r.published.remove(target)
-        {
+        if let Some(p) = r.published.remove(target) {
             if let Some(dev) = &p.device {
                 detach_if_backed_by(dev, &self.pool.volume_image(id)).await?;
             }
@@ -498,19 +509,53 @@ impl NodeState {
         // blocked on a frozen filesystem that nobody knows to thaw.
         rec.frozen = true;
         self.save(&rec)?;
-        mount::freeze(&rec.staging_path).await?;
-        Ok(true)
-    }
-
-    pub async fn thaw(&self, id: &VolumeId) -> Result<()> {
-        if let Some(mut rec) = self.record(id)? {
-            mount::thaw(&rec.staging_path).await?;
-            if rec.frozen {
+        if let Err(e) = mount::freeze(&rec.staging_path).await {
+            // EBUSY: it was frozen before this call, by someone else (berth's own leftovers
+            // are thawed before a cut starts), so it is not berth's to thaw. Any other
+            // failure, a timeout included, may have come after the kernel froze it: the mark
+            // stays, and the caller's thaw covers it.
+            if matches!(&e, Error::Command { stderr, .. } if stderr.contains("Device or resource busy"))
+            {
                 rec.frozen = false;
                 self.save(&rec)?;
             }
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Thaws what [`NodeState::freeze`] may have frozen. Only a record marked `frozen` is
+    /// thawed: freeze marks it before it calls fsfreeze, so this covers a freeze whose
+    /// outcome is unknown (fsfreeze killed by its timeout after the kernel froze the
+    /// filesystem), and never thaws a filesystem someone else froze.
+    pub async fn thaw(&self, id: &VolumeId) -> Result<()> {
+        if let Some(mut rec) = self.record(id)?.filter(|r| r.frozen) {
+            mount::thaw(&rec.staging_path).await?;
+            rec.frozen = false;
+            self.save(&rec)?;
         }
         Ok(())
+    }
+
+    /// [`NodeState::thaw`] for where nothing can be awaited (a drop guard). The record
+    /// keeps its `frozen` mark, which the next thaw or start-up clears: this may run
+    /// after the volume's in-flight guard is released, when writing its record could race
+    /// another request's.
+    pub fn thaw_blocking(&self, id: &VolumeId) -> Result<()> {
+        match self.record(id)?.filter(|r| r.frozen) {
+            Some(rec) => mount::thaw_blocking(&rec.staging_path),
+            None => Ok(()),
+        }
+    }
+
+    /// Volumes whose records say a group snapshot froze them.
+    pub fn frozen(&self) -> Result<Vec<VolumeId>> {
+        Ok(self
+            .records()?
+            .into_iter()
+            .filter(|r| r.frozen)
+            .map(|r| r.volume_id)
+            .collect())
     }
 
     // ---- crash recovery ------------------------------------------------------------

@@ -486,11 +486,14 @@ impl Pool {
         let source_kind = match src {
             VolumeSource::Snapshot(s) => {
                 let snap = self.ready_snapshot(s)?;
-                match self.volume(&snap.source_volume)? {
-                    Some(v) => v.kind,
-                    // The source volume is gone; the snapshot alone cannot tell, so any kind
-                    // is allowed (a wrong one shows at stage as a filesystem mismatch).
-                    None => return Ok(()),
+                match (snap.kind, self.volume(&snap.source_volume)?) {
+                    (Some(kind), _) => kind,
+                    // A record from before snapshots kept their kind: the source tells, while
+                    // it exists.
+                    (None, Some(v)) => v.kind,
+                    // Neither tells, so any kind is allowed (a filesystem restored from a
+                    // block volume's data shows at stage as a filesystem mismatch).
+                    (None, None) => return Ok(()),
                 }
             }
             VolumeSource::Volume(v) => self.ready_volume(v)?.kind,
@@ -685,6 +688,7 @@ impl Pool {
             reserved_bytes: needed,
             created_unix_nanos: now_nanos(),
             shipping: false,
+            kind: Some(vol.kind.clone()),
         };
         fsutil::write_json(&self.snapshot_meta(&rec.id), &rec)?;
         failpoint::hit("create-snapshot:after-record");

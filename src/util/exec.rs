@@ -1,7 +1,7 @@
 //! Running the system tools berth drives (losetup, mkfs, mount helpers, fsfreeze…).
-//! Every command runs with `LC_ALL=C` (so stderr we quote is stable), a timeout, and
-//! `kill_on_drop` (a cancelled RPC never leaves an orphaned mkfs behind); its stderr goes
-//! into the error.
+//! Every command runs with `LC_ALL=C` (so stderr we quote is stable), a timeout (except
+//! the few that must run to completion, see [`run_limited`]), and `kill_on_drop` (a
+//! cancelled RPC never leaves an orphaned mkfs behind); its stderr goes into the error.
 
 use std::{ffi::OsStr, process::Stdio, time::Duration};
 
@@ -17,10 +17,13 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    run_with_timeout(program, args, DEFAULT_TIMEOUT).await
+    run_limited(program, args, Some(DEFAULT_TIMEOUT)).await
 }
 
-pub async fn run_with_timeout<I, S>(program: &str, args: I, timeout: Duration) -> Result<String>
+/// [`run`] with its own limit. `None` runs to completion: for a command whose time grows
+/// with the data and which damages what it changes when killed mid-way (an offline
+/// resize2fs), a timeout turns a slow success into a broken filesystem.
+pub async fn run_limited<I, S>(program: &str, args: I, timeout: Option<Duration>) -> Result<String>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -44,13 +47,19 @@ where
             status: "not started".into(),
             stderr: e.to_string(),
         })?;
-    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+    let waited = match timeout {
+        Some(t) => tokio::time::timeout(t, child.wait_with_output())
+            .await
+            .map_err(|_| t),
+        None => Ok(child.wait_with_output().await),
+    };
+    let output = match waited {
         Ok(out) => out.map_err(|e| Error::Command {
             command: command.clone(),
             status: "wait failed".into(),
             stderr: e.to_string(),
         })?,
-        Err(_) => return Err(Error::Timeout { command, timeout }),
+        Err(timeout) => return Err(Error::Timeout { command, timeout }),
     };
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
@@ -70,7 +79,20 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    match run(program, args).await {
+    status_limited(program, args, Some(DEFAULT_TIMEOUT)).await
+}
+
+/// [`status`] with its own limit, as [`run_limited`].
+pub async fn status_limited<I, S>(
+    program: &str,
+    args: I,
+    timeout: Option<Duration>,
+) -> Result<(i32, String)>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    match run_limited(program, args, timeout).await {
         Ok(out) => Ok((0, out)),
         Err(Error::Command { status, stderr, .. }) if status.starts_with("exit status") => {
             let code = status
@@ -80,5 +102,23 @@ where
             Ok((code, stderr))
         }
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_limit_kills_and_none_runs_to_completion() {
+        let late = run_limited("sleep", ["0.5"], Some(Duration::from_millis(50))).await;
+        assert!(matches!(late, Err(Error::Timeout { .. })), "{late:?}");
+        run_limited("sleep", ["0.5"], None)
+            .await
+            .expect("no limit: it runs to the end");
+        let (code, _) = status_limited("sh", ["-c", "sleep 0.2; exit 3"], None)
+            .await
+            .unwrap();
+        assert_eq!(code, 3);
     }
 }

@@ -62,8 +62,16 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Records read on this thread: tests bound what an operation costs in reads with it.
+    pub static RECORD_READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Reads a JSON record; `Ok(None)` when it does not exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    #[cfg(test)]
+    RECORD_READS.with(|n| n.set(n.get() + 1));
     match fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
