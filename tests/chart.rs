@@ -712,3 +712,199 @@ fn chart_crds_accept_what_berth_writes_and_refuse_what_it_cannot_read() {
     );
     assert_eq!(text(&out.stdout).lines().count(), 7);
 }
+
+/// (apiVersion, kind) of every object in a multi-document YAML stream.
+fn objects(yaml: &str) -> Vec<(String, String)> {
+    yaml.split("\n---")
+        .filter_map(|doc| {
+            let field = |name: &str| {
+                doc.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_string())
+            };
+            Some((field("apiVersion: ")?, field("kind: ")?))
+        })
+        .collect()
+}
+
+/// The apiVersion of each object of `kind` that `helm template` renders for Kubernetes
+/// `kube_version` when the cluster serves `apis` (what `helm install` learns from discovery),
+/// with `sets` as --set values.
+fn rendered(
+    t: &Tools,
+    kind: &str,
+    kube_version: &str,
+    apis: &[&str],
+    sets: &[&str],
+) -> Vec<String> {
+    let mut args = vec!["--kube-version", kube_version];
+    for api in apis {
+        args.extend(["--api-versions", api]);
+    }
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let out = template(t, &args);
+    assert!(
+        out.status.success(),
+        "helm template {args:?} failed:\n{}",
+        text(&out.stderr)
+    );
+    objects(&text(&out.stdout))
+        .into_iter()
+        .filter(|(_, k)| k == kind)
+        .map(|(api, _)| api)
+        .collect()
+}
+
+const SNAPSHOT_API: &str = "snapshot.storage.k8s.io/v1/VolumeSnapshotClass";
+const GROUP_SNAPSHOT_API: &str = "groupsnapshot.storage.k8s.io/v1/VolumeGroupSnapshotClass";
+const ATTRIBUTES_API_V1: &str = "storage.k8s.io/v1/VolumeAttributesClass";
+const ATTRIBUTES_API_V1BETA1: &str = "storage.k8s.io/v1beta1/VolumeAttributesClass";
+
+#[test]
+fn volume_snapshot_class_follows_the_served_api_unless_forced() {
+    let Some(t) = tools() else { return };
+    let classes = |apis: &[&str], sets: &[&str]| {
+        rendered(&t, "VolumeSnapshotClass", "1.34.0", apis, sets).len()
+    };
+    assert_eq!(classes(&[], &[]), 0, "the cluster serves no snapshot API");
+    assert_eq!(
+        classes(&[SNAPSHOT_API], &[]),
+        1,
+        "the cluster serves snapshot.storage.k8s.io/v1: helm install must create the class"
+    );
+    assert_eq!(
+        classes(&[SNAPSHOT_API], &["sidecars.snapshotter.enabled=false"]),
+        0,
+        "no csi-snapshotter, so no class that promises snapshots"
+    );
+    assert_eq!(
+        classes(&[SNAPSHOT_API], &["volumeSnapshotClass.enabled=false"]),
+        0,
+        "false must win over the served API"
+    );
+    assert_eq!(
+        classes(&[], &["volumeSnapshotClass.enabled=true"]),
+        1,
+        "true must win over the missing API"
+    );
+}
+
+#[test]
+fn volume_group_snapshot_class_follows_the_served_api_unless_forced() {
+    let Some(t) = tools() else { return };
+    let classes = |apis: &[&str], sets: &[&str]| {
+        rendered(&t, "VolumeGroupSnapshotClass", "1.34.0", apis, sets)
+    };
+    assert!(classes(&[], &[]).is_empty(), "no group snapshot API served");
+    assert_eq!(
+        classes(&[GROUP_SNAPSHOT_API], &[]),
+        ["groupsnapshot.storage.k8s.io/v1"]
+    );
+    assert!(
+        classes(
+            &["groupsnapshot.storage.k8s.io/v1beta1/VolumeGroupSnapshotClass"],
+            &[]
+        )
+        .is_empty(),
+        "only the configured apiVersion (v1) counts"
+    );
+    assert_eq!(
+        classes(
+            &["groupsnapshot.storage.k8s.io/v1beta2/VolumeGroupSnapshotClass"],
+            &["volumeGroupSnapshotClass.apiVersion=groupsnapshot.storage.k8s.io/v1beta2"]
+        ),
+        ["groupsnapshot.storage.k8s.io/v1beta2"]
+    );
+    assert!(
+        classes(
+            &[GROUP_SNAPSHOT_API],
+            &["sidecars.snapshotter.groupSnapshots=false"]
+        )
+        .is_empty(),
+        "group snapshots are off in csi-snapshotter"
+    );
+    assert!(
+        classes(
+            &[GROUP_SNAPSHOT_API],
+            &["volumeGroupSnapshotClass.enabled=false"]
+        )
+        .is_empty(),
+        "false must win over the served API"
+    );
+    assert_eq!(
+        classes(&[], &["volumeGroupSnapshotClass.enabled=true"]),
+        ["groupsnapshot.storage.k8s.io/v1"],
+        "true must win over the missing API"
+    );
+}
+
+#[test]
+fn volume_attributes_classes_follow_the_served_api_unless_forced() {
+    let Some(t) = tools() else { return };
+    let classes = |version: &str, apis: &[&str], sets: &[&str]| {
+        rendered(&t, "VolumeAttributesClass", version, apis, sets)
+    };
+    let v1 = ["storage.k8s.io/v1"; 2];
+    let v1beta1 = ["storage.k8s.io/v1beta1"; 2];
+    assert!(
+        classes("1.33.0", &[], &[]).is_empty(),
+        "1.33 without the VolumeAttributesClass feature gate serves neither version"
+    );
+    assert_eq!(classes("1.33.0", &[ATTRIBUTES_API_V1BETA1], &[]), v1beta1);
+    assert_eq!(classes("1.34.0", &[ATTRIBUTES_API_V1], &[]), v1);
+    assert_eq!(
+        classes("1.34.0", &[ATTRIBUTES_API_V1BETA1, ATTRIBUTES_API_V1], &[]),
+        v1,
+        "v1 is preferred where both are served"
+    );
+    assert!(
+        classes(
+            "1.34.0",
+            &[ATTRIBUTES_API_V1],
+            &["volumeAttributesClasses.enabled=false"]
+        )
+        .is_empty(),
+        "false must win over the served API"
+    );
+    let forced = ["volumeAttributesClasses.enabled=true"];
+    assert_eq!(
+        classes("1.34.0", &[], &forced),
+        v1,
+        "forced on without discovery: the Kubernetes version decides"
+    );
+    assert_eq!(classes("1.31.0", &[], &forced), v1beta1);
+}
+
+#[test]
+fn render_with_every_class_api_served_validates_strictly() {
+    let Some(t) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for version in KUBE_VERSIONS {
+        let attributes = if version >= "1.34" {
+            ATTRIBUTES_API_V1
+        } else {
+            ATTRIBUTES_API_V1BETA1
+        };
+        let mut args = vec!["--kube-version", version];
+        for api in [SNAPSHOT_API, GROUP_SNAPSHOT_API, attributes] {
+            args.extend(["--api-versions", api]);
+        }
+        let out = template(&t, &args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let yaml = text(&out.stdout);
+        validate(&t, dir.path(), "served-apis", &yaml, version);
+        let kinds = kinds(&yaml);
+        for kind in [
+            "VolumeSnapshotClass",
+            "VolumeGroupSnapshotClass",
+            "VolumeAttributesClass",
+        ] {
+            assert!(
+                kinds.contains_key(kind),
+                "Kubernetes {version} serving every class API: the default values render no {kind}"
+            );
+        }
+    }
+}
