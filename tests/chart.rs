@@ -908,3 +908,141 @@ fn render_with_every_class_api_served_validates_strictly() {
         }
     }
 }
+
+/// `vMAJOR.MINOR.PATCH` as numbers, for ordering image tags.
+fn version(tag: &str) -> (u32, u32, u32) {
+    let parts: Vec<u32> = tag
+        .strip_prefix('v')
+        .unwrap_or_else(|| panic!("tag {tag:?} does not start with v"))
+        .split('.')
+        .map(|p| {
+            p.parse()
+                .unwrap_or_else(|_| panic!("tag {tag:?} is not vX.Y.Z"))
+        })
+        .collect();
+    let [major, minor, patch] = parts[..] else {
+        panic!("tag {tag:?} is not vX.Y.Z")
+    };
+    (major, minor, patch)
+}
+
+/// Image name -> tag of every registry.k8s.io/sig-storage image in `text`, found as
+/// `repository: <registry>/<name>` followed by `tag: <tag>` (values.yaml) or as
+/// `image: <registry>/<name>:<tag>` (a render).
+fn sig_storage_images(text: &str) -> BTreeMap<String, String> {
+    const REGISTRY: &str = "registry.k8s.io/sig-storage/";
+    let mut images = BTreeMap::new();
+    let mut repository: Option<String> = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(image) = line
+            .strip_prefix("image: ")
+            .and_then(|i| i.strip_prefix(REGISTRY))
+        {
+            let (name, tag) = image.split_once(':').expect("image without a tag");
+            let old = images.insert(name.to_string(), tag.trim_matches('"').to_string());
+            assert!(
+                old.is_none() || old.as_deref() == Some(tag),
+                "{name} is rendered with two tags"
+            );
+        } else if let Some(name) = line
+            .strip_prefix("repository: ")
+            .and_then(|r| r.strip_prefix(REGISTRY))
+        {
+            repository = Some(name.to_string());
+        } else if let Some(tag) = line.strip_prefix("tag: ") {
+            if let Some(name) = repository.take() {
+                images.insert(name, tag.trim_matches('"').to_string());
+            }
+        }
+    }
+    images
+}
+
+/// One row of docs/kubernetes.md's "Supported sidecar versions" table.
+struct SidecarRow {
+    oldest: String,
+    pinned: String,
+    published: String,
+}
+
+fn documented_sidecars() -> BTreeMap<String, SidecarRow> {
+    let docs = std::fs::read_to_string(root().join("docs/kubernetes.md")).unwrap();
+    let section = docs
+        .split("\n## ")
+        .find(|s| s.starts_with("Supported sidecar versions"))
+        .expect("docs/kubernetes.md has no \"## Supported sidecar versions\" section");
+    let mut rows = BTreeMap::new();
+    for line in section.lines().filter(|l| l.starts_with('|')) {
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        if cells[0] == "sidecar" || cells[0].starts_with("---") {
+            continue;
+        }
+        assert_eq!(
+            cells.len(),
+            5,
+            "sidecar table row with other than 5 cells: {line}"
+        );
+        rows.insert(
+            cells[0].to_string(),
+            SidecarRow {
+                oldest: cells[1].to_string(),
+                pinned: cells[3].to_string(),
+                published: cells[4].to_string(),
+            },
+        );
+    }
+    rows
+}
+
+/// What docs/kubernetes.md promises about sidecars is what the chart and manifests/ run: every
+/// pinned sidecar is in the table, with the table's pinned tag, at least its oldest supported
+/// version (below which the sidecar crashes on berth's newer capability values).
+#[test]
+fn sidecar_tags_are_documented_and_at_least_the_oldest_supported() {
+    let documented = documented_sidecars();
+    let values = std::fs::read_to_string(root().join("charts/berth/values.yaml")).unwrap();
+    let manifests = std::fs::read_to_string(root().join("manifests/berth.yaml")).unwrap();
+    for (source, pinned) in [
+        ("charts/berth/values.yaml", sig_storage_images(&values)),
+        ("manifests/berth.yaml", sig_storage_images(&manifests)),
+    ] {
+        assert_eq!(
+            pinned.keys().collect::<Vec<_>>(),
+            documented.keys().collect::<Vec<_>>(),
+            "{source} pins other sidecars than docs/kubernetes.md lists"
+        );
+        for (name, tag) in &pinned {
+            let row = &documented[name];
+            assert_eq!(
+                tag, &row.pinned,
+                "{source} pins {name} {tag}; docs/kubernetes.md says {}",
+                row.pinned
+            );
+            assert!(
+                version(tag) >= version(&row.oldest),
+                "{source} pins {name} {tag}, older than the oldest supported {}",
+                row.oldest
+            );
+            let image = format!("registry.k8s.io/sig-storage/{name}:{tag}");
+            assert!(
+                row.published.contains(&image),
+                "docs/kubernetes.md does not say where {image} is published"
+            );
+        }
+    }
+}
+
+/// The table's floors rest on berth advertising capability values older sidecars' CSI
+/// libraries do not know: if these go, docs/kubernetes.md's reasoning must change with them.
+#[test]
+fn sidecar_floor_rests_on_capabilities_berth_advertises() {
+    use berth::proto::csi::v1::{
+        controller_service_capability::rpc::Type as CtrlCap,
+        plugin_capability::service::Type as PluginService,
+    };
+    use berth::service::capabilities;
+    assert!(capabilities::CONTROLLER.contains(&CtrlCap::GetSnapshot));
+    assert!(capabilities::plugin_services(true).contains(&PluginService::SnapshotMetadataService));
+    let docs = std::fs::read_to_string(root().join("docs/kubernetes.md")).unwrap();
+    assert!(docs.contains("`GET_SNAPSHOT`") && docs.contains("`SNAPSHOT_METADATA_SERVICE`"));
+}
