@@ -949,10 +949,10 @@ fn sig_storage_images(text: &str) -> BTreeMap<String, String> {
             .and_then(|r| r.strip_prefix(REGISTRY))
         {
             repository = Some(name.to_string());
-        } else if let Some(tag) = line.strip_prefix("tag: ") {
-            if let Some(name) = repository.take() {
-                images.insert(name, tag.trim_matches('"').to_string());
-            }
+        } else if let Some(tag) = line.strip_prefix("tag: ")
+            && let Some(name) = repository.take()
+        {
+            images.insert(name, tag.trim_matches('"').to_string());
         }
     }
     images
