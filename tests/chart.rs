@@ -1046,3 +1046,141 @@ fn sidecar_floor_rests_on_capabilities_berth_advertises() {
     let docs = std::fs::read_to_string(root().join("docs/kubernetes.md")).unwrap();
     assert!(docs.contains("`GET_SNAPSHOT`") && docs.contains("`SNAPSHOT_METADATA_SERVICE`"));
 }
+
+/// A kube-apiserver of its own (`../shared/k8s/up`, see its README), stopped on drop; None
+/// (after saying why) where `../shared` is absent and CI is not set.
+struct ApiServer {
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+impl ApiServer {
+    fn start() -> Option<ApiServer> {
+        let up = root().join("../shared/k8s/up");
+        if !up.is_file() {
+            let msg = format!("tests/chart.rs: {} not found", up.display());
+            let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+            assert!(!ci, "{msg}: CI is set, so the API-server tests must run");
+            let _ = writeln!(std::io::stderr(), "{msg}; skipping an API-server test");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = run(Command::new(up).arg(dir.path().join("k8s")));
+        assert!(
+            out.status.success(),
+            "../shared/k8s/up failed:\n{}",
+            text(&out.stderr)
+        );
+        let kubeconfig = PathBuf::from(text(&out.stdout).trim());
+        Some(ApiServer { dir, kubeconfig })
+    }
+
+    /// `cmd` against this server, with a HOME of its own so neither kubectl's nor helm's
+    /// discovery cache outlives the server.
+    fn run(&self, cmd: &mut Command) -> Output {
+        run(cmd
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", self.dir.path())
+            .env("HELM_CACHE_HOME", self.dir.path().join("helm-cache"))
+            .env("HELM_CONFIG_HOME", self.dir.path().join("helm-config"))
+            .env("HELM_DATA_HOME", self.dir.path().join("helm-data")))
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = Command::new(root().join("../shared/k8s/down"))
+            .arg(self.dir.path().join("k8s"))
+            .arg("--purge")
+            .status();
+    }
+}
+
+/// The VolumeSnapshotClass CRD as external-snapshotter ships it, cut to what discovery needs.
+const SNAPSHOT_CLASS_CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: volumesnapshotclasses.snapshot.storage.k8s.io
+  annotations:
+    api-approved.kubernetes.io: "https://github.com/kubernetes-csi/external-snapshotter/pull/814"
+spec:
+  group: snapshot.storage.k8s.io
+  scope: Cluster
+  names:
+    kind: VolumeSnapshotClass
+    listKind: VolumeSnapshotClassList
+    plural: volumesnapshotclasses
+    singular: volumesnapshotclass
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          x-kubernetes-preserve-unknown-fields: true
+"#;
+
+/// `helm install` (server-side dry run, so Helm asks the real API server's discovery) with
+/// the default values creates the VolumeSnapshotClass only once the cluster serves it, and no
+/// VolumeAttributesClass on v1.32, which serves that API only with its feature gate.
+#[test]
+fn helm_install_creates_the_snapshot_class_once_the_cluster_serves_it() {
+    let Some(t) = tools() else { return };
+    let Some(server) = ApiServer::start() else {
+        return;
+    };
+    let kubectl = find(t.helm.parent().unwrap(), "kubectl")
+        .expect("kubectl not found beside helm or on PATH: install it with .ci/kube-tools");
+    let install = || {
+        let out = server.run(Command::new(&t.helm).args([
+            "install",
+            "berth",
+            "charts/berth",
+            "--namespace",
+            "berth-system",
+            "--create-namespace",
+            "--dry-run=server",
+        ]));
+        assert!(
+            out.status.success(),
+            "helm install --dry-run=server failed:\n{}",
+            text(&out.stderr)
+        );
+        kinds(&text(&out.stdout))
+    };
+    let before = install();
+    assert!(before.contains_key("Deployment"), "{before:?}");
+    for kind in [
+        "VolumeSnapshotClass",
+        "VolumeGroupSnapshotClass",
+        "VolumeAttributesClass",
+    ] {
+        assert!(
+            !before.contains_key(kind),
+            "a {kind} for a cluster that does not serve it: {before:?}"
+        );
+    }
+
+    let crd = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(crd.path(), SNAPSHOT_CLASS_CRD).unwrap();
+    for args in [
+        vec!["apply", "-f", crd.path().to_str().unwrap()],
+        vec![
+            "wait",
+            "--for=condition=established",
+            "crd/volumesnapshotclasses.snapshot.storage.k8s.io",
+        ],
+    ] {
+        let out = server.run(Command::new(&kubectl).args(&args));
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}:\n{}",
+            text(&out.stderr)
+        );
+    }
+    let after = install();
+    assert_eq!(after.get("VolumeSnapshotClass"), Some(&1), "{after:?}");
+    assert!(!after.contains_key("VolumeGroupSnapshotClass"), "{after:?}");
+}
