@@ -753,3 +753,475 @@ fn chart_crds_accept_what_berth_writes_and_refuse_what_it_cannot_read() {
     );
     assert_eq!(text(&out.stdout).lines().count(), 7);
 }
+
+/// (apiVersion, kind) of every object in a multi-document YAML stream.
+fn objects(yaml: &str) -> Vec<(String, String)> {
+    yaml.split("\n---")
+        .filter_map(|doc| {
+            let field = |name: &str| {
+                doc.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_string())
+            };
+            Some((field("apiVersion: ")?, field("kind: ")?))
+        })
+        .collect()
+}
+
+/// The apiVersion of each object of `kind` that `helm template` renders for Kubernetes
+/// `kube_version` when the cluster serves `apis` (what `helm install` learns from discovery),
+/// with `sets` as --set values.
+fn rendered(
+    t: &Tools,
+    kind: &str,
+    kube_version: &str,
+    apis: &[&str],
+    sets: &[&str],
+) -> Vec<String> {
+    let mut args = vec!["--kube-version", kube_version];
+    for api in apis {
+        args.extend(["--api-versions", api]);
+    }
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let out = template(t, &args);
+    assert!(
+        out.status.success(),
+        "helm template {args:?} failed:\n{}",
+        text(&out.stderr)
+    );
+    objects(&text(&out.stdout))
+        .into_iter()
+        .filter(|(_, k)| k == kind)
+        .map(|(api, _)| api)
+        .collect()
+}
+
+const SNAPSHOT_API: &str = "snapshot.storage.k8s.io/v1/VolumeSnapshotClass";
+const GROUP_SNAPSHOT_API: &str = "groupsnapshot.storage.k8s.io/v1/VolumeGroupSnapshotClass";
+const ATTRIBUTES_API_V1: &str = "storage.k8s.io/v1/VolumeAttributesClass";
+const ATTRIBUTES_API_V1BETA1: &str = "storage.k8s.io/v1beta1/VolumeAttributesClass";
+
+#[test]
+fn volume_snapshot_class_follows_the_served_api_unless_forced() {
+    let Some(t) = tools() else { return };
+    let classes = |apis: &[&str], sets: &[&str]| {
+        rendered(&t, "VolumeSnapshotClass", "1.34.0", apis, sets).len()
+    };
+    assert_eq!(classes(&[], &[]), 0, "the cluster serves no snapshot API");
+    assert_eq!(
+        classes(&[SNAPSHOT_API], &[]),
+        1,
+        "the cluster serves snapshot.storage.k8s.io/v1: helm install must create the class"
+    );
+    assert_eq!(
+        classes(&[SNAPSHOT_API], &["sidecars.snapshotter.enabled=false"]),
+        0,
+        "no csi-snapshotter, so no class that promises snapshots"
+    );
+    assert_eq!(
+        classes(&[SNAPSHOT_API], &["volumeSnapshotClass.enabled=false"]),
+        0,
+        "false must win over the served API"
+    );
+    assert_eq!(
+        classes(&[], &["volumeSnapshotClass.enabled=true"]),
+        1,
+        "true must win over the missing API"
+    );
+}
+
+#[test]
+fn volume_group_snapshot_class_follows_the_served_api_unless_forced() {
+    let Some(t) = tools() else { return };
+    let classes = |apis: &[&str], sets: &[&str]| {
+        rendered(&t, "VolumeGroupSnapshotClass", "1.34.0", apis, sets)
+    };
+    assert!(classes(&[], &[]).is_empty(), "no group snapshot API served");
+    assert_eq!(
+        classes(&[GROUP_SNAPSHOT_API], &[]),
+        ["groupsnapshot.storage.k8s.io/v1"]
+    );
+    assert!(
+        classes(
+            &["groupsnapshot.storage.k8s.io/v1beta1/VolumeGroupSnapshotClass"],
+            &[]
+        )
+        .is_empty(),
+        "only the configured apiVersion (v1) counts"
+    );
+    assert_eq!(
+        classes(
+            &["groupsnapshot.storage.k8s.io/v1beta2/VolumeGroupSnapshotClass"],
+            &["volumeGroupSnapshotClass.apiVersion=groupsnapshot.storage.k8s.io/v1beta2"]
+        ),
+        ["groupsnapshot.storage.k8s.io/v1beta2"]
+    );
+    assert!(
+        classes(
+            &[GROUP_SNAPSHOT_API],
+            &["sidecars.snapshotter.groupSnapshots=false"]
+        )
+        .is_empty(),
+        "group snapshots are off in csi-snapshotter"
+    );
+    assert!(
+        classes(
+            &[GROUP_SNAPSHOT_API],
+            &["volumeGroupSnapshotClass.enabled=false"]
+        )
+        .is_empty(),
+        "false must win over the served API"
+    );
+    assert_eq!(
+        classes(&[], &["volumeGroupSnapshotClass.enabled=true"]),
+        ["groupsnapshot.storage.k8s.io/v1"],
+        "true must win over the missing API"
+    );
+}
+
+#[test]
+fn volume_attributes_classes_follow_the_served_api_unless_forced() {
+    let Some(t) = tools() else { return };
+    let classes = |version: &str, apis: &[&str], sets: &[&str]| {
+        rendered(&t, "VolumeAttributesClass", version, apis, sets)
+    };
+    let v1 = ["storage.k8s.io/v1"; 2];
+    let v1beta1 = ["storage.k8s.io/v1beta1"; 2];
+    assert!(
+        classes("1.33.0", &[], &[]).is_empty(),
+        "1.33 without the VolumeAttributesClass feature gate serves neither version"
+    );
+    assert_eq!(classes("1.33.0", &[ATTRIBUTES_API_V1BETA1], &[]), v1beta1);
+    assert_eq!(classes("1.34.0", &[ATTRIBUTES_API_V1], &[]), v1);
+    assert_eq!(
+        classes("1.34.0", &[ATTRIBUTES_API_V1BETA1, ATTRIBUTES_API_V1], &[]),
+        v1,
+        "v1 is preferred where both are served"
+    );
+    assert!(
+        classes(
+            "1.34.0",
+            &[ATTRIBUTES_API_V1],
+            &["volumeAttributesClasses.enabled=false"]
+        )
+        .is_empty(),
+        "false must win over the served API"
+    );
+    let forced = ["volumeAttributesClasses.enabled=true"];
+    assert_eq!(
+        classes("1.34.0", &[], &forced),
+        v1,
+        "forced on without discovery: the Kubernetes version decides"
+    );
+    assert_eq!(classes("1.31.0", &[], &forced), v1beta1);
+}
+
+#[test]
+fn render_with_every_class_api_served_validates_strictly() {
+    let Some(t) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for version in KUBE_VERSIONS {
+        let attributes = if version >= "1.34" {
+            ATTRIBUTES_API_V1
+        } else {
+            ATTRIBUTES_API_V1BETA1
+        };
+        let mut args = vec!["--kube-version", version];
+        for api in [SNAPSHOT_API, GROUP_SNAPSHOT_API, attributes] {
+            args.extend(["--api-versions", api]);
+        }
+        let out = template(&t, &args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let yaml = text(&out.stdout);
+        validate(&t, dir.path(), "served-apis", &yaml, version);
+        let kinds = kinds(&yaml);
+        for kind in [
+            "VolumeSnapshotClass",
+            "VolumeGroupSnapshotClass",
+            "VolumeAttributesClass",
+        ] {
+            assert!(
+                kinds.contains_key(kind),
+                "Kubernetes {version} serving every class API: the default values render no {kind}"
+            );
+        }
+    }
+}
+
+/// `vMAJOR.MINOR.PATCH` as numbers, for ordering image tags.
+fn version(tag: &str) -> (u32, u32, u32) {
+    let parts: Vec<u32> = tag
+        .strip_prefix('v')
+        .unwrap_or_else(|| panic!("tag {tag:?} does not start with v"))
+        .split('.')
+        .map(|p| {
+            p.parse()
+                .unwrap_or_else(|_| panic!("tag {tag:?} is not vX.Y.Z"))
+        })
+        .collect();
+    let [major, minor, patch] = parts[..] else {
+        panic!("tag {tag:?} is not vX.Y.Z")
+    };
+    (major, minor, patch)
+}
+
+/// Image name -> tag of every registry.k8s.io/sig-storage image in `text`, found as
+/// `repository: <registry>/<name>` followed by `tag: <tag>` (values.yaml) or as
+/// `image: <registry>/<name>:<tag>` (a render).
+fn sig_storage_images(text: &str) -> BTreeMap<String, String> {
+    const REGISTRY: &str = "registry.k8s.io/sig-storage/";
+    let mut images = BTreeMap::new();
+    let mut repository: Option<String> = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(image) = line
+            .strip_prefix("image: ")
+            .and_then(|i| i.strip_prefix(REGISTRY))
+        {
+            let (name, tag) = image.split_once(':').expect("image without a tag");
+            let old = images.insert(name.to_string(), tag.trim_matches('"').to_string());
+            assert!(
+                old.is_none() || old.as_deref() == Some(tag),
+                "{name} is rendered with two tags"
+            );
+        } else if let Some(name) = line
+            .strip_prefix("repository: ")
+            .and_then(|r| r.strip_prefix(REGISTRY))
+        {
+            repository = Some(name.to_string());
+        } else if let Some(tag) = line.strip_prefix("tag: ")
+            && let Some(name) = repository.take()
+        {
+            images.insert(name, tag.trim_matches('"').to_string());
+        }
+    }
+    images
+}
+
+/// One row of docs/kubernetes.md's "Supported sidecar versions" table.
+struct SidecarRow {
+    oldest: String,
+    pinned: String,
+    published: String,
+}
+
+fn documented_sidecars() -> BTreeMap<String, SidecarRow> {
+    let docs = std::fs::read_to_string(root().join("docs/kubernetes.md")).unwrap();
+    let section = docs
+        .split("\n## ")
+        .find(|s| s.starts_with("Supported sidecar versions"))
+        .expect("docs/kubernetes.md has no \"## Supported sidecar versions\" section");
+    let mut rows = BTreeMap::new();
+    for line in section.lines().filter(|l| l.starts_with('|')) {
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        if cells[0] == "sidecar" || cells[0].starts_with("---") {
+            continue;
+        }
+        assert_eq!(
+            cells.len(),
+            5,
+            "sidecar table row with other than 5 cells: {line}"
+        );
+        rows.insert(
+            cells[0].to_string(),
+            SidecarRow {
+                oldest: cells[1].to_string(),
+                pinned: cells[3].to_string(),
+                published: cells[4].to_string(),
+            },
+        );
+    }
+    rows
+}
+
+/// What docs/kubernetes.md promises about sidecars is what the chart and manifests/ run: every
+/// pinned sidecar is in the table, with the table's pinned tag, at least its oldest supported
+/// version (below which the sidecar crashes on berth's newer capability values).
+#[test]
+fn sidecar_tags_are_documented_and_at_least_the_oldest_supported() {
+    let documented = documented_sidecars();
+    let values = std::fs::read_to_string(root().join("charts/berth/values.yaml")).unwrap();
+    let manifests = std::fs::read_to_string(root().join("manifests/berth.yaml")).unwrap();
+    for (source, pinned) in [
+        ("charts/berth/values.yaml", sig_storage_images(&values)),
+        ("manifests/berth.yaml", sig_storage_images(&manifests)),
+    ] {
+        assert_eq!(
+            pinned.keys().collect::<Vec<_>>(),
+            documented.keys().collect::<Vec<_>>(),
+            "{source} pins other sidecars than docs/kubernetes.md lists"
+        );
+        for (name, tag) in &pinned {
+            let row = &documented[name];
+            assert_eq!(
+                tag, &row.pinned,
+                "{source} pins {name} {tag}; docs/kubernetes.md says {}",
+                row.pinned
+            );
+            assert!(
+                version(tag) >= version(&row.oldest),
+                "{source} pins {name} {tag}, older than the oldest supported {}",
+                row.oldest
+            );
+            let image = format!("registry.k8s.io/sig-storage/{name}:{tag}");
+            assert!(
+                row.published.contains(&image),
+                "docs/kubernetes.md does not say where {image} is published"
+            );
+        }
+    }
+}
+
+/// The table's floors rest on berth advertising capability values older sidecars' CSI
+/// libraries do not know: if these go, docs/kubernetes.md's reasoning must change with them.
+#[test]
+fn sidecar_floor_rests_on_capabilities_berth_advertises() {
+    use berth::proto::csi::v1::{
+        controller_service_capability::rpc::Type as CtrlCap,
+        plugin_capability::service::Type as PluginService,
+    };
+    use berth::service::capabilities;
+    assert!(capabilities::CONTROLLER.contains(&CtrlCap::GetSnapshot));
+    assert!(capabilities::plugin_services(true).contains(&PluginService::SnapshotMetadataService));
+    let docs = std::fs::read_to_string(root().join("docs/kubernetes.md")).unwrap();
+    assert!(docs.contains("`GET_SNAPSHOT`") && docs.contains("`SNAPSHOT_METADATA_SERVICE`"));
+}
+
+/// A kube-apiserver of its own (`../shared/k8s/up`, see its README), stopped on drop; None
+/// (after saying why) where `../shared` is absent and CI is not set.
+struct ApiServer {
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+impl ApiServer {
+    fn start() -> Option<ApiServer> {
+        let up = root().join("../shared/k8s/up");
+        if !up.is_file() {
+            let msg = format!("tests/chart.rs: {} not found", up.display());
+            let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+            assert!(!ci, "{msg}: CI is set, so the API-server tests must run");
+            let _ = writeln!(std::io::stderr(), "{msg}; skipping an API-server test");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = run(Command::new(up).arg(dir.path().join("k8s")));
+        assert!(
+            out.status.success(),
+            "../shared/k8s/up failed:\n{}",
+            text(&out.stderr)
+        );
+        let kubeconfig = PathBuf::from(text(&out.stdout).trim());
+        Some(ApiServer { dir, kubeconfig })
+    }
+
+    /// `cmd` against this server, with a HOME of its own so neither kubectl's nor helm's
+    /// discovery cache outlives the server.
+    fn run(&self, cmd: &mut Command) -> Output {
+        run(cmd
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", self.dir.path())
+            .env("HELM_CACHE_HOME", self.dir.path().join("helm-cache"))
+            .env("HELM_CONFIG_HOME", self.dir.path().join("helm-config"))
+            .env("HELM_DATA_HOME", self.dir.path().join("helm-data")))
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = Command::new(root().join("../shared/k8s/down"))
+            .arg(self.dir.path().join("k8s"))
+            .arg("--purge")
+            .status();
+    }
+}
+
+/// The VolumeSnapshotClass CRD as external-snapshotter ships it, cut to what discovery needs.
+const SNAPSHOT_CLASS_CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: volumesnapshotclasses.snapshot.storage.k8s.io
+  annotations:
+    api-approved.kubernetes.io: "https://github.com/kubernetes-csi/external-snapshotter/pull/814"
+spec:
+  group: snapshot.storage.k8s.io
+  scope: Cluster
+  names:
+    kind: VolumeSnapshotClass
+    listKind: VolumeSnapshotClassList
+    plural: volumesnapshotclasses
+    singular: volumesnapshotclass
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          x-kubernetes-preserve-unknown-fields: true
+"#;
+
+/// `helm install` (server-side dry run, so Helm asks the real API server's discovery) with
+/// the default values creates the VolumeSnapshotClass only once the cluster serves it, and no
+/// VolumeAttributesClass on v1.32, which serves that API only with its feature gate.
+#[test]
+fn helm_install_creates_the_snapshot_class_once_the_cluster_serves_it() {
+    let Some(t) = tools() else { return };
+    let Some(server) = ApiServer::start() else {
+        return;
+    };
+    let kubectl = find(t.helm.parent().unwrap(), "kubectl")
+        .expect("kubectl not found beside helm or on PATH: install it with .ci/kube-tools");
+    let install = || {
+        let out = server.run(Command::new(&t.helm).args([
+            "install",
+            "berth",
+            "charts/berth",
+            "--namespace",
+            "berth-system",
+            "--create-namespace",
+            "--dry-run=server",
+        ]));
+        assert!(
+            out.status.success(),
+            "helm install --dry-run=server failed:\n{}",
+            text(&out.stderr)
+        );
+        kinds(&text(&out.stdout))
+    };
+    let before = install();
+    assert!(before.contains_key("Deployment"), "{before:?}");
+    for kind in [
+        "VolumeSnapshotClass",
+        "VolumeGroupSnapshotClass",
+        "VolumeAttributesClass",
+    ] {
+        assert!(
+            !before.contains_key(kind),
+            "a {kind} for a cluster that does not serve it: {before:?}"
+        );
+    }
+
+    let crd = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(crd.path(), SNAPSHOT_CLASS_CRD).unwrap();
+    for args in [
+        vec!["apply", "-f", crd.path().to_str().unwrap()],
+        vec![
+            "wait",
+            "--for=condition=established",
+            "crd/volumesnapshotclasses.snapshot.storage.k8s.io",
+        ],
+    ] {
+        let out = server.run(Command::new(&kubectl).args(&args));
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}:\n{}",
+            text(&out.stderr)
+        );
+    }
+    let after = install();
+    assert_eq!(after.get("VolumeSnapshotClass"), Some(&1), "{after:?}");
+    assert!(!after.contains_key("VolumeGroupSnapshotClass"), "{after:?}");
+}

@@ -58,10 +58,13 @@ app.kubernetes.io/component: {{ .component }}
 {{- if ne (empty .Values.agentTLS.existingSecret) (empty .Values.agentTLS.existingControllerSecret) -}}
 {{- fail "agentTLS.existingSecret and agentTLS.existingControllerSecret go together: the nodes' and the controller's certificates of one CA" -}}
 {{- end -}}
-{{- if and .Values.volumeGroupSnapshotClass.enabled (not .Values.sidecars.snapshotter.groupSnapshots) -}}
-{{- fail "volumeGroupSnapshotClass.enabled needs sidecars.snapshotter.groupSnapshots: true" -}}
+{{- /* Only a class forced on conflicts; "auto" leaves it out without the snapshotter. */ -}}
+{{- $snapshotClass := eq (toString .Values.volumeSnapshotClass.enabled) "true" -}}
+{{- $groupClass := eq (toString .Values.volumeGroupSnapshotClass.enabled) "true" -}}
+{{- if and $groupClass (not .Values.sidecars.snapshotter.groupSnapshots) -}}
+{{- fail "volumeGroupSnapshotClass.enabled=true needs sidecars.snapshotter.groupSnapshots: true" -}}
 {{- end -}}
-{{- if and (or .Values.volumeSnapshotClass.enabled .Values.volumeGroupSnapshotClass.enabled) (not .Values.sidecars.snapshotter.enabled) -}}
-{{- fail "volumeSnapshotClass / volumeGroupSnapshotClass need sidecars.snapshotter.enabled: true" -}}
+{{- if and (or $snapshotClass $groupClass) (not .Values.sidecars.snapshotter.enabled) -}}
+{{- fail "volumeSnapshotClass / volumeGroupSnapshotClass enabled=true need sidecars.snapshotter.enabled: true" -}}
 {{- end -}}
 {{- end }}
