@@ -643,8 +643,8 @@ fn chart_crds_validate_strictly_against_kubernetes_1_31_to_1_35() {
     }
     assert_eq!(
         kinds(&yaml).get("CustomResourceDefinition"),
-        Some(&2),
-        "BerthNode and VolumeMigration"
+        Some(&3),
+        "BerthNode, BerthVolume and VolumeMigration"
     );
 }
 
