@@ -1176,3 +1176,55 @@ async fn a_trimmed_volume_replicates_and_moves() {
     assert_eq!(device_hash(&moved.join("keep")), keep);
     assert!(!moved.join("big").exists());
 }
+
+/// Issue 11, item 3: a move into a nearly full node is refused, with RESOURCE_EXHAUSTED,
+/// whether the data does not fit (the target's Fetch reserves it first) or the volume does
+/// not (its Promote reserves the volume's capacity); the volume stays whole where it was,
+/// and the target's room for its own volumes is what it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_move_into_a_nearly_full_node_is_refused() {
+    let c = TestCluster::start(2).await;
+    let (big, big_hash) = volume_with_data(&c, "pvc-full-data", 200, &[]).await;
+    let (small, small_hash) = volume_with_data(&c, "pvc-full-size", 16, &[]).await;
+    // Node B keeps 64 MiB: room for the small volume's data, not for the big one's data
+    // nor for the small one's 512 MiB capacity.
+    let room = c.inventory(1).await.available_bytes;
+    let mut req = create_req("pvc-filler", (room - (64 << 20)) as i64, block_cap());
+    req.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![],
+        preferred: vec![csi::Topology {
+            segments: [(
+                "topology.berth.csi.dev/node".to_string(),
+                c.nodes[1].id.clone(),
+            )]
+            .into(),
+        }],
+    });
+    let filler = create_volume(&c.ctl().await, req).await.volume_id;
+    assert!(c.copies(&filler).await.contains(&(1, pb::Role::Primary)));
+    assert_eq!(c.inventory(1).await.available_bytes, 64 << 20);
+
+    for vol in [&big, &small] {
+        let err = try_publish(&c, 1, vol).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::ResourceExhausted,
+            "{err:?}\n{}",
+            c.logs()
+        );
+        // The refused big receive released its reservation. The small volume's refused
+        // promotion leaves its 16 MiB snapshot as a replica, which the free-space bound
+        // counts twice (its blocks are gone from the real free space, and reserved), so
+        // B then offers 32 MiB.
+        let kept = if vol == &big { 64 << 20 } else { 32 << 20 };
+        assert_eq!(c.inventory(1).await.available_bytes, kept);
+    }
+    assert!(c.copies(&filler).await.contains(&(1, pb::Role::Primary)));
+    // Both volumes come home whole: publishing on A cancels the refused hand-offs.
+    for (vol, hash) in [(&big, &big_hash), (&small, &small_hash)] {
+        let dev = attach(&c, 0, vol).await;
+        assert_eq!(&device_hash(&dev), hash, "data intact after the refusal");
+        detach(&c, 0, vol).await;
+        assert!(c.copies(vol).await.contains(&(0, pb::Role::Primary)));
+    }
+}

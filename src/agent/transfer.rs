@@ -527,7 +527,17 @@ pub async fn receive(
         next_offset: 0,
         chunks: 0,
         bytes_done: 0,
+        reserved_bytes: 0,
     });
+    // Room first, before a byte is written: a receive resumed under the same plan already
+    // holds its reservation.
+    if st.reserved_bytes == 0 && header.data_bytes > 0 {
+        st.reserved_bytes = header.data_bytes;
+        if let Err(e) = pool.reserve_incoming(&st).await {
+            pool.discard_incoming(&job.snapshot)?;
+            return Err(e);
+        }
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(true)
