@@ -1217,6 +1217,10 @@ async fn a_move_into_a_nearly_full_node_is_refused() {
         // counts twice (its blocks are gone from the real free space, and reserved), so
         // B then offers 32 MiB.
         let kept = if vol == &big { 64 << 20 } else { 32 << 20 };
+        if vol == &big {
+            let got = c.counters(1).await.received_data_bytes;
+            assert_eq!(got, 0, "refused before any data was written");
+        }
         assert_eq!(c.inventory(1).await.available_bytes, kept);
     }
     assert!(c.copies(&filler).await.contains(&(1, pb::Role::Primary)));
