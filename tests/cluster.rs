@@ -1624,3 +1624,170 @@ async fn orphaned_fetches_record_no_replica() {
     );
     assert!(!replica_record.exists());
 }
+
+/// Publishes a filesystem volume (ext4) on node `i`; returns the mounted target.
+async fn attach_fs(c: &TestCluster, i: usize, vol: &str) -> PathBuf {
+    let node = c.nodes[i].id.clone();
+    let mut req = ctl_publish(vol, &node);
+    req.volume_capability = Some(mount_cap("ext4"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match c.ctl().await.controller_publish_volume(req.clone()).await {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::Aborted && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("publish on {node}: {e:?}\n{}", c.logs()),
+        }
+    }
+    let staging = c.nodes[i].path(&format!("{vol}/staging"));
+    let target = c.nodes[i].path(&format!("{vol}/target"));
+    let mut n = c.node(i).await;
+    n.node_stage_volume(stage_req(vol, &staging, mount_cap("ext4")))
+        .await
+        .unwrap();
+    n.node_publish_volume(publish_req(
+        vol,
+        &staging,
+        &target,
+        mount_cap("ext4"),
+        false,
+    ))
+    .await
+    .unwrap();
+    target
+}
+
+/// Issue 11, item 1: after a trim, the next delta holds one Zero piece far longer than a
+/// chunk (the freed extents of a deleted file). It must replicate, and the volume must
+/// move, rather than fail verification on every retry.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trimmed_volume_replicates_and_moves() {
+    let c = TestCluster::start(2).await;
+    let mut req = create_req("pvc-trim", VOL, mount_cap("ext4"));
+    req.parameters = common::params(&[("replicas", "2"), ("replicationInterval", "1s")]);
+    let vol = create_volume(&c.ctl().await, req).await.volume_id;
+    let on = c
+        .copies(&vol)
+        .await
+        .first()
+        .map(|(i, _)| *i)
+        .expect("created");
+    let other = 1 - on;
+    let target = attach_fs(&c, on, &vol).await;
+    let big = target.join("big");
+    for f in [&big, &target.join("keep")] {
+        std::fs::File::create(f).unwrap();
+    }
+    write_pattern(&big, 0, 96 << 20, 5);
+    write_pattern(&target.join("keep"), 0, 1 << 20, 6);
+    let keep = device_hash(&target.join("keep"));
+    c.wait_until(
+        "the file on the replica",
+        Duration::from_secs(60),
+        || async { c.counters(other).await.received_data_bytes >= 96 << 20 },
+    )
+    .await;
+
+    std::fs::remove_file(&big).unwrap();
+    // ext4 frees a deleted file's blocks for trimming only once its journal commits.
+    let sync = std::process::Command::new("sync")
+        .arg("-f")
+        .arg(&target)
+        .status()
+        .unwrap();
+    assert!(sync.success());
+    let trim = std::process::Command::new("fstrim")
+        .arg("-v")
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(trim.status.success(), "fstrim: {trim:?}");
+    let before = c.counters(other).await;
+    c.wait_until(
+        "a replication round after the trim",
+        Duration::from_secs(60),
+        || async {
+            let now = c.counters(other).await;
+            now.transfers_completed > before.transfers_completed
+                && now.received_zero_bytes >= before.received_zero_bytes + (64 << 20)
+        },
+    )
+    .await;
+    let after = c.counters(other).await;
+    assert_eq!(
+        after.chunks_rejected, before.chunks_rejected,
+        "no chunk refused: {after:?}"
+    );
+
+    // The move ships the trimmed image against the replica's base, and what arrives is
+    // the filesystem without the file.
+    let staging = c.nodes[on].path(&format!("{vol}/staging"));
+    let mut n = c.node(on).await;
+    n.node_unpublish_volume(unpublish_req(&vol, &target))
+        .await
+        .unwrap();
+    n.node_unstage_volume(unstage_req(&vol, &staging))
+        .await
+        .unwrap();
+    ctl_unpublish(&c, &vol, &c.nodes[on].id).await;
+    let moved = attach_fs(&c, other, &vol).await;
+    assert_eq!(device_hash(&moved.join("keep")), keep);
+    assert!(!moved.join("big").exists());
+}
+
+/// Issue 11, item 3: a move into a nearly full node is refused, with RESOURCE_EXHAUSTED,
+/// whether the data does not fit (the target's Fetch reserves it first) or the volume does
+/// not (its Promote reserves the volume's capacity); the volume stays whole where it was,
+/// and the target's room for its own volumes is what it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_move_into_a_nearly_full_node_is_refused() {
+    let c = TestCluster::start(2).await;
+    let (big, big_hash) = volume_with_data(&c, "pvc-full-data", 200, &[]).await;
+    let (small, small_hash) = volume_with_data(&c, "pvc-full-size", 16, &[]).await;
+    // Node B keeps 64 MiB: room for the small volume's data, not for the big one's data
+    // nor for the small one's 512 MiB capacity.
+    let room = c.inventory(1).await.available_bytes;
+    let mut req = create_req("pvc-filler", (room - (64 << 20)) as i64, block_cap());
+    req.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![],
+        preferred: vec![csi::Topology {
+            segments: [(
+                "topology.berth.csi.dev/node".to_string(),
+                c.nodes[1].id.clone(),
+            )]
+            .into(),
+        }],
+    });
+    let filler = create_volume(&c.ctl().await, req).await.volume_id;
+    assert!(c.copies(&filler).await.contains(&(1, pb::Role::Primary)));
+    assert_eq!(c.inventory(1).await.available_bytes, 64 << 20);
+
+    for vol in [&big, &small] {
+        let err = try_publish(&c, 1, vol).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::ResourceExhausted,
+            "{err:?}\n{}",
+            c.logs()
+        );
+        // The refused big receive released its reservation. The small volume's refused
+        // promotion leaves its 16 MiB snapshot as a replica, which the free-space bound
+        // counts twice (its blocks are gone from the real free space, and reserved), so
+        // B then offers 32 MiB.
+        let kept = if vol == &big { 64 << 20 } else { 32 << 20 };
+        if vol == &big {
+            let got = c.counters(1).await.received_data_bytes;
+            assert_eq!(got, 0, "refused before any data was written");
+        }
+        assert_eq!(c.inventory(1).await.available_bytes, kept);
+    }
+    assert!(c.copies(&filler).await.contains(&(1, pb::Role::Primary)));
+    // Both volumes come home whole: publishing on A cancels the refused hand-offs.
+    for (vol, hash) in [(&big, &big_hash), (&small, &small_hash)] {
+        let dev = attach(&c, 0, vol).await;
+        assert_eq!(&device_hash(&dev), hash, "data intact after the refusal");
+        detach(&c, 0, vol).await;
+        assert!(c.copies(vol).await.contains(&(0, pb::Role::Primary)));
+    }
+}

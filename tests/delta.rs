@@ -777,7 +777,8 @@ fn chunks_respect_max_and_preserve_order_and_coverage() {
             offset: 0,
             len: 5 * MIB
         }]),
-        "Zero pieces are not split"
+        "Zero pieces travel whole: they carry no bytes, and the receiver takes a Zero \
+         chunk of any length within the image (cluster::a_trimmed_volume_replicates_and_moves)"
     );
 }
 

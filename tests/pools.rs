@@ -244,3 +244,84 @@ async fn a_second_driver_does_not_take_a_live_socket() {
         .expect("the first driver still answers on its socket");
     d.assert_clean();
 }
+
+/// Issue 11, item 4: the embedded pool image on a host filesystem smaller than the pool.
+/// Start-up says so, and the pool is mounted with discard, so deleting a volume gives its
+/// space back to the host (the image's allocated blocks shrink).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_embedded_pool_on_a_small_host_warns_and_gives_space_back() {
+    require_root();
+    let outer = tempfile::Builder::new()
+        .prefix("berth-smallhost-")
+        .tempdir()
+        .unwrap();
+    let state = outer.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let dev = loop_device(outer.path(), "host.img", "640M");
+    assert!(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", &dev])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        Command::new("mount")
+            .arg(&dev)
+            .arg(&state)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut d = Driver {
+        dir: outer,
+        child: None,
+        opts: Options {
+            pool_size: "4Gi",
+            ..Default::default()
+        },
+    };
+    d.restart(None).await;
+    assert!(
+        d.log().contains("larger than its host filesystem can hold"),
+        "a 4 GiB pool on a 640 MiB host is announced:\n{}",
+        d.log()
+    );
+    let pool = d.pool_root().to_string_lossy().to_string();
+    let options = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(&pool))
+        .map(|l| l.to_string())
+        .expect("the pool is mounted");
+    assert!(options.contains("discard"), "{options}");
+
+    let image = d.state_dir().join("pool.img");
+    let allocated = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&image).unwrap().blocks() * 512
+    };
+    let ctl = d.controller().await;
+    let cap = mount_cap("ext4");
+    let vol = create_volume(&ctl, create_req("on-small-host", 256 * MIB, cap.clone())).await;
+    let target = stage_and_publish(&d, &vol.volume_id, &cap, "a").await;
+    write_pattern(&target.join("f"), 31, 200 << 20);
+    unpublish_and_unstage(&d, &vol.volume_id, "a").await;
+    let written = allocated();
+    delete_volume(&ctl, &vol.volume_id).await;
+    let started = std::time::Instant::now();
+    let deadline = started + std::time::Duration::from_secs(60);
+    while allocated() + (150 << 20) > written {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the host got the deleted volume's space back: {written} bytes allocated \
+             before the delete, {} after",
+            allocated()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "space back on the host {:?} after the delete",
+        started.elapsed()
+    );
+}

@@ -1,8 +1,9 @@
 //! Shipping a snapshot image between nodes.
 //!
 //! The sender plans the changed ranges (`storage::delta`), then streams them in chunks of at
-//! most [`CHUNK`] bytes through a small bounded queue, so a slow receiver slows the reader
-//! (HTTP/2 flow control does the rest) and memory stays at a few chunks. Every chunk
+//! most [`CHUNK`] bytes of data (a Zero piece travels whole, as one small message: it carries
+//! no bytes) through a small bounded queue, so a slow receiver slows the reader (HTTP/2 flow
+//! control does the rest) and memory stays at a few chunks. Every chunk
 //! carries its BLAKE3; the trailer carries a digest over all chunks' (offset, length, kind,
 //! digest) in order, so a dropped, repeated or reordered chunk fails the transfer as surely
 //! as a flipped bit.
@@ -609,7 +610,17 @@ pub async fn receive(
         next_offset: 0,
         chunks: 0,
         bytes_done: 0,
+        reserved_bytes: 0,
     });
+    // Room first, before a byte is written: a receive resumed under the same plan already
+    // holds its reservation.
+    if st.reserved_bytes == 0 && header.data_bytes > 0 {
+        st.reserved_bytes = header.data_bytes;
+        if let Err(e) = pool.reserve_incoming(&st).await {
+            pool.discard_incoming(&job.snapshot)?;
+            return Err(e);
+        }
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -787,8 +798,17 @@ impl Receiving<'_> {
                     (KIND_DATA, chunk.data.len() as u64)
                 };
                 let actual = blake3::hash(&chunk.data);
+                // CHUNK bounds the bytes a message carries. A Zero chunk carries none and
+                // covers its whole piece, which the sender never splits: after a trim, one
+                // Zero piece spans the freed gigabytes, and refusing it would fail every
+                // retry of the transfer. Its range is checked against the image like any
+                // other, and its length is in the image digest.
+                let malformed = match kind {
+                    KIND_DATA => len > CHUNK,
+                    _ => !chunk.data.is_empty(),
+                };
                 if actual.as_bytes().as_slice() != chunk.digest.as_slice()
-                    || len > CHUNK
+                    || malformed
                     || chunk.offset < st.next_offset
                     || chunk.offset.saturating_add(len) > header.size_bytes
                 {

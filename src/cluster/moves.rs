@@ -129,11 +129,20 @@ impl Cluster {
         // A step that failed on a node is the move's failure, not the CO's: its code (say
         // NOT_FOUND for a pruned snapshot) must not reach ControllerPublishVolume, whose
         // table gives NOT_FOUND one meaning only. The move resumes on the next publish.
+        // Except a target without room (RESOURCE_EXHAUSTED from its Fetch or Promote): the
+        // table's RESOURCE_EXHAUSTED is a node that can take no more volumes, to be retried
+        // with backoff once something leaves it, which is this case exactly; UNAVAILABLE
+        // would promise that a retry resumes the move (docs/moving.md, "A hand-off").
         let result = self
             .take_over(vol, to, p, on_progress)
             .await
             .map_err(|e| match e {
-                Error::Peer { node, status } if status.code() != tonic::Code::Aborted => {
+                Error::Peer { node, status }
+                    if !matches!(
+                        status.code(),
+                        tonic::Code::Aborted | tonic::Code::ResourceExhausted
+                    ) =>
+                {
                     Error::MoveInterrupted {
                         volume: vol.to_string(),
                         node,

@@ -355,6 +355,7 @@ impl Pool {
                 RecordState::Creating | RecordState::Deleting => s.reserved_bytes,
             };
         }
+        reserved += self.incoming_reserved()?;
         let by_reservation = fs.total_bytes.saturating_sub(reserved);
         // Space used outside berth's accounting (fs metadata, an admin's files in a
         // --pool-dir) only shows in the real free space: what volumes already hold is inside

@@ -61,6 +61,7 @@ pub async fn prepare(state_dir: &Path, source: &PoolSource) -> Result<PathBuf> {
                 f.sync_all().map_err(Error::io("fsync", &image))?;
                 fsutil::sync_dir(state_dir)?;
             }
+            warn_if_host_too_small(state_dir, &image, *size_bytes);
             if fsutil::is_mount_point(&mount_point)? {
                 // A restart: the device may have been attached by an older berth, on a
                 // number a volume had before, so it is tuned here too. Only found, never
@@ -68,23 +69,58 @@ pub async fn prepare(state_dir: &Path, source: &PoolSource) -> Result<PathBuf> {
                 if let Some(device) = loopdev::find(&image).await? {
                     loopdev::tune(&device, loopdev::Role::Pool);
                 }
+                // A pool an older berth mounted without discard gets it now.
+                if let Err(e) = exec::run(
+                    "mount",
+                    [
+                        "-o".as_ref(),
+                        "remount,discard".as_ref(),
+                        mount_point.as_os_str(),
+                    ],
+                )
+                .await
+                {
+                    tracing::warn!(pool = %mount_point.display(), error = %e, "cannot remount the pool with discard: space it frees stays taken on the host");
+                }
                 return Ok(mount_point);
             }
             let device = loopdev::attach(&image, true).await?;
             loopdev::tune(&device, loopdev::Role::Pool);
-            format_and_mount(&device, &mount_point).await?;
+            // An image is sparse on its host: discard makes every block the pool frees (a
+            // deleted image, a volume's trim passed through) a hole in the image again, so
+            // the space goes back to the host rather than staying allocated in the file.
+            format_and_mount(&device, &mount_point, &["-o", "discard"]).await?;
         }
         PoolSource::Device(device) => {
             if fsutil::is_mount_point(&mount_point)? {
                 return Ok(mount_point);
             }
-            format_and_mount(device, &mount_point).await?;
+            format_and_mount(device, &mount_point, &[]).await?;
         }
     }
     Ok(mount_point)
 }
 
-async fn format_and_mount(device: &Path, mount_point: &Path) -> Result<()> {
+/// The embedded pool is a sparse file of its nominal size on a host filesystem that may
+/// hold far less. Writes past what the host holds fail inside the pool's XFS, which then
+/// shuts down and takes every volume on the node with it: say so at start.
+fn warn_if_host_too_small(state_dir: &Path, image: &Path, size_bytes: u64) {
+    let Ok(host) = fsutil::fs_stats(state_dir) else {
+        return;
+    };
+    let held = fsutil::allocated_bytes(image).unwrap_or(0);
+    let can_hold = host.available_bytes.saturating_add(held);
+    if size_bytes > can_hold {
+        tracing::warn!(
+            image = %image.display(),
+            pool_bytes = size_bytes,
+            host_can_hold_bytes = can_hold,
+            "the pool image is larger than its host filesystem can hold: if the host fills up, the pool's filesystem shuts down and every volume on this node fails; lower --pool-size or free space on the host"
+        );
+    }
+}
+
+async fn format_and_mount(device: &Path, mount_point: &Path, options: &[&str]) -> Result<()> {
     match mount::probe(device).await? {
         Content::Blank => {
             // reflink=1 gives O(1) snapshots and clones; it is the mkfs.xfs default on
@@ -110,6 +146,8 @@ async fn format_and_mount(device: &Path, mount_point: &Path) -> Result<()> {
         }
     }
     fs::create_dir_all(mount_point).map_err(Error::io("create", mount_point))?;
-    exec::run("mount", [device.as_os_str(), mount_point.as_os_str()]).await?;
+    let mut args: Vec<&std::ffi::OsStr> = options.iter().map(|o| o.as_ref()).collect();
+    args.extend([device.as_os_str(), mount_point.as_os_str()]);
+    exec::run("mount", args).await?;
     Ok(())
 }

@@ -307,7 +307,19 @@ impl Pool {
         {
             let _alloc = self.alloc.lock().await;
             if self.volume(vol)?.is_some() {
+                // An earlier attempt's record: its reservation is already counted.
                 self.discard_volume_data(vol)?;
+            } else {
+                // The volume reserves its whole capacity, as a created one does. An adopted
+                // snapshot's blocks become the volume's, so what the snapshot counts now is
+                // not needed twice; a clone keeps the snapshot beside the volume.
+                let counted = if adopt {
+                    fsutil::allocated_bytes(&src)?.min(snap.size_bytes)
+                } else {
+                    0
+                };
+                self.ensure_room(r.volume.capacity_bytes.saturating_sub(counted))
+                    .await?;
             }
             self.save_volume(&record)?;
         }
@@ -489,7 +501,9 @@ impl Pool {
     }
 
     /// Removes what a receive left in `incoming/` for snapshots that arrived since (a crash
-    /// between the rename and the cleanup). Partial receives stay: they resume.
+    /// between the rename and the cleanup), and partial images whose receive never
+    /// recorded its progress. Partial receives with progress stay, and keep their
+    /// reservation: they resume.
     pub(super) fn tidy_incoming(&self) -> Result<()> {
         let dir = self.dir.join("incoming");
         for e in fs::read_dir(&dir)
@@ -504,11 +518,48 @@ impl Pool {
             else {
                 continue;
             };
-            if self.any_ready_snapshot(&id).is_ok() {
+            // A partial image without its progress file (a crash before the receive
+            // reserved room) can never resume, and would hold space nothing accounts for.
+            let orphan =
+                p.extension().is_some_and(|x| x != "json") && !self.incoming(&id)[1].exists();
+            if orphan || self.any_ready_snapshot(&id).is_ok() {
                 fsutil::remove_file_durable(&p)?;
             }
         }
         Ok(())
+    }
+
+    /// Reserves room for a receive before any of its data is written, and records the
+    /// reservation in its progress file: from then on GetCapacity and every other
+    /// reservation count it, a crash keeps it (the partial image stays, to resume), and
+    /// accepting or discarding the receive releases it. `st.reserved_bytes` is what the
+    /// receive may write: the plan's data bytes, each of which may need a block of its own
+    /// (in a clone of the base, a write is copied on write). Zero pieces free space, and
+    /// the clone shares its base's blocks, so neither needs room. RESOURCE_EXHAUSTED when
+    /// it does not fit: a receive must not take the room promised to the volumes here.
+    pub async fn reserve_incoming(&self, st: &IncomingProgress) -> Result<()> {
+        let [_, progress, _] = self.incoming(&st.snapshot);
+        let _alloc = self.alloc.lock().await;
+        self.ensure_room(st.reserved_bytes).await?;
+        fsutil::write_json(&progress, st)
+    }
+
+    /// What the receives under way or cut short hold reserved (their progress files).
+    pub(super) fn incoming_reserved(&self) -> Result<u64> {
+        let dir = self.dir.join("incoming");
+        let mut total = 0;
+        for e in fs::read_dir(&dir)
+            .map_err(Error::io("list", &dir))?
+            .flatten()
+        {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "json")
+                && let Ok(Some(progress)) = fsutil::read_json::<IncomingProgress>(&p)
+            {
+                total += progress.reserved_bytes;
+            }
+        }
+        Ok(total)
     }
 
     /// Publishes a fully received and verified image as a snapshot here.
@@ -573,4 +624,9 @@ pub struct IncomingProgress {
     /// How many chunk digests the `.chunks` file holds for those chunks.
     pub chunks: u64,
     pub bytes_done: u64,
+    /// Room the receive holds in the pool until it is accepted or discarded: the bytes of
+    /// data it may write (see [`Pool::reserve_incoming`]). Absent in records of older
+    /// versions, which reserved nothing.
+    #[serde(default)]
+    pub reserved_bytes: u64,
 }
