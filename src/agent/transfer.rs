@@ -520,8 +520,10 @@ pub async fn receive(
     bounds: Bounds,
 ) -> Result<()> {
     if pool.any_ready_snapshot(&job.snapshot).is_ok() {
-        let _lock = bounds.admit(&pool, &job, &progress)?;
+        let lock = bounds.admit(&pool, &job, &progress)?;
         finish_bookkeeping(&pool, &job)?;
+        // Released before "done" is reported: the asker's next step (a Promote) takes it.
+        drop(lock);
         let _ = progress
             .send(Ok(pb::FetchProgress {
                 done: true,
@@ -706,7 +708,7 @@ pub async fn receive(
     tokio::task::block_in_place(|| file.sync_all().map_err(Error::io("fsync", &img)))?;
     drop(file);
     failpoint::hit("receive:before-accept");
-    let _lock = bounds.admit(&pool, &job, &progress)?;
+    let lock = bounds.admit(&pool, &job, &progress)?;
     pool.accept_incoming(SnapshotRecord {
         id: job.snapshot.clone(),
         name: header.snapshot_name.clone(),
@@ -721,6 +723,9 @@ pub async fn receive(
     })?;
     failpoint::hit("receive:before-record");
     finish_bookkeeping(&pool, &job)?;
+    // Released before "done" is reported: the asker's next step (a Promote) takes it, and
+    // would be refused ABORTED while this receive still held it.
+    drop(lock);
     add(&counters.completed, 1);
     if resumed {
         add(&counters.resumed, 1);
