@@ -134,7 +134,11 @@ pub async fn prepare(cfg: &Config) -> Result<Arc<Context>> {
     }
     check_tools()?;
     let root = setup::prepare(&cfg.state_dir, &cfg.pool).await?;
-    let pool = Arc::new(Pool::open(&root).await?);
+    let mut pool = Pool::open(&root).await?;
+    if let setup::PoolSource::Image { .. } = cfg.pool {
+        pool = pool.bounded_by_host(&cfg.state_dir);
+    }
+    let pool = Arc::new(pool);
     let node = Arc::new(NodeState::open(
         &cfg.state_dir,
         pool.clone(),

@@ -296,12 +296,39 @@ async fn an_embedded_pool_on_a_small_host_warns_and_gives_space_back() {
         .expect("the pool is mounted");
     assert!(options.contains("discard"), "{options}");
 
+    // The pool offers no more than its host can still hold, and a create past that is
+    // refused with RESOURCE_EXHAUSTED instead of being promised (and later failing inside
+    // the pool's XFS, shutting it down).
+    let ctl = d.controller().await;
+    let available = ctl
+        .clone()
+        .get_capacity(csi::GetCapacityRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .available_capacity;
+    let host = nix::sys::statvfs::statvfs(&d.state_dir()).unwrap();
+    let host_free = host.blocks_available() as i64 * host.fragment_size() as i64;
+    assert!(
+        available > 0 && available <= host_free,
+        "GetCapacity offers {available} bytes on a host with {host_free} free"
+    );
+    let too_big = ctl
+        .clone()
+        .create_volume(create_req("past-the-host", 1 << 30, mount_cap("ext4")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        too_big.code(),
+        tonic::Code::ResourceExhausted,
+        "{too_big:?}"
+    );
+
     let image = d.state_dir().join("pool.img");
     let allocated = || {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(&image).unwrap().blocks() * 512
     };
-    let ctl = d.controller().await;
     let cap = mount_cap("ext4");
     let vol = create_volume(&ctl, create_req("on-small-host", 256 * MIB, cap.clone())).await;
     let target = stage_and_publish(&d, &vol.volume_id, &cap, "a").await;

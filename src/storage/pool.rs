@@ -52,6 +52,9 @@ pub struct Pool {
     /// cannot both take the last free space.
     alloc: Mutex<()>,
     trash: Trash,
+    /// For a pool that is a sparse image file: a directory on the host filesystem holding
+    /// it. The pool can write no more than that filesystem has free, whatever its own size.
+    host: Option<PathBuf>,
 }
 
 /// Where deleted images go to be unlinked off the caller's path. XFS frees (or un-shares)
@@ -209,7 +212,17 @@ impl Pool {
             dir,
             reflink,
             alloc: Mutex::new(()),
+            host: None,
         })
+    }
+
+    /// Bounds the pool's free space by that of the host filesystem holding `dir`, where the
+    /// pool's image file lives (the embedded default). Without the bound a pool larger than
+    /// its host promises space the host cannot give; the first write past it fails inside
+    /// the pool's XFS, which shuts down and takes every volume of the node with it.
+    pub fn bounded_by_host(mut self, dir: &Path) -> Pool {
+        self.host = Some(dir.to_owned());
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -360,7 +373,15 @@ impl Pool {
         // Space used outside berth's accounting (fs metadata, an admin's files in a
         // --pool-dir) only shows in the real free space: what volumes already hold is inside
         // their reservations, what they may still write is not free.
-        let by_free_space = (fs.available_bytes + held).saturating_sub(reserved);
+        //
+        // An image file's pool writes into the host: it has no more room than the host has
+        // free. The pool is mounted with discard, so what it frees is a hole in the image
+        // again, and its own free blocks need host space to be written.
+        let mut free = fs.available_bytes;
+        if let Some(host) = &self.host {
+            free = free.min(fsutil::fs_stats(host)?.available_bytes);
+        }
+        let by_free_space = (free + held).saturating_sub(reserved);
         Ok(Capacity {
             total_bytes: fs.total_bytes,
             available_bytes: align_down(by_reservation.min(by_free_space)),
