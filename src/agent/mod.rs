@@ -66,11 +66,12 @@ pub struct AgentService {
 }
 
 impl AgentService {
-    pub fn new(ctx: Arc<Context>, tls: TlsMaterial) -> Self {
+    /// `counters` are shared with /metrics.
+    pub fn new(ctx: Arc<Context>, tls: TlsMaterial, counters: Arc<Counters>) -> Self {
         Self {
             ctx,
             tls,
-            counters: Arc::default(),
+            counters,
             shipping: InFlight::default(),
         }
     }
@@ -374,13 +375,14 @@ pub async fn serve(
     ctx: Arc<Context>,
     addr: SocketAddr,
     tls: TlsMaterial,
+    counters: Arc<Counters>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(Error::io("bind", addr.to_string()))?;
     tracing::info!(agent = %addr, "serving the node agent (mutual TLS)");
-    let agent = AgentServer::new(AgentService::new(ctx.clone(), tls.clone()))
+    let agent = AgentServer::new(AgentService::new(ctx.clone(), tls.clone(), counters))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     Server::builder()
