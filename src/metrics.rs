@@ -600,3 +600,113 @@ async fn answer<B>(
         ),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in gRPC server answering as tonic does: no grpc-status header on success,
+    /// a trailers-only error with it.
+    fn answering(
+        code: Code,
+    ) -> impl Service<
+        http::Request<Body>,
+        Response = http::Response<Body>,
+        Error = Infallible,
+        Future = std::future::Ready<std::result::Result<http::Response<Body>, Infallible>>,
+    > + Clone {
+        tower::service_fn(move |_req: http::Request<Body>| {
+            let mut resp = http::Response::new(Body::empty());
+            if code != Code::Ok {
+                resp.headers_mut()
+                    .insert("grpc-status", (code as i32).to_string().parse().unwrap());
+            }
+            std::future::ready(Ok(resp))
+        })
+    }
+
+    fn request(path: &str) -> http::Request<Body> {
+        http::Request::builder()
+            .uri(format!("http://localhost{path}"))
+            .body(Body::empty())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_layer_counts_calls_by_method_and_code() {
+        let m = Arc::new(Metrics::default());
+        let layer = m.csi_layer();
+        for (code, path) in [
+            (Code::Ok, "/csi.v1.Controller/CreateVolume"),
+            (Code::Ok, "/csi.v1.Controller/CreateVolume"),
+            (Code::NotFound, "/csi.v1.Controller/DeleteSnapshot"),
+        ] {
+            let mut svc = layer.layer(answering(code));
+            svc.call(request(path)).await.unwrap();
+        }
+        // A call whose future is dropped before its answer: the client gave up.
+        let mut svc = layer.layer(tower::service_fn(|_req: http::Request<Body>| {
+            std::future::pending::<std::result::Result<http::Response<Body>, Infallible>>()
+        }));
+        drop(svc.call(request("/csi.v1.Controller/ControllerPublishVolume")));
+        let text = m.encode().unwrap();
+        for line in [
+            r#"berth_csi_requests_total{method="CreateVolume",code="OK"} 2"#,
+            r#"berth_csi_requests_total{method="DeleteSnapshot",code="NotFound"} 1"#,
+            r#"berth_csi_requests_total{method="ControllerPublishVolume",code="Canceled"} 1"#,
+            r#"berth_csi_request_duration_seconds_count{method="CreateVolume"} 2"#,
+            r#"berth_csi_request_duration_seconds_bucket{le="0.001",method="DeleteSnapshot"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn agent_channels_count_by_peer() {
+        let m = Arc::new(Metrics::default());
+        let mut svc = Metered {
+            inner: answering(Code::Unavailable),
+            observer: PeerObserver {
+                metrics: m.clone(),
+                peer: "node-b".into(),
+            },
+        };
+        svc.call(request("/berth.agent.v1.Agent/Inventory"))
+            .await
+            .unwrap();
+        let text = m.encode().unwrap();
+        assert!(
+            text.contains(
+                r#"berth_agent_requests_total{method="Inventory",peer="node-b",code="Unavailable"} 1"#
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn moves_shipping_and_lag_are_exported() {
+        let m = Metrics::default();
+        m.move_ended("succeeded", 4096);
+        m.move_ended("failed", 0);
+        m.replication_round("succeeded", 1024);
+        m.replication_lags(&[("v1".into(), 1.5), ("v2".into(), 3.0)]);
+        m.replication_lags(&[("v2".into(), 2.0)]);
+        let text = m.encode().unwrap();
+        for line in [
+            r#"berth_moves_total{outcome="succeeded"} 1"#,
+            r#"berth_moves_total{outcome="failed"} 1"#,
+            r#"berth_shipped_bytes_total{reason="move"} 4096"#,
+            r#"berth_shipped_bytes_total{reason="replication"} 1024"#,
+            r#"berth_replication_rounds_total{outcome="succeeded"} 1"#,
+            r#"berth_replication_lag_seconds{volume="v2"} 2"#,
+            r#"berth_transfer_sent_bytes_total{kind="data"} 0"#,
+            "# TYPE berth_transfers_completed_total counter",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        assert!(
+            !text.contains(r#"volume="v1""#),
+            "a volume gone loses its lag: {text}"
+        );
+    }
+}
