@@ -655,7 +655,7 @@ mod tests {
             r#"berth_csi_requests_total{method="DeleteSnapshot",code="NotFound"} 1"#,
             r#"berth_csi_requests_total{method="ControllerPublishVolume",code="Canceled"} 1"#,
             r#"berth_csi_request_duration_seconds_count{method="CreateVolume"} 2"#,
-            r#"berth_csi_request_duration_seconds_bucket{le="0.001",method="DeleteSnapshot"} 1"#,
+            r#"berth_csi_request_duration_seconds_bucket{method="DeleteSnapshot",le="0.001"} 1"#,
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }

@@ -100,7 +100,7 @@ async fn metrics_count_csi_calls_by_method_and_code_and_report_the_pool() {
             2.0,
         ),
         (
-            r#"berth_csi_request_duration_seconds_bucket{le="+Inf",method="DeleteVolume"}"#,
+            r#"berth_csi_request_duration_seconds_bucket{method="DeleteVolume",le="+Inf"}"#,
             1.0,
         ),
     ] {
