@@ -14,6 +14,7 @@ use crate::{
     cluster::{self, Cluster, ClusterHealth, admin::ClusterMigrator},
     error::{Error, Result},
     kube::{self, ClusterApi, KubeApi, crd::BerthNodeSpec},
+    metrics::{self, Metrics},
     proto::{
         admin::v1::admin_server::AdminServer,
         csi::v1::{
@@ -67,6 +68,8 @@ pub struct Config {
     pub max_volumes_per_node: Option<u32>,
     pub direct_io: bool,
     pub agent: Option<AgentConfig>,
+    /// Where to serve /metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// `berth controller --nodes FILE` or `--node-discovery kubernetes`: drives node agents,
@@ -79,6 +82,8 @@ pub struct ClusterConfig {
     pub discovery: Discovery,
     pub tls_dir: PathBuf,
     pub domain: String,
+    /// Where to serve /metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How many volumes a node attaches unless told otherwise. Loop devices are made on demand
@@ -191,7 +196,12 @@ pub async fn run(cfg: Config) -> Result<()> {
     if let server::Endpoint::Unix(path) = &cfg.endpoint {
         server::refuse_live_socket(path)?;
     }
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let ctx = prepare(&cfg).await?;
+    let metrics = Arc::new(Metrics::default().with_pool(&cfg.node_id, ctx.pool.clone()));
     tracing::info!(
         node.id = %cfg.node_id,
         pool = %ctx.pool.root().display(),
@@ -200,6 +210,9 @@ pub async fn run(cfg: Config) -> Result<()> {
         "berth ready"
     );
     let shutdown = server::shutdown_channel();
+    if let Some(l) = metrics_listener {
+        tokio::spawn(metrics::serve(l, metrics.clone(), shutdown.clone()));
+    }
     if let Some(a) = &cfg.agent
         && let Some(advertise) = &a.advertise
     {
@@ -225,13 +238,19 @@ pub async fn run(cfg: Config) -> Result<()> {
         ));
     }
     let csi = server::serve(
-        server::csi_router(ctx.clone(), cfg.roles),
+        server::csi_router(ctx.clone(), cfg.roles, &metrics),
         &cfg.endpoint,
         shutdown.clone(),
     );
     match (cfg.agent, tls) {
         (Some(a), Some(tls)) => {
-            let agent = agent::serve(ctx, a.listen, tls, server::stopped(shutdown));
+            let agent = agent::serve(
+                ctx,
+                a.listen,
+                tls,
+                metrics.transfer_counters(),
+                server::stopped(shutdown),
+            );
             let (c, a) = tokio::join!(csi, agent);
             c.and(a)
         }
@@ -243,13 +262,26 @@ pub async fn run(cfg: Config) -> Result<()> {
 /// the endpoint, replication in the background. Needs no root: it touches no storage.
 pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
     let tls = TlsMaterial::load(&cfg.tls_dir)?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::default());
     let shutdown = server::shutdown_channel();
+    if let Some(l) = metrics_listener {
+        tokio::spawn(metrics::serve(l, metrics.clone(), shutdown.clone()));
+    }
     let (leader_tx, leader) = watch::channel(false);
     let cluster = match &cfg.discovery {
         Discovery::File(path) => {
             // One controller per nodes file: it always leads.
             let _ = leader_tx.send(true);
-            Arc::new(Cluster::load(path, &tls, cfg.domain.clone())?)
+            Arc::new(Cluster::load(
+                path,
+                &tls,
+                cfg.domain.clone(),
+                metrics.clone(),
+            )?)
         }
         Discovery::Kubernetes {
             namespace,
@@ -262,6 +294,7 @@ pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
                 &tls,
                 cfg.domain.clone(),
                 Some(api.clone()),
+                metrics.clone(),
             )?);
             let members = cluster.clone();
             tokio::spawn(kube::discover_nodes(
@@ -302,7 +335,7 @@ pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
         topology_domain: Some(cfg.domain.clone()),
     };
     let controller = cluster::controller::ClusterController::new(cluster.clone());
-    let router = tonic::transport::Server::builder()
+    let router = server::csi_server(&metrics)
         .add_service(IdentityServer::new(IdentityService::new(
             info,
             Arc::new(ClusterHealth),

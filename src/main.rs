@@ -131,6 +131,9 @@ struct Common {
     max_volumes_per_node: Option<u32>,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 0.0.0.0:9810 (default: off).
+    #[arg(long, env = "BERTH_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -299,6 +302,7 @@ fn main() -> ExitCode {
                 discovery,
                 tls_dir: cluster.tls_dir.expect("clap requires --tls-dir"),
                 domain: cluster.topology_domain,
+                metrics_listen: common.metrics_listen,
             };
             return finish(runtime().block_on(daemon::run_cluster(cfg)));
         }
@@ -377,6 +381,7 @@ fn main() -> ExitCode {
         max_volumes_per_node: c.max_volumes_per_node,
         direct_io: true,
         agent,
+        metrics_listen: c.metrics_listen,
     };
     finish(runtime().block_on(daemon::run(cfg)))
 }

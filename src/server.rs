@@ -11,9 +11,11 @@ use std::{
 use tokio::{net::UnixListener, sync::watch};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::{Server, server::Router};
+use tower::layer::util::{Identity, Stack};
 
 use crate::{
     error::{Error, Result},
+    metrics::{CsiLayer, Metrics},
     proto::csi::v1::{
         controller_server::ControllerServer, group_controller_server::GroupControllerServer,
         identity_server::IdentityServer, node_server::NodeServer,
@@ -148,9 +150,17 @@ pub async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
+/// A CSI server whose every call is counted and timed in [`Metrics`].
+pub type CsiRouter = Router<Stack<CsiLayer, Identity>>;
+
+/// A server builder for CSI services, recording into `metrics`.
+pub fn csi_server(metrics: &Arc<Metrics>) -> Server<Stack<CsiLayer, Identity>> {
+    Server::builder().layer(metrics.csi_layer())
+}
+
 /// The CSI services of a single-pool process.
-pub fn csi_router(ctx: Arc<Context>, roles: Roles) -> Router {
-    let mut router = Server::builder().add_service(IdentityServer::new(IdentityService::new(
+pub fn csi_router(ctx: Arc<Context>, roles: Roles, metrics: &Arc<Metrics>) -> CsiRouter {
+    let mut router = csi_server(metrics).add_service(IdentityServer::new(IdentityService::new(
         ctx.info.clone(),
         ctx.pool.clone(),
         roles.controller,
@@ -171,7 +181,7 @@ pub fn csi_router(ctx: Arc<Context>, roles: Roles) -> Router {
 
 /// Serves `router` until `shutdown`, then lets in-flight RPCs finish and removes the socket.
 pub async fn serve(
-    router: Router,
+    router: CsiRouter,
     endpoint: &Endpoint,
     shutdown: watch::Receiver<bool>,
 ) -> Result<()> {

@@ -1225,3 +1225,79 @@ fn helm_install_creates_the_snapshot_class_once_the_cluster_serves_it() {
     assert_eq!(after.get("VolumeSnapshotClass"), Some(&1), "{after:?}");
     assert!(!after.contains_key("VolumeGroupSnapshotClass"), "{after:?}");
 }
+
+/// The documents of a rendered stream whose kind is `kind`.
+fn documents<'a>(yaml: &'a str, kind: &str) -> Vec<&'a str> {
+    yaml.split("\n---\n")
+        .filter(|d| d.lines().any(|l| l == format!("kind: {kind}")))
+        .collect()
+}
+
+#[test]
+fn metrics_port_services_and_an_opt_in_service_monitor() {
+    let Some(t) = tools() else { return };
+    let default = text(&template(&t, &[]).stdout);
+    assert!(
+        documents(&default, "ServiceMonitor").is_empty(),
+        "the ServiceMonitor is opt-in"
+    );
+    for component in ["controller", "node"] {
+        let svc = documents(&default, "Service")
+            .into_iter()
+            .find(|d| d.contains(&format!("name: berth-{component}-metrics")))
+            .unwrap_or_else(|| panic!("no metrics Service for the {component}:\n{default}"));
+        for line in [
+            "clusterIP: None",
+            "berth.csi.dev/metrics: \"true\"",
+            &format!("app.kubernetes.io/component: {component}"),
+            "- name: metrics",
+            "targetPort: metrics",
+        ] {
+            assert!(svc.contains(line), "{line} missing from:\n{svc}");
+        }
+    }
+    for workload in ["Deployment", "DaemonSet"] {
+        let w = documents(&default, workload).concat();
+        assert!(w.contains("- --metrics-listen=0.0.0.0:9810"), "{w}");
+        assert!(
+            w.contains("- name: metrics\n              containerPort: 9810"),
+            "{w}"
+        );
+    }
+    let netpol = documents(&default, "NetworkPolicy").concat();
+    assert!(
+        netpol.contains("port: 9810"),
+        "the node policy lets scrapes in:\n{netpol}"
+    );
+
+    let on = template(
+        &t,
+        &[
+            "--set",
+            "metrics.serviceMonitor.enabled=true",
+            "--set",
+            "metrics.serviceMonitor.labels.release=prometheus",
+        ],
+    );
+    assert!(on.status.success(), "{}", text(&on.stderr));
+    let on = text(&on.stdout);
+    let sm = documents(&on, "ServiceMonitor");
+    assert_eq!(sm.len(), 1, "{on}");
+    for line in [
+        "apiVersion: monitoring.coreos.com/v1",
+        "release: prometheus",
+        // What both metrics Services carry, and their port's name.
+        "berth.csi.dev/metrics: \"true\"",
+        "app.kubernetes.io/instance: berth",
+        "- port: metrics",
+        "path: /metrics",
+    ] {
+        assert!(sm[0].contains(line), "{line} missing from:\n{}", sm[0]);
+    }
+
+    let off = text(&template(&t, &["--set", "metrics.enabled=false"]).stdout);
+    assert!(
+        !off.contains("metrics"),
+        "metrics off leaves no trace:\n{off}"
+    );
+}

@@ -1791,3 +1791,61 @@ async fn a_move_into_a_nearly_full_node_is_refused() {
         assert!(c.copies(vol).await.contains(&(0, pb::Role::Primary)));
     }
 }
+
+/// The cluster controller's /metrics, as Prometheus scrapes it.
+fn scrape_controller(c: &TestCluster) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", c.controller_metrics)).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_move_shows_in_the_controllers_metrics() {
+    let c = TestCluster::start(2).await;
+    let vol = create_block(&c, "pvc-metrics", 0, &[]).await;
+    let dev = attach(&c, 0, &vol).await;
+    write_pattern(&dev, 0, 8 << 20, 1);
+    detach(&c, 0, &vol).await;
+    attach(&c, 1, &vol).await;
+    let text = scrape_controller(&c);
+    assert_eq!(
+        sample(&text, r#"berth_moves_total{outcome="succeeded"}"#),
+        1.0
+    );
+    assert!(sample(&text, r#"berth_shipped_bytes_total{reason="move"}"#) >= (8 << 20) as f64);
+    // Each step of the hand-off, counted against the node it went to.
+    for (method, peer) in [
+        ("Fence", "node-a"),
+        ("Fetch", "node-b"),
+        ("Promote", "node-b"),
+        ("Settle", "node-a"),
+        ("CreateVolume", "node-a"),
+    ] {
+        let n = sample(
+            &text,
+            &format!(r#"berth_agent_requests_total{{method="{method}",peer="{peer}",code="OK"}}"#),
+        );
+        assert!(n >= 1.0, "{method} to {peer}: {n}");
+    }
+    assert!(
+        sample(
+            &text,
+            r#"berth_agent_requests_total{method="Inventory",peer="node-b",code="OK"}"#
+        ) >= 1.0
+    );
+}

@@ -118,11 +118,12 @@ impl Fetches {
 }
 
 impl AgentService {
-    pub fn new(ctx: Arc<Context>, tls: TlsMaterial) -> Self {
+    /// `counters` are shared with /metrics.
+    pub fn new(ctx: Arc<Context>, tls: TlsMaterial, counters: Arc<Counters>) -> Self {
         Self {
             ctx,
             tls,
-            counters: Arc::default(),
+            counters,
             shipping: InFlight::default(),
             fetches: Arc::default(),
         }
@@ -469,13 +470,14 @@ pub async fn serve(
     ctx: Arc<Context>,
     addr: SocketAddr,
     tls: TlsMaterial,
+    counters: Arc<Counters>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(Error::io("bind", addr.to_string()))?;
     tracing::info!(agent = %addr, "serving the node agent (mutual TLS)");
-    let agent = AgentServer::new(AgentService::new(ctx.clone(), tls.clone()))
+    let agent = AgentServer::new(AgentService::new(ctx.clone(), tls.clone(), counters))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     Server::builder()
@@ -519,7 +521,11 @@ mod tests {
         let ctx = crate::service::test_context(dir.path()).await;
         let names = vec!["node-1".to_string()];
         let tls_dir = crate::tls::generate(&dir.path().join("certs"), &names).unwrap();
-        let agent = AgentService::new(ctx.clone(), TlsMaterial::load(&tls_dir[0]).unwrap());
+        let agent = AgentService::new(
+            ctx.clone(),
+            TlsMaterial::load(&tls_dir[0]).unwrap(),
+            Arc::default(),
+        );
         for i in 0..VOLUMES {
             let v = ctx
                 .pool

@@ -352,7 +352,7 @@ impl ClusterController {
     where
         Req: Shape,
         F: FnOnce(
-            crate::proto::csi::v1::controller_client::ControllerClient<tonic::transport::Channel>,
+            crate::proto::csi::v1::controller_client::ControllerClient<crate::metrics::AgentChannel>,
             Req,
         ) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<Response<Resp>, Status>>,
@@ -366,7 +366,7 @@ impl ClusterController {
     async fn on_node<Req, Resp, F, Fut>(&self, node: &str, req: Req, call: F) -> Result<Resp>
     where
         F: FnOnce(
-            crate::proto::csi::v1::controller_client::ControllerClient<tonic::transport::Channel>,
+            crate::proto::csi::v1::controller_client::ControllerClient<crate::metrics::AgentChannel>,
             Req,
         ) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<Response<Resp>, Status>>,

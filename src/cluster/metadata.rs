@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{Cluster, peer};
 use crate::{
     error::{Error, Result},
+    metrics::AgentChannel,
     proto::csi::v1::{
         self as csi, snapshot_metadata_client::SnapshotMetadataClient,
         snapshot_metadata_server::SnapshotMetadata,
@@ -47,10 +48,8 @@ impl ClusterMetadata {
         Err(Error::SnapshotNotFound(id.to_string()))
     }
 
-    fn client(&self, node: &str) -> Result<SnapshotMetadataClient<tonic::transport::Channel>> {
-        Ok(SnapshotMetadataClient::new(
-            self.cluster.member(node)?.channel.clone(),
-        ))
+    fn client(&self, node: &str) -> Result<SnapshotMetadataClient<AgentChannel>> {
+        Ok(SnapshotMetadataClient::new(self.cluster.channel(node)?))
     }
 }
 

@@ -23,6 +23,7 @@ use tonic::{Status, transport::Channel};
 use crate::{
     error::{Error, Result},
     kube::ClusterApi,
+    metrics::{AgentChannel, Metrics},
     proto::{
         agent::v1::{self as pb, agent_client::AgentClient},
         csi::v1::{
@@ -53,6 +54,8 @@ pub struct Cluster {
     pub inflight: InFlight,
     /// Where Events about volumes go (Kubernetes), if anywhere.
     events: Option<Arc<dyn ClusterApi>>,
+    /// Every call to an agent, move and replication round is recorded here.
+    pub metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -99,6 +102,7 @@ impl Cluster {
         tls: &TlsMaterial,
         domain: String,
         events: Option<Arc<dyn ClusterApi>>,
+        metrics: Arc<Metrics>,
     ) -> Result<Cluster> {
         let c = Cluster {
             members: RwLock::default(),
@@ -106,14 +110,20 @@ impl Cluster {
             domain,
             inflight: InFlight::default(),
             events,
+            metrics,
         };
         c.set_members(nodes)?;
         Ok(c)
     }
 
-    pub fn load(path: &Path, tls: &TlsMaterial, domain: String) -> Result<Cluster> {
+    pub fn load(
+        path: &Path,
+        tls: &TlsMaterial,
+        domain: String,
+        metrics: Arc<Metrics>,
+    ) -> Result<Cluster> {
         let text = std::fs::read_to_string(path).map_err(Error::io("read", path))?;
-        Cluster::new(parse_nodes(&text)?, tls, domain, None)
+        Cluster::new(parse_nodes(&text)?, tls, domain, None, metrics)
     }
 
     /// Makes the member list `nodes` (node id → agent address), keeping the connections
@@ -188,19 +198,23 @@ impl Cluster {
         crate::agent::auth::grant(&self.tls, body)
     }
 
-    pub fn agent(&self, node: &str) -> Result<AgentClient<Channel>> {
-        Ok(AgentClient::new(self.member(node)?.channel.clone())
-            .max_decoding_message_size(MAX_MESSAGE))
+    /// The connection to `node`'s agent port, every call on it counted in the metrics
+    /// (`berth_agent_requests_total`) under the node's id.
+    pub fn channel(&self, node: &str) -> Result<AgentChannel> {
+        let channel = self.member(node)?.channel;
+        Ok(self.metrics.agent_channel(channel, node))
     }
 
-    pub fn csi(&self, node: &str) -> Result<ControllerClient<Channel>> {
-        Ok(ControllerClient::new(self.member(node)?.channel.clone()))
+    pub fn agent(&self, node: &str) -> Result<AgentClient<AgentChannel>> {
+        Ok(AgentClient::new(self.channel(node)?).max_decoding_message_size(MAX_MESSAGE))
     }
 
-    pub fn group(&self, node: &str) -> Result<GroupControllerClient<Channel>> {
-        Ok(GroupControllerClient::new(
-            self.member(node)?.channel.clone(),
-        ))
+    pub fn csi(&self, node: &str) -> Result<ControllerClient<AgentChannel>> {
+        Ok(ControllerClient::new(self.channel(node)?))
+    }
+
+    pub fn group(&self, node: &str) -> Result<GroupControllerClient<AgentChannel>> {
+        Ok(GroupControllerClient::new(self.channel(node)?))
     }
 
     /// Every node's inventory, asked in parallel; a node that does not answer is an error
@@ -552,7 +566,14 @@ mod tests {
         crate::tls::generate(dir.path(), &["controller".to_string()]).unwrap();
         let tls = TlsMaterial::load(&dir.path().join("controller")).unwrap();
         let rec = Arc::new(Recorder::default());
-        let c = Cluster::new(BTreeMap::new(), &tls, "default".into(), Some(rec.clone())).unwrap();
+        let c = Cluster::new(
+            BTreeMap::new(),
+            &tls,
+            "default".into(),
+            Some(rec.clone()),
+            Arc::default(),
+        )
+        .unwrap();
         c.pvc_event(
             Some(("db".into(), "pg-data".into())),
             "VolumeMoved",

@@ -151,6 +151,14 @@ impl Cluster {
                 }
                 e => e,
             });
+        self.metrics.move_ended(
+            match &result {
+                Ok(_) => "succeeded",
+                Err(e) if e.code() == tonic::Code::Aborted => "aborted",
+                Err(_) => "failed",
+            },
+            *result.as_ref().unwrap_or(&0),
+        );
         match &result {
             Ok(bytes) => self.pvc_event(
                 pvc,
@@ -533,11 +541,13 @@ pub async fn replication_loop(
             return;
         }
         // Only the leader schedules rounds: two controllers would cut and prune each
-        // other's snapshots.
+        // other's snapshots. It alone reports replication lag.
         if !*leader.borrow() {
+            cluster.metrics.replication_lags(&[]);
             continue;
         }
         let invs = cluster.inventories().await;
+        let mut lags = Vec::new();
         let mut due = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for (_, inv) in &invs {
@@ -562,15 +572,26 @@ pub async fn replication_loop(
                 continue;
             };
             let targets = cluster.replica_targets(&p, &primary, &invs);
-            let newest_age = |node: &str| -> Option<i64> {
+            let newest_age_nanos = |node: &str| -> Option<i64> {
                 let r = p.replicas.iter().find(|r| r.node == node)?;
                 let s = r.info.shipping.last()?;
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .ok()?
                     .as_nanos() as i64;
-                Some((now - s.created_unix_nanos) / 1_000_000_000)
+                Some(now - s.created_unix_nanos)
             };
+            let newest_age = |node: &str| newest_age_nanos(node).map(|n| n / 1_000_000_000);
+            // The volume's lag is its most-behind replica's; none until every replica
+            // holds a first copy.
+            if let Some(Some(worst)) = targets
+                .iter()
+                .map(|t| newest_age_nanos(t))
+                .collect::<Option<Vec<i64>>>()
+                .map(|ages| ages.into_iter().max())
+            {
+                lags.push((id.clone(), worst.max(0) as f64 / 1e9));
+            }
             // Saturating: records from before the interval was bounded may hold any u64.
             let interval =
                 i64::try_from(primary.info.replication_interval_seconds).unwrap_or(i64::MAX);
@@ -595,6 +616,9 @@ pub async fn replication_loop(
                 match cluster.replicate(&vol, &primary, &targets, &ignore).await {
                     Ok(done) => {
                         tracing::info!(volume.id = %vol, shipped = ?done, "replication round done");
+                        cluster
+                            .metrics
+                            .replication_round("succeeded", done.iter().map(|(_, b)| b).sum());
                         if failing.lock().expect("failing lock poisoned").remove(&vol) {
                             cluster.pvc_event(
                                 pvc,
@@ -606,6 +630,7 @@ pub async fn replication_loop(
                     }
                     Err(e) => {
                         tracing::warn!(volume.id = %vol, error = %e, "replication round failed");
+                        cluster.metrics.replication_round("failed", 0);
                         // One Event when a volume starts failing, not one per retry.
                         if failing
                             .lock()
@@ -618,5 +643,6 @@ pub async fn replication_loop(
                 }
             });
         }
+        cluster.metrics.replication_lags(&lags);
     }
 }

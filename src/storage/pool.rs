@@ -164,6 +164,10 @@ pub struct NewVolume {
 pub struct Capacity {
     pub total_bytes: u64,
     pub available_bytes: u64,
+    /// What volumes and snapshots are promised (reported in /metrics).
+    pub reserved_bytes: u64,
+    /// What the filesystem has allocated (reported in /metrics).
+    pub used_bytes: u64,
 }
 
 impl Pool {
@@ -385,6 +389,8 @@ impl Pool {
         Ok(Capacity {
             total_bytes: fs.total_bytes,
             available_bytes: align_down(by_reservation.min(by_free_space)),
+            reserved_bytes: reserved,
+            used_bytes: fs.used_bytes,
         })
     }
 

@@ -45,6 +45,8 @@ pub struct TestCluster {
     pub nodes: Vec<NodeProc>,
     pub controller: Option<Child>,
     pub controller_failpoint: Option<String>,
+    /// The controller's --metrics-listen port.
+    pub controller_metrics: u16,
     /// TCP proxies in front of some nodes' agents (see [`TestCluster::start_proxied`]).
     pub proxies: Vec<Proxy>,
 }
@@ -152,6 +154,7 @@ impl TestCluster {
             nodes,
             controller: None,
             controller_failpoint: None,
+            controller_metrics: free_port(),
             proxies: Vec::new(),
         };
         for &i in proxied {
@@ -255,6 +258,8 @@ impl TestCluster {
             .arg(self.dir.path().join("nodes"))
             .arg("--tls-dir")
             .arg(self.certs().join("controller"))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{}", self.controller_metrics))
             .env("RUST_LOG", "info,berth=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
