@@ -507,14 +507,18 @@ impl NodeState {
         };
         // Recorded before freezing: a crash while frozen would otherwise leave the database
         // blocked on a frozen filesystem that nobody knows to thaw.
+        let ours_already = rec.frozen;
         rec.frozen = true;
         self.save(&rec)?;
         if let Err(e) = mount::freeze(&rec.staging_path).await {
             // EBUSY: it was frozen before this call, by someone else (berth's own leftovers
             // are thawed before a cut starts), so it is not berth's to thaw. Any other
             // failure, a timeout included, may have come after the kernel froze it: the mark
-            // stays, and the caller's thaw covers it.
-            if matches!(&e, Error::Command { stderr, .. } if stderr.contains("Device or resource busy"))
+            // stays, and the caller's thaw covers it. A mark that was there before this call
+            // is berth's own leftover (a thaw that failed earlier): it stays, so a thaw
+            // still finds it.
+            if !ours_already
+                && matches!(&e, Error::Command { stderr, .. } if stderr.contains("Device or resource busy"))
             {
                 rec.frozen = false;
                 self.save(&rec)?;

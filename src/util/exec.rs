@@ -40,7 +40,10 @@ where
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
+        // A command with a limit is killed with the request that dropped it. One without a
+        // limit is one that must never stop half-way (an offline resize2fs): it runs to its
+        // end even when berth itself stops.
+        .kill_on_drop(timeout.is_some())
         .spawn()
         .map_err(|e| Error::Command {
             command: command.clone(),
