@@ -31,11 +31,29 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub listen: SocketAddr,
-    pub tls_dir: PathBuf,
+    pub tls: AgentTls,
     pub domain: String,
     /// In Kubernetes: the address peers reach the agent at, published in the node's
     /// BerthNode object so the controller finds it.
     pub advertise: Option<String>,
+}
+
+/// Where a node's agent gets its certificate.
+#[derive(Debug, Clone)]
+pub enum AgentTls {
+    /// A directory with ca.crt, tls.crt, tls.key (`berth certs`, a Secret).
+    Dir(PathBuf),
+    /// In Kubernetes: a CertificateSigningRequest the controller signs
+    /// (crate::kube::csr), checked against the CA certificate at this path.
+    Csr { ca: PathBuf },
+}
+
+/// The controller's signer of node certificates (crate::kube::csr): the CA's directory
+/// (ca.crt, ca.key) and the username of the node plugin's ServiceAccount.
+#[derive(Debug, Clone)]
+pub struct NodeSigner {
+    pub ca_dir: PathBuf,
+    pub node_username: String,
 }
 
 /// How the cluster controller learns its nodes.
@@ -55,6 +73,8 @@ const DISCOVERY: Duration = Duration::from_secs(10);
 /// leader dies.
 const LEASE: Duration = Duration::from_secs(15);
 const LEASE_NAME: &str = "berth-controller";
+/// How often a node polls for its signed certificate, and the controller for requests.
+const CSR_POLL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -79,6 +99,8 @@ pub struct ClusterConfig {
     pub discovery: Discovery,
     pub tls_dir: PathBuf,
     pub domain: String,
+    /// Signs the node plugins' certificate requests (Kubernetes discovery only).
+    pub node_signer: Option<NodeSigner>,
 }
 
 /// How many volumes a node attaches unless told otherwise. Loop devices are made on demand
@@ -173,15 +195,25 @@ pub async fn prepare(cfg: &Config) -> Result<Arc<Context>> {
     }))
 }
 
+/// The agent's certificate at start: read, or to be asked for.
+enum AgentCert {
+    Loaded(TlsMaterial),
+    Ask { ca: PathBuf },
+}
+
 pub async fn run(cfg: Config) -> Result<()> {
     let started = Instant::now();
     // Read before touching the pool: bad TLS material is a configuration error to report
-    // at once.
-    let tls = cfg
-        .agent
-        .as_ref()
-        .map(|a| TlsMaterial::load(&a.tls_dir))
-        .transpose()?;
+    // at once. A certificate asked for is waited for beside the CSI service, which needs
+    // none: the node serves its own volumes while the controller is still starting.
+    let tls = match cfg.agent.as_ref().map(|a| &a.tls) {
+        Some(AgentTls::Dir(dir)) => Some(AgentCert::Loaded(TlsMaterial::load(dir)?)),
+        Some(AgentTls::Csr { ca }) => {
+            std::fs::metadata(ca).map_err(Error::io("read", ca))?;
+            Some(AgentCert::Ask { ca: ca.clone() })
+        }
+        None => None,
+    };
     let ctx = prepare(&cfg).await?;
     tracing::info!(
         node.id = %cfg.node_id,
@@ -220,14 +252,28 @@ pub async fn run(cfg: Config) -> Result<()> {
         &cfg.endpoint,
         shutdown.clone(),
     );
-    match (cfg.agent, tls) {
-        (Some(a), Some(tls)) => {
-            let agent = agent::serve(ctx, a.listen, tls, server::stopped(shutdown));
-            let (c, a) = tokio::join!(csi, agent);
-            c.and(a)
-        }
-        _ => csi.await,
-    }
+    let (Some(a), Some(tls)) = (cfg.agent, tls) else {
+        return csi.await;
+    };
+    let node_id = cfg.node_id.clone();
+    let agent = async move {
+        let tls = match tls {
+            AgentCert::Loaded(tls) => tls,
+            AgentCert::Ask { ca } => {
+                let client =
+                    ::kube::Client::try_default()
+                        .await
+                        .map_err(|e| Error::Unreachable {
+                            node: "kubernetes api".into(),
+                            reason: format!("no usable configuration: {e}"),
+                        })?;
+                kube::csr::request_node_certificate(client, &node_id, &ca, CSR_POLL).await?
+            }
+        };
+        agent::serve(ctx, a.listen, tls, server::stopped(shutdown)).await
+    };
+    let (c, a) = tokio::join!(csi, agent);
+    c.and(a)
 }
 
 /// Runs the cluster controller: CSI Controller, GroupController and berth's Admin API on
@@ -254,6 +300,25 @@ pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
                 cfg.domain.clone(),
                 Some(api.clone()),
             )?);
+            if let Some(signer) = &cfg.node_signer {
+                // Every replica signs (a request handled twice fails its resourceVersion
+                // check): nodes get their certificates even while no replica leads.
+                let issuer = crate::tls::NodeIssuer::load(&signer.ca_dir)?;
+                let client =
+                    ::kube::Client::try_default()
+                        .await
+                        .map_err(|e| Error::Unreachable {
+                            node: "kubernetes api".into(),
+                            reason: format!("no usable configuration: {e}"),
+                        })?;
+                tokio::spawn(kube::csr::signer(
+                    client,
+                    issuer,
+                    signer.node_username.clone(),
+                    CSR_POLL,
+                    shutdown.clone(),
+                ));
+            }
             let members = cluster.clone();
             tokio::spawn(kube::discover_nodes(
                 api.clone(),

@@ -123,23 +123,32 @@ impl TlsMaterial {
             let bytes = fs::read(&p).map_err(|e| tls_error(&p, e))?;
             Ok((p, bytes))
         };
-        let ((ca_path, ca), (crt_path, crt), (key_path, key)) =
-            (read("ca.crt")?, read("tls.crt")?, read("tls.key")?);
+        let (ca, crt, key) = (read("ca.crt")?, read("tls.crt")?, read("tls.key")?);
+        TlsMaterial::from_pem((&ca.0, &ca.1), (&crt.0, &crt.1), (&key.0, &key.1))
+    }
+
+    /// The material from PEM held in memory (a certificate issued through a Kubernetes
+    /// CertificateSigningRequest); each part comes with the name its errors give it.
+    pub fn from_pem(
+        (ca_path, ca): (&Path, &[u8]),
+        (crt_path, crt): (&Path, &[u8]),
+        (key_path, key): (&Path, &[u8]),
+    ) -> Result<TlsMaterial> {
         let mut roots = RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(&ca) {
-            let c = c.map_err(|e| tls_error(&ca_path, e))?;
-            roots.add(c).map_err(|e| tls_error(&ca_path, e))?;
+        for c in CertificateDer::pem_slice_iter(ca) {
+            let c = c.map_err(|e| tls_error(ca_path, e))?;
+            roots.add(c).map_err(|e| tls_error(ca_path, e))?;
         }
-        let chain = CertificateDer::pem_slice_iter(&crt)
+        let chain = CertificateDer::pem_slice_iter(crt)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| tls_error(&crt_path, e))?;
+            .map_err(|e| tls_error(crt_path, e))?;
         if chain.is_empty() {
-            return Err(tls_error(&crt_path, "no certificate"));
+            return Err(tls_error(crt_path, "no certificate"));
         }
-        let private = PrivateKeyDer::from_pem_slice(&key).map_err(|e| tls_error(&key_path, e))?;
+        let private = PrivateKeyDer::from_pem_slice(key).map_err(|e| tls_error(key_path, e))?;
         Ok(TlsMaterial {
-            ca: Certificate::from_pem(&ca),
-            identity: Identity::from_pem(&crt, &key),
+            ca: Certificate::from_pem(ca),
+            identity: Identity::from_pem(crt, key),
             roots: Arc::new(roots),
             chain,
             key: Arc::new(private),
@@ -340,6 +349,88 @@ fn node_dns_name(id: &str) -> Result<String> {
     Ok(name)
 }
 
+/// A node's certificate: its identity and [`AGENT_SERVER_NAME`], for serving and dialling
+/// peers.
+fn node_params(node: &str) -> Result<CertificateParams> {
+    let mut p = CertificateParams::new(vec![AGENT_SERVER_NAME.to_string(), node_dns_name(node)?])
+        .map_err(cert_error)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, node);
+    p.distinguished_name = dn;
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    Ok(p)
+}
+
+/// How long a certificate the controller signs for a node is valid. A node asks for one at
+/// every start and does not renew it while it runs, so this bounds how long a node plugin
+/// may run without a restart; a year is well past any node's upgrade cycle.
+pub const NODE_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
+/// A node's new key and a PKCS#10 request (PEM) for its certificate. The signer decides the
+/// names; the request asks for the ones it will give, for the reader's sake.
+pub fn node_request(node: &str) -> Result<(KeyPair, String)> {
+    let key = KeyPair::generate().map_err(cert_error)?;
+    let csr = node_params(node)?
+        .serialize_request(&key)
+        .map_err(cert_error)?;
+    Ok((key, csr.pem().map_err(cert_error)?))
+}
+
+/// The cluster CA as an issuer: what the controller signs node certificates with.
+pub struct NodeIssuer {
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+}
+
+impl std::fmt::Debug for NodeIssuer {
+    // The CA key never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeIssuer { .. }")
+    }
+}
+
+impl NodeIssuer {
+    /// Reads `ca.crt` and `ca.key` from `dir` (the controller's CA Secret).
+    pub fn load(dir: &Path) -> Result<NodeIssuer> {
+        let read = |name: &str| -> Result<String> {
+            let p = dir.join(name);
+            fs::read_to_string(&p).map_err(|e| tls_error(&p, e))
+        };
+        let (ca_pem, key_pem) = (read("ca.crt")?, read("ca.key")?);
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| tls_error(&dir.join("ca.key"), e))?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, key)
+            .map_err(|e| tls_error(&dir.join("ca.crt"), e))?;
+        Ok(NodeIssuer { issuer, ca_pem })
+    }
+
+    /// The CA certificate (PEM).
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// A certificate (PEM) for `node` on the public key of the PKCS#10 request `csr_pem`,
+    /// valid [`NODE_CERT_LIFETIME`] from now. Only the key is taken from the request (its
+    /// signature proves the requester holds it): the names, usages and lifetime are the
+    /// signer's, so a node that asks for another node's name, or the controller's, gets
+    /// its own.
+    pub fn sign_node(&self, csr_pem: &str, node: &str) -> Result<String> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| Error::invalid("certificate request", e.to_string()))?;
+        let mut p = node_params(node)?;
+        let now = time::OffsetDateTime::now_utc();
+        // A minute back for clocks a little behind the controller's.
+        p.not_before = now - time::Duration::minutes(1);
+        p.not_after = now + NODE_CERT_LIFETIME;
+        let cert = p
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(cert_error)?;
+        Ok(cert.pem())
+    }
+}
+
 /// `berth certs`: a CA in `out` (kept and reused when it already exists, so nodes can be
 /// added later) and, for each name, `out/<name>/{ca.crt,tls.crt,tls.key}` usable as a
 /// `--tls-dir`. The name [`CONTROLLER`] makes the controller's certificate; every other
@@ -364,25 +455,17 @@ pub fn generate(out: &Path, names: &[String]) -> Result<Vec<PathBuf>> {
     for name in names {
         // The controller only dials, so its certificate is for client auth alone: it can
         // never pose as an agent. A node serves and dials peers.
-        let (sans, purposes) = if name == CONTROLLER {
-            (
-                vec![CONTROLLER_DNS.to_string()],
-                vec![ExtendedKeyUsagePurpose::ClientAuth],
-            )
+        let p = if name == CONTROLLER {
+            let mut p =
+                CertificateParams::new(vec![CONTROLLER_DNS.to_string()]).map_err(cert_error)?;
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, name.as_str());
+            p.distinguished_name = dn;
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            p
         } else {
-            (
-                vec![AGENT_SERVER_NAME.to_string(), node_dns_name(name)?],
-                vec![
-                    ExtendedKeyUsagePurpose::ServerAuth,
-                    ExtendedKeyUsagePurpose::ClientAuth,
-                ],
-            )
+            node_params(name)?
         };
-        let mut p = CertificateParams::new(sans).map_err(cert_error)?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, name.as_str());
-        p.distinguished_name = dn;
-        p.extended_key_usages = purposes;
         let key = KeyPair::generate().map_err(cert_error)?;
         let cert = p.signed_by(&key, &issuer).map_err(cert_error)?;
         let dir = out.join(name);

@@ -119,7 +119,7 @@ impl KubeApi {
 /// (transport errors, 429, 5xx) is UNAVAILABLE, so callers retry; any other answer keeps its
 /// meaning as a gRPC code (404 NOT_FOUND, 409 ABORTED, 403 PERMISSION_DENIED, …) with `what`
 /// was asked in the message.
-fn api_error(what: impl std::fmt::Display) -> impl FnOnce(kube::Error) -> Error {
+pub(super) fn api_error(what: impl std::fmt::Display) -> impl FnOnce(kube::Error) -> Error {
     move |e| match e {
         kube::Error::Api(s) => {
             let reason = format!("{what}: {} ({} {})", s.message.trim(), s.code, s.reason);

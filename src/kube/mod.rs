@@ -12,6 +12,7 @@
 
 mod client;
 pub mod crd;
+pub mod csr;
 mod migrations;
 mod tasks;
 #[cfg(test)]
