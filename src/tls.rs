@@ -2,16 +2,18 @@
 //! presents a certificate signed by the cluster CA, and each certificate names one member.
 //!
 //! Material lives in one directory in the layout of a Kubernetes TLS Secret plus its CA
-//! (`ca.crt`, `tls.crt`, `tls.key`), so the chart mounts a Secret as is.
+//! (`ca.crt`, `tls.crt`, `tls.key`), so the chart mounts a Secret as is; or, for a node in
+//! Kubernetes, in memory ([`TlsMaterial::from_pem`]) from a certificate request.
 //!
 //! A member's identity is a DNS name in its certificate's subject alternative names:
-//! `controller.berth` for the cluster controller, `<node-id>.node.berth` for a node, and
-//! `node.berth` for "some node" (the chart's shared node certificate, see docs/kubernetes.md).
-//! DNS names rather than URI (SPIFFE) names, because the chart's templates can only issue DNS
-//! names (sprig's `genSignedCert`), and one scheme must serve both. Agents are dialled by
-//! address (pod IPs change), so a client checks the chain against the CA and the fixed name
-//! [`AGENT_SERVER_NAME`] that only node certificates carry, and then that the identity is the
-//! node it meant to dial ([`NodeVerifier`]). The server side reads the caller's identity with
+//! `controller.berth` for the cluster controller, `<node-id>.node.berth` for a node (in
+//! Kubernetes, signed by the controller for the node a plugin's token is bound to, see
+//! crate::kube::csr). DNS names rather than URI (SPIFFE) names, because the chart's
+//! templates can only issue DNS names (sprig's `genSignedCert`, for the controller's), and
+//! one scheme must serve both. Agents are dialled by address (pod IPs change), so a client
+//! checks the chain against the CA and the fixed name [`AGENT_SERVER_NAME`] that only node
+//! certificates carry, and then that the identity is the node it meant to dial
+//! ([`NodeVerifier`]). The server side reads the caller's identity with
 //! [`peer_of`] and authorizes each RPC by it (crate::agent::auth).
 
 use std::{
@@ -46,7 +48,6 @@ pub const AGENT_SERVER_NAME: &str = "berth-agent";
 /// The name `berth certs` gives the controller's certificate, and its directory.
 pub const CONTROLLER: &str = "controller";
 const CONTROLLER_DNS: &str = "controller.berth";
-const ANY_NODE_DNS: &str = "node.berth";
 const NODE_DNS_SUFFIX: &str = ".node.berth";
 
 /// Who a certificate names.
@@ -54,8 +55,6 @@ const NODE_DNS_SUFFIX: &str = ".node.berth";
 pub enum Peer {
     Controller,
     Node(String),
-    /// A node certificate shared by every node (the chart's): a node, but not which.
-    AnyNode,
 }
 
 impl std::fmt::Display for Peer {
@@ -63,7 +62,6 @@ impl std::fmt::Display for Peer {
         match self {
             Peer::Controller => f.write_str("the controller"),
             Peer::Node(id) => write!(f, "node {id}"),
-            Peer::AnyNode => f.write_str("a node (shared certificate)"),
         }
     }
 }
@@ -76,8 +74,6 @@ pub fn peer_of(der: &CertificateDer<'_>) -> Option<Peer> {
     for name in cert.valid_dns_names() {
         let peer = if name == CONTROLLER_DNS {
             Peer::Controller
-        } else if name == ANY_NODE_DNS {
-            Peer::AnyNode
         } else if let Some(id) = name.strip_suffix(NODE_DNS_SUFFIX) {
             Peer::Node(id.to_string())
         } else {
@@ -170,7 +166,7 @@ impl TlsMaterial {
     }
 
     /// Client side, dialling the agent of `node`: the server must present a certificate of
-    /// the CA that names `node` (or the chart's shared node identity).
+    /// the CA that names `node`.
     pub fn client_for_node(&self, node: &str) -> Result<Arc<ClientConfig>> {
         let bad = |e: &dyn std::fmt::Display| Error::invalid("tls", e.to_string());
         let inner =
@@ -275,7 +271,6 @@ impl ServerCertVerifier for NodeVerifier {
             .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)?;
         match peer_of(end_entity) {
             Some(Peer::Node(id)) if id == self.node => Ok(ServerCertVerified::assertion()),
-            Some(Peer::AnyNode) => Ok(ServerCertVerified::assertion()),
             other => Err(rustls::Error::General(format!(
                 "expected node {}'s agent, found {}",
                 self.node,
@@ -522,5 +517,17 @@ mod tests {
         assert_eq!(me("controller"), Some(Peer::Controller));
         assert_eq!(me("node-a"), Some(Peer::Node("node-a".into())));
         assert_eq!(me("n.example"), Some(Peer::Node("n.example".into())));
+    }
+
+    #[test]
+    fn the_old_shared_node_name_names_no_one() {
+        // node.berth was every chart node's name before each node had its own: a leftover
+        // certificate carrying it is no node's.
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![AGENT_SERVER_NAME.into(), "node.berth".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert_eq!(peer_of(cert.der()), None);
     }
 }
