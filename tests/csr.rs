@@ -8,11 +8,13 @@
 //! `$BERTH_KUBE_TOOLS`, default /opt/berth-kube-tools). Without them the test says what is
 //! missing and passes, unless `CI=true`: CI must run it.
 
+mod common;
+
 use std::{
     io::Write,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::Duration,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use berth::{
@@ -488,4 +490,225 @@ fn base64(s: &str) -> String {
     let mut out = out;
     out.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
     String::from_utf8(out.wait_with_output().unwrap().stdout).unwrap()
+}
+
+/// The berth processes of a test, killed (and the node's pool cleaned up) on drop.
+struct Processes {
+    children: Vec<Child>,
+    node_dir: PathBuf,
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        common::cleanup_dir(&self.node_dir);
+    }
+}
+
+/// The chart's wiring, with the real binaries: `berth controller --node-ca` signs what
+/// `berth node --agent-ca` asks for with node-a's pod token, and the node's agent then
+/// serves as node-a (a client dialling node-a accepts it, one dialling node-b refuses it).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_node_plugin_serves_with_the_certificate_the_controller_signed() {
+    let Some((k8s, helm, kubectl)) = needs() else {
+        return;
+    };
+    let server = ApiServer::up(&k8s);
+    let kc = |args: &[&str], stdin: &str| {
+        run(
+            Command::new(&kubectl)
+                .env("KUBECONFIG", &server.kubeconfig)
+                .args(args),
+            stdin,
+        )
+    };
+    kc(
+        &["apply", "-f", "-"],
+        &std::fs::read_to_string(root().join("charts/berth/crds/berth.csi.dev.yaml")).unwrap(),
+    );
+    kc(&["create", "namespace", NS], "");
+    let chart = run(
+        Command::new(&helm)
+            .args(["template", "berth"])
+            .arg(root().join("charts/berth"))
+            .args(["--namespace", NS])
+            .args(["--show-only", "templates/serviceaccounts.yaml"])
+            .args(["--show-only", "templates/rbac-node.yaml"])
+            .args(["--show-only", "templates/rbac-controller.yaml"]),
+        "",
+    );
+    kc(&["apply", "-f", "-"], &chart);
+    kc(
+        &["create", "-f", "-"],
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: berth-node-a, namespace: berth-system}\n\
+         spec: {nodeName: node-a, serviceAccountName: berth-node, containers: [{name: berth, image: berth}]}\n",
+    );
+    let dir = server.dir.path();
+    // A kubeconfig per ServiceAccount, as the pods' in-cluster configuration would be.
+    let kubeconfig = |name: &str, token: String| {
+        let path = dir.join(format!("{name}.kubeconfig"));
+        std::fs::copy(&server.kubeconfig, &path).unwrap();
+        for args in [
+            vec![
+                "config".to_string(),
+                "set-credentials".into(),
+                name.into(),
+                format!("--token={}", token.trim()),
+            ],
+            vec![
+                "config".into(),
+                "set-context".into(),
+                "--current".into(),
+                format!("--user={name}"),
+            ],
+        ] {
+            run(
+                Command::new(&kubectl).env("KUBECONFIG", &path).args(args),
+                "",
+            );
+        }
+        path
+    };
+    let node_kc = kubeconfig(
+        "node",
+        kc(
+            &[
+                "create",
+                "token",
+                "berth-node",
+                "-n",
+                NS,
+                "--bound-object-kind",
+                "Pod",
+                "--bound-object-name",
+                "berth-node-a",
+            ],
+            "",
+        ),
+    );
+    let controller_kc = kubeconfig(
+        "controller",
+        kc(&["create", "token", "berth-controller", "-n", NS], ""),
+    );
+
+    let berth = env!("CARGO_BIN_EXE_berth");
+    let certs = dir.join("certs");
+    run(
+        Command::new(berth)
+            .args(["certs", "--out"])
+            .arg(&certs)
+            .arg("controller"),
+        "",
+    );
+    let node_dir = dir.join("node-a");
+    std::fs::create_dir(&node_dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
+    let mut procs = Processes {
+        children: Vec::new(),
+        node_dir: node_dir.clone(),
+    };
+    procs.children.push(
+        Command::new(berth)
+            .arg("controller")
+            .arg(format!(
+                "--endpoint=unix://{}/controller.sock",
+                dir.display()
+            ))
+            .args([
+                "--node-id",
+                "controller-0",
+                "--node-discovery",
+                "kubernetes",
+            ])
+            .arg("--tls-dir")
+            .arg(certs.join("controller"))
+            .arg("--node-ca")
+            .arg(&certs)
+            .args(["--node-service-account", "berth-node", "--namespace", NS])
+            .env("KUBECONFIG", &controller_kc)
+            .env("RUST_LOG", "info")
+            .stdout(log("controller.log"))
+            .stderr(log("controller.log"))
+            .spawn()
+            .unwrap(),
+    );
+    procs.children.push(
+        Command::new(berth)
+            .arg("node")
+            .arg(format!(
+                "--endpoint=unix://{}/node.sock",
+                node_dir.display()
+            ))
+            .args(["--node-id", "node-a", "--pool-size", "4Gi", "--state-dir"])
+            .arg(node_dir.join("state"))
+            .arg(format!("--agent-listen=127.0.0.1:{port}"))
+            .arg(format!("--agent-advertise=127.0.0.1:{port}"))
+            .arg("--agent-ca")
+            .arg(certs.join("ca.crt"))
+            .args(["--node-discovery", "kubernetes"])
+            .env("KUBECONFIG", &node_kc)
+            .env("RUST_LOG", "info")
+            .stdout(log("node.log"))
+            .stderr(log("node.log"))
+            .spawn()
+            .unwrap(),
+    );
+    let logs = || {
+        format!(
+            "node:\n{}\ncontroller:\n{}",
+            std::fs::read_to_string(dir.join("node.log")).unwrap_or_default(),
+            std::fs::read_to_string(dir.join("controller.log")).unwrap_or_default()
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(dir.join("node.log"))
+        .unwrap_or_default()
+        .contains("serving the node agent")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the node agent did not start:\n{}",
+            logs()
+        );
+        for c in &mut procs.children {
+            assert!(
+                c.try_wait().unwrap().is_none(),
+                "a berth process exited:\n{}",
+                logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let controller = berth::tls::TlsMaterial::load(&certs.join("controller")).unwrap();
+    let dial = |node: &str| {
+        let config = controller.client_for_node(node).unwrap();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            tokio_rustls::TlsConnector::from(config)
+                .connect(
+                    rustls::pki_types::ServerName::try_from("berth-agent").unwrap(),
+                    tcp,
+                )
+                .await
+                .map(drop)
+        }
+    };
+    dial("node-a")
+        .await
+        .unwrap_or_else(|e| panic!("node-a's agent is not node-a: {e}\n{}", logs()));
+    let e = dial("node-b")
+        .await
+        .expect_err("a client dialling node-b accepted node-a's agent");
+    assert!(e.to_string().contains("expected node node-b"), "{e}");
 }
