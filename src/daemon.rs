@@ -247,14 +247,30 @@ pub async fn run(cfg: Config) -> Result<()> {
             shutdown.clone(),
         ));
     }
+    let Some((a, tls)) = cfg.agent.zip(tls) else {
+        return server::serve(
+            server::csi_router(ctx.clone(), cfg.roles),
+            &cfg.endpoint,
+            shutdown.clone(),
+        )
+        .await;
+    };
+    // The CSI service stops (draining) on the process's stop signal, or when the agent
+    // cannot serve: a node plugin whose certificate request was denied exits and says why,
+    // rather than running on without its agent.
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn({
+        let (mut shutdown, stop_tx) = (shutdown.clone(), stop_tx.clone());
+        async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+            let _ = stop_tx.send(true);
+        }
+    });
     let csi = server::serve(
         server::csi_router(ctx.clone(), cfg.roles),
         &cfg.endpoint,
-        shutdown.clone(),
+        stop,
     );
-    let (Some(a), Some(tls)) = (cfg.agent, tls) else {
-        return csi.await;
-    };
     let node_id = cfg.node_id.clone();
     let agent = async move {
         let tls = match tls {
@@ -272,8 +288,15 @@ pub async fn run(cfg: Config) -> Result<()> {
         };
         agent::serve(ctx, a.listen, tls, server::stopped(shutdown)).await
     };
+    let agent = async move {
+        let r = agent.await;
+        if r.is_err() {
+            let _ = stop_tx.send(true);
+        }
+        r
+    };
     let (c, a) = tokio::join!(csi, agent);
-    c.and(a)
+    a.and(c)
 }
 
 /// Runs the cluster controller: CSI Controller, GroupController and berth's Admin API on

@@ -711,4 +711,47 @@ async fn the_node_plugin_serves_with_the_certificate_the_controller_signed() {
         .await
         .expect_err("a client dialling node-b accepted node-a's agent");
     assert!(e.to_string().contains("expected node node-b"), "{e}");
+
+    // A node plugin whose token is bound to no node is refused, and exits saying why
+    // (rather than running on without its agent).
+    let unbound_kc = kubeconfig(
+        "unbound",
+        kc(&["create", "token", "berth-node", "-n", NS], ""),
+    );
+    let other_dir = node_dir.join("unbound");
+    std::fs::create_dir(&other_dir).unwrap();
+    let mut refused = Command::new(berth)
+        .arg("node")
+        .arg(format!(
+            "--endpoint=unix://{}/node.sock",
+            other_dir.display()
+        ))
+        .args(["--node-id", "node-a", "--pool-size", "4Gi", "--state-dir"])
+        .arg(other_dir.join("state"))
+        .arg("--agent-listen=127.0.0.1:0")
+        .arg("--agent-advertise=127.0.0.1:1")
+        .arg("--agent-ca")
+        .arg(certs.join("ca.crt"))
+        .args(["--node-discovery", "kubernetes"])
+        .env("KUBECONFIG", &unbound_kc)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = refused.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = refused.kill();
+            panic!("a node plugin bound to no node kept running");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut refused.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("bound to no node"), "{stderr}");
 }
