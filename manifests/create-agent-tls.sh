@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Creates the Secrets berth's agents use for mutual TLS, which the Helm chart generates by
-# itself but plain manifests cannot: a private CA (ca.crt) and two certificates of it, each
-# with its key (tls.crt, tls.key), valid for server and client auth:
-#   NODE_SECRET (default berth-agent-tls): the certificate every node plugin shares, with the
-#     DNS names berth-agent (what a client checks an agent's chain against) and node.berth
-#     (its identity: some node);
-#   CONTROLLER_SECRET (default berth-controller-tls): the controller's, named
-#     controller.berth, the only identity agents take commands from.
-# The CA's key is deleted: nothing can issue more certificates.
+# Creates what berth's agents need for mutual TLS, which the Helm chart generates by itself
+# but plain manifests cannot: a private CA and the controller's certificate of it.
+#   CA_SECRET (default berth-ca): the CA (ca.crt, ca.key). Only the controller mounts it: it
+#     signs each node plugin's own certificate (<node>.node.berth and berth-agent) when the
+#     plugin asks through a Kubernetes CertificateSigningRequest.
+#   CONTROLLER_SECRET (default berth-controller-tls): the controller's certificate (ca.crt,
+#     tls.crt, tls.key), named controller.berth, the only identity agents take commands
+#     from; client auth only.
+#   CA_CONFIGMAP (default berth-agent-ca): the CA certificate alone (ca.crt), for the nodes.
+# The CA key is PKCS#8 ("PRIVATE KEY"), the form berth's signer reads.
 #
-#   manifests/create-agent-tls.sh [NAMESPACE [NODE_SECRET [CONTROLLER_SECRET]]]
-#   manifests/create-agent-tls.sh --print [...]   write the Secrets to stdout instead
+#   manifests/create-agent-tls.sh [NAMESPACE [CA_SECRET [CONTROLLER_SECRET [CA_CONFIGMAP]]]]
+#   manifests/create-agent-tls.sh --print [...]   write the objects to stdout instead
 #
-# Existing Secrets are left alone, so the script can run again safely. Needs openssl and,
-# unless --print, kubectl. VALIDITY_DAYS (default 3650) sets the certificates' lifetime.
+# Existing objects are left alone, so the script can run again safely. Needs openssl and,
+# unless --print, kubectl. VALIDITY_DAYS (default 3650) sets the CA's and the controller
+# certificate's lifetime.
 set -euo pipefail
 
 print=false
@@ -22,63 +24,82 @@ if [ "${1:-}" = --print ]; then
   shift
 fi
 namespace=${1:-berth-system}
-node_name=${2:-berth-agent-tls}
+ca_name=${2:-berth-ca}
 controller_name=${3:-berth-controller-tls}
+configmap_name=${4:-berth-agent-ca}
 days=${VALIDITY_DAYS:-3650}
 
-if ! $print && kubectl -n "$namespace" get secret "$node_name" >/dev/null 2>&1; then
-  echo "secret $namespace/$node_name exists; left as it is (with $controller_name)" >&2
+if ! $print && kubectl -n "$namespace" get secret "$ca_name" >/dev/null 2>&1; then
+  echo "secret $namespace/$ca_name exists; left as it is (with $controller_name, $configmap_name)" >&2
   exit 0
 fi
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cd "$tmp"
-openssl req -x509 -newkey rsa:2048 -nodes -days "$days" -subj "/CN=berth cluster CA" \
+openssl genpkey -algorithm ed25519 -out ca.key 2>/dev/null
+openssl req -x509 -new -key ca.key -days "$days" -subj "/CN=berth cluster CA" \
   -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
-  -keyout ca.key -out ca.crt 2>/dev/null
-issue() { # issue NAME CN SANS
-  openssl req -newkey rsa:2048 -nodes -subj "/CN=$2" -keyout "$1.key" -out "$1.csr" 2>/dev/null
-  cat >"$1.cnf" <<EOT
+  -out ca.crt 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj "/CN=berth controller" -keyout controller.key \
+  -out controller.csr 2>/dev/null
+cat >controller.cnf <<EOT
 basicConstraints = CA:FALSE
 keyUsage = critical, digitalSignature, keyEncipherment
-extendedKeyUsage = serverAuth, clientAuth
-subjectAltName = $3
+extendedKeyUsage = clientAuth
+subjectAltName = DNS:controller.berth
 EOT
-  openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days "$days" \
-    -extfile "$1.cnf" -out "$1.crt" 2>/dev/null
-}
-issue node "berth node" DNS:berth-agent,DNS:node.berth
-issue controller "berth controller" DNS:controller.berth
-openssl verify -CAfile ca.crt -verify_hostname berth-agent node.crt >/dev/null
-openssl verify -CAfile ca.crt -verify_hostname controller.berth controller.crt >/dev/null
-rm ca.key
+openssl x509 -req -in controller.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days "$days" \
+  -extfile controller.cnf -out controller.crt 2>/dev/null
+openssl verify -CAfile ca.crt -purpose sslclient -verify_hostname controller.berth \
+  controller.crt >/dev/null
 
-secret() { # secret NAME FILE COMPONENT
+labels() { # labels COMPONENT
+  cat <<EOT
+  labels:
+    app.kubernetes.io/name: berth
+    app.kubernetes.io/part-of: berth
+    app.kubernetes.io/component: $1
+EOT
+}
+objects=$(
   cat <<EOT
 apiVersion: v1
 kind: Secret
 metadata:
-  name: $1
+  name: $ca_name
   namespace: $namespace
-  labels:
-    app.kubernetes.io/name: berth
-    app.kubernetes.io/part-of: berth
-    app.kubernetes.io/component: $3
+$(labels controller)
+type: Opaque
+data:
+  ca.crt: $(base64 -w0 ca.crt)
+  ca.key: $(base64 -w0 ca.key)
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: $controller_name
+  namespace: $namespace
+$(labels controller)
 type: kubernetes.io/tls
 data:
   ca.crt: $(base64 -w0 ca.crt)
-  tls.crt: $(base64 -w0 "$2.crt")
-  tls.key: $(base64 -w0 "$2.key")
+  tls.crt: $(base64 -w0 controller.crt)
+  tls.key: $(base64 -w0 controller.key)
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: $configmap_name
+  namespace: $namespace
+$(labels node)
+data:
+  ca.crt: |
+$(sed 's/^/    /' ca.crt)
 EOT
-}
-secrets=$(
-  secret "$node_name" node node
-  echo ---
-  secret "$controller_name" controller controller
 )
 if $print; then
-  echo "$secrets"
+  echo "$objects"
 else
-  echo "$secrets" | kubectl create -f -
+  echo "$objects" | kubectl create -f -
 fi

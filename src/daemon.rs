@@ -32,11 +32,29 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub listen: SocketAddr,
-    pub tls_dir: PathBuf,
+    pub tls: AgentTls,
     pub domain: String,
     /// In Kubernetes: the address peers reach the agent at, published in the node's
     /// BerthNode object so the controller finds it.
     pub advertise: Option<String>,
+}
+
+/// Where a node's agent gets its certificate.
+#[derive(Debug, Clone)]
+pub enum AgentTls {
+    /// A directory with ca.crt, tls.crt, tls.key (`berth certs`, a Secret).
+    Dir(PathBuf),
+    /// In Kubernetes: a CertificateSigningRequest the controller signs
+    /// (crate::kube::csr), checked against the CA certificate at this path.
+    Csr { ca: PathBuf },
+}
+
+/// The controller's signer of node certificates (crate::kube::csr): the CA's directory
+/// (ca.crt, ca.key) and the username of the node plugin's ServiceAccount.
+#[derive(Debug, Clone)]
+pub struct NodeSigner {
+    pub ca_dir: PathBuf,
+    pub node_username: String,
 }
 
 /// How the cluster controller learns its nodes.
@@ -56,6 +74,8 @@ const DISCOVERY: Duration = Duration::from_secs(10);
 /// leader dies.
 const LEASE: Duration = Duration::from_secs(15);
 const LEASE_NAME: &str = "berth-controller";
+/// How often a node polls for its signed certificate, and the controller for requests.
+const CSR_POLL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -84,6 +104,8 @@ pub struct ClusterConfig {
     pub domain: String,
     /// Where to serve /metrics, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Signs the node plugins' certificate requests (Kubernetes discovery only).
+    pub node_signer: Option<NodeSigner>,
 }
 
 /// How many volumes a node attaches unless told otherwise. Loop devices are made on demand
@@ -182,15 +204,25 @@ pub async fn prepare(cfg: &Config) -> Result<Arc<Context>> {
     }))
 }
 
+/// The agent's certificate at start: read, or to be asked for.
+enum AgentCert {
+    Loaded(TlsMaterial),
+    Ask { ca: PathBuf },
+}
+
 pub async fn run(cfg: Config) -> Result<()> {
     let started = Instant::now();
     // Read before touching the pool: bad TLS material is a configuration error to report
-    // at once.
-    let tls = cfg
-        .agent
-        .as_ref()
-        .map(|a| TlsMaterial::load(&a.tls_dir))
-        .transpose()?;
+    // at once. A certificate asked for is waited for beside the CSI service, which needs
+    // none: the node serves its own volumes while the controller is still starting.
+    let tls = match cfg.agent.as_ref().map(|a| &a.tls) {
+        Some(AgentTls::Dir(dir)) => Some(AgentCert::Loaded(TlsMaterial::load(dir)?)),
+        Some(AgentTls::Csr { ca }) => {
+            std::fs::metadata(ca).map_err(Error::io("read", ca))?;
+            Some(AgentCert::Ask { ca: ca.clone() })
+        }
+        None => None,
+    };
     // Before any state is touched: a second driver must not repair node state a live one
     // is using.
     if let server::Endpoint::Unix(path) = &cfg.endpoint {
@@ -237,25 +269,57 @@ pub async fn run(cfg: Config) -> Result<()> {
             shutdown.clone(),
         ));
     }
+    let Some((a, tls)) = cfg.agent.zip(tls) else {
+        return server::serve(
+            server::csi_router(ctx.clone(), cfg.roles, &metrics),
+            &cfg.endpoint,
+            shutdown.clone(),
+        )
+        .await;
+    };
+    // The CSI service stops (draining) on the process's stop signal, or when the agent
+    // cannot serve: a node plugin whose certificate request was denied exits and says why,
+    // rather than running on without its agent.
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn({
+        let (mut shutdown, stop_tx) = (shutdown.clone(), stop_tx.clone());
+        async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+            let _ = stop_tx.send(true);
+        }
+    });
     let csi = server::serve(
         server::csi_router(ctx.clone(), cfg.roles, &metrics),
         &cfg.endpoint,
-        shutdown.clone(),
+        stop,
     );
-    match (cfg.agent, tls) {
-        (Some(a), Some(tls)) => {
-            let agent = agent::serve(
-                ctx,
-                a.listen,
-                tls,
-                metrics.transfer_counters(),
-                server::stopped(shutdown),
-            );
-            let (c, a) = tokio::join!(csi, agent);
-            c.and(a)
+    let node_id = cfg.node_id.clone();
+    let counters = metrics.transfer_counters();
+    let agent = async move {
+        let tls = match tls {
+            AgentCert::Loaded(tls) => tls,
+            AgentCert::Ask { ca } => {
+                let client =
+                    ::kube::Client::try_default()
+                        .await
+                        .map_err(|e| Error::Unreachable {
+                            node: "kubernetes api".into(),
+                            reason: format!("no usable configuration: {e}"),
+                        })?;
+                kube::csr::request_node_certificate(client, &node_id, &ca, CSR_POLL).await?
+            }
+        };
+        agent::serve(ctx, a.listen, tls, counters, server::stopped(shutdown)).await
+    };
+    let agent = async move {
+        let r = agent.await;
+        if r.is_err() {
+            let _ = stop_tx.send(true);
         }
-        _ => csi.await,
-    }
+        r
+    };
+    let (c, a) = tokio::join!(csi, agent);
+    a.and(c)
 }
 
 /// Runs the cluster controller: CSI Controller, GroupController and berth's Admin API on
@@ -296,6 +360,25 @@ pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
                 Some(api.clone()),
                 metrics.clone(),
             )?);
+            if let Some(signer) = &cfg.node_signer {
+                // Every replica signs (a request handled twice fails its resourceVersion
+                // check): nodes get their certificates even while no replica leads.
+                let issuer = crate::tls::NodeIssuer::load(&signer.ca_dir)?;
+                let client =
+                    ::kube::Client::try_default()
+                        .await
+                        .map_err(|e| Error::Unreachable {
+                            node: "kubernetes api".into(),
+                            reason: format!("no usable configuration: {e}"),
+                        })?;
+                tokio::spawn(kube::csr::signer(
+                    client,
+                    issuer,
+                    signer.node_username.clone(),
+                    CSR_POLL,
+                    shutdown.clone(),
+                ));
+            }
             let members = cluster.clone();
             tokio::spawn(kube::discover_nodes(
                 api.clone(),

@@ -1,7 +1,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use berth::{
-    daemon::{self, AgentConfig, ClusterConfig, Config, Discovery},
+    daemon::{self, AgentConfig, AgentTls, ClusterConfig, Config, Discovery, NodeSigner},
     proto::admin::v1::{MigrateRequest, admin_client::AdminClient},
     server::{Endpoint, Roles},
     storage::setup::PoolSource,
@@ -30,9 +30,17 @@ enum Command {
         /// among controller replicas with a Lease, and drive VolumeMigration objects.
         #[arg(long, value_enum, requires = "tls_dir")]
         node_discovery: Option<NodeDiscovery>,
-        /// The namespace of the leader-election Lease.
+        /// The namespace of the leader-election Lease (and of --node-service-account).
         #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
         namespace: String,
+        /// Sign the node plugins' certificate requests (Kubernetes CertificateSigningRequests
+        /// of signer berth.csi.dev/agent) with the CA in this directory (ca.crt, ca.key).
+        #[arg(long, requires_all = ["node_discovery", "node_service_account"])]
+        node_ca: Option<PathBuf>,
+        /// The node plugin's ServiceAccount (in --namespace): only its pod-bound tokens get a
+        /// node certificate, for the node the token is bound to.
+        #[arg(long, requires = "node_ca")]
+        node_service_account: Option<String>,
         #[command(flatten)]
         cluster: ClusterArgs,
     },
@@ -41,9 +49,15 @@ enum Command {
     Node {
         #[command(flatten)]
         common: Common,
-        /// Address the node agent serves on (mutual TLS), e.g. 0.0.0.0:7070.
-        #[arg(long, env = "BERTH_AGENT_LISTEN", requires = "tls_dir")]
+        /// Address the node agent serves on (mutual TLS), e.g. 0.0.0.0:7070. Needs --tls-dir
+        /// or --agent-ca.
+        #[arg(long, env = "BERTH_AGENT_LISTEN")]
         agent_listen: Option<SocketAddr>,
+        /// Instead of --tls-dir: ask the controller for this node's certificate through a
+        /// Kubernetes CertificateSigningRequest, made with this pod's ServiceAccount token;
+        /// FILE is the cluster CA's certificate.
+        #[arg(long, requires = "node_discovery", conflicts_with = "tls_dir")]
+        agent_ca: Option<PathBuf>,
         /// Publish this node (agent address, capacity) as a BerthNode object for the
         /// controller to find.
         #[arg(long, value_enum, requires = "agent_listen")]
@@ -279,6 +293,8 @@ fn main() -> ExitCode {
             nodes,
             node_discovery,
             namespace,
+            node_ca,
+            node_service_account,
             cluster,
         } if nodes.is_some() || node_discovery.is_some() => {
             init_logging(common.log_format);
@@ -288,6 +304,13 @@ fn main() -> ExitCode {
             // A controller replica's id (its pod name in Kubernetes) tells the Lease holders
             // apart.
             let node_id = node_id(common.node_id);
+            let node_signer = node_ca.map(|ca_dir| NodeSigner {
+                ca_dir,
+                node_username: berth::kube::csr::service_account_username(
+                    &namespace,
+                    &node_service_account.expect("clap requires --node-service-account"),
+                ),
+            });
             let discovery = match nodes {
                 Some(file) => Discovery::File(file),
                 None => Discovery::Kubernetes {
@@ -303,6 +326,7 @@ fn main() -> ExitCode {
                 tls_dir: cluster.tls_dir.expect("clap requires --tls-dir"),
                 domain: cluster.topology_domain,
                 metrics_listen: common.metrics_listen,
+                node_signer,
             };
             return finish(runtime().block_on(daemon::run_cluster(cfg)));
         }
@@ -319,6 +343,7 @@ fn main() -> ExitCode {
             agent_listen,
             node_discovery,
             agent_advertise,
+            agent_ca,
             cluster,
         } => {
             let advertise = match (node_discovery, agent_advertise, agent_listen) {
@@ -341,14 +366,24 @@ fn main() -> ExitCode {
                     node: true,
                 },
                 common,
-                agent_listen.map(|listen| AgentConfig {
-                    listen,
-                    tls_dir: cluster
-                        .tls_dir
-                        .expect("clap requires --tls-dir with --agent-listen"),
-                    domain: cluster.topology_domain,
-                    advertise,
-                }),
+                match (agent_listen, cluster.tls_dir, agent_ca) {
+                    (None, _, _) => None,
+                    (Some(listen), tls_dir, agent_ca) => Some(AgentConfig {
+                        listen,
+                        tls: match (tls_dir, agent_ca) {
+                            (Some(dir), _) => AgentTls::Dir(dir),
+                            (None, Some(ca)) => AgentTls::Csr { ca },
+                            (None, None) => {
+                                eprintln!(
+                                    "berth: --agent-listen needs --tls-dir or --agent-ca: the agent serves mutual TLS"
+                                );
+                                return ExitCode::from(2);
+                            }
+                        },
+                        domain: cluster.topology_domain,
+                        advertise,
+                    }),
+                },
             )
         }
         Command::AllInOne(c) => (

@@ -2,16 +2,18 @@
 //! presents a certificate signed by the cluster CA, and each certificate names one member.
 //!
 //! Material lives in one directory in the layout of a Kubernetes TLS Secret plus its CA
-//! (`ca.crt`, `tls.crt`, `tls.key`), so the chart mounts a Secret as is.
+//! (`ca.crt`, `tls.crt`, `tls.key`), so the chart mounts a Secret as is; or, for a node in
+//! Kubernetes, in memory ([`TlsMaterial::from_pem`]) from a certificate request.
 //!
 //! A member's identity is a DNS name in its certificate's subject alternative names:
-//! `controller.berth` for the cluster controller, `<node-id>.node.berth` for a node, and
-//! `node.berth` for "some node" (the chart's shared node certificate, see docs/kubernetes.md).
-//! DNS names rather than URI (SPIFFE) names, because the chart's templates can only issue DNS
-//! names (sprig's `genSignedCert`), and one scheme must serve both. Agents are dialled by
-//! address (pod IPs change), so a client checks the chain against the CA and the fixed name
-//! [`AGENT_SERVER_NAME`] that only node certificates carry, and then that the identity is the
-//! node it meant to dial ([`NodeVerifier`]). The server side reads the caller's identity with
+//! `controller.berth` for the cluster controller, `<node-id>.node.berth` for a node (in
+//! Kubernetes, signed by the controller for the node a plugin's token is bound to, see
+//! crate::kube::csr). DNS names rather than URI (SPIFFE) names, because the chart's
+//! templates can only issue DNS names (sprig's `genSignedCert`, for the controller's), and
+//! one scheme must serve both. Agents are dialled by address (pod IPs change), so a client
+//! checks the chain against the CA and the fixed name [`AGENT_SERVER_NAME`] that only node
+//! certificates carry, and then that the identity is the node it meant to dial
+//! ([`NodeVerifier`]). The server side reads the caller's identity with
 //! [`peer_of`] and authorizes each RPC by it (crate::agent::auth).
 
 use std::{
@@ -46,7 +48,6 @@ pub const AGENT_SERVER_NAME: &str = "berth-agent";
 /// The name `berth certs` gives the controller's certificate, and its directory.
 pub const CONTROLLER: &str = "controller";
 const CONTROLLER_DNS: &str = "controller.berth";
-const ANY_NODE_DNS: &str = "node.berth";
 const NODE_DNS_SUFFIX: &str = ".node.berth";
 
 /// Who a certificate names.
@@ -54,8 +55,6 @@ const NODE_DNS_SUFFIX: &str = ".node.berth";
 pub enum Peer {
     Controller,
     Node(String),
-    /// A node certificate shared by every node (the chart's): a node, but not which.
-    AnyNode,
 }
 
 impl std::fmt::Display for Peer {
@@ -63,7 +62,6 @@ impl std::fmt::Display for Peer {
         match self {
             Peer::Controller => f.write_str("the controller"),
             Peer::Node(id) => write!(f, "node {id}"),
-            Peer::AnyNode => f.write_str("a node (shared certificate)"),
         }
     }
 }
@@ -76,8 +74,6 @@ pub fn peer_of(der: &CertificateDer<'_>) -> Option<Peer> {
     for name in cert.valid_dns_names() {
         let peer = if name == CONTROLLER_DNS {
             Peer::Controller
-        } else if name == ANY_NODE_DNS {
-            Peer::AnyNode
         } else if let Some(id) = name.strip_suffix(NODE_DNS_SUFFIX) {
             Peer::Node(id.to_string())
         } else {
@@ -123,23 +119,32 @@ impl TlsMaterial {
             let bytes = fs::read(&p).map_err(|e| tls_error(&p, e))?;
             Ok((p, bytes))
         };
-        let ((ca_path, ca), (crt_path, crt), (key_path, key)) =
-            (read("ca.crt")?, read("tls.crt")?, read("tls.key")?);
+        let (ca, crt, key) = (read("ca.crt")?, read("tls.crt")?, read("tls.key")?);
+        TlsMaterial::from_pem((&ca.0, &ca.1), (&crt.0, &crt.1), (&key.0, &key.1))
+    }
+
+    /// The material from PEM held in memory (a certificate issued through a Kubernetes
+    /// CertificateSigningRequest); each part comes with the name its errors give it.
+    pub fn from_pem(
+        (ca_path, ca): (&Path, &[u8]),
+        (crt_path, crt): (&Path, &[u8]),
+        (key_path, key): (&Path, &[u8]),
+    ) -> Result<TlsMaterial> {
         let mut roots = RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(&ca) {
-            let c = c.map_err(|e| tls_error(&ca_path, e))?;
-            roots.add(c).map_err(|e| tls_error(&ca_path, e))?;
+        for c in CertificateDer::pem_slice_iter(ca) {
+            let c = c.map_err(|e| tls_error(ca_path, e))?;
+            roots.add(c).map_err(|e| tls_error(ca_path, e))?;
         }
-        let chain = CertificateDer::pem_slice_iter(&crt)
+        let chain = CertificateDer::pem_slice_iter(crt)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| tls_error(&crt_path, e))?;
+            .map_err(|e| tls_error(crt_path, e))?;
         if chain.is_empty() {
-            return Err(tls_error(&crt_path, "no certificate"));
+            return Err(tls_error(crt_path, "no certificate"));
         }
-        let private = PrivateKeyDer::from_pem_slice(&key).map_err(|e| tls_error(&key_path, e))?;
+        let private = PrivateKeyDer::from_pem_slice(key).map_err(|e| tls_error(key_path, e))?;
         Ok(TlsMaterial {
-            ca: Certificate::from_pem(&ca),
-            identity: Identity::from_pem(&crt, &key),
+            ca: Certificate::from_pem(ca),
+            identity: Identity::from_pem(crt, key),
             roots: Arc::new(roots),
             chain,
             key: Arc::new(private),
@@ -161,7 +166,7 @@ impl TlsMaterial {
     }
 
     /// Client side, dialling the agent of `node`: the server must present a certificate of
-    /// the CA that names `node` (or the chart's shared node identity).
+    /// the CA that names `node`.
     pub fn client_for_node(&self, node: &str) -> Result<Arc<ClientConfig>> {
         let bad = |e: &dyn std::fmt::Display| Error::invalid("tls", e.to_string());
         let inner =
@@ -266,7 +271,6 @@ impl ServerCertVerifier for NodeVerifier {
             .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)?;
         match peer_of(end_entity) {
             Some(Peer::Node(id)) if id == self.node => Ok(ServerCertVerified::assertion()),
-            Some(Peer::AnyNode) => Ok(ServerCertVerified::assertion()),
             other => Err(rustls::Error::General(format!(
                 "expected node {}'s agent, found {}",
                 self.node,
@@ -340,6 +344,88 @@ fn node_dns_name(id: &str) -> Result<String> {
     Ok(name)
 }
 
+/// A node's certificate: its identity and [`AGENT_SERVER_NAME`], for serving and dialling
+/// peers.
+fn node_params(node: &str) -> Result<CertificateParams> {
+    let mut p = CertificateParams::new(vec![AGENT_SERVER_NAME.to_string(), node_dns_name(node)?])
+        .map_err(cert_error)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, node);
+    p.distinguished_name = dn;
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    Ok(p)
+}
+
+/// How long a certificate the controller signs for a node is valid. A node asks for one at
+/// every start and does not renew it while it runs, so this bounds how long a node plugin
+/// may run without a restart; a year is well past any node's upgrade cycle.
+pub const NODE_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
+/// A node's new key and a PKCS#10 request (PEM) for its certificate. The signer decides the
+/// names; the request asks for the ones it will give, for the reader's sake.
+pub fn node_request(node: &str) -> Result<(KeyPair, String)> {
+    let key = KeyPair::generate().map_err(cert_error)?;
+    let csr = node_params(node)?
+        .serialize_request(&key)
+        .map_err(cert_error)?;
+    Ok((key, csr.pem().map_err(cert_error)?))
+}
+
+/// The cluster CA as an issuer: what the controller signs node certificates with.
+pub struct NodeIssuer {
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+}
+
+impl std::fmt::Debug for NodeIssuer {
+    // The CA key never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeIssuer { .. }")
+    }
+}
+
+impl NodeIssuer {
+    /// Reads `ca.crt` and `ca.key` from `dir` (the controller's CA Secret).
+    pub fn load(dir: &Path) -> Result<NodeIssuer> {
+        let read = |name: &str| -> Result<String> {
+            let p = dir.join(name);
+            fs::read_to_string(&p).map_err(|e| tls_error(&p, e))
+        };
+        let (ca_pem, key_pem) = (read("ca.crt")?, read("ca.key")?);
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| tls_error(&dir.join("ca.key"), e))?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, key)
+            .map_err(|e| tls_error(&dir.join("ca.crt"), e))?;
+        Ok(NodeIssuer { issuer, ca_pem })
+    }
+
+    /// The CA certificate (PEM).
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// A certificate (PEM) for `node` on the public key of the PKCS#10 request `csr_pem`,
+    /// valid [`NODE_CERT_LIFETIME`] from now. Only the key is taken from the request (its
+    /// signature proves the requester holds it): the names, usages and lifetime are the
+    /// signer's, so a node that asks for another node's name, or the controller's, gets
+    /// its own.
+    pub fn sign_node(&self, csr_pem: &str, node: &str) -> Result<String> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| Error::invalid("certificate request", e.to_string()))?;
+        let mut p = node_params(node)?;
+        let now = time::OffsetDateTime::now_utc();
+        // A minute back for clocks a little behind the controller's.
+        p.not_before = now - time::Duration::minutes(1);
+        p.not_after = now + NODE_CERT_LIFETIME;
+        let cert = p
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(cert_error)?;
+        Ok(cert.pem())
+    }
+}
+
 /// `berth certs`: a CA in `out` (kept and reused when it already exists, so nodes can be
 /// added later) and, for each name, `out/<name>/{ca.crt,tls.crt,tls.key}` usable as a
 /// `--tls-dir`. The name [`CONTROLLER`] makes the controller's certificate; every other
@@ -364,25 +450,17 @@ pub fn generate(out: &Path, names: &[String]) -> Result<Vec<PathBuf>> {
     for name in names {
         // The controller only dials, so its certificate is for client auth alone: it can
         // never pose as an agent. A node serves and dials peers.
-        let (sans, purposes) = if name == CONTROLLER {
-            (
-                vec![CONTROLLER_DNS.to_string()],
-                vec![ExtendedKeyUsagePurpose::ClientAuth],
-            )
+        let p = if name == CONTROLLER {
+            let mut p =
+                CertificateParams::new(vec![CONTROLLER_DNS.to_string()]).map_err(cert_error)?;
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, name.as_str());
+            p.distinguished_name = dn;
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            p
         } else {
-            (
-                vec![AGENT_SERVER_NAME.to_string(), node_dns_name(name)?],
-                vec![
-                    ExtendedKeyUsagePurpose::ServerAuth,
-                    ExtendedKeyUsagePurpose::ClientAuth,
-                ],
-            )
+            node_params(name)?
         };
-        let mut p = CertificateParams::new(sans).map_err(cert_error)?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, name.as_str());
-        p.distinguished_name = dn;
-        p.extended_key_usages = purposes;
         let key = KeyPair::generate().map_err(cert_error)?;
         let cert = p.signed_by(&key, &issuer).map_err(cert_error)?;
         let dir = out.join(name);
@@ -439,5 +517,17 @@ mod tests {
         assert_eq!(me("controller"), Some(Peer::Controller));
         assert_eq!(me("node-a"), Some(Peer::Node("node-a".into())));
         assert_eq!(me("n.example"), Some(Peer::Node("n.example".into())));
+    }
+
+    #[test]
+    fn the_old_shared_node_name_names_no_one() {
+        // node.berth was every chart node's name before each node had its own: a leftover
+        // certificate carrying it is no node's.
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![AGENT_SERVER_NAME.into(), "node.berth".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert_eq!(peer_of(cert.der()), None);
     }
 }

@@ -433,7 +433,8 @@ fn chart_refuses_both_a_pool_device_and_a_pool_dir() {
     );
 }
 
-/// Writes the `ca.crt`, `tls.crt`, `tls.key` of each Secret in `yaml` to `dir/<name>/`.
+/// Writes every key of each Secret and ConfigMap in `yaml` to `dir/<name>/`; returns the
+/// names.
 fn secrets_to_dirs(t: &Tools, yaml: &str, dir: &Path) -> Vec<String> {
     let file = dir.join("render.yaml");
     std::fs::write(&file, yaml).unwrap();
@@ -441,12 +442,12 @@ fn secrets_to_dirs(t: &Tools, yaml: &str, dir: &Path) -> Vec<String> {
         .arg("-c")
         .arg(
             "import base64, os, sys, yaml\n\
-             for s in [o for o in yaml.safe_load_all(open(sys.argv[1])) if o and o['kind'] == 'Secret']:\n\
+             for s in [o for o in yaml.safe_load_all(open(sys.argv[1])) if o and o['kind'] in ('Secret', 'ConfigMap')]:\n\
              \x20   d = os.path.join(sys.argv[2], s['metadata']['name'])\n\
              \x20   os.makedirs(d)\n\
              \x20   print(s['metadata']['name'])\n\
-             \x20   for k in ('ca.crt', 'tls.crt', 'tls.key'):\n\
-             \x20       open(d + '/' + k, 'wb').write(base64.b64decode(s['data'][k]))\n",
+             \x20   for k, v in s['data'].items():\n\
+             \x20       open(d + '/' + k, 'wb').write(base64.b64decode(v) if s['kind'] == 'Secret' else v.encode())\n",
         )
         .arg(&file)
         .arg(dir));
@@ -454,37 +455,71 @@ fn secrets_to_dirs(t: &Tools, yaml: &str, dir: &Path) -> Vec<String> {
     text(&out.stdout).lines().map(str::to_string).collect()
 }
 
-/// The chart's two certificates, read by berth itself: the nodes' names "some node" and
-/// verifies as the agent server name both ways (agents serve and dial), the controller's
-/// names the controller. Both of one CA.
+/// The chart's TLS objects, read by berth itself: the CA (ca.crt, ca.key) that the
+/// controller signs node certificates with, the controller's certificate naming the
+/// controller, and the nodes' ConfigMap with the CA certificate alone. A node certificate
+/// berth's signer makes with that CA names its node and verifies as the agent server name
+/// both ways (agents serve and dial); the controller's grants verify on it.
 fn assert_member_certificates(t: &Tools, yaml: &str, what: &str) {
-    use berth::tls::{Peer, TlsMaterial};
+    use berth::tls::{NodeIssuer, Peer, TlsMaterial};
     let dir = tempfile::tempdir().unwrap();
-    let names = secrets_to_dirs(t, yaml, dir.path());
-    assert_eq!(names, ["berth-agent-tls", "berth-controller-tls"], "{what}");
-    let me = |n: &str| TlsMaterial::load(&dir.path().join(n)).unwrap().me();
-    assert_eq!(me("berth-agent-tls"), Some(Peer::AnyNode), "{what}");
-    assert_eq!(me("berth-controller-tls"), Some(Peer::Controller), "{what}");
-    let ca = |n: &str| std::fs::read(dir.path().join(n).join("ca.crt")).unwrap();
+    let mut names = secrets_to_dirs(t, yaml, dir.path());
+    names.sort();
     assert_eq!(
-        ca("berth-agent-tls"),
-        ca("berth-controller-tls"),
-        "{what}: one CA"
+        names,
+        ["berth-agent-ca", "berth-ca", "berth-controller-tls"],
+        "{what}"
     );
-    // The controller signs fetch grants with this (RSA) key, and nodes verify them.
-    let load = |n: &str| TlsMaterial::load(&dir.path().join(n)).unwrap();
-    let (scheme, signature, cert) = load("berth-controller-tls").sign(b"grant").unwrap();
+    let files = |n: &str| {
+        let mut f: Vec<String> = std::fs::read_dir(dir.path().join(n))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        f.sort();
+        f
+    };
     assert_eq!(
-        load("berth-agent-tls").verify_signed(&cert, scheme, b"grant", &signature),
+        files("berth-agent-ca"),
+        ["ca.crt"],
+        "{what}: no key reaches a node"
+    );
+    assert_eq!(files("berth-ca"), ["ca.crt", "ca.key"], "{what}");
+    let ctl = TlsMaterial::load(&dir.path().join("berth-controller-tls")).unwrap();
+    assert_eq!(ctl.me(), Some(Peer::Controller), "{what}");
+    let ca = |n: &str| std::fs::read(dir.path().join(n).join("ca.crt")).unwrap();
+    assert_eq!(ca("berth-agent-ca"), ca("berth-ca"), "{what}: one CA");
+    assert_eq!(ca("berth-controller-tls"), ca("berth-ca"), "{what}: one CA");
+    // What the controller does for node-a's plugin, with the CA's key as given.
+    let issuer = NodeIssuer::load(&dir.path().join("berth-ca"))
+        .unwrap_or_else(|e| panic!("{what}: berth's signer cannot use the CA: {e}"));
+    let (key, request) = berth::tls::node_request("node-a").unwrap();
+    let node_dir = dir.path().join("node-a");
+    std::fs::create_dir(&node_dir).unwrap();
+    std::fs::write(node_dir.join("ca.crt"), ca("berth-agent-ca")).unwrap();
+    std::fs::write(
+        node_dir.join("tls.crt"),
+        issuer.sign_node(&request, "node-a").unwrap(),
+    )
+    .unwrap();
+    std::fs::write(node_dir.join("tls.key"), key.serialize_pem()).unwrap();
+    let node = TlsMaterial::load(&node_dir).unwrap();
+    assert_eq!(node.me(), Some(Peer::Node("node-a".into())), "{what}");
+    // The controller signs fetch grants with its key, and nodes verify them.
+    let (scheme, signature, cert) = ctl.sign(b"grant").unwrap();
+    assert_eq!(
+        node.verify_signed(&cert, scheme, b"grant", &signature),
         Ok(Peer::Controller),
         "{what}"
     );
-    for (secret, purpose, name) in [
-        ("berth-agent-tls", "sslserver", "berth-agent"),
-        ("berth-agent-tls", "sslclient", "berth-agent"),
-        ("berth-controller-tls", "sslclient", "controller.berth"),
+    for (d, purpose, name) in [
+        (&node_dir, "sslserver", "berth-agent"),
+        (&node_dir, "sslclient", "berth-agent"),
+        (
+            &dir.path().join("berth-controller-tls"),
+            "sslclient",
+            "controller.berth",
+        ),
     ] {
-        let d = dir.path().join(secret);
         let out = run(Command::new("openssl")
             .args(["verify", "-purpose", purpose, "-verify_hostname", name])
             .arg("-CAfile")
@@ -492,7 +527,8 @@ fn assert_member_certificates(t: &Tools, yaml: &str, what: &str) {
             .arg(d.join("tls.crt")));
         assert!(
             out.status.success(),
-            "{what}: {secret} does not verify for {purpose} as {name}:\n{}{}",
+            "{what}: {} does not verify for {purpose} as {name}:\n{}{}",
+            d.display(),
             text(&out.stdout),
             text(&out.stderr)
         );
@@ -500,12 +536,14 @@ fn assert_member_certificates(t: &Tools, yaml: &str, what: &str) {
 }
 
 #[test]
-fn chart_refuses_a_node_secret_without_the_controllers() {
-    assert_rejected(
-        "agentTLS.existingSecret=mine",
-        "agentTLS.existingControllerSecret",
-        &["go together"],
-    );
+fn chart_refuses_a_ca_secret_without_the_rest() {
+    for set in [
+        "agentTLS.existingCASecret=mine",
+        "agentTLS.existingCASecret=mine,agentTLS.existingControllerSecret=mine-ctl",
+        "agentTLS.existingCAConfigMap=mine",
+    ] {
+        assert_rejected(set, "agentTLS.existingCASecret", &["go together"]);
+    }
 }
 
 #[test]

@@ -43,7 +43,7 @@ pub const GRANT_LIFETIME: Duration = Duration::from_secs(3600);
 pub fn authorize(path: &str, peer: Option<&Peer>) -> std::result::Result<(), Status> {
     match (peer, path) {
         (Some(Peer::Controller), _) => Ok(()),
-        (Some(Peer::Node(_) | Peer::AnyNode), SEND) => Ok(()),
+        (Some(Peer::Node(_)), SEND) => Ok(()),
         (Some(p), _) => Err(Status::permission_denied(format!(
             "{p} may not call {path}: only the controller commands a node"
         ))),
@@ -154,8 +154,6 @@ pub fn check_grant(
         .map_err(|e| denied(format!("the grant is malformed: {e}")))?;
     let receiver_ok = match caller {
         Peer::Node(id) => *id == b.receiver_node_id,
-        // The chart's shared node certificate cannot tell nodes apart (docs/kubernetes.md).
-        Peer::AnyNode => true,
         Peer::Controller => false,
     };
     if !receiver_ok {
@@ -204,9 +202,7 @@ mod tests {
                 true,
             ),
             ("/berth.agent.v1.Agent/Send", Some(&node), true),
-            ("/berth.agent.v1.Agent/Send", Some(&Peer::AnyNode), true),
             ("/berth.agent.v1.Agent/Promote", Some(&node), false),
-            ("/berth.agent.v1.Agent/Fence", Some(&Peer::AnyNode), false),
             ("/berth.agent.v1.Agent/Inventory", Some(&node), false),
             ("/csi.v1.Controller/DeleteVolume", Some(&node), false),
             (

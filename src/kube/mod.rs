@@ -1,7 +1,8 @@
 //! The thin Kubernetes layer: berth's custom resources ([`crd`]), the few API calls berth
 //! makes ([`ClusterApi`], implemented over kube-rs by [`KubeApi`]) and the background tasks
 //! built on them ([`node_heartbeat`], [`discover_nodes`], [`leader_election`],
-//! [`migrations`]).
+//! [`migrations`]); and the nodes' certificates through the CSR API ([`csr`], which talks
+//! to kube-rs directly and is tested against a real API server instead).
 //!
 //! Everything above this module talks to [`ClusterApi`], never to a `kube::Client`, so the
 //! rest of berth is tested without a cluster; this module's own tests run [`KubeApi`] against
@@ -14,6 +15,7 @@
 
 mod client;
 pub mod crd;
+pub mod csr;
 mod migrations;
 mod placement;
 mod tasks;

@@ -34,8 +34,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .repository .tag -}}
 {{- end }}
 
-{{- define "berth.agentTLSSecretName" -}}
-{{- .Values.agentTLS.existingSecret | default (printf "%s-agent-tls" .Release.Name) -}}
+{{- define "berth.caSecretName" -}}
+{{- .Values.agentTLS.existingCASecret | default (printf "%s-ca" .Release.Name) -}}
+{{- end }}
+
+{{- define "berth.caConfigMapName" -}}
+{{- .Values.agentTLS.existingCAConfigMap | default (printf "%s-agent-ca" .Release.Name) -}}
 {{- end }}
 
 {{- define "berth.controllerTLSSecretName" -}}
@@ -55,8 +59,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and $sc.default.enabled $sc.default.isDefaultClass $sc.replicated.enabled $sc.replicated.isDefaultClass -}}
 {{- fail "storageClasses.default.isDefaultClass and storageClasses.replicated.isDefaultClass are both true: a cluster has at most one default StorageClass" -}}
 {{- end -}}
-{{- if ne (empty .Values.agentTLS.existingSecret) (empty .Values.agentTLS.existingControllerSecret) -}}
-{{- fail "agentTLS.existingSecret and agentTLS.existingControllerSecret go together: the nodes' and the controller's certificates of one CA" -}}
+{{- $t := .Values.agentTLS -}}
+{{- if not (and (eq (empty $t.existingCASecret) (empty $t.existingControllerSecret)) (eq (empty $t.existingCASecret) (empty $t.existingCAConfigMap))) -}}
+{{- fail "agentTLS.existingCASecret, agentTLS.existingControllerSecret and agentTLS.existingCAConfigMap go together: the CA, the controller's certificate of it, and the CA certificate for the nodes" -}}
 {{- end -}}
 {{- /* Only a class forced on conflicts; "auto" leaves it out without the snapshotter. */ -}}
 {{- $snapshotClass := eq (toString .Values.volumeSnapshotClass.enabled) "true" -}}

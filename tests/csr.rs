@@ -1,0 +1,757 @@
+//! Node certificates through the Kubernetes CSR API (src/kube/csr.rs) against a real
+//! kube-apiserver (`../shared/k8s/up`), with the chart's ServiceAccounts and RBAC: berth's
+//! own node-side code asks with a node plugin pod's token, berth's own signer answers with
+//! the controller's token, and a certificate names the node the token is bound to, whatever
+//! the request asks for.
+//!
+//! Needs ../shared (the API server) and helm and kubectl (`.ci/kube-tools`, at
+//! `$BERTH_KUBE_TOOLS`, default /opt/berth-kube-tools). Without them the test says what is
+//! missing and passes, unless `CI=true`: CI must run it.
+
+mod common;
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use berth::{
+    kube::csr::{
+        SIGNER_NAME, request_node_certificate, service_account_username, sign_node_requests,
+    },
+    tls::{NodeIssuer, Peer, peer_of},
+};
+use k8s_openapi::{
+    ByteString,
+    api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestSpec},
+};
+use kube::{
+    Api,
+    api::{ObjectMeta, PostParams},
+};
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+
+const NS: &str = "berth-system";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The paths this test needs, or None (after saying why) outside CI.
+fn needs() -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let tools = std::env::var_os("BERTH_KUBE_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/berth-kube-tools"));
+    let k8s = root().join("../shared/k8s");
+    let (helm, kubectl) = (tools.join("helm"), tools.join("kubectl"));
+    let missing: Vec<String> = [&k8s.join("up"), &helm, &kubectl]
+        .into_iter()
+        .filter(|p| !p.exists())
+        .map(|p| p.display().to_string())
+        .collect();
+    if missing.is_empty() {
+        return Some((k8s, helm, kubectl));
+    }
+    let msg = format!("skipped: missing {}", missing.join(", "));
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true: {msg}"
+    );
+    eprintln!("{msg}");
+    None
+}
+
+/// A kube-apiserver for this test, stopped and purged on drop.
+struct ApiServer {
+    k8s: PathBuf,
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+impl ApiServer {
+    fn up(k8s: &Path) -> ApiServer {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(k8s.join("up"))
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "../shared/k8s/up failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let kubeconfig = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        ApiServer {
+            k8s: k8s.to_path_buf(),
+            dir,
+            kubeconfig,
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = Command::new(self.k8s.join("down"))
+            .arg(self.dir.path())
+            .arg("--purge")
+            .status();
+    }
+}
+
+/// Runs `cmd` with `stdin`, returns stdout; panics with stderr on failure.
+fn run(cmd: &mut Command, stdin: &str) -> String {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A Kubernetes client authenticated with `token` instead of the admin's certificate.
+async fn client_with_token(
+    admin: &Path,
+    kubectl: &Path,
+    token: &str,
+    dir: &Path,
+    name: &str,
+) -> kube::Client {
+    let path = dir.join(format!("{name}.kubeconfig"));
+    std::fs::copy(admin, &path).unwrap();
+    let kc = |args: &[&str]| {
+        run(
+            Command::new(kubectl).env("KUBECONFIG", &path).args(args),
+            "",
+        )
+    };
+    kc(&[
+        "config",
+        "set-credentials",
+        name,
+        &format!("--token={token}"),
+    ]);
+    kc(&[
+        "config",
+        "set-context",
+        "--current",
+        &format!("--user={name}"),
+    ]);
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(config).unwrap()
+}
+
+/// A request of berth's signer made directly, asking for whatever `sans` says.
+async fn create_request(client: kube::Client, sans: &[&str]) -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+    let csr = CertificateSigningRequest {
+        metadata: ObjectMeta {
+            generate_name: Some("test-".into()),
+            ..Default::default()
+        },
+        spec: CertificateSigningRequestSpec {
+            request: ByteString(pem.into_bytes()),
+            signer_name: SIGNER_NAME.into(),
+            usages: Some(vec!["client auth".into(), "server auth".into()]),
+            ..Default::default()
+        },
+        status: None,
+    };
+    Api::<CertificateSigningRequest>::all(client)
+        .create(&PostParams::default(), &csr)
+        .await
+        .unwrap()
+        .metadata
+        .name
+        .unwrap()
+}
+
+/// Whom the certificate of request `name` names, or the type of its condition if it has
+/// no certificate.
+async fn outcome(admin: &kube::Client, name: &str) -> Result<Option<Peer>, String> {
+    let csr = Api::<CertificateSigningRequest>::all(admin.clone())
+        .get(name)
+        .await
+        .unwrap();
+    let status = csr.status.unwrap_or_default();
+    match status.certificate {
+        Some(pem) => {
+            let certs = CertificateDer::pem_slice_iter(&pem.0)
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            assert_eq!(certs.len(), 1, "{name}: one certificate, no chain");
+            Ok(peer_of(&certs[0]))
+        }
+        None => Err(status
+            .conditions
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.type_.clone())
+            .collect::<Vec<_>>()
+            .join(",")),
+    }
+}
+
+/// node-a's pod token gets a certificate naming node-a and nothing else, whether its
+/// request asks for node-b or for the controller; requests from another ServiceAccount, or
+/// from a token bound to no node, are denied; and each ServiceAccount's rights are exactly
+/// what this takes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_gets_a_certificate_for_its_own_node_only() {
+    let Some((k8s, helm, kubectl)) = needs() else {
+        return;
+    };
+    let server = ApiServer::up(&k8s);
+    let kc = |args: &[&str], stdin: &str| {
+        run(
+            Command::new(&kubectl)
+                .env("KUBECONFIG", &server.kubeconfig)
+                .args(args),
+            stdin,
+        )
+    };
+    kc(&["create", "namespace", NS], "");
+    // Both identities and their rights exactly as the chart grants them.
+    let chart = run(
+        Command::new(&helm)
+            .args(["template", "berth"])
+            .arg(root().join("charts/berth"))
+            .args(["--namespace", NS])
+            .args(["--show-only", "templates/serviceaccounts.yaml"])
+            .args(["--show-only", "templates/rbac-node.yaml"])
+            .args(["--show-only", "templates/rbac-controller.yaml"]),
+        "",
+    );
+    kc(&["apply", "-f", "-"], &chart);
+    // Another workload that may ask for certificates, with a pod on node-a.
+    kc(&["create", "serviceaccount", "other", "-n", NS], "");
+    kc(
+        &[
+            "create",
+            "clusterrole",
+            "csr-requester",
+            "--verb=create",
+            "--resource=certificatesigningrequests.certificates.k8s.io",
+        ],
+        "",
+    );
+    kc(
+        &[
+            "create",
+            "clusterrolebinding",
+            "csr-requester",
+            "--clusterrole=csr-requester",
+            &format!("--serviceaccount={NS}:other"),
+        ],
+        "",
+    );
+    // What a kubelet and the scheduler would have made: the node plugin's pod on node-a,
+    // and the other workload's pod there too.
+    kc(
+        &["create", "-f", "-"],
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: berth-node-a, namespace: berth-system}\n\
+         spec: {nodeName: node-a, serviceAccountName: berth-node, containers: [{name: berth, image: berth}]}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: other-a, namespace: berth-system}\n\
+         spec: {nodeName: node-a, serviceAccountName: other, containers: [{name: berth, image: berth}]}\n",
+    );
+    let token = |sa: &str, pod: Option<&str>| {
+        let mut args = vec!["create", "token", sa, "-n", NS];
+        if let Some(pod) = pod {
+            args.extend(["--bound-object-kind", "Pod", "--bound-object-name", pod]);
+        }
+        kc(&args, "").trim().to_string()
+    };
+    let dir = server.dir.path();
+    let client = |token: String, name: &'static str| {
+        let (admin, kubectl) = (server.kubeconfig.clone(), kubectl.clone());
+        async move { client_with_token(&admin, &kubectl, &token, dir, name).await }
+    };
+    let node_a = client(token("berth-node", Some("berth-node-a")), "node-a").await;
+    let node_unbound = client(token("berth-node", None), "node-unbound").await;
+    let other_on_a = client(token("other", Some("other-a")), "other-a").await;
+    let controller = client(token("berth-controller", None), "controller").await;
+    let admin = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&server.kubeconfig).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+
+    // The controller's CA, as `berth certs` makes it.
+    let certs = tempfile::tempdir().unwrap();
+    berth::tls::generate(certs.path(), &[]).unwrap();
+    let issuer = NodeIssuer::load(certs.path()).unwrap();
+    let node_sa = service_account_username(NS, "berth-node");
+
+    // berth's own node-side code, asking (in its request) for node-b.
+    let ca = certs.path().join("ca.crt");
+    let asking = tokio::spawn({
+        let (client, ca) = (node_a.clone(), ca.clone());
+        async move { request_node_certificate(client, "node-b", &ca, Duration::from_millis(100)).await }
+    });
+    let as_controller = create_request(node_a.clone(), &["controller.berth"]).await;
+    let unbound = create_request(node_unbound.clone(), &["node-a.node.berth"]).await;
+    let other_sa = create_request(other_on_a.clone(), &["node-a.node.berth"]).await;
+
+    // The node plugin's token cannot sign for itself.
+    let e = sign_node_requests(node_a.clone(), &issuer, &node_sa)
+        .await
+        .expect_err("the node plugin listed certificate requests");
+    assert!(e.to_string().contains("forbidden"), "{e}");
+
+    // berth's own signer with the controller's token, until node-a has its certificate.
+    let mut signed = 0;
+    for _ in 0..100 {
+        signed += sign_node_requests(controller.clone(), &issuer, &node_sa)
+            .await
+            .unwrap();
+        if asking.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tls = asking.await.unwrap().expect("node-a got its certificate");
+    assert_eq!(tls.me(), Some(Peer::Node("node-a".into())));
+    assert_eq!(signed, 2, "node-a's two requests, and no other");
+    assert_eq!(
+        outcome(&admin, &as_controller).await,
+        Ok(Some(Peer::Node("node-a".into()))),
+        "a request for the controller's name gets node-a's"
+    );
+    assert_eq!(outcome(&admin, &unbound).await, Err("Denied".into()));
+    assert_eq!(outcome(&admin, &other_sa).await, Err("Denied".into()));
+    // A second pass finds nothing left to do.
+    assert_eq!(
+        sign_node_requests(controller.clone(), &issuer, &node_sa)
+            .await
+            .unwrap(),
+        0
+    );
+
+    // berth's own node-side code with a token bound to no node is told why it was refused.
+    let refused = tokio::spawn({
+        let (client, ca) = (node_unbound.clone(), ca.clone());
+        async move { request_node_certificate(client, "node-a", &ca, Duration::from_millis(100)).await }
+    });
+    for _ in 0..100 {
+        sign_node_requests(controller.clone(), &issuer, &node_sa)
+            .await
+            .unwrap();
+        if refused.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let e = refused
+        .await
+        .unwrap()
+        .expect_err("a token bound to no node got a certificate");
+    assert!(e.to_string().contains("bound to no node"), "{e}");
+
+    // Least privilege, as the API server's authorizer answers.
+    let can = |sa: &str, verb: &str, what: &str| {
+        let out = Command::new(&kubectl)
+            .env("KUBECONFIG", &server.kubeconfig)
+            .args(["auth", "can-i", verb])
+            .args(match what.split_once('/') {
+                Some((resource, sub)) => vec![resource.to_string(), format!("--subresource={sub}")],
+                None => vec![what.to_string()],
+            })
+            .arg(format!("--as=system:serviceaccount:{NS}:{sa}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    for (sa, verb, what, want) in [
+        ("berth-node", "create", "certificatesigningrequests", true),
+        ("berth-node", "get", "certificatesigningrequests", true),
+        ("berth-node", "list", "certificatesigningrequests", false),
+        (
+            "berth-node",
+            "update",
+            "certificatesigningrequests/approval",
+            false,
+        ),
+        (
+            "berth-node",
+            "update",
+            "certificatesigningrequests/status",
+            false,
+        ),
+        (
+            "berth-controller",
+            "list",
+            "certificatesigningrequests",
+            true,
+        ),
+        (
+            "berth-controller",
+            "update",
+            "certificatesigningrequests/approval",
+            true,
+        ),
+        (
+            "berth-controller",
+            "update",
+            "certificatesigningrequests/status",
+            true,
+        ),
+        (
+            "berth-controller",
+            "create",
+            "certificatesigningrequests",
+            false,
+        ),
+        (
+            "berth-controller",
+            "delete",
+            "certificatesigningrequests",
+            false,
+        ),
+        (
+            "berth-controller",
+            "update",
+            "certificatesigningrequests",
+            false,
+        ),
+    ] {
+        assert_eq!(can(sa, verb, what), want, "{sa} {verb} {what}");
+    }
+    // The signer rights cover berth's signer only: the controller cannot approve a request
+    // of another signer (here, client certificates for the API server itself).
+    let foreign = kc(
+        &["create", "-o", "name", "-f", "-"],
+        &format!(
+            "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\n\
+             metadata: {{generateName: foreign-}}\nspec: {{signerName: kubernetes.io/kube-apiserver-client, \
+             usages: [client auth], request: {}}}\n",
+            base64(&{
+                let key = rcgen::KeyPair::generate().unwrap();
+                let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+                p.distinguished_name
+                    .push(rcgen::DnType::CommonName, "someone");
+                p.serialize_request(&key).unwrap().pem().unwrap()
+            })
+        ),
+    );
+    let foreign = foreign.trim().rsplit('/').next().unwrap().to_string();
+    let api = Api::<CertificateSigningRequest>::all(controller.clone());
+    let mut csr = Api::<CertificateSigningRequest>::all(admin.clone())
+        .get(&foreign)
+        .await
+        .unwrap();
+    csr.status.get_or_insert_with(Default::default).conditions = Some(vec![
+        k8s_openapi::api::certificates::v1::CertificateSigningRequestCondition {
+            type_: "Approved".into(),
+            status: "True".into(),
+            reason: Some("Test".into()),
+            ..Default::default()
+        },
+    ]);
+    let e = api
+        .replace_subresource("approval", &foreign, &PostParams::default(), &csr)
+        .await
+        .expect_err("the controller approved a request of another signer");
+    assert!(e.to_string().contains("forbidden"), "{e}");
+}
+
+fn base64(s: &str) -> String {
+    let out = Command::new("base64")
+        .arg("-w0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = out;
+    out.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    String::from_utf8(out.wait_with_output().unwrap().stdout).unwrap()
+}
+
+/// The berth processes of a test, killed (and the node's pool cleaned up) on drop.
+struct Processes {
+    children: Vec<Child>,
+    node_dir: PathBuf,
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        common::cleanup_dir(&self.node_dir);
+    }
+}
+
+/// The chart's wiring, with the real binaries: `berth controller --node-ca` signs what
+/// `berth node --agent-ca` asks for with node-a's pod token, and the node's agent then
+/// serves as node-a (a client dialling node-a accepts it, one dialling node-b refuses it).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_node_plugin_serves_with_the_certificate_the_controller_signed() {
+    let Some((k8s, helm, kubectl)) = needs() else {
+        return;
+    };
+    let server = ApiServer::up(&k8s);
+    let kc = |args: &[&str], stdin: &str| {
+        run(
+            Command::new(&kubectl)
+                .env("KUBECONFIG", &server.kubeconfig)
+                .args(args),
+            stdin,
+        )
+    };
+    kc(
+        &["apply", "-f", "-"],
+        &std::fs::read_to_string(root().join("charts/berth/crds/berth.csi.dev.yaml")).unwrap(),
+    );
+    kc(&["create", "namespace", NS], "");
+    let chart = run(
+        Command::new(&helm)
+            .args(["template", "berth"])
+            .arg(root().join("charts/berth"))
+            .args(["--namespace", NS])
+            .args(["--show-only", "templates/serviceaccounts.yaml"])
+            .args(["--show-only", "templates/rbac-node.yaml"])
+            .args(["--show-only", "templates/rbac-controller.yaml"]),
+        "",
+    );
+    kc(&["apply", "-f", "-"], &chart);
+    kc(
+        &["create", "-f", "-"],
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: berth-node-a, namespace: berth-system}\n\
+         spec: {nodeName: node-a, serviceAccountName: berth-node, containers: [{name: berth, image: berth}]}\n",
+    );
+    let dir = server.dir.path();
+    // A kubeconfig per ServiceAccount, as the pods' in-cluster configuration would be.
+    let kubeconfig = |name: &str, token: String| {
+        let path = dir.join(format!("{name}.kubeconfig"));
+        std::fs::copy(&server.kubeconfig, &path).unwrap();
+        for args in [
+            vec![
+                "config".to_string(),
+                "set-credentials".into(),
+                name.into(),
+                format!("--token={}", token.trim()),
+            ],
+            vec![
+                "config".into(),
+                "set-context".into(),
+                "--current".into(),
+                format!("--user={name}"),
+            ],
+        ] {
+            run(
+                Command::new(&kubectl).env("KUBECONFIG", &path).args(args),
+                "",
+            );
+        }
+        path
+    };
+    let node_kc = kubeconfig(
+        "node",
+        kc(
+            &[
+                "create",
+                "token",
+                "berth-node",
+                "-n",
+                NS,
+                "--bound-object-kind",
+                "Pod",
+                "--bound-object-name",
+                "berth-node-a",
+            ],
+            "",
+        ),
+    );
+    let controller_kc = kubeconfig(
+        "controller",
+        kc(&["create", "token", "berth-controller", "-n", NS], ""),
+    );
+
+    let berth = env!("CARGO_BIN_EXE_berth");
+    let certs = dir.join("certs");
+    run(
+        Command::new(berth)
+            .args(["certs", "--out"])
+            .arg(&certs)
+            .arg("controller"),
+        "",
+    );
+    let node_dir = dir.join("node-a");
+    std::fs::create_dir(&node_dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
+    let mut procs = Processes {
+        children: Vec::new(),
+        node_dir: node_dir.clone(),
+    };
+    procs.children.push(
+        Command::new(berth)
+            .arg("controller")
+            .arg(format!(
+                "--endpoint=unix://{}/controller.sock",
+                dir.display()
+            ))
+            .args([
+                "--node-id",
+                "controller-0",
+                "--node-discovery",
+                "kubernetes",
+            ])
+            .arg("--tls-dir")
+            .arg(certs.join("controller"))
+            .arg("--node-ca")
+            .arg(&certs)
+            .args(["--node-service-account", "berth-node", "--namespace", NS])
+            .env("KUBECONFIG", &controller_kc)
+            .env("RUST_LOG", "info")
+            .stdout(log("controller.log"))
+            .stderr(log("controller.log"))
+            .spawn()
+            .unwrap(),
+    );
+    procs.children.push(
+        Command::new(berth)
+            .arg("node")
+            .arg(format!(
+                "--endpoint=unix://{}/node.sock",
+                node_dir.display()
+            ))
+            .args(["--node-id", "node-a", "--pool-size", "4Gi", "--state-dir"])
+            .arg(node_dir.join("state"))
+            .arg(format!("--agent-listen=127.0.0.1:{port}"))
+            .arg(format!("--agent-advertise=127.0.0.1:{port}"))
+            .arg("--agent-ca")
+            .arg(certs.join("ca.crt"))
+            .args(["--node-discovery", "kubernetes"])
+            .env("KUBECONFIG", &node_kc)
+            .env("RUST_LOG", "info")
+            .stdout(log("node.log"))
+            .stderr(log("node.log"))
+            .spawn()
+            .unwrap(),
+    );
+    let logs = || {
+        format!(
+            "node:\n{}\ncontroller:\n{}",
+            std::fs::read_to_string(dir.join("node.log")).unwrap_or_default(),
+            std::fs::read_to_string(dir.join("controller.log")).unwrap_or_default()
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(dir.join("node.log"))
+        .unwrap_or_default()
+        .contains("serving the node agent")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the node agent did not start:\n{}",
+            logs()
+        );
+        for c in &mut procs.children {
+            assert!(
+                c.try_wait().unwrap().is_none(),
+                "a berth process exited:\n{}",
+                logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let controller = berth::tls::TlsMaterial::load(&certs.join("controller")).unwrap();
+    let dial = |node: &str| {
+        let config = controller.client_for_node(node).unwrap();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            tokio_rustls::TlsConnector::from(config)
+                .connect(
+                    rustls::pki_types::ServerName::try_from("berth-agent").unwrap(),
+                    tcp,
+                )
+                .await
+                .map(drop)
+        }
+    };
+    dial("node-a")
+        .await
+        .unwrap_or_else(|e| panic!("node-a's agent is not node-a: {e}\n{}", logs()));
+    let e = dial("node-b")
+        .await
+        .expect_err("a client dialling node-b accepted node-a's agent");
+    assert!(e.to_string().contains("expected node node-b"), "{e}");
+
+    // A node plugin whose token is bound to no node is refused, and exits saying why
+    // (rather than running on without its agent).
+    let unbound_kc = kubeconfig(
+        "unbound",
+        kc(&["create", "token", "berth-node", "-n", NS], ""),
+    );
+    let other_dir = node_dir.join("unbound");
+    std::fs::create_dir(&other_dir).unwrap();
+    let mut refused = Command::new(berth)
+        .arg("node")
+        .arg(format!(
+            "--endpoint=unix://{}/node.sock",
+            other_dir.display()
+        ))
+        .args(["--node-id", "node-a", "--pool-size", "4Gi", "--state-dir"])
+        .arg(other_dir.join("state"))
+        .arg("--agent-listen=127.0.0.1:0")
+        .arg("--agent-advertise=127.0.0.1:1")
+        .arg("--agent-ca")
+        .arg(certs.join("ca.crt"))
+        .args(["--node-discovery", "kubernetes"])
+        .env("KUBECONFIG", &unbound_kc)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = refused.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = refused.kill();
+            panic!("a node plugin bound to no node kept running");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut refused.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("bound to no node"), "{stderr}");
+}
