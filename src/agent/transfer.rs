@@ -471,7 +471,9 @@ impl Bounds {
                 job.snapshot
             )));
         }
-        let refused = if *self.forgotten.borrow() {
+        // Only a copy of the volume goes with it: a CSI snapshot being imported outlives
+        // the volume it was cut from.
+        let refused = if job.shipping && *self.forgotten.borrow() {
             Some(format!("volume {} was deleted meanwhile", job.volume))
         } else if !job.shipping {
             None
@@ -785,7 +787,7 @@ impl Receiving<'_> {
                 _ = progress.closed() => {
                     return Err(Error::FailedPrecondition(format!("the asker of snapshot {} went away", job.snapshot)));
                 }
-                _ = bounds.forgotten() => {
+                _ = bounds.forgotten(), if job.shipping => {
                     return Err(Error::FailedPrecondition(format!("volume {} was deleted meanwhile", job.volume)));
                 }
             };

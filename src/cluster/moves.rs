@@ -295,21 +295,28 @@ impl Cluster {
         };
         // Every promotion is at the epoch of a fence, and every fence is in the inventories.
         let epoch = p.max_epoch() + 1;
-        let others: Vec<String> = self
-            .node_ids()
-            .into_iter()
-            .filter(|n| n != &home.node)
-            .collect();
-        futures::future::try_join_all(others.iter().map(|node| async move {
-            self.agent(node)?
+        let raise = |node: String| async move {
+            self.agent(&node)?
                 .raise_epoch_floor(pb::RaiseEpochFloorRequest {
                     volume_id: vol.to_string(),
                     epoch,
                 })
                 .await
-                .map_err(|s| peer(node, s))
-        }))
-        .await?;
+                .map_err(|s| peer(&node, s))
+        };
+        // The fence's target first: it is the one node a promotion at the old epoch can
+        // reach. If it won the race (it holds the volume now, or is promoting it and holds
+        // its lock), the cancel stops here, before any other node gets a floor above the
+        // new primary's epoch that would refuse its replication rounds.
+        let target = &home.info.fenced_to;
+        if target != &home.node && self.node_ids().contains(target) {
+            raise(target.clone()).await?;
+        }
+        let others = self
+            .node_ids()
+            .into_iter()
+            .filter(|n| n != &home.node && n != target);
+        futures::future::try_join_all(others.map(raise)).await?;
         self.agent(&home.node)?
             .unfence(pb::UnfenceRequest {
                 volume_id: vol.to_string(),
@@ -601,8 +608,10 @@ pub async fn replication_loop(
             if targets.is_empty() || !stale {
                 continue;
             }
+            // No slot: this volume waits for the next tick, and the others are still looked
+            // at, so each one's lag is still reported.
             if slots.available_permits() == 0 {
-                break;
+                continue;
             }
             let Ok(guard) = cluster.inflight.try_lock([id.clone()]) else {
                 continue;
