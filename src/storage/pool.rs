@@ -980,6 +980,36 @@ fn probe_reflink(dir: &Path) -> Result<bool> {
 mod tests {
     use super::*;
 
+    /// A cancelled hand-off must not leave the target's room promised to a receive that can
+    /// never be kept.
+    #[tokio::test]
+    async fn a_raised_floor_releases_the_receives_of_the_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path()).await.unwrap();
+        let (vol, other) = (VolumeId::for_name("moved"), VolumeId::for_name("other"));
+        for (v, snap) in [(&vol, "s1"), (&other, "s2")] {
+            pool.reserve_incoming(&IncomingProgress {
+                volume: v.clone(),
+                snapshot: SnapshotId::for_name(snap),
+                base: None,
+                plan_digest: "plan".into(),
+                next_offset: 0,
+                chunks: 0,
+                bytes_done: 0,
+                reserved_bytes: 8 * MIB,
+            })
+            .await
+            .unwrap();
+        }
+        assert_eq!(pool.incoming_reserved().unwrap(), 16 * MIB);
+        pool.raise_epoch_floor(&vol, 5).unwrap();
+        assert_eq!(
+            pool.incoming_reserved().unwrap(),
+            8 * MIB,
+            "only the other volume's"
+        );
+    }
+
     #[test]
     fn sizes_follow_the_capacity_range() {
         let cases: &[(u64, u64, u64, Result<u64, ()>)] = &[

@@ -53,7 +53,10 @@ impl Pool {
         if self.epoch_floor(id)? < epoch {
             fsutil::write_json(&self.floor_meta(id), &EpochFloor { epoch })?;
         }
-        Ok(())
+        // Every receive of the volume here is for an epoch below the floor now, and would
+        // be refused when it ends: its partial image, and the room it holds reserved (a
+        // cancelled move's whole volume), go now rather than at the volume's next fetch.
+        self.discard_incoming_of(id, |_| false)
     }
 
     pub fn replica(&self, id: &VolumeId) -> Result<Option<ReplicaRecord>> {
