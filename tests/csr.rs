@@ -4,15 +4,14 @@
 //! the controller's token, and a certificate names the node the token is bound to, whatever
 //! the request asks for.
 //!
-//! Needs ../shared (the API server) and helm and kubectl (`.ci/kube-tools`, at
-//! `$BERTH_KUBE_TOOLS`, default /opt/berth-kube-tools). Without them the test says what is
-//! missing and passes, unless `CI=true`: CI must run it.
+//! The API server and helm come from the shared harness (tests/common/apiserver.rs): without
+//! what they need the test says so once and passes, except under CI, where it must run.
 
 mod common;
 
 use std::{
     io::Write,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -23,6 +22,7 @@ use berth::{
     },
     tls::{NodeIssuer, Peer, peer_of},
 };
+use common::apiserver::{ApiServer, helm, helm_template, run};
 use k8s_openapi::{
     ByteString,
     api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestSpec},
@@ -34,129 +34,6 @@ use kube::{
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 
 const NS: &str = "berth-system";
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The paths this test needs, or None (after saying why) outside CI.
-fn needs() -> Option<(PathBuf, PathBuf, PathBuf)> {
-    let tools = std::env::var_os("BERTH_KUBE_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/opt/berth-kube-tools"));
-    let k8s = root().join("../shared/k8s");
-    let (helm, kubectl) = (tools.join("helm"), tools.join("kubectl"));
-    let missing: Vec<String> = [&k8s.join("up"), &helm, &kubectl]
-        .into_iter()
-        .filter(|p| !p.exists())
-        .map(|p| p.display().to_string())
-        .collect();
-    if missing.is_empty() {
-        return Some((k8s, helm, kubectl));
-    }
-    let msg = format!("skipped: missing {}", missing.join(", "));
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "CI=true: {msg}"
-    );
-    eprintln!("{msg}");
-    None
-}
-
-/// A kube-apiserver for this test, stopped and purged on drop.
-struct ApiServer {
-    k8s: PathBuf,
-    dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
-}
-
-impl ApiServer {
-    fn up(k8s: &Path) -> ApiServer {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(k8s.join("up"))
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "../shared/k8s/up failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let kubeconfig = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-        ApiServer {
-            k8s: k8s.to_path_buf(),
-            dir,
-            kubeconfig,
-        }
-    }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        let _ = Command::new(self.k8s.join("down"))
-            .arg(self.dir.path())
-            .arg("--purge")
-            .status();
-    }
-}
-
-/// Runs `cmd` with `stdin`, returns stdout; panics with stderr on failure.
-fn run(cmd: &mut Command, stdin: &str) -> String {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// A Kubernetes client authenticated with `token` instead of the admin's certificate.
-async fn client_with_token(
-    admin: &Path,
-    kubectl: &Path,
-    token: &str,
-    dir: &Path,
-    name: &str,
-) -> kube::Client {
-    let path = dir.join(format!("{name}.kubeconfig"));
-    std::fs::copy(admin, &path).unwrap();
-    let kc = |args: &[&str]| {
-        run(
-            Command::new(kubectl).env("KUBECONFIG", &path).args(args),
-            "",
-        )
-    };
-    kc(&[
-        "config",
-        "set-credentials",
-        name,
-        &format!("--token={token}"),
-    ]);
-    kc(&[
-        "config",
-        "set-context",
-        "--current",
-        &format!("--user={name}"),
-    ]);
-    let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .unwrap();
-    kube::Client::try_from(config).unwrap()
-}
 
 /// A request of berth's signer made directly, asking for whatever `sans` says.
 async fn create_request(client: kube::Client, sans: &[&str]) -> String {
@@ -219,29 +96,23 @@ async fn outcome(admin: &kube::Client, name: &str) -> Result<Option<Peer>, Strin
 /// what this takes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_gets_a_certificate_for_its_own_node_only() {
-    let Some((k8s, helm, kubectl)) = needs() else {
+    let Some(helm) = helm() else {
         return;
     };
-    let server = ApiServer::up(&k8s);
-    let kc = |args: &[&str], stdin: &str| {
-        run(
-            Command::new(&kubectl)
-                .env("KUBECONFIG", &server.kubeconfig)
-                .args(args),
-            stdin,
-        )
+    let Some(server) = ApiServer::start() else {
+        return;
     };
+    let kc = |args: &[&str], stdin: &str| server.kubectl(args, stdin);
     kc(&["create", "namespace", NS], "");
     // Both identities and their rights exactly as the chart grants them.
-    let chart = run(
-        Command::new(&helm)
-            .args(["template", "berth"])
-            .arg(root().join("charts/berth"))
-            .args(["--namespace", NS])
-            .args(["--show-only", "templates/serviceaccounts.yaml"])
-            .args(["--show-only", "templates/rbac-node.yaml"])
-            .args(["--show-only", "templates/rbac-controller.yaml"]),
-        "",
+    let chart = helm_template(
+        &helm,
+        NS,
+        &[
+            "templates/serviceaccounts.yaml",
+            "templates/rbac-node.yaml",
+            "templates/rbac-controller.yaml",
+        ],
     );
     kc(&["apply", "-f", "-"], &chart);
     // Another workload that may ask for certificates, with a pod on node-a.
@@ -276,31 +147,17 @@ async fn a_node_gets_a_certificate_for_its_own_node_only() {
          apiVersion: v1\nkind: Pod\nmetadata: {name: other-a, namespace: berth-system}\n\
          spec: {nodeName: node-a, serviceAccountName: other, containers: [{name: berth, image: berth}]}\n",
     );
-    let token = |sa: &str, pod: Option<&str>| {
-        let mut args = vec!["create", "token", sa, "-n", NS];
-        if let Some(pod) = pod {
-            args.extend(["--bound-object-kind", "Pod", "--bound-object-name", pod]);
-        }
-        kc(&args, "").trim().to_string()
+    let token = |sa: &str, pod: Option<&str>| match pod {
+        Some(pod) => server.pod_token(NS, sa, pod),
+        None => server.token(NS, sa),
     };
-    let dir = server.dir.path();
-    let client = |token: String, name: &'static str| {
-        let (admin, kubectl) = (server.kubeconfig.clone(), kubectl.clone());
-        async move { client_with_token(&admin, &kubectl, &token, dir, name).await }
-    };
-    let node_a = client(token("berth-node", Some("berth-node-a")), "node-a").await;
-    let node_unbound = client(token("berth-node", None), "node-unbound").await;
-    let other_on_a = client(token("other", Some("other-a")), "other-a").await;
-    let controller = client(token("berth-controller", None), "controller").await;
-    let admin = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(&server.kubeconfig).unwrap(),
-            &Default::default(),
-        )
-        .await
-        .unwrap(),
-    )
-    .unwrap();
+    let node_a = server
+        .with_token(&token("berth-node", Some("berth-node-a")))
+        .await;
+    let node_unbound = server.with_token(&token("berth-node", None)).await;
+    let other_on_a = server.with_token(&token("other", Some("other-a"))).await;
+    let controller = server.with_token(&token("berth-controller", None)).await;
+    let admin = server.admin().await;
 
     // The controller's CA, as `berth certs` makes it.
     let certs = tempfile::tempdir().unwrap();
@@ -375,8 +232,8 @@ async fn a_node_gets_a_certificate_for_its_own_node_only() {
 
     // Least privilege, as the API server's authorizer answers.
     let can = |sa: &str, verb: &str, what: &str| {
-        let out = Command::new(&kubectl)
-            .env("KUBECONFIG", &server.kubeconfig)
+        let out = server
+            .kubectl_command()
             .args(["auth", "can-i", verb])
             .args(match what.split_once('/') {
                 Some((resource, sub)) => vec![resource.to_string(), format!("--subresource={sub}")],
@@ -513,32 +370,30 @@ impl Drop for Processes {
 /// serves as node-a (a client dialling node-a accepts it, one dialling node-b refuses it).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_node_plugin_serves_with_the_certificate_the_controller_signed() {
-    let Some((k8s, helm, kubectl)) = needs() else {
+    let Some(helm) = helm() else {
         return;
     };
-    let server = ApiServer::up(&k8s);
-    let kc = |args: &[&str], stdin: &str| {
-        run(
-            Command::new(&kubectl)
-                .env("KUBECONFIG", &server.kubeconfig)
-                .args(args),
-            stdin,
-        )
+    let Some(server) = ApiServer::start() else {
+        return;
     };
+    let kc = |args: &[&str], stdin: &str| server.kubectl(args, stdin);
     kc(
         &["apply", "-f", "-"],
-        &std::fs::read_to_string(root().join("charts/berth/crds/berth.csi.dev.yaml")).unwrap(),
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("charts/berth/crds/berth.csi.dev.yaml"),
+        )
+        .unwrap(),
     );
     kc(&["create", "namespace", NS], "");
-    let chart = run(
-        Command::new(&helm)
-            .args(["template", "berth"])
-            .arg(root().join("charts/berth"))
-            .args(["--namespace", NS])
-            .args(["--show-only", "templates/serviceaccounts.yaml"])
-            .args(["--show-only", "templates/rbac-node.yaml"])
-            .args(["--show-only", "templates/rbac-controller.yaml"]),
-        "",
+    let chart = helm_template(
+        &helm,
+        NS,
+        &[
+            "templates/serviceaccounts.yaml",
+            "templates/rbac-node.yaml",
+            "templates/rbac-controller.yaml",
+        ],
     );
     kc(&["apply", "-f", "-"], &chart);
     kc(
@@ -547,53 +402,12 @@ async fn the_node_plugin_serves_with_the_certificate_the_controller_signed() {
          apiVersion: v1\nkind: Pod\nmetadata: {name: berth-node-a, namespace: berth-system}\n\
          spec: {nodeName: node-a, serviceAccountName: berth-node, containers: [{name: berth, image: berth}]}\n",
     );
-    let dir = server.dir.path();
+    let dir = server.dir();
     // A kubeconfig per ServiceAccount, as the pods' in-cluster configuration would be.
-    let kubeconfig = |name: &str, token: String| {
-        let path = dir.join(format!("{name}.kubeconfig"));
-        std::fs::copy(&server.kubeconfig, &path).unwrap();
-        for args in [
-            vec![
-                "config".to_string(),
-                "set-credentials".into(),
-                name.into(),
-                format!("--token={}", token.trim()),
-            ],
-            vec![
-                "config".into(),
-                "set-context".into(),
-                "--current".into(),
-                format!("--user={name}"),
-            ],
-        ] {
-            run(
-                Command::new(&kubectl).env("KUBECONFIG", &path).args(args),
-                "",
-            );
-        }
-        path
-    };
-    let node_kc = kubeconfig(
-        "node",
-        kc(
-            &[
-                "create",
-                "token",
-                "berth-node",
-                "-n",
-                NS,
-                "--bound-object-kind",
-                "Pod",
-                "--bound-object-name",
-                "berth-node-a",
-            ],
-            "",
-        ),
-    );
-    let controller_kc = kubeconfig(
-        "controller",
-        kc(&["create", "token", "berth-controller", "-n", NS], ""),
-    );
+    let node_kc =
+        server.kubeconfig_with_token("node", &server.pod_token(NS, "berth-node", "berth-node-a"));
+    let controller_kc =
+        server.kubeconfig_with_token("controller", &server.token(NS, "berth-controller"));
 
     let berth = env!("CARGO_BIN_EXE_berth");
     let certs = dir.join("certs");
@@ -714,10 +528,7 @@ async fn the_node_plugin_serves_with_the_certificate_the_controller_signed() {
 
     // A node plugin whose token is bound to no node is refused, and exits saying why
     // (rather than running on without its agent).
-    let unbound_kc = kubeconfig(
-        "unbound",
-        kc(&["create", "token", "berth-node", "-n", NS], ""),
-    );
+    let unbound_kc = server.kubeconfig_with_token("unbound", &server.token(NS, "berth-node"));
     let other_dir = node_dir.join("unbound");
     std::fs::create_dir(&other_dir).unwrap();
     let mut refused = Command::new(berth)

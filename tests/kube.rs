@@ -36,7 +36,7 @@ use berth::{
     },
 };
 use common::{
-    apiserver::{ApiServer, kube_tool, kube_tools_dir, skip},
+    apiserver::{ApiServer, helm},
     placement::{contract, no_lost_update},
 };
 use futures::{StreamExt, future::BoxFuture};
@@ -824,13 +824,7 @@ async fn a_lease_write_on_a_stale_resource_version_gets_409_and_loses() {
 /// The chart's RBAC objects as `helm install berth charts/berth -n berth-system` renders
 /// them with default values.
 fn chart_rbac() -> Option<String> {
-    let Some(helm) = kube_tool("helm") else {
-        skip(&format!(
-            "helm in {} or on PATH (install it with `.ci/kube-tools`)",
-            kube_tools_dir().display()
-        ));
-        return None;
-    };
+    let helm = helm()?;
     let out = Command::new(helm)
         .args([
             "template",

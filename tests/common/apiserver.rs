@@ -51,6 +51,51 @@ pub fn kube_tool(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// helm from the kube tools, or None after [`skip`].
+pub fn helm() -> Option<PathBuf> {
+    let helm = kube_tool("helm");
+    if helm.is_none() {
+        skip(&format!(
+            "helm in {} or on PATH (install it with `.ci/kube-tools`)",
+            kube_tools_dir().display()
+        ));
+    }
+    helm
+}
+
+/// `helm template berth charts/berth --namespace NAMESPACE`, only the chart's `templates`
+/// (`--show-only`, e.g. `templates/rbac-node.yaml`).
+pub fn helm_template(helm: &Path, namespace: &str, templates: &[&str]) -> String {
+    let mut cmd = Command::new(helm);
+    cmd.args(["template", "berth"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/berth"))
+        .args(["--namespace", namespace]);
+    for t in templates {
+        cmd.args(["--show-only", t]);
+    }
+    run(&mut cmd, "")
+}
+
+/// Runs `cmd` with `stdin` as its input; its stdout. Panics with its stderr when it fails.
+pub fn run(cmd: &mut Command, stdin: &str) -> String {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut input = child.stdin.take().expect("piped stdin");
+    input.write_all(stdin.as_bytes()).expect("stdin");
+    drop(input);
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("prints UTF-8")
+}
+
 /// Says on stderr, once per reason, that tests against the API server are skipped and why;
 /// panics under CI.
 pub fn skip(missing: &str) {
@@ -132,27 +177,21 @@ impl ApiServer {
         &self.kubeconfig
     }
 
+    /// The server's directory (removed when it stops): room for a test's own files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// kubectl as admin, to run as the caller likes (e.g. when failing is an answer).
+    pub fn kubectl_command(&self) -> Command {
+        let mut cmd = Command::new(&self.kubectl);
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig);
+        cmd
+    }
+
     /// Runs kubectl as admin with `stdin` as its input; its stdout. Panics when it fails.
     pub fn kubectl(&self, args: &[&str], stdin: &str) -> String {
-        let mut child = Command::new(&self.kubectl)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot run kubectl");
-        let mut input = child.stdin.take().expect("piped stdin");
-        input.write_all(stdin.as_bytes()).expect("kubectl stdin");
-        drop(input);
-        let out = child.wait_with_output().expect("kubectl");
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("kubectl prints UTF-8")
+        run(self.kubectl_command().args(args), stdin)
     }
 
     /// A client with the admin's rights, for the test's own setup and checks.
@@ -179,6 +218,57 @@ impl ApiServer {
         )
         .trim()
         .to_string()
+    }
+
+    /// A token of ServiceAccount `namespace/name` bound to its pod `pod`, as the kubelet
+    /// projects it (so carrying the pod's node), valid for an hour.
+    pub fn pod_token(&self, namespace: &str, name: &str, pod: &str) -> String {
+        self.kubectl(
+            &[
+                "create",
+                "token",
+                name,
+                "-n",
+                namespace,
+                "--duration=1h",
+                "--bound-object-kind",
+                "Pod",
+                "--bound-object-name",
+                pod,
+            ],
+            "",
+        )
+        .trim()
+        .to_string()
+    }
+
+    /// A kubeconfig file (in [`ApiServer::dir`]) that authenticates as user `name` with a
+    /// bearer `token` and nothing else, as a pod's in-cluster configuration would.
+    pub fn kubeconfig_with_token(&self, name: &str, token: &str) -> PathBuf {
+        let path = self.dir.join(format!("{name}.kubeconfig"));
+        std::fs::copy(&self.kubeconfig, &path).expect("copy the admin kubeconfig");
+        let kc = |args: &[&str]| {
+            run(
+                Command::new(&self.kubectl)
+                    .arg("--kubeconfig")
+                    .arg(&path)
+                    .args(args),
+                "",
+            )
+        };
+        kc(&[
+            "config",
+            "set-credentials",
+            name,
+            &format!("--token={}", token.trim()),
+        ]);
+        kc(&[
+            "config",
+            "set-context",
+            "--current",
+            &format!("--user={name}"),
+        ]);
+        path
     }
 }
 
