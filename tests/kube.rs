@@ -607,19 +607,25 @@ async fn the_migrations_loop_drives_a_migration_to_completed_and_fails_one_witho
     .await;
     assert_eq!(done.percent, 100);
     assert_eq!(done.round, 1);
-    let reasons: Vec<String> = events_in(&admin, ns)
-        .await
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
-    for want in [
+    // An Event is recorded beside the status write, not before it: wait for all of them.
+    let wanted = [
         "MigrationStarted",
         "MigrationReady",
         "MigrationCompleted",
         "MigrationFailed",
-    ] {
-        assert!(reasons.iter().any(|r| r == want), "{want} in {reasons:?}");
-    }
+    ];
+    eventually("every migration Event", 20, || async {
+        let reasons: Vec<String> = events_in(&admin, ns)
+            .await
+            .into_iter()
+            .filter_map(|e| e.reason)
+            .collect();
+        wanted
+            .iter()
+            .all(|w| reasons.iter().any(|r| r == w))
+            .then_some(())
+    })
+    .await;
     stop_tx.send(true).unwrap();
     task.await.unwrap();
 }
