@@ -299,13 +299,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         let tls = match tls {
             AgentCert::Loaded(tls) => tls,
             AgentCert::Ask { ca } => {
-                let client =
-                    ::kube::Client::try_default()
-                        .await
-                        .map_err(|e| Error::Unreachable {
-                            node: "kubernetes api".into(),
-                            reason: format!("no usable configuration: {e}"),
-                        })?;
+                let client = kube::connect().await?;
                 kube::csr::request_node_certificate(client, &node_id, &ca, CSR_POLL).await?
             }
         };
@@ -364,13 +358,7 @@ pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
                 // Every replica signs (a request handled twice fails its resourceVersion
                 // check): nodes get their certificates even while no replica leads.
                 let issuer = crate::tls::NodeIssuer::load(&signer.ca_dir)?;
-                let client =
-                    ::kube::Client::try_default()
-                        .await
-                        .map_err(|e| Error::Unreachable {
-                            node: "kubernetes api".into(),
-                            reason: format!("no usable configuration: {e}"),
-                        })?;
+                let client = kube::connect().await?;
                 tokio::spawn(kube::csr::signer(
                     client,
                     issuer,

@@ -86,13 +86,7 @@ impl KubeApi {
 
     /// Connects with the pod's service account (or `$KUBECONFIG` outside a cluster).
     pub async fn connect(driver: impl Into<String>, instance: impl Into<String>) -> Result<Self> {
-        let client = Client::try_default()
-            .await
-            .map_err(|e| Error::Unreachable {
-                node: API_SERVER.into(),
-                reason: format!("no usable configuration: {e}"),
-            })?;
-        Ok(KubeApi::new(client, driver, instance))
+        Ok(KubeApi::new(connect().await?, driver, instance))
     }
 
     fn lease_expired(
@@ -116,6 +110,14 @@ impl KubeApi {
             }
         }
     }
+}
+
+/// A client with the pod's service account (or `$KUBECONFIG` outside a cluster).
+pub async fn connect() -> Result<Client> {
+    Client::try_default().await.map_err(|e| Error::Unreachable {
+        node: API_SERVER.into(),
+        reason: format!("no usable configuration: {e}"),
+    })
 }
 
 /// Maps a kube-rs error into berth's: the API server unreachable, overloaded or failing

@@ -27,7 +27,7 @@ use futures::stream::BoxStream;
 
 use self::crd::{BerthNodeSpec, BerthNodeStatus, VolumeMigration, VolumeMigrationStatus};
 pub use self::{
-    client::{FIELD_MANAGER, KubeApi, REPORTING_CONTROLLER},
+    client::{FIELD_MANAGER, KubeApi, REPORTING_CONTROLLER, connect},
     migrations::{Migrator, migrations},
     placement::PlacementApi,
     tasks::{discover_nodes, leader_election, node_heartbeat},

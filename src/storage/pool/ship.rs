@@ -486,17 +486,8 @@ impl Pool {
         vol: &VolumeId,
         keep: impl Fn(&SnapshotId) -> bool,
     ) -> Result<()> {
-        let dir = self.dir.join("incoming");
-        for e in fs::read_dir(&dir)
-            .map_err(Error::io("list", &dir))?
-            .flatten()
-        {
-            let p = e.path();
-            if p.extension().is_some_and(|x| x == "json")
-                && let Ok(Some(progress)) = fsutil::read_json::<IncomingProgress>(&p)
-                && &progress.volume == vol
-                && !keep(&progress.snapshot)
-            {
+        for progress in self.incoming_progress()? {
+            if &progress.volume == vol && !keep(&progress.snapshot) {
                 self.discard_incoming(&progress.snapshot)?;
             }
         }
@@ -549,8 +540,18 @@ impl Pool {
 
     /// What the receives under way or cut short hold reserved (their progress files).
     pub(super) fn incoming_reserved(&self) -> Result<u64> {
+        Ok(self
+            .incoming_progress()?
+            .iter()
+            .map(|p| p.reserved_bytes)
+            .sum())
+    }
+
+    /// The progress records of the receives here (an unreadable one is skipped: it is
+    /// rewritten whole at each checkpoint, so only damage from outside leaves one).
+    fn incoming_progress(&self) -> Result<Vec<IncomingProgress>> {
         let dir = self.dir.join("incoming");
-        let mut total = 0;
+        let mut out = Vec::new();
         for e in fs::read_dir(&dir)
             .map_err(Error::io("list", &dir))?
             .flatten()
@@ -559,10 +560,10 @@ impl Pool {
             if p.extension().is_some_and(|x| x == "json")
                 && let Ok(Some(progress)) = fsutil::read_json::<IncomingProgress>(&p)
             {
-                total += progress.reserved_bytes;
+                out.push(progress);
             }
         }
-        Ok(total)
+        Ok(out)
     }
 
     /// Publishes a fully received and verified image as a snapshot here.
