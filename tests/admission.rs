@@ -13,7 +13,7 @@ use berth::kube::{
     ClusterApi, KubeApi,
     crd::{BerthNodeSpec, BerthNodeStatus},
 };
-use common::apiserver::{ApiServer, helm, helm_template};
+use common::apiserver::{ApiServer, helm};
 
 const NS: &str = "berth-system";
 
@@ -45,17 +45,8 @@ async fn a_node_may_write_only_its_own_berthnode() {
         return;
     };
     let kc = |args: &[&str], stdin: &str| server.kubectl(args, stdin);
-    kc(
-        &["apply", "-f", "-"],
-        &std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("charts/berth/crds/berth.csi.dev.yaml"),
-        )
-        .unwrap(),
-    );
-    kc(&["create", "namespace", NS], "");
-    // The node plugin's identity and rights exactly as the chart grants them.
-    let chart = helm_template(
+    // The node plugin's identity, rights and admission policy as the chart makes them.
+    server.install_chart(
         &helm,
         NS,
         &[
@@ -64,14 +55,11 @@ async fn a_node_may_write_only_its_own_berthnode() {
             "templates/berthnode-policy.yaml",
         ],
     );
-    kc(&["apply", "-f", "-"], &chart);
-    // What a kubelet and the scheduler would have made: two nodes, the plugin's pod on one.
-    kc(
-        &["create", "-f", "-"],
-        "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n---\n\
-         apiVersion: v1\nkind: Node\nmetadata: {name: node-b}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {name: berth-node-a, namespace: berth-system}\n\
-         spec: {nodeName: node-a, serviceAccountName: berth-node, containers: [{name: berth, image: berth}]}\n",
+    // Two nodes, the plugin's pod on one.
+    server.nodes_and_pods(
+        NS,
+        &["node-a", "node-b"],
+        &[("berth-node-a", "node-a", "berth-node")],
     );
     // As the kubelet projects it: a token bound to the pod, so carrying its node.
     let bound = server.pod_token(NS, "berth-node", "berth-node-a");

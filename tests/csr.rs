@@ -22,7 +22,7 @@ use berth::{
     },
     tls::{NodeIssuer, Peer, peer_of},
 };
-use common::apiserver::{ApiServer, helm, helm_template, run};
+use common::apiserver::{ApiServer, helm, run};
 use k8s_openapi::{
     ByteString,
     api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestSpec},
@@ -34,6 +34,12 @@ use kube::{
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 
 const NS: &str = "berth-system";
+/// The chart's templates that make the node plugin's and the controller's identities.
+const CHART_IDENTITIES: &[&str] = &[
+    "templates/serviceaccounts.yaml",
+    "templates/rbac-node.yaml",
+    "templates/rbac-controller.yaml",
+];
 
 /// A request of berth's signer made directly, asking for whatever `sans` says.
 async fn create_request(client: kube::Client, sans: &[&str]) -> String {
@@ -103,18 +109,8 @@ async fn a_node_gets_a_certificate_for_its_own_node_only() {
         return;
     };
     let kc = |args: &[&str], stdin: &str| server.kubectl(args, stdin);
-    kc(&["create", "namespace", NS], "");
     // Both identities and their rights exactly as the chart grants them.
-    let chart = helm_template(
-        &helm,
-        NS,
-        &[
-            "templates/serviceaccounts.yaml",
-            "templates/rbac-node.yaml",
-            "templates/rbac-controller.yaml",
-        ],
-    );
-    kc(&["apply", "-f", "-"], &chart);
+    server.install_chart(&helm, NS, CHART_IDENTITIES);
     // Another workload that may ask for certificates, with a pod on node-a.
     kc(&["create", "serviceaccount", "other", "-n", NS], "");
     kc(
@@ -137,15 +133,14 @@ async fn a_node_gets_a_certificate_for_its_own_node_only() {
         ],
         "",
     );
-    // What a kubelet and the scheduler would have made: the node plugin's pod on node-a,
-    // and the other workload's pod there too.
-    kc(
-        &["create", "-f", "-"],
-        "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {name: berth-node-a, namespace: berth-system}\n\
-         spec: {nodeName: node-a, serviceAccountName: berth-node, containers: [{name: berth, image: berth}]}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {name: other-a, namespace: berth-system}\n\
-         spec: {nodeName: node-a, serviceAccountName: other, containers: [{name: berth, image: berth}]}\n",
+    // The node plugin's pod on node-a, and the other workload's pod there too.
+    server.nodes_and_pods(
+        NS,
+        &["node-a"],
+        &[
+            ("berth-node-a", "node-a", "berth-node"),
+            ("other-a", "node-a", "other"),
+        ],
     );
     let token = |sa: &str, pod: Option<&str>| match pod {
         Some(pod) => server.pod_token(NS, sa, pod),
@@ -376,32 +371,8 @@ async fn the_node_plugin_serves_with_the_certificate_the_controller_signed() {
     let Some(server) = ApiServer::start() else {
         return;
     };
-    let kc = |args: &[&str], stdin: &str| server.kubectl(args, stdin);
-    kc(
-        &["apply", "-f", "-"],
-        &std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("charts/berth/crds/berth.csi.dev.yaml"),
-        )
-        .unwrap(),
-    );
-    kc(&["create", "namespace", NS], "");
-    let chart = helm_template(
-        &helm,
-        NS,
-        &[
-            "templates/serviceaccounts.yaml",
-            "templates/rbac-node.yaml",
-            "templates/rbac-controller.yaml",
-        ],
-    );
-    kc(&["apply", "-f", "-"], &chart);
-    kc(
-        &["create", "-f", "-"],
-        "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {name: berth-node-a, namespace: berth-system}\n\
-         spec: {nodeName: node-a, serviceAccountName: berth-node, containers: [{name: berth, image: berth}]}\n",
-    );
+    server.install_chart(&helm, NS, CHART_IDENTITIES);
+    server.nodes_and_pods(NS, &["node-a"], &[("berth-node-a", "node-a", "berth-node")]);
     let dir = server.dir();
     // A kubeconfig per ServiceAccount, as the pods' in-cluster configuration would be.
     let node_kc =

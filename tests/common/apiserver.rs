@@ -189,6 +189,35 @@ impl ApiServer {
         cmd
     }
 
+    /// berth's CRDs, namespace `ns`, and the chart's objects of `templates` in it: identities
+    /// and rights exactly as the chart grants them.
+    pub fn install_chart(&self, helm: &Path, ns: &str, templates: &[&str]) {
+        let crds =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/berth/crds/berth.csi.dev.yaml");
+        self.kubectl(
+            &["apply", "-f", "-"],
+            &std::fs::read_to_string(crds).expect("the chart's CRDs"),
+        );
+        self.kubectl(&["create", "namespace", ns], "");
+        self.kubectl(&["apply", "-f", "-"], &helm_template(helm, ns, templates));
+    }
+
+    /// What a kubelet and the scheduler would have made: the Nodes `nodes`, and each
+    /// `(pod, node, service account)` of `pods` running in `ns` on its node.
+    pub fn nodes_and_pods(&self, ns: &str, nodes: &[&str], pods: &[(&str, &str, &str)]) {
+        let mut docs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {n}}}\n"))
+            .collect();
+        docs.extend(pods.iter().map(|(pod, node, sa)| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: {ns}}}\n\
+                 spec: {{nodeName: {node}, serviceAccountName: {sa}, containers: [{{name: berth, image: berth}}]}}\n"
+            )
+        }));
+        self.kubectl(&["create", "-f", "-"], &docs.join("---\n"));
+    }
+
     /// Runs kubectl as admin with `stdin` as its input; its stdout. Panics when it fails.
     pub fn kubectl(&self, args: &[&str], stdin: &str) -> String {
         run(self.kubectl_command().args(args), stdin)
