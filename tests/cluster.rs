@@ -1295,6 +1295,55 @@ fn holds(c: &TestCluster, i: usize) -> usize {
         .count()
 }
 
+/// Starts a move of `vol` to node-b through the first controller, in the background, and
+/// waits until `held` says a node holds it at its `:sleep=` failpoint (`what`). Then it
+/// cancels the move as a second controller replica would: it publishes the volume back on
+/// A, and stages and publishes it there as a block device. Returns the first publish, the
+/// second controller, and A's staging and target paths.
+async fn cancel_a_held_move(
+    c: &TestCluster,
+    vol: &str,
+    what: &str,
+    held: impl Fn() -> bool,
+) -> (
+    tokio::task::JoinHandle<
+        Result<tonic::Response<csi::ControllerPublishVolumeResponse>, tonic::Status>,
+    >,
+    common::cluster::SecondController,
+    PathBuf,
+    PathBuf,
+) {
+    let first = {
+        let (endpoint, req) = (c.controller_endpoint(), ctl_publish(vol, "node-b"));
+        tokio::spawn(async move {
+            csi::controller_client::ControllerClient::new(
+                berth::client::connect(&endpoint).await.unwrap(),
+            )
+            .controller_publish_volume(req)
+            .await
+        })
+    };
+    c.wait_until(what, Duration::from_secs(60), || async { held() })
+        .await;
+    let second = c.second_controller().await;
+    second
+        .ctl()
+        .await
+        .controller_publish_volume(ctl_publish(vol, "node-a"))
+        .await
+        .unwrap_or_else(|e| panic!("publish back on A: {e:?}\n{}", second.log()));
+    let staging = c.nodes[0].path(&format!("{vol}/staging"));
+    let target = c.nodes[0].path(&format!("{vol}/target"));
+    let mut a = c.node(0).await;
+    a.node_stage_volume(stage_req(vol, &staging, block_cap()))
+        .await
+        .unwrap();
+    a.node_publish_volume(publish_req(vol, &staging, &target, block_cap(), false))
+        .await
+        .unwrap();
+    (first, second, staging, target)
+}
+
 /// Issue 11, item 5: a hand-off cancelled by a second controller while the first one's
 /// promotion of the target is still on its way. The promotion arrives after the cancel and
 /// loses: one primary in the end (the old one, at the cancel's epoch), and what was written
@@ -1304,40 +1353,12 @@ async fn a_promotion_delayed_past_a_cancel_loses() {
     let mut c = TestCluster::start(2).await;
     let (vol, _) = volume_with_data(&c, "pvc-late-promote", 8, &[]).await;
     c.restart_node(1, Some("promote:start:sleep=6000")).await;
-    let first = {
-        let (endpoint, req) = (c.controller_endpoint(), ctl_publish(&vol, "node-b"));
-        tokio::spawn(async move {
-            csi::controller_client::ControllerClient::new(
-                berth::client::connect(&endpoint).await.unwrap(),
-            )
-            .controller_publish_volume(req)
-            .await
+    let (first, _second, staging, target) =
+        cancel_a_held_move(&c, &vol, "the promotion of node-b to be on its way", || {
+            holds(&c, 1) == 1
         })
-    };
-    c.wait_until(
-        "the promotion of node-b to be on its way",
-        Duration::from_secs(60),
-        || async { holds(&c, 1) == 1 },
-    )
-    .await;
-
-    // The other controller replica: the CO publishes the volume back on A.
-    let second = c.second_controller().await;
-    second
-        .ctl()
-        .await
-        .controller_publish_volume(ctl_publish(&vol, "node-a"))
-        .await
-        .unwrap_or_else(|e| panic!("publish back on A: {e:?}\n{}", second.log()));
-    let staging = c.nodes[0].path(&format!("{vol}/staging"));
-    let target = c.nodes[0].path(&format!("{vol}/target"));
+        .await;
     let mut a = c.node(0).await;
-    a.node_stage_volume(stage_req(&vol, &staging, block_cap()))
-        .await
-        .unwrap();
-    a.node_publish_volume(publish_req(&vol, &staging, &target, block_cap(), false))
-        .await
-        .unwrap();
     write_pattern(&target, 0, 4 << 20, 99);
     let hash = device_hash(&target);
 
@@ -1385,39 +1406,12 @@ async fn an_unfence_stops_the_send_of_the_final_snapshot() {
     let mut c = TestCluster::start(2).await;
     let (vol, _) = volume_with_data(&c, "pvc-torn-send", 4, &[]).await;
     c.restart_node(0, Some("send:chunk:sleep=3000")).await;
-    let first = {
-        let (endpoint, req) = (c.controller_endpoint(), ctl_publish(&vol, "node-b"));
-        tokio::spawn(async move {
-            csi::controller_client::ControllerClient::new(
-                berth::client::connect(&endpoint).await.unwrap(),
-            )
-            .controller_publish_volume(req)
-            .await
+    let (first, _second, _staging, target) =
+        cancel_a_held_move(&c, &vol, "the final snapshot to be on the wire", || {
+            holds(&c, 0) >= 1
         })
-    };
-    c.wait_until(
-        "the final snapshot to be on the wire",
-        Duration::from_secs(60),
-        || async { holds(&c, 0) >= 1 },
-    )
-    .await;
-    let second = c.second_controller().await;
-    second
-        .ctl()
-        .await
-        .controller_publish_volume(ctl_publish(&vol, "node-a"))
-        .await
-        .unwrap_or_else(|e| panic!("publish back on A: {e:?}\n{}", second.log()));
+        .await;
     // Written while the Send still reads the same inode.
-    let staging = c.nodes[0].path(&format!("{vol}/staging"));
-    let target = c.nodes[0].path(&format!("{vol}/target"));
-    let mut a = c.node(0).await;
-    a.node_stage_volume(stage_req(&vol, &staging, block_cap()))
-        .await
-        .unwrap();
-    a.node_publish_volume(publish_req(&vol, &staging, &target, block_cap(), false))
-        .await
-        .unwrap();
     write_pattern(&target, 0, 4 << 20, 5);
 
     assert!(first.await.unwrap().is_err(), "the cancelled move failed");
