@@ -1854,3 +1854,480 @@ async fn a_move_shows_in_the_controllers_metrics() {
         ) >= 1.0
     );
 }
+
+/// How node-c falls silent (issue 12): each keeps its volumes out of reach in its own way.
+#[derive(Debug, Clone, Copy)]
+enum Silence {
+    /// SIGKILL: connections are refused at once.
+    Killed,
+    /// SIGSTOP: the kernel still accepts connections, and nothing answers on them.
+    Frozen,
+    /// Its network namespace cut off: packets vanish both ways.
+    CutOff,
+}
+
+/// Every CO call in the blast-radius test gets this deadline: a hang fails the test
+/// instead of hanging it.
+const CALL_DEADLINE: Duration = Duration::from_secs(20);
+
+/// The calls made about volumes away from the silent node, and how they went.
+#[derive(Default)]
+struct Tally {
+    calls: usize,
+    errors: Vec<String>,
+    slowest: (Duration, String),
+}
+
+impl Tally {
+    /// Makes one call with [`CALL_DEADLINE`]; counts a failure or a hang as an error.
+    async fn ok<T>(
+        &mut self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Option<T> {
+        self.calls += 1;
+        let start = std::time::Instant::now();
+        let r = tokio::time::timeout(CALL_DEADLINE, call).await;
+        let took = start.elapsed();
+        if took > self.slowest.0 {
+            self.slowest = (took, what.to_string());
+        }
+        match r {
+            Ok(Ok(r)) => Some(r.into_inner()),
+            Ok(Err(e)) => {
+                self.errors.push(format!("{what}: {e:?}"));
+                None
+            }
+            Err(_) => {
+                self.errors
+                    .push(format!("{what}: no answer within {CALL_DEADLINE:?}"));
+                None
+            }
+        }
+    }
+}
+
+/// A call about a volume on the silent node: it answers within the deadline.
+async fn answer<T: std::fmt::Debug>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    tokio::time::timeout(CALL_DEADLINE, call)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within {CALL_DEADLINE:?}"))
+        .map(tonic::Response::into_inner)
+}
+
+/// UNAVAILABLE (a retry can succeed) naming the silent node.
+fn assert_unavailable_naming<T: std::fmt::Debug>(
+    what: &str,
+    node: &str,
+    r: Result<T, tonic::Status>,
+) {
+    let err = r.expect_err(what);
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{what}: {err:?}");
+    assert!(err.message().contains(node), "{what}: {err:?}");
+}
+
+/// The nodes among `among` holding a copy of `vol`, asking only them (and each with a
+/// deadline), never the silent one.
+async fn holders(c: &TestCluster, vol: &str, among: &[usize]) -> Vec<(usize, pb::Role)> {
+    let mut out = Vec::new();
+    for &i in among {
+        let inv = tokio::time::timeout(CALL_DEADLINE, c.inventory(i))
+            .await
+            .unwrap_or_else(|_| panic!("{}'s inventory", c.nodes[i].id));
+        for v in inv.volumes {
+            if v.volume_id == vol {
+                out.push((i, pb::Role::try_from(v.role).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// The condition ControllerGetVolume reports for `vol`.
+async fn condition(c: &TestCluster, vol: &str) -> csi::VolumeCondition {
+    answer(
+        "ControllerGetVolume",
+        c.ctl().await.controller_get_volume(get_volume_req(vol)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("ControllerGetVolume {vol}: {e:?}"))
+    .status
+    .and_then(|s| s.volume_condition)
+    .expect("berth reports VOLUME_CONDITION")
+}
+
+/// When the newest shipping snapshot replica holder `i` has of `vol` was cut.
+async fn newest_replica_snapshot(c: &TestCluster, i: usize, vol: &str) -> Option<i64> {
+    let inv = tokio::time::timeout(CALL_DEADLINE, c.inventory(i))
+        .await
+        .expect("the replica holder's inventory");
+    inv.volumes
+        .iter()
+        .find(|v| v.volume_id == vol && v.role == pb::Role::Replica as i32)
+        .and_then(|v| v.shipping.last())
+        .map(|s| s.created_unix_nanos)
+}
+
+fn unix_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+/// Issue 12, item 3: while node-c is silent, volumes with no copy on it behave as if the
+/// cluster were healthy, and the one on it answers UNAVAILABLE naming node-c, with an
+/// abnormal condition; once node-c is back, that volume works again.
+async fn one_silent_node_costs_only_its_own_volumes(how: Silence) {
+    let (a, b, silent) = (0, 1, 2);
+    // node-c in a network namespace in every case, so that the three cases differ only in
+    // how it falls silent. Nothing is moved or replicated to it (it could not pull).
+    let mut c = TestCluster::start_isolable(3, &[silent]).await;
+    let node_c = c.nodes[silent].id.clone();
+
+    // Before: node-c's own volume first, so that node-c is not the emptiest node when the
+    // replicated volume's replica is placed (the emptiest node gets it), and is the emptiest
+    // afterwards (an unskipped node-c would get every new volume).
+    let on_c = create_block(&c, "pvc-on-c", silent, &[]).await;
+    let repl = create_block(
+        &c,
+        "pvc-replicated",
+        a,
+        &[("replicas", "2"), ("replicationInterval", "1s")],
+    )
+    .await;
+    let dev_repl = attach(&c, a, &repl).await;
+    write_pattern(&dev_repl, 0, 4 << 20, 21);
+    c.wait_until(
+        "the first replication round",
+        Duration::from_secs(30),
+        || async { newest_replica_snapshot(&c, b, &repl).await.is_some() },
+    )
+    .await;
+    let (to_move, moved_hash) = volume_with_data(&c, "pvc-to-move", 8, &[]).await;
+    let on_b = create_block(&c, "pvc-on-b", b, &[]).await;
+    assert_eq!(c.copies(&on_c).await, vec![(silent, pb::Role::Primary)]);
+    assert_eq!(
+        c.copies(&repl).await,
+        vec![(a, pb::Role::Primary), (b, pb::Role::Replica)]
+    );
+
+    let silenced_at = unix_nanos();
+    match how {
+        Silence::Killed => c.kill_node(silent),
+        Silence::Frozen => c.stop_node(silent),
+        Silence::CutOff => c.isolate_node(silent),
+    }
+    c.wait_until(
+        "the controller to see node-c silent",
+        Duration::from_secs(30),
+        || async { condition(&c, &on_c).await.abnormal },
+    )
+    .await;
+
+    // Volumes with no copy on node-c: every call answers, at once.
+    let mut t = Tally::default();
+    let ctl = c.ctl().await;
+    let mut created = Vec::new();
+    for k in 0..3 {
+        let name = format!("pvc-new-{k}");
+        let Some(r) = t
+            .ok(
+                "CreateVolume",
+                ctl.clone()
+                    .create_volume(create_req(&name, VOL, block_cap())),
+            )
+            .await
+        else {
+            continue;
+        };
+        let vol = r.volume.expect("volume").volume_id;
+        assert_eq!(
+            holders(&c, &vol, &[a, b]).await.len(),
+            1,
+            "{name} is on node-a or node-b, never the silent node-c"
+        );
+        created.push(vol);
+    }
+    let mut prefer_c = create_req("pvc-prefers-c", VOL, block_cap());
+    prefer_c.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![],
+        preferred: vec![csi::Topology {
+            segments: [("topology.berth.csi.dev/node".to_string(), node_c.clone())].into(),
+        }],
+    });
+    if let Some(r) = t
+        .ok(
+            "CreateVolume preferring node-c",
+            ctl.clone().create_volume(prefer_c),
+        )
+        .await
+    {
+        let vol = r.volume.expect("volume").volume_id;
+        assert_eq!(
+            holders(&c, &vol, &[a, b]).await.len(),
+            1,
+            "a preference for the silent node-c is passed over"
+        );
+        created.push(vol);
+    }
+
+    // Published in place and unpublished.
+    t.ok(
+        "ControllerPublishVolume in place",
+        ctl.clone()
+            .controller_publish_volume(ctl_publish(&on_b, "node-b")),
+    )
+    .await;
+    t.ok(
+        "ControllerUnpublishVolume",
+        ctl.clone()
+            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                volume_id: on_b.clone(),
+                node_id: "node-b".into(),
+                ..Default::default()
+            }),
+    )
+    .await;
+    // A move from node-a to node-b, the data intact.
+    if t.ok(
+        "ControllerPublishVolume moving node-a to node-b",
+        ctl.clone()
+            .controller_publish_volume(ctl_publish(&to_move, "node-b")),
+    )
+    .await
+    .is_some()
+    {
+        let dev = attach(&c, b, &to_move).await;
+        assert_eq!(device_hash(&dev), moved_hash, "moved intact");
+        detach(&c, b, &to_move).await;
+        assert!(
+            holders(&c, &to_move, &[a, b])
+                .await
+                .contains(&(b, pb::Role::Primary)),
+            "moved to node-b"
+        );
+    }
+    // Snapshots.
+    if let Some(r) = t
+        .ok(
+            "CreateSnapshot",
+            ctl.clone()
+                .create_snapshot(snapshot_req("snap-on-b", &on_b)),
+        )
+        .await
+    {
+        let snap = r.snapshot.expect("snapshot").snapshot_id;
+        if let Some(l) = t
+            .ok(
+                "ListSnapshots",
+                ctl.clone()
+                    .list_snapshots(csi::ListSnapshotsRequest::default()),
+            )
+            .await
+        {
+            let ids: Vec<_> = l
+                .entries
+                .into_iter()
+                .filter_map(|e| e.snapshot)
+                .map(|s| s.snapshot_id)
+                .collect();
+            assert!(ids.contains(&snap), "{ids:?}");
+        }
+        t.ok(
+            "DeleteSnapshot",
+            ctl.clone().delete_snapshot(delete_snapshot_req(&snap)),
+        )
+        .await;
+    }
+    t.ok(
+        "ControllerExpandVolume",
+        ctl.clone()
+            .controller_expand_volume(expand_req(&on_b, 2 * VOL, 0)),
+    )
+    .await;
+    if let Some(r) = t
+        .ok(
+            "ControllerGetVolume",
+            ctl.clone().controller_get_volume(get_volume_req(&on_b)),
+        )
+        .await
+    {
+        let cond = r
+            .status
+            .and_then(|s| s.volume_condition)
+            .expect("condition");
+        assert!(!cond.abnormal, "{cond:?}");
+    }
+    // ListVolumes two at a time: every volume exactly once, node-c's abnormal, naming it.
+    let mut listed: Vec<csi::list_volumes_response::Entry> = Vec::new();
+    let mut token = String::new();
+    loop {
+        let Some(page) = t
+            .ok(
+                "ListVolumes",
+                ctl.clone().list_volumes(csi::ListVolumesRequest {
+                    max_entries: 2,
+                    starting_token: token.clone(),
+                }),
+            )
+            .await
+        else {
+            break;
+        };
+        assert!(page.entries.len() <= 2);
+        listed.extend(page.entries);
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    let mut ids: Vec<String> = listed
+        .iter()
+        .map(|e| e.volume.as_ref().expect("entry.volume").volume_id.clone())
+        .collect();
+    ids.sort();
+    let mut want: Vec<String> = [&on_c, &repl, &to_move, &on_b]
+        .into_iter()
+        .chain(&created)
+        .cloned()
+        .collect();
+    want.sort();
+    assert_eq!(ids, want, "every volume listed exactly once");
+    for e in &listed {
+        let id = &e.volume.as_ref().unwrap().volume_id;
+        let cond = e
+            .status
+            .as_ref()
+            .and_then(|s| s.volume_condition.clone())
+            .expect("ListVolumes reports VOLUME_CONDITION");
+        if *id == on_c {
+            assert!(cond.abnormal && cond.message.contains(&node_c), "{cond:?}");
+        } else {
+            assert!(!cond.abnormal, "{id}: {cond:?}");
+        }
+    }
+    for vol in &created {
+        t.ok(
+            "DeleteVolume",
+            ctl.clone().delete_volume(delete_volume_req(vol)),
+        )
+        .await;
+    }
+    // Replication of the replicated volume keeps running: a round cut after the silence
+    // reaches node-b within a few intervals.
+    write_pattern(&dev_repl, 8 << 20, 4 << 20, 22);
+    c.wait_until(
+        "a replication round after node-c fell silent",
+        Duration::from_secs(15),
+        || async {
+            newest_replica_snapshot(&c, b, &repl)
+                .await
+                .is_some_and(|at| at > silenced_at)
+        },
+    )
+    .await;
+
+    // The volume on node-c: a precise, retryable error, naming it.
+    assert_unavailable_naming(
+        "ControllerPublishVolume",
+        &node_c,
+        answer(
+            "ControllerPublishVolume",
+            ctl.clone()
+                .controller_publish_volume(ctl_publish(&on_c, &node_c)),
+        )
+        .await,
+    );
+    assert_unavailable_naming(
+        "ControllerUnpublishVolume",
+        &node_c,
+        answer(
+            "ControllerUnpublishVolume",
+            ctl.clone()
+                .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                    volume_id: on_c.clone(),
+                    node_id: node_c.clone(),
+                    ..Default::default()
+                }),
+        )
+        .await,
+    );
+    assert_unavailable_naming(
+        "CreateSnapshot",
+        &node_c,
+        answer(
+            "CreateSnapshot",
+            ctl.clone()
+                .create_snapshot(snapshot_req("snap-on-c", &on_c)),
+        )
+        .await,
+    );
+    assert_unavailable_naming(
+        "DeleteVolume",
+        &node_c,
+        answer(
+            "DeleteVolume",
+            ctl.clone().delete_volume(delete_volume_req(&on_c)),
+        )
+        .await,
+    );
+    let cond = condition(&c, &on_c).await;
+    assert!(cond.abnormal && cond.message.contains(&node_c), "{cond:?}");
+
+    println!(
+        "{how:?}: {} of {} calls about volumes away from node-c failed; slowest {:?} ({})",
+        t.errors.len(),
+        t.calls,
+        t.slowest.0,
+        t.slowest.1
+    );
+    assert!(t.errors.is_empty(), "{:#?}\n{}", t.errors, c.logs());
+
+    // node-c back: its volume works again.
+    match how {
+        Silence::Killed => c.restart_node(silent, None).await,
+        Silence::Frozen => c.cont_node(silent),
+        Silence::CutOff => c.reconnect_node(silent),
+    }
+    c.wait_until(
+        "the controller to see node-c back",
+        Duration::from_secs(60),
+        || async { !condition(&c, &on_c).await.abnormal },
+    )
+    .await;
+    answer(
+        "ControllerPublishVolume",
+        ctl.clone()
+            .controller_publish_volume(ctl_publish(&on_c, &node_c)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("publish on node-c once back: {e:?}\n{}", c.logs()));
+    ctl_unpublish(&c, &on_c, &node_c).await;
+    answer(
+        "DeleteVolume",
+        ctl.clone().delete_volume(delete_volume_req(&on_c)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("delete on node-c once back: {e:?}\n{}", c.logs()));
+    assert!(c.copies(&on_c).await.is_empty());
+    detach(&c, a, &repl).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_silent_node_costs_only_its_own_volumes_killed() {
+    one_silent_node_costs_only_its_own_volumes(Silence::Killed).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_silent_node_costs_only_its_own_volumes_frozen() {
+    one_silent_node_costs_only_its_own_volumes(Silence::Frozen).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_silent_node_costs_only_its_own_volumes_cut_off() {
+    one_silent_node_costs_only_its_own_volumes(Silence::CutOff).await;
+}

@@ -3,12 +3,18 @@
 //! certificates from one `berth certs` CA.
 
 use std::{
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
 use berth::proto::agent::v1::{self as pb, agent_client::AgentClient};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::{Ctl, cleanup_dir, csi, csi::node_client::NodeClient, require_root};
@@ -19,6 +25,8 @@ pub struct NodeProc {
     pub port: u16,
     pub child: Option<Child>,
     pub failpoint: Option<String>,
+    /// The network namespace it runs in, if any (see [`TestCluster::start_isolable`]).
+    pub netns: Option<Netns>,
 }
 
 impl NodeProc {
@@ -37,6 +45,12 @@ impl NodeProc {
     /// The CO's directories on this node.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join("k8s").join(name)
+    }
+    /// The address its agent listens on.
+    pub fn agent_host(&self) -> String {
+        self.netns
+            .as_ref()
+            .map_or("127.0.0.1".to_string(), |ns| ns.node_addr.to_string())
     }
 }
 
@@ -89,6 +103,165 @@ impl Proxy {
     }
 }
 
+/// A network namespace of one node's own, linked to the host by a veth pair: the node's
+/// agent listens on the namespace's end, and the controller, the other nodes and the test
+/// reach it through the pair. [`Netns::cut`] is a partition: packets both ways vanish, open
+/// connections stay open and say nothing, new ones hang, and the process runs on.
+///
+/// The namespaced node cannot dial its peers (they listen on the host's loopback, which is
+/// not its own), so nothing can be moved or replicated to it: the receiving end pulls. Moves
+/// and replication from it work (its peers pull from it).
+pub struct Netns {
+    pub name: String,
+    host_if: String,
+    pub node_addr: Ipv4Addr,
+}
+
+/// The namespace's end of the pair (its name is the namespace's own).
+const NETNS_IF: &str = "berth0";
+
+fn ip(args: &[&str]) -> std::process::Output {
+    Command::new("ip").args(args).output().expect("run ip")
+}
+
+fn must(what: &str, out: std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    /// Names and a /30 of 10.0.0.0/8 from the test process's pid and a counter, so that
+    /// tests running at once (threads, or other test binaries) never share them.
+    pub fn create() -> Netns {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let pid = std::process::id();
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(
+            pid < 1 << 15 && k < 1 << 7,
+            "pid {pid} or count {k} out of range"
+        );
+        let net = (10u32 << 24) | (((pid << 7) | k) << 2);
+        let (host_addr, node_addr) = (Ipv4Addr::from(net + 1), Ipv4Addr::from(net + 2));
+        let ns = Netns {
+            name: format!("berth-{pid}-{k}"),
+            host_if: format!("bth{pid}h{k}"),
+            node_addr,
+        };
+        // Left by an earlier test process with this pid that was killed before its Drop:
+        // that process is gone, so these are no one else's.
+        ns.remove();
+        must("ip netns add", ip(&["netns", "add", &ns.name]));
+        must(
+            "ip link add veth",
+            ip(&[
+                "link",
+                "add",
+                &ns.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                NETNS_IF,
+                "netns",
+                &ns.name,
+            ]),
+        );
+        let (host_cidr, node_cidr) = (format!("{host_addr}/30"), format!("{node_addr}/30"));
+        for (what, args) in [
+            (
+                "host address",
+                vec!["addr", "add", &host_cidr, "dev", &ns.host_if],
+            ),
+            ("host link up", vec!["link", "set", &ns.host_if, "up"]),
+            (
+                "node address",
+                vec!["-n", &ns.name, "addr", "add", &node_cidr, "dev", NETNS_IF],
+            ),
+            (
+                "node link up",
+                vec!["-n", &ns.name, "link", "set", NETNS_IF, "up"],
+            ),
+            (
+                "node loopback up",
+                vec!["-n", &ns.name, "link", "set", "lo", "up"],
+            ),
+        ] {
+            must(what, ip(&args));
+        }
+        ns
+    }
+
+    /// Drops every packet both ways (a `blackhole` qdisc on both ends of the pair; the
+    /// host has no iptables, and tc's classifiers and netem are not built in).
+    pub fn cut(&self) {
+        for (what, args) in [
+            (
+                "cut host end",
+                vec![
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    &self.host_if,
+                    "root",
+                    "blackhole",
+                ],
+            ),
+            (
+                "cut node end",
+                vec![
+                    "-n",
+                    &self.name,
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    NETNS_IF,
+                    "root",
+                    "blackhole",
+                ],
+            ),
+        ] {
+            must(
+                what,
+                Command::new("tc").args(args).output().expect("run tc"),
+            );
+        }
+    }
+
+    /// Undoes [`Netns::cut`]: what was sent meanwhile is retransmitted, as after a partition.
+    pub fn reconnect(&self) {
+        for (what, args) in [
+            (
+                "reconnect host end",
+                vec!["qdisc", "del", "dev", &self.host_if, "root"],
+            ),
+            (
+                "reconnect node end",
+                vec!["-n", &self.name, "qdisc", "del", "dev", NETNS_IF, "root"],
+            ),
+        ] {
+            must(
+                what,
+                Command::new("tc").args(args).output().expect("run tc"),
+            );
+        }
+    }
+
+    /// Deleting one end of a veth pair deletes both.
+    fn remove(&self) {
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -129,7 +302,19 @@ impl TestCluster {
     /// As [`TestCluster::start`], with the agents of the nodes at `proxied` reached (by
     /// the controller and by peers) through a [`Proxy`] each, in the same order.
     pub async fn start_proxied(n: usize, proxied: &[usize]) -> TestCluster {
+        TestCluster::start_with(n, proxied, &[]).await
+    }
+
+    /// As [`TestCluster::start`], with the nodes at `isolable` each in a network namespace
+    /// of its own (a [`Netns`]), so that [`TestCluster::isolate_node`] can cut it off.
+    pub async fn start_isolable(n: usize, isolable: &[usize]) -> TestCluster {
+        TestCluster::start_with(n, &[], isolable).await
+    }
+
+    async fn start_with(n: usize, proxied: &[usize], isolable: &[usize]) -> TestCluster {
         require_root();
+        // A proxy dials its node on loopback, which a namespaced node does not listen on.
+        assert!(proxied.iter().all(|i| !isolable.contains(i)));
         let dir = tempfile::Builder::new()
             .prefix("berth-cluster-")
             .tempdir()
@@ -147,6 +332,7 @@ impl TestCluster {
                 port: free_port(),
                 child: None,
                 failpoint: None,
+                netns: None,
             })
             .collect();
         let mut c = TestCluster {
@@ -157,6 +343,9 @@ impl TestCluster {
             controller_metrics: free_port(),
             proxies: Vec::new(),
         };
+        for &i in isolable {
+            c.nodes[i].netns = Some(Netns::create());
+        }
         for &i in proxied {
             c.proxies.push(Proxy::start(c.nodes[i].port).await);
         }
@@ -169,12 +358,12 @@ impl TestCluster {
                     .iter()
                     .position(|&p| p == i)
                     .map_or(n.port, |k| c.proxies[k].port);
-                format!("{} 127.0.0.1:{port}\n", n.id)
+                format!("{} {}:{port}\n", n.id, n.agent_host())
             })
             .collect();
         std::fs::write(c.dir.path().join("nodes"), nodes_file).unwrap();
         for i in 0..n {
-            c.spawn_node(i).await;
+            c.start_node(i).await;
         }
         c.spawn_controller().await;
         c
@@ -242,6 +431,70 @@ impl TestCluster {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         n.child = Some(child);
+    }
+
+    /// As [`TestCluster::spawn_node`], inside the node's network namespace, its agent on
+    /// the namespace's end of the veth pair.
+    pub async fn spawn_node_in_netns(&mut self, i: usize) {
+        let certs = self.certs();
+        let n = &mut self.nodes[i];
+        let ns = n.netns.as_ref().expect("a namespaced node");
+        std::fs::create_dir_all(&n.dir).unwrap();
+        let _ = std::fs::remove_file(n.socket());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(n.dir.join("berth.log"))
+            .unwrap();
+        // nsenter enters the network namespace only and execs berth (the child is berth
+        // itself, for signals); `ip netns exec` would also give it a mount namespace of its
+        // own, where its mounts would be out of the test's sight.
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", ns.name))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_berth"))
+            .arg("node")
+            .arg("--endpoint")
+            .arg(n.endpoint())
+            .arg("--state-dir")
+            .arg(n.dir.join("state"))
+            .arg("--node-id")
+            .arg(&n.id)
+            .arg("--pool-size")
+            .arg("8Gi")
+            .arg("--agent-listen")
+            .arg(format!("{}:{}", ns.node_addr, n.port))
+            .arg("--tls-dir")
+            .arg(certs.join(&n.id))
+            .env("RUST_LOG", "info,berth=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        match &n.failpoint {
+            Some(fp) => cmd.env("BERTH_FAILPOINT", fp),
+            None => cmd.env_remove("BERTH_FAILPOINT"),
+        };
+        let mut child = cmd.spawn().expect("spawn berth node in its namespace");
+        let (socket, endpoint, dir) = (n.socket(), n.endpoint(), n.dir.clone());
+        wait_for_socket(&mut child, &socket, &endpoint, || {
+            std::fs::read_to_string(dir.join("berth.log")).unwrap_or_default()
+        })
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect((ns.node_addr, n.port)).is_err() {
+            assert!(Instant::now() < deadline, "agent of {} did not open", n.id);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        n.child = Some(child);
+    }
+
+    /// Starts node `i`, in its network namespace if it has one.
+    async fn start_node(&mut self, i: usize) {
+        if self.nodes[i].netns.is_some() {
+            self.spawn_node_in_netns(i).await;
+        } else {
+            self.spawn_node(i).await;
+        }
     }
 
     pub async fn spawn_controller(&mut self) {
@@ -329,7 +582,7 @@ impl TestCluster {
     pub async fn restart_node(&mut self, i: usize, failpoint: Option<&str>) {
         self.kill_node(i);
         self.nodes[i].failpoint = failpoint.map(str::to_string);
-        self.spawn_node(i).await;
+        self.start_node(i).await;
     }
 
     pub fn kill_controller(&mut self) {
@@ -424,7 +677,8 @@ impl TestCluster {
                 std::fs::read(d.join("tls.key")).unwrap(),
             ));
         }
-        Endpoint::from_shared(format!("https://127.0.0.1:{}", self.nodes[i].port))
+        let n = &self.nodes[i];
+        Endpoint::from_shared(format!("https://{}:{}", n.agent_host(), n.port))
             .unwrap()
             .tls_config(tls)?
             .connect()
@@ -469,6 +723,41 @@ impl TestCluster {
             s.push_str(&format!("--- {}\n{}", n.id, n.log()));
         }
         s
+    }
+
+    fn signal_node(&self, i: usize, signal: Signal) {
+        let child = self.nodes[i].child.as_ref().expect("node running");
+        kill(Pid::from_raw(child.id() as i32), signal).unwrap();
+    }
+
+    /// Freezes node `i` (SIGSTOP): its kernel still accepts connections to its agent, and
+    /// nothing answers on them.
+    pub fn stop_node(&self, i: usize) {
+        self.signal_node(i, Signal::SIGSTOP);
+    }
+
+    /// Thaws node `i` (SIGCONT); it answers what was asked meanwhile.
+    pub fn cont_node(&self, i: usize) {
+        self.signal_node(i, Signal::SIGCONT);
+    }
+
+    /// Cuts node `i` off the network (see [`Netns::cut`]); it must have been started in a
+    /// namespace ([`TestCluster::start_isolable`]).
+    pub fn isolate_node(&self, i: usize) {
+        self.nodes[i]
+            .netns
+            .as_ref()
+            .expect("a namespaced node")
+            .cut();
+    }
+
+    /// Undoes [`TestCluster::isolate_node`].
+    pub fn reconnect_node(&self, i: usize) {
+        self.nodes[i]
+            .netns
+            .as_ref()
+            .expect("a namespaced node")
+            .reconnect();
     }
 }
 
