@@ -937,15 +937,11 @@ impl ClusterController {
         req: csi::ControllerGetVolumeRequest,
     ) -> Result<csi::ControllerGetVolumeResponse> {
         let id = convert::existing_volume_id(&req.volume_id)?;
-        let p = self.cluster.locate(&id).await?;
-        let Some(record) = p.record.as_ref().filter(|r| r.record.is_live()) else {
-            return Err(Error::VolumeNotFound(id.to_string()));
-        };
         // The primary's node is silent: the record still knows the volume, and the
         // condition says why nothing else is known (the health monitor shows it).
-        if p.require_primary(&id).is_err() {
-            let mut entry = self.list_entry(&record.record);
-            return Ok(csi::ControllerGetVolumeResponse {
+        let from_record = |r: &VolumePlacement| {
+            let mut entry = self.list_entry(r);
+            csi::ControllerGetVolumeResponse {
                 volume: entry.volume.take(),
                 status: entry.status.take().map(|s| {
                     csi::controller_get_volume_response::VolumeStatus {
@@ -953,7 +949,23 @@ impl ClusterController {
                         volume_condition: s.volume_condition,
                     }
                 }),
-            });
+            }
+        };
+        let p = match self.cluster.locate(&id).await {
+            Ok(p) => p,
+            Err(e @ Error::Unreachable { .. }) => {
+                return match self.cluster.store.get(&id).await? {
+                    Some(r) if r.record.is_live() => Ok(from_record(&r.record)),
+                    _ => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(record) = p.record.as_ref().filter(|r| r.record.is_live()) else {
+            return Err(Error::VolumeNotFound(id.to_string()));
+        };
+        if p.require_primary(&id).is_err() {
+            return Ok(from_record(&record.record));
         }
         let node = match p.holder() {
             Some(c) => c.node.clone(),
