@@ -306,7 +306,17 @@ impl Cluster {
             });
         }
         let invs = self.inventories_of(&record.record.nodes()).await;
-        let mut p = Placement::of(vol, &invs)?;
+        let mut p = match Placement::of(vol, &invs) {
+            Err(Error::Unreachable { node, .. }) if record.record.replicas.is_empty() => {
+                return Err(Error::Unreachable {
+                    node,
+                    reason: format!(
+                        "it holds the only copy of volume {vol}: the volume has no replica"
+                    ),
+                });
+            }
+            other => other?,
+        };
         p.record = Some(record);
         self.reconcile(vol, &mut p).await;
         Ok(p)
