@@ -106,6 +106,9 @@ pub struct ClusterConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Signs the node plugins' certificate requests (Kubernetes discovery only).
     pub node_signer: Option<NodeSigner>,
+    /// With a nodes file, the placement records live in `placement/` here (in Kubernetes,
+    /// they are BerthVolume objects).
+    pub state_dir: PathBuf,
 }
 
 /// How many volumes a node attaches unless told otherwise. Loop devices are made on demand
@@ -334,11 +337,13 @@ pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
         Discovery::File(path) => {
             // One controller per nodes file: it always leads.
             let _ = leader_tx.send(true);
+            let store = crate::placement::FileStore::open(&cfg.state_dir.join("placement"))?;
             Arc::new(Cluster::load(
                 path,
                 &tls,
                 cfg.domain.clone(),
                 metrics.clone(),
+                Arc::new(store),
             )?)
         }
         Discovery::Kubernetes {
@@ -347,12 +352,14 @@ pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
         } => {
             let api: Arc<dyn ClusterApi> =
                 Arc::new(KubeApi::connect(cfg.driver_name.clone(), instance.clone()).await?);
+            let store = kube::PlacementApi::new(kube::connect().await?);
             let cluster = Arc::new(Cluster::new(
                 Default::default(),
                 &tls,
                 cfg.domain.clone(),
                 Some(api.clone()),
                 metrics.clone(),
+                Arc::new(store),
             )?);
             if let Some(signer) = &cfg.node_signer {
                 // Every replica signs (a request handled twice fails its resourceVersion
@@ -397,6 +404,9 @@ pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
             cluster
         }
     };
+    // One poll before serving: placement needs the nodes' free space, and a volume made
+    // before placement records existed must be adopted before a create of its name.
+    cluster.poll_all().await;
     tracing::info!(nodes = ?cluster.node_ids(), domain = %cfg.domain, "berth cluster controller ready");
     let info = DriverInfo {
         name: cfg.driver_name.clone(),
@@ -420,6 +430,10 @@ pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
         .add_service(AdminServer::new(cluster::admin::AdminService::new(
             cluster.clone(),
         )));
+    tokio::spawn(cluster::monitor::monitor_loop(
+        cluster.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(cluster::moves::replication_loop(
         cluster,
         leader,

@@ -327,6 +327,7 @@ fn main() -> ExitCode {
                 domain: cluster.topology_domain,
                 metrics_listen: common.metrics_listen,
                 node_signer,
+                state_dir: common.state_dir,
             };
             return finish(runtime().block_on(daemon::run_cluster(cfg)));
         }

@@ -85,6 +85,17 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PollLabels {
+    node: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VolumeLabels {
     volume: String,
 }
@@ -101,6 +112,8 @@ pub struct Metrics {
     shipped: Family<ReasonLabels, Counter>,
     rounds: Family<OutcomeLabels, Counter>,
     lag: Family<VolumeLabels, Gauge<f64, AtomicU64>>,
+    polls: Family<PollLabels, Counter>,
+    reachable: Family<NodeLabels, Gauge>,
     /// The volumes `lag` has a sample for, so that one gone is removed.
     lagging: Mutex<BTreeSet<String>>,
     transfer: Arc<Counters>,
@@ -157,6 +170,18 @@ impl Default for Metrics {
             "Age of the newest snapshot the most-behind replica of a volume holds",
             lag.clone(),
         );
+        let polls = Family::default();
+        registry.register(
+            "berth_node_polls",
+            "The cluster controller's background polls of each node's inventory, by outcome (not counted in berth_agent_requests)",
+            polls.clone(),
+        );
+        let reachable = Family::default();
+        registry.register(
+            "berth_node_reachable",
+            "1 while the node answered the controller's last poll, else 0",
+            reachable.clone(),
+        );
         let transfer = Arc::<Counters>::default();
         registry.register_collector(Box::new(TransferCollector(transfer.clone())));
         Metrics {
@@ -169,6 +194,8 @@ impl Default for Metrics {
             shipped,
             rounds,
             lag,
+            polls,
+            reachable,
             lagging: Mutex::default(),
             transfer,
         }
@@ -242,6 +269,21 @@ impl Metrics {
                 .set(*secs);
         }
         *lagging = now;
+    }
+
+    /// A background poll of `node` ended.
+    pub fn node_polled(&self, node: &str, reachable: bool) {
+        self.polls
+            .get_or_create(&PollLabels {
+                node: node.to_string(),
+                outcome: if reachable { "answered" } else { "silent" },
+            })
+            .inc();
+        self.reachable
+            .get_or_create(&NodeLabels {
+                node: node.to_string(),
+            })
+            .set(i64::from(reachable));
     }
 
     /// The Prometheus text exposition. Reads the pool, so call it off the async runtime.

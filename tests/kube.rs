@@ -220,13 +220,15 @@ fn spec(address: &str, domain: &str) -> BerthNodeSpec {
 }
 
 /// The reasons of berth's Events (src/cluster, src/kube/migrations.rs).
-const REASONS: [&str; 11] = [
+const REASONS: [&str; 13] = [
     "VolumeMoveStarted",
     "VolumeMoved",
     "VolumeMoveFailed",
     "ReplicationFailed",
     "ReplicationRecovered",
     "ProvisioningFailed",
+    "NodeUnreachable",
+    "NodeReachable",
     "MigrationStarted",
     "MigrationProgress",
     "MigrationReady",

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{Cluster, Placement};
+use super::Cluster;
 use crate::{
     error::{Error, Result},
     kube::Migrator,
@@ -40,8 +40,7 @@ impl Cluster {
         let _g = self.inflight.try_lock([vol.to_string()])?;
         let mut last = 0;
         for round in 1..=MAX_ROUNDS {
-            let invs = self.inventories().await;
-            let p = Placement::of(vol, &invs)?;
+            let p = self.locate(vol).await?;
             let primary = p
                 .primary
                 .clone()

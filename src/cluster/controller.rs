@@ -1,7 +1,9 @@
 //! CSI Controller and GroupController for a cluster: each call goes to the node holding the
-//! data, where the node's own controller (the same code as a single-node berth) decides the
-//! answer. This layer adds placement, topology across the domain, listings merged over
-//! nodes, and moving a volume when it is published on a node that does not hold it.
+//! data, found in the volume's placement record, where the node's own controller (the same
+//! code as a single-node berth) decides the answer. A call about one volume talks to that
+//! volume's nodes only; listings are answered from the records. This layer adds placement,
+//! topology across the domain, and moving a volume when it is published on a node that
+//! does not hold it.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -15,6 +17,7 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
+    placement::{self, PlacementPhase, SnapshotPlacement, Versioned, VolumePlacement},
     proto::{
         agent::v1 as pb,
         csi::v1::{
@@ -58,6 +61,7 @@ impl ClusterController {
     /// The node holding the writable copy of `vol`.
     async fn primary_of(&self, vol: &VolumeId) -> Result<(String, Placement)> {
         let p = self.cluster.locate(vol).await?;
+        p.require_primary(vol)?;
         match p.holder() {
             Some(c) => Ok((c.node.clone(), p)),
             None => Err(Error::VolumeNotFound(vol.to_string())),
@@ -80,32 +84,41 @@ impl ClusterController {
     }
 
     /// Where a new volume goes: the node the scheduler picked (first preferred segment
-    /// naming a node), else the allowed node with the most free space.
-    fn place(
-        &self,
-        req: &csi::CreateVolumeRequest,
-        invs: &[(String, Result<pb::InventoryResponse>)],
-    ) -> Result<String> {
-        let topo = req.accessibility_requirements.as_ref();
+    /// naming a node that answers), else the allowed node with the most free space, as the
+    /// nodes last reported it (`monitor`): no node is asked, and a silent one is skipped.
+    fn place(&self, req: &csi::CreateVolumeRequest) -> Result<String> {
         let allowed = |node: &str| self.allowed(req, node);
-        if let Some(t) = topo {
+        if let Some(t) = req.accessibility_requirements.as_ref() {
             for seg in &t.preferred {
                 if let Some(n) = seg.segments.get(TOPOLOGY_KEY)
-                    && self.cluster.member(n).is_ok()
+                    && self.cluster.view(n).is_some()
                     && allowed(n)
                 {
                     return Ok(n.clone());
                 }
             }
         }
-        invs.iter()
-            .filter_map(|(n, i)| i.as_ref().ok().map(|i| (i.available_bytes, n)))
+        self.cluster
+            .answering()
+            .into_iter()
+            .map(|(n, i)| (i.available_bytes, n))
             .filter(|(_, n)| allowed(n))
             .max()
-            .map(|(_, n)| n.clone())
+            .map(|(_, n)| n)
             .ok_or_else(|| {
-                Error::TopologyUnsatisfiable(format!("any of {:?}", self.cluster.node_ids()))
+                Error::TopologyUnsatisfiable(format!(
+                    "any answering node of {:?}",
+                    self.cluster.node_ids()
+                ))
             })
+    }
+
+    /// The record of a volume that must exist (a clone's source, a snapshot's volume).
+    async fn existing(&self, vol: &VolumeId) -> Result<Versioned> {
+        match self.cluster.record(vol).await? {
+            Some(r) if r.record.is_live() => Ok(r),
+            _ => Err(Error::VolumeNotFound(vol.to_string())),
+        }
     }
 
     async fn create_volume(
@@ -115,92 +128,185 @@ impl ClusterController {
         let name = convert::name(&req.name)?.to_string();
         let id = VolumeId::for_name(&name);
         let _g = self.cluster.inflight.try_lock([id.to_string()])?;
-        // One inventory round serves the lookup, the placement and the snapshot's holder.
-        let invs = self.cluster.inventories().await;
-        let existing = Placement::of(&id, &invs)?;
         let source = convert::content_source(req.volume_content_source.as_ref())?;
-        // A clone is made on the node holding its source, so that node is the placement
-        // (when the topology allows it), not the one with the most free space.
-        let clone_of = match &source {
-            Some(VolumeSource::Volume(src)) => Some(
-                Placement::of(src, &invs)?
-                    .holder()
-                    .map(|c| c.node.clone())
-                    .ok_or_else(|| Error::VolumeNotFound(src.to_string()))?,
-            ),
-            _ => None,
-        };
-        let node = match (existing.holder(), &clone_of) {
-            // A retry, or a same-name request with other parameters: the holder decides.
-            (Some(c), _) => c.node.clone(),
-            (None, Some(holder)) => {
-                if !self.allowed(&req, holder) {
-                    return Err(Error::TopologyUnsatisfiable(format!(
-                        "{holder} (a clone is made on the node holding its source)"
-                    )));
+        // The record makes the name idempotent: a retry (or a same-name request with other
+        // parameters, which the node refuses) goes where the first attempt went.
+        let existing = self.cluster.record(&id).await?;
+        let (node, version) = match existing {
+            Some(r) if r.record.is_live() => {
+                if let Some(reason) = self.cluster.silent(&r.record.primary) {
+                    return Err(Error::Unreachable {
+                        node: r.record.primary.clone(),
+                        reason: format!("volume {id} is being made there: {reason}"),
+                    });
                 }
-                holder.clone()
+                (r.record.primary.clone(), r.version)
             }
-            (None, None) => self.place(&req, &invs)?,
+            Some(r) if r.record.phase == PlacementPhase::Deleting => {
+                return Err(Error::Aborted(format!(
+                    "volume {id} of this name is being deleted"
+                )));
+            }
+            // No volume of the name (none ever, or one deleted whose snapshots remain).
+            gone => {
+                let node = self.placement_for(&req, source.as_ref()).await?;
+                let param = |k: &str| req.parameters.get(k).cloned().unwrap_or_default();
+                let claim = match (
+                    param("csi.storage.k8s.io/pvc/namespace"),
+                    param("csi.storage.k8s.io/pvc/name"),
+                ) {
+                    (ns, n) if !ns.is_empty() && !n.is_empty() => format!("{ns}/{n}"),
+                    _ => String::new(),
+                };
+                let record = VolumePlacement {
+                    volume_id: id.to_string(),
+                    name: name.clone(),
+                    phase: PlacementPhase::Creating,
+                    primary: node.clone(),
+                    capacity_bytes: req
+                        .capacity_range
+                        .as_ref()
+                        .map_or(0, |c| c.required_bytes.max(0) as u64),
+                    parameters: req.parameters.clone().into_iter().collect(),
+                    claim,
+                    snapshots: gone
+                        .as_ref()
+                        .map(|g| g.record.snapshots.clone())
+                        .unwrap_or_default(),
+                    ..Default::default()
+                };
+                // Two controllers placing one name: one record lands, the other retries.
+                let written = match &gone {
+                    Some(g) => self.cluster.store.replace(&record, &g.version).await?,
+                    None => self.cluster.store.create(&record).await?,
+                };
+                (node, written.version)
+            }
         };
         // A restore from a snapshot another node holds: bring the snapshot here first.
         if let Some(VolumeSource::Snapshot(s)) = &source {
-            self.bring_snapshot(s.as_str(), &node, &invs).await?;
+            self.bring_snapshot(s, &node).await?;
         }
         // Placement is decided: the node checks the request against itself only.
         req.accessibility_requirements = None;
-        let resp = self
+        let resp = match self
             .on_node(
                 &node,
                 req,
                 |mut c, r| async move { c.create_volume(r).await },
             )
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                // The node refused for good (no room, other parameters, ...): the record
+                // goes, so that the next attempt places again. An answer that may hide a
+                // made volume (unreachable, a deadline) keeps it.
+                let refused = matches!(
+                    e.code(),
+                    tonic::Code::ResourceExhausted
+                        | tonic::Code::InvalidArgument
+                        | tonic::Code::OutOfRange
+                        | tonic::Code::NotFound
+                        | tonic::Code::FailedPrecondition
+                );
+                if refused
+                    && let Some(cur) = self.cluster.store.get(&id).await?
+                    && cur.version == version
+                    && cur.record.phase == PlacementPhase::Creating
+                {
+                    self.forget_failed_create(&id, cur).await?;
+                }
+                return Err(e);
+            }
+        };
+        let capacity = resp
+            .volume
+            .as_ref()
+            .map_or(0, |v| v.capacity_bytes.max(0) as u64);
+        self.cluster
+            .update_record(&id, |r| {
+                let mut r = r.clone();
+                if r.phase == PlacementPhase::Creating {
+                    r.phase = PlacementPhase::Ready;
+                }
+                r.capacity_bytes = r.capacity_bytes.max(capacity);
+                Ok(r)
+            })
             .await?;
+        self.cluster.repoll(&node);
         tracing::info!(volume.id = %id, node, "volume placed");
         Ok(csi::CreateVolumeResponse {
             volume: resp.volume.map(|v| self.cluster_volume(v)),
         })
     }
 
-    /// Ships a CSI snapshot to `node` if it does not hold it yet.
-    async fn bring_snapshot(
+    /// Drops the record of a create the node refused: deleted, or back to the snapshots of
+    /// an earlier volume of the name.
+    async fn forget_failed_create(&self, id: &VolumeId, cur: Versioned) -> Result<()> {
+        if cur.record.snapshots.is_empty() {
+            return self.cluster.store.delete(id, &cur.version).await;
+        }
+        let mut r = cur.record;
+        r.phase = PlacementPhase::Deleted;
+        r.primary.clear();
+        self.cluster
+            .store
+            .replace(&r, &cur.version)
+            .await
+            .map(|_| ())
+    }
+
+    /// The node a new volume goes to. A clone is made on the node holding its source, so
+    /// that node is the placement (when the topology allows it), not the one with the most
+    /// free space.
+    async fn placement_for(
         &self,
-        snapshot_id: &str,
-        node: &str,
-        invs: &[(String, Result<pb::InventoryResponse>)],
-    ) -> Result<()> {
-        let Some(id) = convert::snapshot_id(snapshot_id)? else {
-            return Err(Error::SnapshotNotFound(snapshot_id.to_string()));
+        req: &csi::CreateVolumeRequest,
+        source: Option<&VolumeSource>,
+    ) -> Result<String> {
+        let Some(VolumeSource::Volume(src)) = source else {
+            return self.place(req);
         };
-        let holders: Vec<(&String, &pb::SnapshotCopy)> = invs
+        let holder = self.existing(src).await?.record.primary;
+        if !self.allowed(req, &holder) {
+            return Err(Error::TopologyUnsatisfiable(format!(
+                "{holder} (a clone is made on the node holding its source)"
+            )));
+        }
+        if let Some(reason) = self.cluster.silent(&holder) {
+            return Err(Error::Unreachable {
+                node: holder,
+                reason: format!("it holds the clone's source {src}: {reason}"),
+            });
+        }
+        Ok(holder)
+    }
+
+    /// Ships a CSI snapshot to `node` if it does not hold it yet.
+    async fn bring_snapshot(&self, id: &SnapshotId, node: &str) -> Result<()> {
+        let (record, snap) = self.snapshot_holder(id).await?;
+        if record
+            .snapshots
             .iter()
-            .filter_map(|(n, i)| {
-                let i = i.as_ref().ok()?;
-                i.snapshots
-                    .iter()
-                    .find(|s| s.snapshot_id == id.as_str())
-                    .map(|s| (n, s))
-            })
-            .collect();
-        if holders.iter().any(|(n, _)| n.as_str() == node) {
+            .any(|s| s.snapshot_id == id.as_str() && s.node == node)
+        {
             return Ok(());
         }
-        let Some((from, copy)) = holders.first() else {
-            if invs.iter().any(|(_, i)| i.is_err()) {
-                return Err(Error::Unreachable {
-                    node: "some nodes".into(),
-                    reason: format!("snapshot {id} was not found on the nodes that answered"),
-                });
-            }
-            return Err(Error::SnapshotNotFound(id.to_string()));
-        };
+        let from = &snap.node;
+        if let Some(reason) = self.cluster.silent(from) {
+            return Err(Error::Unreachable {
+                node: from.clone(),
+                reason: format!("it holds snapshot {id}: {reason}"),
+            });
+        }
         tracing::info!(snapshot.id = %id, from = %from, to = node, "shipping a snapshot to restore it there");
         let source = self.cluster.member(from)?;
         let mut stream = self
             .cluster
             .agent(node)?
             .fetch(pb::FetchRequest {
-                volume_id: copy.source_volume_id.clone(),
+                volume_id: record.volume_id.clone(),
                 snapshot_id: id.to_string(),
                 kind: pb::SnapshotKind::Csi as i32,
                 base_snapshot_id: String::new(),
@@ -222,6 +328,22 @@ impl ClusterController {
             .into_inner();
         while let Some(p) = stream.message().await.map_err(|s| peer(node, s))? {
             if p.done {
+                // The copy is recorded where it is, so that deleting the snapshot
+                // reaches it.
+                let vol = record.id()?;
+                let copy = SnapshotPlacement {
+                    node: node.to_string(),
+                    ..snap.clone()
+                };
+                self.cluster
+                    .update_record(&vol, |r| {
+                        let mut r = r.clone();
+                        if !r.snapshots.contains(&copy) {
+                            r.snapshots.push(copy.clone());
+                        }
+                        Ok(r)
+                    })
+                    .await?;
                 return Ok(());
             }
         }
@@ -229,6 +351,47 @@ impl ClusterController {
             node: node.to_string(),
             reason: format!("fetch of snapshot {id} ended early"),
         })
+    }
+
+    /// The record of the volume a CSI snapshot was cut from, and its entry there.
+    async fn snapshot_holder(
+        &self,
+        id: &SnapshotId,
+    ) -> Result<(VolumePlacement, SnapshotPlacement)> {
+        match self.find_snapshot(id).await? {
+            Some(found) => Ok(found),
+            None => Err(Error::SnapshotNotFound(id.to_string())),
+        }
+    }
+
+    /// Looks a snapshot up in the records. Not found while some node is not adopted yet is
+    /// UNAVAILABLE: the snapshot may be there.
+    async fn find_snapshot(
+        &self,
+        id: &SnapshotId,
+    ) -> Result<Option<(VolumePlacement, SnapshotPlacement)>> {
+        let found = placement::find_snapshot(self.cluster.store.as_ref(), id.as_str()).await?;
+        if found.is_none() {
+            let pending = self.cluster.not_adopted();
+            if !pending.is_empty() {
+                return Err(Error::Unreachable {
+                    node: pending.join(", "),
+                    reason: format!(
+                        "snapshot {id} has no record, and these nodes have not answered since records began"
+                    ),
+                });
+            }
+        }
+        Ok(found.map(|v| {
+            let snap = v
+                .record
+                .snapshots
+                .iter()
+                .find(|s| s.snapshot_id == id.as_str())
+                .cloned()
+                .unwrap_or_default();
+            (v.record, snap)
+        }))
     }
 
     async fn delete_volume(
@@ -239,15 +402,22 @@ impl ClusterController {
             return Ok(csi::DeleteVolumeResponse {});
         };
         let _g = self.cluster.inflight.try_lock([id.to_string()])?;
-        let p = self.cluster.locate(&id).await?;
-        if !p.unreachable.is_empty() {
-            // Deleting what we can see would leave a copy to resurface when the node
-            // returns.
-            return Err(Error::Unreachable {
-                node: p.unreachable.join(", "),
-                reason: format!("cannot confirm every copy of {id} is deleted"),
-            });
+        let Some(cur) = self.cluster.record(&id).await? else {
+            return Ok(csi::DeleteVolumeResponse {});
+        };
+        if cur.record.phase == PlacementPhase::Deleted {
+            return Ok(csi::DeleteVolumeResponse {});
         }
+        // Recorded first: a create of the name waits for the delete to finish, and a crash
+        // from here on resumes the delete, never brings the volume back.
+        if cur.record.phase != PlacementPhase::Deleting {
+            let mut r = cur.record.clone();
+            r.phase = PlacementPhase::Deleting;
+            self.cluster.store.replace(&r, &cur.version).await?;
+        }
+        let p = self.cluster.locate(&id).await?;
+        // Deleting what we can see would leave a copy to resurface when the node returns.
+        p.require_all(&id)?;
         // The writable copy first: once it is gone the volume is gone, whatever else
         // remains to tidy.
         for c in p.primary.iter().chain(&p.fenced).chain(&p.stale) {
@@ -257,11 +427,11 @@ impl ClusterController {
                 .await
                 .map_err(|s| peer(&c.node, s))?;
         }
-        // Every member forgets, not only those holding something: a receive of the volume
-        // may be under way anywhere, and a cancelled hand-off left an epoch floor on every
-        // node, which must not outlive the volume (a volume made again under the same name
-        // has the same id). The senders first: a receive whose sender's snapshot went stops
-        // without a record (`transfer::send`).
+        // Every node of the record forgets, not only those holding a copy now: a receive
+        // of the volume may be under way on a replica's node or a hand-off's target, and a
+        // cancelled hand-off left an epoch floor on each, which must not outlive the volume
+        // (a volume made again under the same name has the same id). The senders first: a
+        // receive whose sender's snapshot went stops without a record (`transfer::send`).
         let mut nodes: Vec<String> = p
             .primary
             .iter()
@@ -269,17 +439,34 @@ impl ClusterController {
             .chain(&p.stale)
             .map(|c| c.node.clone())
             .collect();
-        nodes.extend(self.cluster.node_ids());
+        nodes.extend(p.record.iter().flat_map(|r| r.record.nodes()));
         let mut seen = std::collections::HashSet::new();
         nodes.retain(|n| seen.insert(n.clone()));
-        for node in nodes {
+        for node in &nodes {
             self.cluster
-                .agent(&node)?
+                .agent(node)?
                 .forget(pb::ForgetRequest {
                     volume_id: id.to_string(),
                 })
                 .await
-                .map_err(|s| peer(&node, s))?;
+                .map_err(|s| peer(node, s))?;
+        }
+        // The record goes last; it stays, volume-less, while snapshots cut from it remain.
+        let Some(cur) = self.cluster.store.get(&id).await? else {
+            return Ok(csi::DeleteVolumeResponse {});
+        };
+        if cur.record.snapshots.is_empty() {
+            self.cluster.store.delete(&id, &cur.version).await?;
+        } else {
+            let mut r = cur.record;
+            r.phase = PlacementPhase::Deleted;
+            r.primary.clear();
+            r.replicas.clear();
+            r.handoff = None;
+            self.cluster.store.replace(&r, &cur.version).await?;
+        }
+        for node in &nodes {
+            self.cluster.repoll(node);
         }
         Ok(csi::DeleteVolumeResponse {})
     }
@@ -301,6 +488,12 @@ impl ClusterController {
         let p = self.cluster.locate(&id).await?;
         if p.is_empty() {
             return Err(Error::VolumeNotFound(id.to_string()));
+        }
+        if let Some(reason) = self.cluster.silent(&node) {
+            return Err(Error::Unreachable {
+                node: node.clone(),
+                reason: format!("volume {id} cannot be published there: {reason}"),
+            });
         }
         let here = p.primary.as_ref().is_some_and(|c| c.node == node);
         if !here {
@@ -335,9 +528,9 @@ impl ClusterController {
             return Ok(csi::ControllerUnpublishVolumeResponse {});
         };
         let p = self.cluster.locate(&id).await?;
-        // A silent node may hold the copy that records the publish; answering OK without
-        // it would let a later publish elsewhere move a volume still in use there.
-        p.require_all(&id)?;
+        // The primary's node holds the publish; answering OK without it would let a later
+        // publish elsewhere move a volume still in use there. A silent replica holds none.
+        p.require_primary(&id)?;
         for c in p.primary.iter().chain(&p.fenced).chain(&p.stale) {
             self.cluster
                 .csi(&c.node)?
@@ -377,76 +570,85 @@ impl ClusterController {
             .into_inner())
     }
 
+    /// Answered from the records, a page of the store per call: no node is asked. Each
+    /// entry's publishes come from its primary's last poll (`monitor`); a volume with a copy
+    /// on a silent node has an abnormal condition naming it.
     async fn list_volumes(&self, req: csi::ListVolumesRequest) -> Result<csi::ListVolumesResponse> {
-        let invs = self.cluster.inventories().await;
-        // The node whose copy is authoritative for each volume.
-        let mut owner: HashMap<String, (u64, String)> = HashMap::new();
-        for (n, inv) in &invs {
-            let inv = inv.as_ref().map_err(|e| Error::Unreachable {
-                node: n.clone(),
-                reason: e.to_string(),
-            })?;
-            for c in &inv.volumes {
-                let rank = match pb::Role::try_from(c.role) {
-                    Ok(pb::Role::Primary) => c.epoch * 2 + 1,
-                    Ok(pb::Role::Fenced) => c.epoch * 2,
-                    _ => continue,
-                };
-                let e = owner.entry(c.volume_id.clone()).or_insert((0, n.clone()));
-                if rank >= e.0 {
-                    *e = (rank, n.clone());
-                }
-            }
+        if req.max_entries < 0 {
+            return Err(Error::invalid("max_entries", "must not be negative"));
         }
-        let lists = join_all(self.cluster.node_ids().into_iter().map(|n| async move {
-            let r = match self.cluster.csi(&n) {
-                Ok(mut c) => c
-                    .list_volumes(csi::ListVolumesRequest::default())
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(|s| peer(&n, s)),
-                Err(e) => Err(e),
-            };
-            (n, r)
-        }))
-        .await;
+        // 0: every volume, read from the store a page at a time.
+        let want = match req.max_entries {
+            0 => usize::MAX,
+            n => n as usize,
+        };
+        let mut next = (!req.starting_token.is_empty()).then(|| req.starting_token.clone());
         let mut entries = Vec::new();
-        for (n, list) in lists {
-            for e in list?.entries {
-                let Some(v) = &e.volume else { continue };
-                if owner.get(&v.volume_id).is_some_and(|(_, o)| o == &n) {
-                    entries.push(csi::list_volumes_response::Entry {
-                        volume: e.volume.map(|v| self.cluster_volume(v)),
-                        status: e.status,
-                    });
-                }
+        // Records that are not volumes (deleted ones keeping snapshots, the adoption marks)
+        // are skipped, so a page may need more than one read of the store.
+        loop {
+            let room = (want - entries.len()).min(500);
+            let page = self.cluster.store.list(next.as_deref(), room).await?;
+            for r in page
+                .records
+                .iter()
+                .map(|v| &v.record)
+                .filter(|r| r.is_live())
+            {
+                entries.push(self.list_entry(r));
+            }
+            next = page.next;
+            if next.is_none() || entries.len() >= want {
+                break;
             }
         }
-        entries.sort_by(|a, b| {
-            let id = |e: &csi::list_volumes_response::Entry| {
-                e.volume
-                    .as_ref()
-                    .map(|v| v.volume_id.clone())
-                    .unwrap_or_default()
-            };
-            id(a).cmp(&id(b))
-        });
-        let (page, next_token) = convert::paginate(
-            entries,
-            req.max_entries,
-            &req.starting_token,
-            |t| VolumeId::parse(t).is_some(),
-            |e| {
-                e.volume
-                    .as_ref()
-                    .map(|v| v.volume_id.as_str())
-                    .unwrap_or_default()
-            },
-        )?;
         Ok(csi::ListVolumesResponse {
-            entries: page,
-            next_token,
+            entries,
+            next_token: next.unwrap_or_default(),
         })
+    }
+
+    /// One ListVolumes entry, from the record and the nodes' last polls.
+    fn list_entry(&self, r: &VolumePlacement) -> csi::list_volumes_response::Entry {
+        let published = self
+            .cluster
+            .view(&r.primary)
+            .and_then(|inv| {
+                inv.volumes
+                    .iter()
+                    .find(|c| c.volume_id == r.volume_id && c.role != pb::Role::Replica as i32)
+                    .map(|c| c.published_node_ids.clone())
+            })
+            .unwrap_or_default();
+        csi::list_volumes_response::Entry {
+            volume: Some(csi::Volume {
+                capacity_bytes: r.capacity_bytes.min(i64::MAX as u64) as i64,
+                volume_id: r.volume_id.clone(),
+                accessible_topology: vec![self.domain_topology()],
+                ..Default::default()
+            }),
+            status: Some(csi::list_volumes_response::VolumeStatus {
+                published_node_ids: published,
+                volume_condition: Some(self.condition(r)),
+            }),
+        }
+    }
+
+    /// Abnormal while a node holding a copy of the volume is silent, naming it.
+    fn condition(&self, r: &VolumePlacement) -> csi::VolumeCondition {
+        let silent: Vec<String> = r
+            .nodes()
+            .into_iter()
+            .filter_map(|n| {
+                self.cluster
+                    .silent(&n)
+                    .map(|why| format!("node {n} holds a copy and is unreachable ({why})"))
+            })
+            .collect();
+        csi::VolumeCondition {
+            abnormal: !silent.is_empty(),
+            message: silent.join("; "),
+        }
     }
 
     async fn get_capacity(&self, req: csi::GetCapacityRequest) -> Result<csi::GetCapacityResponse> {
@@ -463,7 +665,13 @@ impl ClusterController {
                 }
                 vec![n.clone()]
             }
-            None => self.cluster.node_ids(),
+            // A silent node takes nothing now, and asking it would wait out a timeout.
+            None => self
+                .cluster
+                .node_ids()
+                .into_iter()
+                .filter(|n| self.cluster.silent(n).is_none())
+                .collect(),
         };
         let mut fwd = req.clone();
         fwd.accessible_topology = None;
@@ -512,76 +720,157 @@ impl ClusterController {
     ) -> Result<csi::CreateSnapshotResponse> {
         let source = req.checked()?;
         let sid = SnapshotId::for_name(&req.name);
-        // A retry finds the snapshot where it was made, even if the volume moved since.
-        let invs = self.cluster.inventories().await;
-        if let Some((n, _)) = invs.iter().find(|(_, i)| {
-            i.as_ref()
-                .is_ok_and(|i| i.snapshots.iter().any(|s| s.snapshot_id == sid.as_str()))
-        }) {
-            return Ok(self
-                .cluster
-                .csi(n)?
-                .create_snapshot(req)
-                .await
-                .map_err(|s| peer(n, s))?
-                .into_inner());
+        // A retry goes where the snapshot was made, even if the volume moved since; a
+        // snapshot of the name cut from another volume is refused by the node holding it.
+        let node = match self.find_snapshot(&sid).await? {
+            Some((_, snap)) => snap.node,
+            None => {
+                let (node, _) = self.primary_of(&source).await?;
+                node
+            }
+        };
+        let resp = self
+            .on_node(
+                &node,
+                req,
+                |mut c, r| async move { c.create_snapshot(r).await },
+            )
+            .await?;
+        if let Some(snap) = &resp.snapshot {
+            self.record_snapshots(&source, &node, std::slice::from_ref(snap), "")
+                .await?;
         }
-        // Not found, but a silent node may hold it: cutting a second snapshot under the same
-        // id elsewhere would answer a retry with other data.
-        if let Some((n, Err(e))) = invs.iter().find(|(_, i)| i.is_err()) {
-            return Err(Error::Unreachable {
-                node: n.clone(),
-                reason: format!("snapshot {sid} may be on it: {e}"),
-            });
+        Ok(resp)
+    }
+
+    /// Adds snapshots cut on `node` to `vol`'s record.
+    async fn record_snapshots(
+        &self,
+        vol: &VolumeId,
+        node: &str,
+        snaps: &[csi::Snapshot],
+        group: &str,
+    ) -> Result<()> {
+        self.cluster
+            .update_record(vol, |r| {
+                let mut r = r.clone();
+                for s in snaps {
+                    if r.snapshots.iter().any(|x| x.snapshot_id == s.snapshot_id) {
+                        continue;
+                    }
+                    let t = s.creation_time.unwrap_or_default();
+                    r.snapshots.push(SnapshotPlacement {
+                        snapshot_id: s.snapshot_id.clone(),
+                        node: node.to_string(),
+                        size_bytes: s.size_bytes.max(0) as u64,
+                        created_unix_nanos: t.seconds * 1_000_000_000 + i64::from(t.nanos),
+                        group_snapshot_id: group.to_string(),
+                    });
+                }
+                Ok(r)
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Removes snapshot `ids` from `vol`'s record; the record of a deleted volume goes
+    /// with its last snapshot.
+    async fn forget_snapshots(&self, vol: &str, ids: &[String]) -> Result<()> {
+        let Some(vol) = VolumeId::parse(vol) else {
+            return Ok(());
+        };
+        loop {
+            let Some(cur) = self.cluster.store.get(&vol).await? else {
+                return Ok(());
+            };
+            let mut r = cur.record.clone();
+            r.snapshots.retain(|s| !ids.contains(&s.snapshot_id));
+            let written = if r.snapshots.is_empty() && r.phase == PlacementPhase::Deleted {
+                self.cluster.store.delete(&vol, &cur.version).await
+            } else {
+                self.cluster
+                    .store
+                    .replace(&r, &cur.version)
+                    .await
+                    .map(|_| ())
+            };
+            match written {
+                Err(Error::Conflict { .. }) => continue,
+                other => return other,
+            }
         }
-        // Every node answered: the same inventories say where the source is.
-        let node = Placement::of(&source, &invs)?
-            .holder()
-            .map(|c| c.node.clone())
-            .ok_or_else(|| Error::VolumeNotFound(source.to_string()))?;
-        self.on_node(
-            &node,
-            req,
-            |mut c, r| async move { c.create_snapshot(r).await },
-        )
-        .await
+    }
+
+    /// Fails naming `node` when it is silent: the call needs it.
+    fn answering(&self, node: &str, what: String) -> Result<()> {
+        match self.cluster.silent(node) {
+            None => Ok(()),
+            Some(why) => Err(Error::Unreachable {
+                node: node.to_string(),
+                reason: format!("{what}: {why}"),
+            }),
+        }
     }
 
     async fn delete_snapshot(
         &self,
         req: csi::DeleteSnapshotRequest,
     ) -> Result<csi::DeleteSnapshotResponse> {
-        if convert::snapshot_id(&req.snapshot_id)?.is_none() {
+        let Some(id) = convert::snapshot_id(&req.snapshot_id)? else {
             return Ok(csi::DeleteSnapshotResponse {});
+        };
+        let Some((record, _)) = self.find_snapshot(&id).await? else {
+            return Ok(csi::DeleteSnapshotResponse {});
+        };
+        let mut nodes: Vec<&String> = record
+            .snapshots
+            .iter()
+            .filter(|s| s.snapshot_id == id.as_str())
+            .map(|s| &s.node)
+            .collect();
+        nodes.dedup();
+        for node in &nodes {
+            self.answering(node, format!("it holds a copy of snapshot {id}"))?;
         }
-        for n in &self.cluster.node_ids() {
-            self.cluster
-                .csi(n)?
-                .delete_snapshot(req.clone())
-                .await
-                .map_err(|s| peer(n, s))?;
+        for node in nodes {
+            self.on_node(node, req.clone(), |mut c, r| async move {
+                c.delete_snapshot(r).await
+            })
+            .await?;
         }
+        self.forget_snapshots(&record.volume_id, &[id.to_string()])
+            .await?;
         Ok(csi::DeleteSnapshotResponse {})
     }
 
+    /// Answered from the records: no node is asked.
     async fn list_snapshots(
         &self,
         req: csi::ListSnapshotsRequest,
     ) -> Result<csi::ListSnapshotsResponse> {
-        let mut fwd = req.clone();
-        fwd.max_entries = 0;
-        fwd.starting_token = String::new();
-        let mut entries: Vec<csi::list_snapshots_response::Entry> = Vec::new();
-        for n in &self.cluster.node_ids() {
-            let r = self
-                .cluster
-                .csi(n)?
-                .list_snapshots(fwd.clone())
-                .await
-                .map_err(|s| peer(n, s))?
-                .into_inner();
-            entries.extend(r.entries);
-        }
+        let records = placement::all(self.cluster.store.as_ref()).await?;
+        let mut entries: Vec<csi::list_snapshots_response::Entry> = records
+            .iter()
+            .map(|v| &v.record)
+            .filter(|r| req.source_volume_id.is_empty() || r.volume_id == req.source_volume_id)
+            .flat_map(|r| {
+                r.snapshots
+                    .iter()
+                    .filter(|s| req.snapshot_id.is_empty() || s.snapshot_id == req.snapshot_id)
+                    .map(|s| csi::list_snapshots_response::Entry {
+                        snapshot: Some(csi::Snapshot {
+                            size_bytes: s.size_bytes.min(i64::MAX as u64) as i64,
+                            snapshot_id: s.snapshot_id.clone(),
+                            source_volume_id: r.volume_id.clone(),
+                            creation_time: Some(convert::timestamp(
+                                s.created_unix_nanos.max(0) as u128
+                            )),
+                            ready_to_use: true,
+                            group_snapshot_id: s.group_snapshot_id.clone(),
+                        }),
+                    })
+            })
+            .collect();
         let id = |e: &csi::list_snapshots_response::Entry| {
             e.snapshot
                 .as_ref()
@@ -589,6 +878,7 @@ impl ClusterController {
                 .unwrap_or_default()
         };
         entries.sort_by_key(id);
+        // A snapshot restored elsewhere has a copy on each node: listed once.
         entries.dedup_by_key(|e| id(e));
         let (page, next_token) = convert::paginate(
             entries,
@@ -608,12 +898,79 @@ impl ClusterController {
         })
     }
 
+    async fn get_snapshot(&self, req: csi::GetSnapshotRequest) -> Result<csi::GetSnapshotResponse> {
+        let Some(id) = convert::snapshot_id(&req.snapshot_id)? else {
+            return Err(Error::SnapshotNotFound(req.snapshot_id.clone()));
+        };
+        let (_, snap) = self.snapshot_holder(&id).await?;
+        self.answering(&snap.node, format!("it holds snapshot {id}"))?;
+        self.on_node(&snap.node, req, |mut c, r| async move {
+            c.get_snapshot(r).await
+        })
+        .await
+    }
+
+    async fn expand(
+        &self,
+        req: csi::ControllerExpandVolumeRequest,
+    ) -> Result<csi::ControllerExpandVolumeResponse> {
+        let id = req.checked()?;
+        let (node, _) = self.primary_of(&id).await?;
+        let resp = self
+            .on_node(&node, req, |mut c, r| async move {
+                c.controller_expand_volume(r).await
+            })
+            .await?;
+        let size = resp.capacity_bytes.max(0) as u64;
+        self.cluster
+            .update_record(&id, |r| {
+                let mut r = r.clone();
+                r.capacity_bytes = r.capacity_bytes.max(size);
+                Ok(r)
+            })
+            .await?;
+        Ok(resp)
+    }
+
     async fn get_volume(
         &self,
         req: csi::ControllerGetVolumeRequest,
     ) -> Result<csi::ControllerGetVolumeResponse> {
         let id = convert::existing_volume_id(&req.volume_id)?;
-        let (node, p) = self.primary_of(&id).await?;
+        // The primary's node is silent: the record still knows the volume, and the
+        // condition says why nothing else is known (the health monitor shows it).
+        let from_record = |r: &VolumePlacement| {
+            let mut entry = self.list_entry(r);
+            csi::ControllerGetVolumeResponse {
+                volume: entry.volume.take(),
+                status: entry.status.take().map(|s| {
+                    csi::controller_get_volume_response::VolumeStatus {
+                        published_node_ids: s.published_node_ids,
+                        volume_condition: s.volume_condition,
+                    }
+                }),
+            }
+        };
+        let p = match self.cluster.locate(&id).await {
+            Ok(p) => p,
+            Err(e @ Error::Unreachable { .. }) => {
+                return match self.cluster.store.get(&id).await? {
+                    Some(r) if r.record.is_live() => Ok(from_record(&r.record)),
+                    _ => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(record) = p.record.as_ref().filter(|r| r.record.is_live()) else {
+            return Err(Error::VolumeNotFound(id.to_string()));
+        };
+        if p.require_primary(&id).is_err() {
+            return Ok(from_record(&record.record));
+        }
+        let node = match p.holder() {
+            Some(c) => c.node.clone(),
+            None => return Err(Error::VolumeNotFound(id.to_string())),
+        };
         let mut resp = self
             .on_node(&node, req, |mut c, r| async move {
                 c.controller_get_volume(r).await
@@ -621,15 +978,21 @@ impl ClusterController {
             .await?;
         resp.volume = resp.volume.map(|v| self.cluster_volume(v));
         let wanted = p.primary.as_ref().map_or(1, |c| c.info.replicas);
-        if let Some(lag) = lag_report(&p, wanted)
-            && let Some(status) = resp.status.as_mut()
-        {
+        let mut notes: Vec<String> = lag_report(&p, wanted).into_iter().collect();
+        let silent = self.condition(&record.record);
+        if let Some(status) = resp.status.as_mut() {
             let cond = status.volume_condition.get_or_insert_with(Default::default);
-            cond.message = if cond.message.is_empty() {
-                lag
-            } else {
-                format!("{}; {lag}", cond.message)
-            };
+            cond.abnormal |= silent.abnormal;
+            if !silent.message.is_empty() {
+                notes.push(silent.message);
+            }
+            for n in notes {
+                cond.message = if cond.message.is_empty() {
+                    n
+                } else {
+                    format!("{}; {n}", cond.message)
+                };
+            }
         }
         Ok(resp)
     }
@@ -745,35 +1108,14 @@ impl Controller for ClusterController {
         req: Request<csi::GetSnapshotRequest>,
     ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
         let req = req.into_inner();
-        respond(
-            async {
-                if convert::snapshot_id(&req.snapshot_id)?.is_none() {
-                    return Err(Error::SnapshotNotFound(req.snapshot_id.clone()));
-                }
-                let mut last = Err(Error::SnapshotNotFound(req.snapshot_id.clone()));
-                for n in &self.cluster.node_ids() {
-                    match self.cluster.csi(n)?.get_snapshot(req.clone()).await {
-                        Ok(r) => return Ok(r.into_inner()),
-                        Err(s) if s.code() == tonic::Code::NotFound => {}
-                        Err(s) => last = Err(peer(n, s)),
-                    }
-                }
-                last
-            }
-            .await,
-        )
+        respond(ClusterController::get_snapshot(self, req).await)
     }
 
     async fn controller_expand_volume(
         &self,
         req: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
-        respond(
-            self.on_primary(req.into_inner(), |mut c, r| async move {
-                c.controller_expand_volume(r).await
-            })
-            .await,
-        )
+        respond(self.expand(req.into_inner()).await)
     }
 
     async fn controller_get_volume(
@@ -810,34 +1152,7 @@ impl GroupController for ClusterController {
         &self,
         req: Request<csi::CreateVolumeGroupSnapshotRequest>,
     ) -> Result<Response<csi::CreateVolumeGroupSnapshotResponse>, Status> {
-        let req = req.into_inner();
-        respond(
-            async {
-                let mut node: Option<String> = None;
-                for v in &req.source_volume_ids {
-                    let id = convert::existing_volume_id(v)?;
-                    let (n, _) = self.primary_of(&id).await?;
-                    if node.as_ref().is_some_and(|m| m != &n) {
-                        return Err(Error::FailedPrecondition(format!(
-                            "the group's volumes live on different nodes ({} and {n}); a group snapshot is cut on one node",
-                            node.unwrap_or_default()
-                        )));
-                    }
-                    node = Some(n);
-                }
-                let Some(node) = node else {
-                    return Err(Error::Missing("source_volume_ids"));
-                };
-                Ok(self
-                    .cluster
-                    .group(&node)?
-                    .create_volume_group_snapshot(req)
-                    .await
-                    .map_err(|s| peer(&node, s))?
-                    .into_inner())
-            }
-            .await,
-        )
+        respond(self.create_group(req.into_inner()).await)
     }
 
     async fn delete_volume_group_snapshot(
@@ -847,15 +1162,19 @@ impl GroupController for ClusterController {
         let req = req.into_inner();
         respond(
             async {
-                if convert::group_id(&req.group_snapshot_id)?.is_none() {
+                let Some(gid) = convert::group_id(&req.group_snapshot_id)? else {
                     return Ok(csi::DeleteVolumeGroupSnapshotResponse {});
-                }
-                for n in &self.cluster.node_ids() {
-                    self.cluster
-                        .group(n)?
-                        .delete_volume_group_snapshot(req.clone())
-                        .await
-                        .map_err(|s| peer(n, s))?;
+                };
+                let Some((node, members)) = self.group_holder(&gid).await? else {
+                    return Ok(csi::DeleteVolumeGroupSnapshotResponse {});
+                };
+                self.cluster
+                    .group(&node)?
+                    .delete_volume_group_snapshot(req.clone())
+                    .await
+                    .map_err(|s| peer(&node, s))?;
+                for (vol, ids) in members {
+                    self.forget_snapshots(&vol, &ids).await?;
                 }
                 Ok(csi::DeleteVolumeGroupSnapshotResponse {})
             }
@@ -870,23 +1189,103 @@ impl GroupController for ClusterController {
         let req = req.into_inner();
         respond(
             async {
-                let _: Option<GroupSnapshotId> = convert::group_id(&req.group_snapshot_id)?;
-                let mut last = Err(Error::GroupSnapshotNotFound(req.group_snapshot_id.clone()));
-                for n in &self.cluster.node_ids() {
-                    match self
-                        .cluster
-                        .group(n)?
-                        .get_volume_group_snapshot(req.clone())
-                        .await
-                    {
-                        Ok(r) => return Ok(r.into_inner()),
-                        Err(s) if s.code() == tonic::Code::NotFound => {}
-                        Err(s) => last = Err(peer(n, s)),
-                    }
-                }
-                last
+                let Some(gid) = convert::group_id(&req.group_snapshot_id)? else {
+                    return Err(Error::GroupSnapshotNotFound(req.group_snapshot_id.clone()));
+                };
+                let Some((node, _)) = self.group_holder(&gid).await? else {
+                    return Err(Error::GroupSnapshotNotFound(req.group_snapshot_id.clone()));
+                };
+                Ok(self
+                    .cluster
+                    .group(&node)?
+                    .get_volume_group_snapshot(req)
+                    .await
+                    .map_err(|s| peer(&node, s))?
+                    .into_inner())
             }
             .await,
         )
+    }
+}
+
+impl ClusterController {
+    async fn create_group(
+        &self,
+        req: csi::CreateVolumeGroupSnapshotRequest,
+    ) -> Result<csi::CreateVolumeGroupSnapshotResponse> {
+        let mut node: Option<String> = None;
+        for v in &req.source_volume_ids {
+            let id = convert::existing_volume_id(v)?;
+            let (n, _) = self.primary_of(&id).await?;
+            if node.as_ref().is_some_and(|m| m != &n) {
+                return Err(Error::FailedPrecondition(format!(
+                    "the group's volumes live on different nodes ({} and {n}); a group snapshot is cut on one node",
+                    node.unwrap_or_default()
+                )));
+            }
+            node = Some(n);
+        }
+        let Some(node) = node else {
+            return Err(Error::Missing("source_volume_ids"));
+        };
+        let resp = self
+            .cluster
+            .group(&node)?
+            .create_volume_group_snapshot(req)
+            .await
+            .map_err(|s| peer(&node, s))?
+            .into_inner();
+        if let Some(g) = &resp.group_snapshot {
+            for s in &g.snapshots {
+                if let Some(vol) = VolumeId::parse(&s.source_volume_id) {
+                    self.record_snapshots(
+                        &vol,
+                        &node,
+                        std::slice::from_ref(s),
+                        &g.group_snapshot_id,
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(resp)
+    }
+
+    /// The node holding group snapshot `gid`, and its members by volume. Not found while
+    /// some node is not adopted yet is UNAVAILABLE: the group may be there.
+    async fn group_holder(
+        &self,
+        gid: &GroupSnapshotId,
+    ) -> Result<Option<(String, Vec<(String, Vec<String>)>)>> {
+        let records = placement::find_group(self.cluster.store.as_ref(), gid.as_str()).await?;
+        let mut node = None;
+        let mut members = Vec::new();
+        for v in records {
+            let ids: Vec<String> = v
+                .record
+                .snapshots
+                .iter()
+                .filter(|s| s.group_snapshot_id == gid.as_str())
+                .map(|s| {
+                    node.get_or_insert_with(|| s.node.clone());
+                    s.snapshot_id.clone()
+                })
+                .collect();
+            members.push((v.record.volume_id, ids));
+        }
+        let Some(node) = node else {
+            let pending = self.cluster.not_adopted();
+            if !pending.is_empty() {
+                return Err(Error::Unreachable {
+                    node: pending.join(", "),
+                    reason: format!(
+                        "group snapshot {gid} has no record, and these nodes have not answered since records began"
+                    ),
+                });
+            }
+            return Ok(None);
+        };
+        self.answering(&node, format!("it holds group snapshot {gid}"))?;
+        Ok(Some((node, members)))
     }
 }

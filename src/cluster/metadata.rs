@@ -11,6 +11,7 @@ use super::{Cluster, peer};
 use crate::{
     error::{Error, Result},
     metrics::AgentChannel,
+    placement,
     proto::csi::v1::{
         self as csi, snapshot_metadata_client::SnapshotMetadataClient,
         snapshot_metadata_server::SnapshotMetadata,
@@ -28,24 +29,29 @@ impl ClusterMetadata {
         Self { cluster }
     }
 
-    /// The node holding the CSI snapshot `id`.
+    /// The node holding the CSI snapshot `id`, from the records.
     async fn holder(&self, id: &str, field: &'static str) -> Result<String> {
         convert::required(id, field)?;
         let sid = convert::snapshot_id(id)?.ok_or_else(|| Error::SnapshotNotFound(id.into()))?;
-        let invs = self.cluster.inventories().await;
-        if let Some((n, _)) = invs.iter().find(|(_, i)| {
-            i.as_ref()
-                .is_ok_and(|i| i.snapshots.iter().any(|s| s.snapshot_id == sid.as_str()))
-        }) {
-            return Ok(n.clone());
-        }
-        if let Some((n, Err(e))) = invs.iter().find(|(_, i)| i.is_err()) {
+        let Some(found) =
+            placement::find_snapshot(self.cluster.store.as_ref(), sid.as_str()).await?
+        else {
+            return Err(Error::SnapshotNotFound(id.to_string()));
+        };
+        let node = found
+            .record
+            .snapshots
+            .iter()
+            .find(|s| s.snapshot_id == sid.as_str())
+            .map(|s| s.node.clone())
+            .unwrap_or_default();
+        if let Some(reason) = self.cluster.silent(&node) {
             return Err(Error::Unreachable {
-                node: n.clone(),
-                reason: e.to_string(),
+                node,
+                reason: format!("it holds snapshot {sid}: {reason}"),
             });
         }
-        Err(Error::SnapshotNotFound(id.to_string()))
+        Ok(node)
     }
 
     fn client(&self, node: &str) -> Result<SnapshotMetadataClient<AgentChannel>> {

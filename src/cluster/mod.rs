@@ -8,11 +8,12 @@
 pub mod admin;
 pub mod controller;
 pub mod metadata;
+pub mod monitor;
 pub mod moves;
 pub mod rounds;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::Path,
     sync::{Arc, RwLock},
 };
@@ -24,6 +25,7 @@ use crate::{
     error::{Error, Result},
     kube::ClusterApi,
     metrics::{AgentChannel, Metrics},
+    placement::{self, PlacementStore, Versioned, VolumePlacement},
     proto::{
         agent::v1::{self as pb, agent_client::AgentClient},
         csi::v1::{
@@ -56,6 +58,12 @@ pub struct Cluster {
     events: Option<Arc<dyn ClusterApi>>,
     /// Every call to an agent, move and replication round is recorded here.
     pub metrics: Arc<Metrics>,
+    /// The placement records: which nodes hold each volume, authoritative for ownership.
+    pub store: Arc<dyn PlacementStore>,
+    /// The last poll of each node (`monitor`).
+    views: RwLock<BTreeMap<String, monitor::NodeView>>,
+    /// Nodes whose volumes all have records (`monitor::adopt`).
+    adopted: RwLock<BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -103,6 +111,7 @@ impl Cluster {
         domain: String,
         events: Option<Arc<dyn ClusterApi>>,
         metrics: Arc<Metrics>,
+        store: Arc<dyn PlacementStore>,
     ) -> Result<Cluster> {
         let c = Cluster {
             members: RwLock::default(),
@@ -111,6 +120,9 @@ impl Cluster {
             inflight: InFlight::default(),
             events,
             metrics,
+            store,
+            views: RwLock::default(),
+            adopted: RwLock::default(),
         };
         c.set_members(nodes)?;
         Ok(c)
@@ -121,9 +133,15 @@ impl Cluster {
         tls: &TlsMaterial,
         domain: String,
         metrics: Arc<Metrics>,
+        store: Arc<dyn PlacementStore>,
     ) -> Result<Cluster> {
         let text = std::fs::read_to_string(path).map_err(Error::io("read", path))?;
-        Cluster::new(parse_nodes(&text)?, tls, domain, None, metrics)
+        Cluster::new(parse_nodes(&text)?, tls, domain, None, metrics, store)
+    }
+
+    /// Whether Events have anywhere to go.
+    pub fn has_events(&self) -> bool {
+        self.events.is_some()
     }
 
     /// Makes the member list `nodes` (node id → agent address), keeping the connections
@@ -217,30 +235,154 @@ impl Cluster {
         Ok(GroupControllerClient::new(self.channel(node)?))
     }
 
-    /// Every node's inventory, asked in parallel; a node that does not answer is an error
-    /// in its slot, not a failure of the whole.
-    pub async fn inventories(&self) -> Vec<(String, Result<pb::InventoryResponse>)> {
-        join_all(self.node_ids().into_iter().map(|id| async move {
-            let r = match self.agent(&id) {
-                Ok(mut c) => c
-                    .inventory(pb::InventoryRequest {})
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(|s| peer(&id, s)),
-                Err(e) => Err(e),
+    /// The inventories of `nodes`, asked in parallel. A node the monitor knows to be silent
+    /// is not asked (the answer would be a timeout); one that does not answer within
+    /// [`monitor::POLL_TIMEOUT`] is an error in its slot, not a failure of the whole.
+    pub async fn inventories_of(
+        &self,
+        nodes: &[String],
+    ) -> Vec<(String, Result<pb::InventoryResponse>)> {
+        join_all(nodes.iter().map(|id| async move {
+            let unreachable = |reason: String| Error::Unreachable {
+                node: id.clone(),
+                reason,
             };
-            (id, r)
+            let r = if let Some(reason) = self.silent(id) {
+                Err(unreachable(reason))
+            } else {
+                match self.agent(id) {
+                    Ok(mut c) => match tokio::time::timeout(
+                        monitor::POLL_TIMEOUT,
+                        c.inventory(pb::InventoryRequest {}),
+                    )
+                    .await
+                    {
+                        Ok(r) => r.map(|r| r.into_inner()).map_err(|s| peer(id, s)),
+                        Err(_) => Err(unreachable(format!(
+                            "no answer within {:?}",
+                            monitor::POLL_TIMEOUT
+                        ))),
+                    },
+                    Err(Error::NodeNotFound(_)) => {
+                        Err(unreachable("it is not a member of the cluster".into()))
+                    }
+                    Err(e) => Err(e),
+                }
+            };
+            (id.clone(), r)
         }))
         .await
     }
 
-    /// Where every copy of `vol` is. Fails with UNAVAILABLE when the volume is not found but
-    /// some node did not answer: "not found" must not be claimed for a volume that may live
-    /// on a node that is down.
-    pub async fn locate(&self, vol: &VolumeId) -> Result<Placement> {
-        let invs = self.inventories().await;
-        Placement::of(vol, &invs)
+    /// The placement record of `vol`. None means the volume does not exist, unless a node
+    /// not adopted yet may hold it: then that is UNAVAILABLE, naming the nodes.
+    pub async fn record(&self, vol: &VolumeId) -> Result<Option<Versioned>> {
+        match self.store.get(vol).await? {
+            Some(r) => Ok(Some(r)),
+            None => match self.not_adopted() {
+                pending if pending.is_empty() => Ok(None),
+                pending => Err(Error::Unreachable {
+                    node: pending.join(", "),
+                    reason: format!(
+                        "volume {vol} has no placement record, and these nodes have not answered since records began; one of them may hold it"
+                    ),
+                }),
+            },
+        }
     }
+
+    /// Where every copy of `vol` is: its placement record, and the inventories of the nodes
+    /// the record names, no others. A node of the record that does not answer is listed in
+    /// `unreachable`; nodes outside the record are never asked, so a silent one costs
+    /// nothing here.
+    pub async fn locate(&self, vol: &VolumeId) -> Result<Placement> {
+        let Some(record) = self.record(vol).await? else {
+            return Ok(Placement::default());
+        };
+        if record.record.phase == placement::PlacementPhase::Deleted {
+            return Ok(Placement {
+                record: Some(record),
+                ..Default::default()
+            });
+        }
+        let invs = self.inventories_of(&record.record.nodes()).await;
+        let mut p = match Placement::of(vol, &invs) {
+            Err(Error::Unreachable { node, .. }) if record.record.replicas.is_empty() => {
+                return Err(Error::Unreachable {
+                    node,
+                    reason: format!(
+                        "it holds the only copy of volume {vol}: the volume has no replica"
+                    ),
+                });
+            }
+            other => other?,
+        };
+        p.record = Some(record);
+        self.reconcile(vol, &mut p).await;
+        Ok(p)
+    }
+
+    /// Brings the record up to what the nodes' epochs say, after a step that landed on the
+    /// nodes but not yet in the record (a crash between them, or another controller's
+    /// step): a primary at a higher epoch is the primary, a hand-off at or below its epoch
+    /// is over, and every copy the record's nodes hold is in the record. A lost
+    /// compare-and-swap is left alone: whoever won wrote the newer truth.
+    async fn reconcile(&self, vol: &VolumeId, p: &mut Placement) {
+        let Some(current) = p.record.as_ref() else {
+            return;
+        };
+        let next = reconciled(&current.record, p);
+        if next == current.record {
+            return;
+        }
+        match self.store.replace(&next, &current.version).await {
+            Ok(v) => {
+                tracing::info!(volume.id = %vol, primary = %v.record.primary, epoch = v.record.epoch, "placement record caught up with the nodes");
+                p.record = Some(v);
+            }
+            Err(e) => {
+                tracing::debug!(volume.id = %vol, error = %e, "placement record not caught up")
+            }
+        }
+    }
+
+    /// Changes `vol`'s record with `change` until the write lands (`placement::update`).
+    pub async fn update_record<F>(&self, vol: &VolumeId, change: F) -> Result<Versioned>
+    where
+        F: FnMut(&VolumePlacement) -> Result<VolumePlacement> + Send,
+    {
+        placement::update(self.store.as_ref(), vol, change).await
+    }
+}
+
+/// The record `r` brought up to the copies of `p` (see [`Cluster::reconcile`]).
+fn reconciled(r: &VolumePlacement, p: &Placement) -> VolumePlacement {
+    let mut next = r.clone();
+    if let Some(c) = &p.primary
+        && c.info.epoch > r.epoch
+    {
+        next.primary = c.node.clone();
+        next.epoch = c.info.epoch;
+    }
+    if next.handoff.as_ref().is_some_and(|h| h.epoch <= next.epoch) {
+        next.handoff = None;
+    }
+    let primary = next.primary.clone();
+    next.replicas.retain(|x| x.node != primary);
+    for c in p.replicas.iter().chain(&p.fenced).chain(&p.stale) {
+        if c.node == primary {
+            continue;
+        }
+        let fresh = monitor::replica_of(&c.node, &c.info);
+        match next.replicas.iter_mut().find(|x| x.node == c.node) {
+            // A replica's newest snapshot is a fact of its node; a fenced or stale copy's
+            // snapshots are the ones it had as a primary, not a replica's progress.
+            Some(x) if c.role() == pb::Role::Replica && !fresh.snapshot.is_empty() => *x = fresh,
+            Some(_) => {}
+            None => next.replicas.push(fresh),
+        }
+    }
+    next
 }
 
 /// Maps a peer's answer into berth's error, keeping its code.
@@ -292,6 +434,8 @@ pub struct Placement {
     pub stale: Vec<Copy>,
     /// Nodes that did not answer.
     pub unreachable: Vec<String>,
+    /// The placement record the copies were looked up from.
+    pub record: Option<Versioned>,
 }
 
 impl Placement {
@@ -333,7 +477,9 @@ impl Placement {
         if p.is_empty() && !p.unreachable.is_empty() {
             return Err(Error::Unreachable {
                 node: p.unreachable.join(", "),
-                reason: format!("volume {vol} was not found on the nodes that answered"),
+                reason: format!(
+                    "it holds volume {vol}, and no other node holding it answered with a copy"
+                ),
             });
         }
         Ok(p)
@@ -376,15 +522,34 @@ impl Placement {
         self.primary.as_ref().or(self.fenced.first())
     }
 
-    /// Fails when a node that may hold a copy did not answer: a decision that changes
-    /// copies (a hand-off, a replication round, an unpublish) must see them all, or a
-    /// stale copy could win over one on the silent node.
+    /// Fails when a node of the volume's record did not answer: a decision that changes
+    /// copies (a hand-off, a replication round, a delete) must see them all, or a stale
+    /// copy could win over one on the silent node. Nodes outside the record hold nothing
+    /// of the volume and are not asked.
     pub fn require_all(&self, vol: &VolumeId) -> Result<()> {
         match self.unreachable.is_empty() {
             true => Ok(()),
             false => Err(Error::Unreachable {
                 node: self.unreachable.join(", "),
-                reason: format!("every node must answer before copies of {vol} change"),
+                reason: format!(
+                    "it holds a copy of volume {vol}, and every copy must answer before copies change"
+                ),
+            }),
+        }
+    }
+
+    /// Fails when the volume's primary (by its record) did not answer: what only the
+    /// primary serves (publishes, snapshots, expansion) cannot be answered elsewhere.
+    pub fn require_primary(&self, vol: &VolumeId) -> Result<()> {
+        let Some(r) = &self.record else {
+            return Ok(());
+        };
+        let primary = &r.record.primary;
+        match self.unreachable.contains(primary) {
+            false => Ok(()),
+            true => Err(Error::Unreachable {
+                node: primary.clone(),
+                reason: format!("it holds the primary of volume {vol}"),
             }),
         }
     }
@@ -572,6 +737,7 @@ mod tests {
             "default".into(),
             Some(rec.clone()),
             Arc::default(),
+            Arc::new(crate::placement::FileStore::open(&dir.path().join("placement")).unwrap()),
         )
         .unwrap();
         c.pvc_event(
@@ -609,6 +775,91 @@ mod tests {
         assert_eq!(c.node_ids(), ["a", "c"]);
         c.set_members(BTreeMap::new()).unwrap();
         assert_eq!(c.member("a").unwrap_err().code(), tonic::Code::NotFound);
+    }
+
+    /// What the nodes did (by their epochs) and the record missed, the record catches up
+    /// with; what the record knows that the nodes do not show, it keeps.
+    #[test]
+    fn the_record_catches_up_with_the_nodes_epochs() {
+        use crate::placement::{Handoff, ReplicaPlacement};
+        let v = VolumeId::for_name("pvc");
+        let record = VolumePlacement {
+            volume_id: v.to_string(),
+            name: "pvc".into(),
+            primary: "a".into(),
+            epoch: 1,
+            handoff: Some(Handoff {
+                to: "b".into(),
+                epoch: 2,
+            }),
+            replicas: vec![ReplicaPlacement {
+                node: "c".into(),
+                snapshot: "s1".into(),
+                snapshot_time: String::new(),
+            }],
+            ..Default::default()
+        };
+        let at = |node: &str, role, epoch, fence_epoch| Copy {
+            node: node.into(),
+            info: copy(v.as_str(), role, epoch, fence_epoch),
+        };
+        let cases = [
+            // (what the nodes show, primary, epoch, handoff left, replica nodes)
+            (
+                "the promotion landed, the record was not written",
+                Placement {
+                    primary: Some(at("b", pb::Role::Primary, 2, 0)),
+                    fenced: vec![at("a", pb::Role::Fenced, 1, 2)],
+                    ..Default::default()
+                },
+                "b",
+                2,
+                false,
+                vec!["c", "a"],
+            ),
+            (
+                "fenced, not promoted yet",
+                Placement {
+                    fenced: vec![at("a", pb::Role::Fenced, 1, 2)],
+                    ..Default::default()
+                },
+                "a",
+                1,
+                true,
+                vec!["c"],
+            ),
+            (
+                "cancelled: the old primary unfenced above the hand-off",
+                Placement {
+                    primary: Some(at("a", pb::Role::Primary, 3, 0)),
+                    ..Default::default()
+                },
+                "a",
+                3,
+                false,
+                vec!["c"],
+            ),
+            (
+                "a silent replica is kept",
+                Placement {
+                    primary: Some(at("a", pb::Role::Primary, 1, 0)),
+                    unreachable: vec!["c".into()],
+                    ..Default::default()
+                },
+                "a",
+                1,
+                true,
+                vec!["c"],
+            ),
+        ];
+        for (what, p, primary, epoch, handoff, replicas) in cases {
+            let next = reconciled(&record, &p);
+            assert_eq!(next.primary, primary, "{what}");
+            assert_eq!(next.epoch, epoch, "{what}");
+            assert_eq!(next.handoff.is_some(), handoff, "{what}");
+            let nodes: Vec<&str> = next.replicas.iter().map(|r| r.node.as_str()).collect();
+            assert_eq!(nodes, replicas, "{what}");
+        }
     }
 
     #[test]

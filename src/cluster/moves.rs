@@ -15,6 +15,7 @@ use tonic::Code;
 use super::{Cluster, Copy, Placement, common_base, peer};
 use crate::{
     error::{Error, Result},
+    placement::{Handoff, ReplicaPlacement},
     proto::agent::v1::{self as pb},
     storage::VolumeId,
     util::failpoint,
@@ -229,6 +230,12 @@ impl Cluster {
         let base = target
             .as_ref()
             .and_then(|t| common_base(&source.info, &t.info));
+        // The ownership change is decided here, as one compare-and-swap on the record read
+        // at the start: of two controllers moving the volume (two replicas, a stale
+        // leader), exactly one records its hand-off; the other's write fails and its
+        // publish is ABORTED, before it touched any node.
+        self.record_handoff(vol, &p, to, epoch).await?;
+        failpoint::hit("handoff:after-record");
         let fenced = self
             .agent(&source.node)?
             .fence(pb::FenceRequest {
@@ -268,6 +275,77 @@ impl Cluster {
             .map_err(|s| peer(to, s))?;
         tracing::info!(volume.id = %vol, to, epoch, "hand-off: new primary promoted");
         failpoint::hit("handoff:after-promote");
+        self.record_promotion(vol, to, epoch, &source.node).await?;
+        failpoint::hit("handoff:after-record-primary");
+        self.settle(vol, &source, to, epoch).await?;
+        Ok(shipped.bytes_done)
+    }
+
+    /// Records the hand-off of `vol` to `to` at `epoch` in the record `p` was read from,
+    /// unless it is recorded already (a resumed hand-off).
+    async fn record_handoff(
+        &self,
+        vol: &VolumeId,
+        p: &Placement,
+        to: &str,
+        epoch: u64,
+    ) -> Result<()> {
+        let Some(cur) = &p.record else {
+            return Err(Error::VolumeNotFound(vol.to_string()));
+        };
+        let want = Handoff {
+            to: to.to_string(),
+            epoch,
+        };
+        if cur.record.handoff.as_ref() == Some(&want) {
+            return Ok(());
+        }
+        let mut next = cur.record.clone();
+        next.handoff = Some(want);
+        match self.store.replace(&next, &cur.version).await {
+            Ok(_) => Ok(()),
+            Err(Error::Conflict { reason, .. }) => Err(Error::Aborted(format!(
+                "the placement of volume {vol} changed while this controller decided to move it to {to} ({reason}); retry"
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records that `to` is the primary at `epoch`, with the old primary `from` a replica
+    /// until it is settled. Written after the promotion: the nodes' epochs are what fences
+    /// (the old copy refuses every publish from its fence on), and the record follows the
+    /// promotion that landed. A crash before this write is caught up by the next look-up
+    /// (`Cluster::reconcile`).
+    async fn record_promotion(
+        &self,
+        vol: &VolumeId,
+        to: &str,
+        epoch: u64,
+        from: &str,
+    ) -> Result<()> {
+        self.update_record(vol, |r| {
+            let mut r = r.clone();
+            if r.epoch <= epoch {
+                r.primary = to.to_string();
+                r.epoch = epoch;
+                r.handoff = None;
+                r.replicas.retain(|x| x.node != to);
+                if !r.replicas.iter().any(|x| x.node == from) {
+                    r.replicas.push(ReplicaPlacement {
+                        node: from.to_string(),
+                        ..Default::default()
+                    });
+                }
+            }
+            Ok(r)
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Settles the old primary `source` after a promotion of `to` at `epoch`: it becomes a
+    /// replica, or it goes (and leaves the record) when the volume keeps no source.
+    async fn settle(&self, vol: &VolumeId, source: &Copy, to: &str, epoch: u64) -> Result<()> {
         self.agent(&source.node)?
             .settle(pb::SettleRequest {
                 volume_id: vol.to_string(),
@@ -277,7 +355,15 @@ impl Cluster {
             })
             .await
             .map_err(|s| peer(&source.node, s))?;
-        Ok(shipped.bytes_done)
+        if !source.info.keep_source {
+            self.update_record(vol, |r| {
+                let mut r = r.clone();
+                r.replicas.retain(|x| x.node != source.node);
+                Ok(r)
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Cancels the hand-offs of a volume that has no primary: its newest fenced copy becomes
@@ -312,8 +398,13 @@ impl Cluster {
         if target != &home.node && self.node_ids().contains(target) {
             raise(target.clone()).await?;
         }
-        let others = self
-            .node_ids()
+        // Then the record's other nodes: only they can hold or receive a copy of the volume
+        // (a hand-off's target and a round's targets join the record before any data moves).
+        let mut others: Vec<String> = p.nodes();
+        others.extend(p.record.iter().flat_map(|r| r.record.nodes()));
+        others.sort();
+        others.dedup();
+        let others = others
             .into_iter()
             .filter(|n| n != &home.node && n != target);
         futures::future::try_join_all(others.map(raise)).await?;
@@ -325,6 +416,18 @@ impl Cluster {
             .await
             .map_err(|s| peer(&home.node, s))?;
         tracing::info!(volume.id = %vol, node = %home.node, epoch, "hand-off cancelled: the fenced copy is the primary again");
+        let home = home.node.clone();
+        self.update_record(vol, |r| {
+            let mut r = r.clone();
+            if r.epoch < epoch {
+                r.primary = home.clone();
+                r.epoch = epoch;
+                r.handoff = None;
+                r.replicas.retain(|x| x.node != home);
+            }
+            Ok(r)
+        })
+        .await?;
         Ok(())
     }
 
@@ -335,15 +438,8 @@ impl Cluster {
             .iter()
             .filter(|f| f.info.fence_epoch <= primary.info.epoch)
         {
-            self.agent(&f.node)?
-                .settle(pb::SettleRequest {
-                    volume_id: vol.to_string(),
-                    epoch: f.info.fence_epoch,
-                    new_primary_node_id: primary.node.clone(),
-                    keep: f.info.keep_source,
-                })
-                .await
-                .map_err(|s| peer(&f.node, s))?;
+            self.settle(vol, f, &primary.node, f.info.fence_epoch)
+                .await?;
         }
         Ok(())
     }
@@ -358,10 +454,36 @@ impl Cluster {
         targets: &[String],
         on_progress: OnProgress<'_>,
     ) -> Result<Vec<(String, u64)>> {
-        let invs = self.inventories().await;
-        let p = Placement::of(vol, &invs)?;
+        // The targets join the record before any data moves: a delete, or a cancelled
+        // hand-off's epoch floor, then reaches a receive under way there.
+        self.update_record(vol, |r| {
+            let mut r = r.clone();
+            for t in targets {
+                if t != &r.primary && !r.replicas.iter().any(|x| &x.node == t) {
+                    r.replicas.push(ReplicaPlacement {
+                        node: t.clone(),
+                        ..Default::default()
+                    });
+                }
+            }
+            Ok(r)
+        })
+        .await?;
+        let p = self.locate(vol).await?;
         // The bases to keep are those of every replica; a silent one's would be pruned.
         p.require_all(vol)?;
+        // The primary as it is now: the caller's view may be a poll old, and a base
+        // chosen from an old list of snapshots would ship more than the change.
+        let primary = match &p.primary {
+            Some(c) if c.node == primary.node => c.clone(),
+            _ => {
+                return Err(Error::Aborted(format!(
+                    "the primary of volume {vol} is no longer on node {}",
+                    primary.node
+                )));
+            }
+        };
+        let primary = &primary;
         let bases: Vec<(String, Option<String>)> = targets
             .iter()
             .map(|t| {
@@ -386,7 +508,8 @@ impl Cluster {
             .await
             .map_err(|s| peer(&primary.node, s))?
             .into_inner();
-        let snap = cut.snapshot.unwrap_or_default().snapshot_id;
+        let cut_snap = cut.snapshot.unwrap_or_default();
+        let (snap, created) = (cut_snap.snapshot_id, cut_snap.created_unix_nanos);
         failpoint::hit("replicate:after-snapshot");
         let mut out = Vec::new();
         for (t, base) in bases {
@@ -406,6 +529,16 @@ impl Cluster {
                 .await?;
             out.push((t, done.bytes_done));
         }
+        let shipped: Vec<String> = out.iter().map(|(t, _)| t.clone()).collect();
+        self.update_record(vol, |r| {
+            let mut r = r.clone();
+            for x in r.replicas.iter_mut().filter(|x| shipped.contains(&x.node)) {
+                x.snapshot = snap.clone();
+                x.snapshot_time = super::monitor::rfc3339(created);
+            }
+            Ok(r)
+        })
+        .await?;
         Ok(out)
     }
 
@@ -429,7 +562,10 @@ impl Cluster {
             .iter()
             .filter_map(|(n, i)| i.as_ref().ok().map(|i| (i.available_bytes, n.clone())))
             .filter(|(b, n)| {
-                n != &primary.node && !targets.contains(n) && *b >= primary.info.capacity_bytes
+                n != &primary.node
+                    && !targets.contains(n)
+                    && *b >= primary.info.capacity_bytes
+                    && self.silent(n).is_none()
             })
             .collect();
         free.sort_by(|a, b| b.cmp(a));
@@ -553,7 +689,9 @@ pub async fn replication_loop(
             cluster.metrics.replication_lags(&[]);
             continue;
         }
-        let invs = cluster.inventories().await;
+        // From the nodes' last polls, not a round of calls: a silent node's last inventory
+        // still says which replicas it holds, so none is replaced while it is away.
+        let invs = cluster.last_inventories();
         let mut lags = Vec::new();
         let mut due = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -608,6 +746,15 @@ pub async fn replication_loop(
             if targets.is_empty() || !stale {
                 continue;
             }
+            // A round needs every copy; while one's node is silent the volume waits (its
+            // lag grows and is reported), and the other volumes go on.
+            if let Some((node, why)) = std::iter::once(&primary.node)
+                .chain(&targets)
+                .find_map(|n| cluster.silent(n).map(|w| (n.clone(), w)))
+            {
+                tracing::debug!(volume.id = %vol, node, why, "replication round waits for a silent node");
+                continue;
+            }
             // No slot: this volume waits for the next tick, and the others are still looked
             // at, so each one's lag is still reported.
             if slots.available_permits() == 0 {
@@ -625,6 +772,11 @@ pub async fn replication_loop(
                 match cluster.replicate(&vol, &primary, &targets, &ignore).await {
                     Ok(done) => {
                         tracing::info!(volume.id = %vol, shipped = ?done, "replication round done");
+                        // The next tick judges the lag from the nodes' polls: make them
+                        // show this round.
+                        for n in std::iter::once(&primary.node).chain(&targets) {
+                            cluster.poll(n).await;
+                        }
                         cluster
                             .metrics
                             .replication_round("succeeded", done.iter().map(|(_, b)| b).sum());

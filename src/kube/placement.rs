@@ -133,8 +133,9 @@ impl PlacementStore for PlacementApi {
             lp = lp.continue_token(token);
         }
         let list = self.api.list(&lp).await.map_err(|e| match e {
-            // An expired continue token (etcd compacted past it): the CO restarts its walk.
-            kube::Error::Api(s) if s.code == 410 => {
+            // An expired continue token (etcd compacted past it), or one the API server never
+            // issued: the CO restarts its walk.
+            kube::Error::Api(s) if s.code == 410 || (s.code == 400 && start.is_some()) => {
                 Error::BadToken(start.unwrap_or_default().to_string())
             }
             e => api_error("list BerthVolumes")(e),

@@ -154,6 +154,13 @@ impl PlacementStore for FileStore {
     }
 
     async fn list(&self, start: Option<&str>, limit: usize) -> Result<Page> {
+        // A token is a volume id this store handed out; anything else is not a place to
+        // resume from (ABORTED, as CSI's listings answer a token they did not issue).
+        if let Some(t) = start
+            && VolumeId::parse(t).is_none()
+        {
+            return Err(Error::BadToken(t.to_string()));
+        }
         let start = start.map(str::to_string);
         let limit = limit.max(1);
         self.blocking(move |s| {

@@ -69,6 +69,27 @@ pub struct VolumePlacement {
     /// there).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub claim: String,
+    /// The CSI snapshots cut from this volume, and the node holding each: a snapshot call
+    /// goes to that node only. They outlive the volume (phase `Deleted`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotPlacement>,
+}
+
+/// A copy of a CSI snapshot of the volume, as CreateSnapshot answered it. A snapshot
+/// restored on another node was shipped there and has one entry per node holding it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+// Kubernetes knows int64, not uint64 (crate::kube::crd::signed_integers).
+#[schemars(transform = crate::kube::crd::signed_integers)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotPlacement {
+    pub snapshot_id: String,
+    pub node: String,
+    pub size_bytes: u64,
+    /// When it was cut, nanoseconds since the Unix epoch.
+    pub created_unix_nanos: i64,
+    /// The group snapshot it belongs to, if any.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group_snapshot_id: String,
 }
 
 /// The lifecycle of a volume's record.
@@ -81,6 +102,9 @@ pub enum PlacementPhase {
     Ready,
     /// Recorded before the copies are deleted; the record goes last.
     Deleting,
+    /// The volume is gone, but snapshots cut from it remain: the record keeps where they
+    /// are until the last one is deleted.
+    Deleted,
 }
 
 /// A node holding a replica of the volume.
@@ -150,7 +174,40 @@ pub trait PlacementStore: Send + Sync + std::fmt::Debug + 'static {
     async fn list(&self, start: Option<&str>, limit: usize) -> Result<Page>;
 }
 
+/// Every record, page by page (for background work and snapshot look-ups).
+pub async fn all(store: &dyn PlacementStore) -> Result<Vec<Versioned>> {
+    const PAGE: usize = 500;
+    let mut out = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let page = store.list(next.as_deref(), PAGE).await?;
+        out.extend(page.records);
+        match page.next {
+            Some(n) => next = Some(n),
+            None => return Ok(out),
+        }
+    }
+}
+
 impl VolumePlacement {
+    /// Every node holding, or about to hold, a copy of the volume: the primary, the
+    /// replicas and a hand-off's target. Calls about the volume talk to these only.
+    pub fn nodes(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::iter::once(self.primary.clone())
+            .chain(self.replicas.iter().map(|r| r.node.clone()))
+            .chain(self.handoff.iter().map(|h| h.to.clone()))
+            .filter(|n| !n.is_empty())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Whether the record stands for a volume that exists (or is being made).
+    pub fn is_live(&self) -> bool {
+        matches!(self.phase, PlacementPhase::Creating | PlacementPhase::Ready)
+    }
+
     /// The record's id, checked: a record whose id this driver could not have issued is
     /// damage from outside, never a path.
     pub fn id(&self) -> Result<VolumeId> {
@@ -161,6 +218,54 @@ impl VolumePlacement {
             )
         })
     }
+}
+
+/// The record holding CSI snapshot `id`. A scan of every record: snapshot calls are rare
+/// next to volume calls, and a record per snapshot would double the objects to keep.
+pub async fn find_snapshot(store: &dyn PlacementStore, id: &str) -> Result<Option<Versioned>> {
+    Ok(all(store)
+        .await?
+        .into_iter()
+        .find(|v| v.record.snapshots.iter().any(|s| s.snapshot_id == id)))
+}
+
+/// The records holding members of group snapshot `id`.
+pub async fn find_group(store: &dyn PlacementStore, id: &str) -> Result<Vec<Versioned>> {
+    Ok(all(store)
+        .await?
+        .into_iter()
+        .filter(|v| v.record.snapshots.iter().any(|s| s.group_snapshot_id == id))
+        .collect())
+}
+
+/// As [`update`], for a record that may not exist yet: `change` sees None and makes it.
+pub async fn upsert<F>(
+    store: &dyn PlacementStore,
+    id: &VolumeId,
+    mut change: F,
+) -> Result<Versioned>
+where
+    F: FnMut(Option<&VolumePlacement>) -> Result<VolumePlacement> + Send,
+{
+    const ROUNDS: usize = 64;
+    for _ in 0..ROUNDS {
+        let written = match store.get(id).await? {
+            None => store.create(&change(None)?).await,
+            Some(cur) => {
+                store
+                    .replace(&change(Some(&cur.record))?, &cur.version)
+                    .await
+            }
+        };
+        match written {
+            Err(Error::Conflict { .. }) => continue,
+            other => return other,
+        }
+    }
+    Err(Error::Conflict {
+        what: format!("placement of {id}"),
+        reason: format!("{ROUNDS} concurrent writers won in a row"),
+    })
 }
 
 /// Reads, changes and writes back one record until the write lands: `change` sees the

@@ -379,6 +379,11 @@ impl TestCluster {
     pub fn controller_endpoint(&self) -> String {
         format!("unix://{}", self.controller_socket().display())
     }
+    /// The controller's --state-dir: its placement records are in `placement/` there.
+    pub fn controller_state(&self) -> PathBuf {
+        self.dir.path().join("controller-state")
+    }
+
     pub fn controller_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("controller.log")).unwrap_or_default()
     }
@@ -512,6 +517,8 @@ impl TestCluster {
             .arg("controller")
             .arg("--nodes")
             .arg(self.dir.path().join("nodes"))
+            .arg("--state-dir")
+            .arg(self.controller_state())
             .arg("--tls-dir")
             .arg(self.certs().join("controller"))
             .arg("--metrics-listen")
@@ -552,6 +559,10 @@ impl TestCluster {
             .arg("controller")
             .arg("--nodes")
             .arg(self.dir.path().join("nodes"))
+            // The same placement store: two controllers over one set of records, as two
+            // replicas share the API server.
+            .arg("--state-dir")
+            .arg(self.controller_state())
             .arg("--tls-dir")
             .arg(self.certs().join("controller"))
             .env("RUST_LOG", "info,berth=debug")

@@ -6,8 +6,11 @@ use std::sync::Arc;
 
 use berth::{
     error::Error,
-    placement::{PlacementPhase, PlacementStore, VolumePlacement, update},
-    storage::VolumeId,
+    placement::{
+        Handoff, PlacementPhase, PlacementStore, ReplicaPlacement, SnapshotPlacement,
+        VolumePlacement, update,
+    },
+    storage::{SnapshotId, VolumeId},
 };
 
 pub fn record(name: &str, primary: &str) -> VolumePlacement {
@@ -75,6 +78,43 @@ pub async fn contract(store: &dyn PlacementStore) {
     store.delete(&id, &v2.version).await.unwrap();
     assert_eq!(store.get(&id).await.unwrap(), None);
     store.delete(&id, &v2.version).await.unwrap();
+
+    // A token the store never issued is ABORTED, as CSI's listings answer one.
+    let e = store.list(Some("not a token"), 2).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Aborted, "{e}");
+
+    // Every field the controller writes survives the store unchanged (for BerthVolume: the
+    // CRD's schema accepts all of it).
+    let full = full_record("pvc-full");
+    let v = store.create(&full).await.unwrap();
+    assert_eq!(store.get(&full.id().unwrap()).await.unwrap().unwrap(), v);
+    assert_eq!(v.record, full);
+}
+
+/// A record with every field set, as the controller writes them.
+pub fn full_record(name: &str) -> VolumePlacement {
+    VolumePlacement {
+        phase: PlacementPhase::Deleted,
+        handoff: Some(Handoff {
+            to: "node-c".into(),
+            epoch: 3,
+        }),
+        replicas: vec![ReplicaPlacement {
+            node: "node-b".into(),
+            snapshot: "ship-0123".into(),
+            snapshot_time: "2026-12-04T15:00:00Z".into(),
+        }],
+        parameters: [("replicas".to_string(), "2".to_string())].into(),
+        claim: "db/data-pg-0".into(),
+        snapshots: vec![SnapshotPlacement {
+            snapshot_id: SnapshotId::for_name("snap").to_string(),
+            node: "node-a".into(),
+            size_bytes: 1 << 30,
+            created_unix_nanos: 1_764_860_400_000_000_000,
+            group_snapshot_id: "group-x".into(),
+        }],
+        ..record(name, "node-a")
+    }
 }
 
 /// `writers` competing read-modify-write loops, each raising the epoch `rounds` times

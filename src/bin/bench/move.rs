@@ -205,6 +205,8 @@ impl TestCluster {
             "controller".into(),
             "--nodes".into(),
             s(dir.join("nodes")),
+            "--state-dir".into(),
+            s(dir.join("controller-state")),
             "--tls-dir".into(),
             s(certs.join("controller")),
         ];
