@@ -1894,6 +1894,16 @@ async fn a_move_shows_in_the_controllers_metrics() {
     );
 }
 
+/// A preference for `node`, as the scheduler's pick arrives in CreateVolume.
+fn prefer(node: &str) -> csi::TopologyRequirement {
+    csi::TopologyRequirement {
+        requisite: vec![],
+        preferred: vec![csi::Topology {
+            segments: [("topology.berth.csi.dev/node".to_string(), node.to_string())].into(),
+        }],
+    }
+}
+
 /// How node-c falls silent (issue 12): each keeps its volumes out of reach in its own way.
 #[derive(Debug, Clone, Copy)]
 enum Silence {
@@ -1992,7 +2002,7 @@ async fn condition(c: &TestCluster, vol: &str) -> csi::VolumeCondition {
         c.ctl().await.controller_get_volume(get_volume_req(vol)),
     )
     .await
-    .unwrap_or_else(|e| panic!("ControllerGetVolume {vol}: {e:?}"))
+    .unwrap_or_else(|e| panic!("ControllerGetVolume {vol}: {e:?}\n{}", c.logs()))
     .status
     .and_then(|s| s.volume_condition)
     .expect("berth reports VOLUME_CONDITION")
@@ -2027,10 +2037,17 @@ async fn one_silent_node_costs_only_its_own_volumes(how: Silence) {
     let mut c = TestCluster::start_isolable(3, &[silent]).await;
     let node_c = c.nodes[silent].id.clone();
 
-    // Before: node-c's own volume first, so that node-c is not the emptiest node when the
-    // replicated volume's replica is placed (the emptiest node gets it), and is the emptiest
-    // afterwards (an unskipped node-c would get every new volume).
-    let on_c = create_block(&c, "pvc-on-c", silent, &[]).await;
+    // Before: node-c's volumes first, so that node-c is not the emptiest node when the
+    // replicated volume's replica is placed (the emptiest node gets it), and small, so that
+    // it is the emptiest afterwards (an unskipped node-c would get every new volume).
+    let on_c_small = async |name: &str| {
+        let mut req = create_req(name, 64 * MIB, block_cap());
+        req.accessibility_requirements = Some(prefer(&node_c));
+        create_volume(&c.ctl().await, req).await.volume_id
+    };
+    let on_c = on_c_small("pvc-on-c").await;
+    // Deleted while node-c is silent.
+    let deleted_on_c = on_c_small("pvc-deleted-on-c").await;
     let repl = create_block(
         &c,
         "pvc-replicated",
@@ -2049,12 +2066,20 @@ async fn one_silent_node_costs_only_its_own_volumes(how: Silence) {
     let (to_move, moved_hash) = volume_with_data(&c, "pvc-to-move", 8, &[]).await;
     let on_b = create_block(&c, "pvc-on-b", b, &[]).await;
     assert_eq!(c.copies(&on_c).await, vec![(silent, pb::Role::Primary)]);
+    // node-c is the emptiest node: while it answers, a volume without a preference goes
+    // there. So one placed elsewhere below was placed elsewhere because node-c is silent.
+    let probe = create_volume(&c.ctl().await, create_req("pvc-probe", VOL, block_cap()))
+        .await
+        .volume_id;
+    assert_eq!(c.copies(&probe).await, vec![(silent, pb::Role::Primary)]);
+    delete_volume(&c.ctl().await, &probe).await;
     assert_eq!(
         c.copies(&repl).await,
         vec![(a, pb::Role::Primary), (b, pb::Role::Replica)]
     );
 
     let silenced_at = unix_nanos();
+    let silenced = std::time::Instant::now();
     match how {
         Silence::Killed => c.kill_node(silent),
         Silence::Frozen => c.stop_node(silent),
@@ -2066,6 +2091,7 @@ async fn one_silent_node_costs_only_its_own_volumes(how: Silence) {
         || async { condition(&c, &on_c).await.abnormal },
     )
     .await;
+    let noticed = silenced.elapsed();
 
     // Volumes with no copy on node-c: every call answers, at once.
     let mut t = Tally::default();
@@ -2092,12 +2118,7 @@ async fn one_silent_node_costs_only_its_own_volumes(how: Silence) {
         created.push(vol);
     }
     let mut prefer_c = create_req("pvc-prefers-c", VOL, block_cap());
-    prefer_c.accessibility_requirements = Some(csi::TopologyRequirement {
-        requisite: vec![],
-        preferred: vec![csi::Topology {
-            segments: [("topology.berth.csi.dev/node".to_string(), node_c.clone())].into(),
-        }],
-    });
+    prefer_c.accessibility_requirements = Some(prefer(&node_c));
     if let Some(r) = t
         .ok(
             "CreateVolume preferring node-c",
@@ -2188,18 +2209,20 @@ async fn one_silent_node_costs_only_its_own_volumes(how: Silence) {
             .controller_expand_volume(expand_req(&on_b, 2 * VOL, 0)),
     )
     .await;
-    if let Some(r) = t
-        .ok(
-            "ControllerGetVolume",
-            ctl.clone().controller_get_volume(get_volume_req(&on_b)),
-        )
-        .await
-    {
-        let cond = r
-            .status
-            .and_then(|s| s.volume_condition)
-            .expect("condition");
-        assert!(!cond.abnormal, "{cond:?}");
+    for vol in [&on_b, &repl] {
+        if let Some(r) = t
+            .ok(
+                "ControllerGetVolume",
+                ctl.clone().controller_get_volume(get_volume_req(vol)),
+            )
+            .await
+        {
+            let cond = r
+                .status
+                .and_then(|s| s.volume_condition)
+                .expect("condition");
+            assert!(!cond.abnormal, "{vol}: {cond:?}");
+        }
     }
     // ListVolumes two at a time: every volume exactly once, node-c's abnormal, naming it.
     let mut listed: Vec<csi::list_volumes_response::Entry> = Vec::new();
@@ -2229,13 +2252,17 @@ async fn one_silent_node_costs_only_its_own_volumes(how: Silence) {
         .map(|e| e.volume.as_ref().expect("entry.volume").volume_id.clone())
         .collect();
     ids.sort();
-    let mut want: Vec<String> = [&on_c, &repl, &to_move, &on_b]
+    let mut want: Vec<String> = [&on_c, &deleted_on_c, &repl, &to_move, &on_b]
         .into_iter()
         .chain(&created)
         .cloned()
         .collect();
     want.sort();
-    assert_eq!(ids, want, "every volume listed exactly once");
+    assert_eq!(
+        ids, want,
+        "every volume listed exactly once; errors so far: {:#?}",
+        t.errors
+    );
     for e in &listed {
         let id = &e.volume.as_ref().unwrap().volume_id;
         let cond = e
@@ -2243,7 +2270,7 @@ async fn one_silent_node_costs_only_its_own_volumes(how: Silence) {
             .as_ref()
             .and_then(|s| s.volume_condition.clone())
             .expect("ListVolumes reports VOLUME_CONDITION");
-        if *id == on_c {
+        if *id == on_c || *id == deleted_on_c {
             assert!(cond.abnormal && cond.message.contains(&node_c), "{cond:?}");
         } else {
             assert!(!cond.abnormal, "{id}: {cond:?}");
@@ -2305,20 +2332,32 @@ async fn one_silent_node_costs_only_its_own_volumes(how: Silence) {
         )
         .await,
     );
-    assert_unavailable_naming(
-        "DeleteVolume",
-        &node_c,
+    let cond = condition(&c, &on_c).await;
+    assert!(cond.abnormal && cond.message.contains(&node_c), "{cond:?}");
+    // The delete is recorded before node-c is asked: it completes on a retry once node-c
+    // answers, and the volume is no longer there to get meanwhile.
+    let delete = async || {
         answer(
             "DeleteVolume",
-            ctl.clone().delete_volume(delete_volume_req(&on_c)),
+            ctl.clone().delete_volume(delete_volume_req(&deleted_on_c)),
+        )
+        .await
+    };
+    assert_unavailable_naming("DeleteVolume", &node_c, delete().await);
+    assert_unavailable_naming(
+        "ControllerGetVolume of a volume being deleted",
+        &node_c,
+        answer(
+            "ControllerGetVolume",
+            ctl.clone()
+                .controller_get_volume(get_volume_req(&deleted_on_c)),
         )
         .await,
     );
-    let cond = condition(&c, &on_c).await;
-    assert!(cond.abnormal && cond.message.contains(&node_c), "{cond:?}");
 
     println!(
-        "{how:?}: {} of {} calls about volumes away from node-c failed; slowest {:?} ({})",
+        "{how:?}: noticed after {noticed:?}; {} of {} calls about volumes away from node-c \
+         failed; slowest {:?} ({})",
         t.errors.len(),
         t.calls,
         t.slowest.0,
@@ -2332,12 +2371,14 @@ async fn one_silent_node_costs_only_its_own_volumes(how: Silence) {
         Silence::Frozen => c.cont_node(silent),
         Silence::CutOff => c.reconnect_node(silent),
     }
+    let restored = std::time::Instant::now();
     c.wait_until(
         "the controller to see node-c back",
         Duration::from_secs(60),
         || async { !condition(&c, &on_c).await.abnormal },
     )
     .await;
+    println!("{how:?}: node-c seen back after {:?}", restored.elapsed());
     answer(
         "ControllerPublishVolume",
         ctl.clone()
@@ -2353,6 +2394,10 @@ async fn one_silent_node_costs_only_its_own_volumes(how: Silence) {
     .await
     .unwrap_or_else(|e| panic!("delete on node-c once back: {e:?}\n{}", c.logs()));
     assert!(c.copies(&on_c).await.is_empty());
+    delete()
+        .await
+        .unwrap_or_else(|e| panic!("retried delete once node-c is back: {e:?}\n{}", c.logs()));
+    assert!(c.copies(&deleted_on_c).await.is_empty());
     detach(&c, a, &repl).await;
 }
 
