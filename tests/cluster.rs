@@ -2335,7 +2335,7 @@ async fn one_silent_node_costs_only_its_own_volumes(how: Silence) {
     let cond = condition(&c, &on_c).await;
     assert!(cond.abnormal && cond.message.contains(&node_c), "{cond:?}");
     // The delete is recorded before node-c is asked: it completes on a retry once node-c
-    // answers, and the volume is no longer there to get meanwhile.
+    // answers, and the volume is no longer there to get or list meanwhile.
     let delete = async || {
         answer(
             "DeleteVolume",
@@ -2353,6 +2353,19 @@ async fn one_silent_node_costs_only_its_own_volumes(how: Silence) {
                 .controller_get_volume(get_volume_req(&deleted_on_c)),
         )
         .await,
+    );
+    let listed = answer(
+        "ListVolumes",
+        ctl.clone().list_volumes(csi::ListVolumesRequest::default()),
+    )
+    .await
+    .expect("ListVolumes");
+    assert!(
+        !listed
+            .entries
+            .iter()
+            .any(|e| e.volume.as_ref().unwrap().volume_id == deleted_on_c),
+        "a volume being deleted is not listed"
     );
 
     println!(
