@@ -497,6 +497,51 @@ async fn the_node_plugin_serves_with_the_certificate_the_controller_signed() {
         .expect_err("a client dialling node-b accepted node-a's agent");
     assert!(e.to_string().contains("expected node node-b"), "{e}");
 
+    // The controller keeps a BerthVolume per volume, under the chart's RBAC for its token:
+    // made with the volume, naming its primary, gone with it.
+    let endpoint = format!("unix://{}/controller.sock", dir.display());
+    let mut ctl = berth::proto::csi::v1::controller_client::ControllerClient::new(
+        berth::client::connect(&endpoint).await.unwrap(),
+    );
+    let req = common::create_req("pvc-record", 64 << 20, common::block_cap());
+    // Until discovery has found node-a and the first poll has adopted it, there is nowhere
+    // to place the volume (RESOURCE_EXHAUSTED) or its name cannot be ruled out elsewhere
+    // (UNAVAILABLE).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let vol = loop {
+        match ctl.create_volume(req.clone()).await {
+            Ok(r) => break r.into_inner().volume.unwrap().volume_id,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline
+                        && matches!(
+                            e.code(),
+                            tonic::Code::ResourceExhausted | tonic::Code::Unavailable
+                        ),
+                    "{e:?}\n{}",
+                    logs()
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let primary = server.kubectl(
+        &[
+            "get",
+            "berthvolume",
+            &vol,
+            "-o",
+            "jsonpath={.spec.primary} {.spec.phase}",
+        ],
+        "",
+    );
+    assert_eq!(primary, "node-a Ready", "{}", logs());
+    ctl.delete_volume(common::delete_volume_req(&vol))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", logs()));
+    let left = server.kubectl(&["get", "berthvolumes", "-o", "name"], "");
+    assert!(!left.contains(&vol), "{left}");
+
     // A node plugin whose token is bound to no node is refused, and exits saying why
     // (rather than running on without its agent).
     let unbound_kc = server.kubeconfig_with_token("unbound", &server.token(NS, "berth-node"));

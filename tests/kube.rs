@@ -23,7 +23,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use berth::placement::PlacementStore;
+use berth::placement::{PlacementStore, ReplicaPlacement};
 use berth::{
     error::Result,
     kube::{
@@ -37,7 +37,7 @@ use berth::{
 };
 use common::{
     apiserver::{ApiServer, helm},
-    placement::{contract, no_lost_update},
+    placement::{contract, no_lost_update, record},
 };
 use futures::{StreamExt, future::BoxFuture};
 use k8s_openapi::api::{
@@ -962,6 +962,22 @@ async fn the_charts_rbac_allows_every_call_berth_makes_and_refuses_others() {
         .release_lease(release, "berth-controller", "berth-controller-0")
         .await
         .expect("a release");
+    // The placement records: the controller creates, reads, updates and deletes them.
+    let records = PlacementApi::new(s.with_token(&s.token(release, "berth-controller")).await);
+    let rec = record("pvc-rbac", "node-a");
+    let id = rec.id().unwrap();
+    let created = records.create(&rec).await.expect("create a BerthVolume");
+    let got = records.get(&id).await.expect("get a BerthVolume");
+    assert_eq!(got.as_ref(), Some(&created));
+    let mut moved = rec.clone();
+    moved.primary = "node-b".into();
+    moved.epoch = 2;
+    let updated = records
+        .replace(&moved, &created.version)
+        .await
+        .expect("update a BerthVolume");
+    let page = records.list(None, 10).await.expect("list BerthVolumes");
+    assert!(page.records.contains(&updated));
 
     // What each identity must not do.
     assert_eq!(code(node.list_nodes().await), Code::PermissionDenied);
@@ -987,12 +1003,31 @@ async fn the_charts_rbac_allows_every_call_berth_makes_and_refuses_others() {
     );
     assert_eq!(
         http_status(
-            Api::<BerthNode>::all(node_client)
+            Api::<BerthNode>::all(node_client.clone())
                 .delete("bn-rbac", &DeleteParams::default())
                 .await
         ),
         403
     );
+    // Only the controller writes placement records: a node plugin's token can neither make
+    // one nor change who is primary.
+    let node_records = PlacementApi::new(node_client);
+    assert_eq!(
+        code(node_records.create(&record("pvc-node", "node-a")).await),
+        Code::PermissionDenied
+    );
+    let mut grab = moved.clone();
+    grab.primary = "node-rbac".into();
+    grab.epoch = 3;
+    assert_eq!(
+        code(node_records.replace(&grab, &updated.version).await),
+        Code::PermissionDenied
+    );
+    records
+        .delete(&id, &updated.version)
+        .await
+        .expect("delete a BerthVolume");
+    assert_eq!(records.get(&id).await.expect("get after delete"), None);
     assert_eq!(
         code(
             controller
@@ -1023,10 +1058,74 @@ async fn berth_volumes_keep_the_placement_store_contract() {
         Arc::new(PlacementApi::new(s.admin().await)),
     ];
     no_lost_update(stores, 25).await;
-    // What `kubectl get berthvolumes` shows, from the CRD's printer columns.
-    let table = s.kubectl(&["get", "berthvolumes"], "");
-    let header = table.lines().next().unwrap_or_default();
-    for column in ["PRIMARY", "REPLICAS", "EPOCH", "PHASE"] {
-        assert!(header.contains(column), "{column} missing:\n{table}");
-    }
+    // What `kubectl get berthvolumes` shows, from the CRD's printer columns: each replica's
+    // node and, as an age, how old its newest snapshot is (its lag).
+    // Half an hour past the full hour, so that a second either way does not change what
+    // kubectl prints (3h less a second would be "179m").
+    let ago = |minutes: i64| {
+        (k8s_openapi::jiff::Timestamp::now()
+            - k8s_openapi::jiff::SignedDuration::from_mins(minutes))
+        .round(k8s_openapi::jiff::Unit::Second)
+        .unwrap()
+        .to_string()
+    };
+    let mut rec = record("pvc-columns", "node-a");
+    rec.replicas = vec![
+        ReplicaPlacement {
+            node: "node-b".into(),
+            snapshot: "s-b".into(),
+            snapshot_time: ago(4 * 60 + 30),
+        },
+        ReplicaPlacement {
+            node: "node-c".into(),
+            snapshot: "s-c".into(),
+            snapshot_time: ago(26 * 60 + 30),
+        },
+    ];
+    let store = PlacementApi::new(s.admin().await);
+    store.create(&rec).await.unwrap();
+    let rows = |wide: bool| {
+        let mut args = vec!["get", "berthvolumes", rec.volume_id.as_str()];
+        if wide {
+            args.extend(["-o", "wide"]);
+        }
+        let table = s.kubectl(&args, "");
+        let mut lines = table.lines();
+        let header: Vec<String> = lines
+            .next()
+            .unwrap_or_default()
+            .split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(String::from)
+            .collect();
+        let row: Vec<String> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        (header, row, table)
+    };
+    // The claim is empty (kubectl prints nothing for it), so the row has one cell fewer.
+    let (header, row, table) = rows(false);
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "CLAIM",
+            "PRIMARY",
+            "REPLICA",
+            "REPLICA AGE",
+            "EPOCH",
+            "PHASE",
+            "AGE"
+        ],
+        "{table}"
+    );
+    assert_eq!(row[1..5], ["node-a", "node-b", "4h30m", "1"], "{table}");
+    assert_eq!(row[5], "Ready", "{table}");
+    let (header, row, table) = rows(true);
+    assert_eq!(header[7..9], ["REPLICA 2", "REPLICA 2 AGE"], "{table}");
+    assert_eq!(row[6..8], ["node-c", "26h"], "{table}");
 }

@@ -514,10 +514,14 @@ impl ClusterController {
                 .run(self.cluster.clone(), id.clone(), node.clone())
                 .await?;
         }
-        self.on_node(&node, req, |mut c, r| async move {
-            c.controller_publish_volume(r).await
-        })
-        .await
+        let resp = self
+            .on_node(&node, req, |mut c, r| async move {
+                c.controller_publish_volume(r).await
+            })
+            .await?;
+        // ListVolumes reads publishes from the nodes' polls: show this one now.
+        self.cluster.repoll(&node);
+        Ok(resp)
     }
 
     async fn unpublish(
@@ -537,6 +541,9 @@ impl ClusterController {
                 .controller_unpublish_volume(req.clone())
                 .await
                 .map_err(|s| peer(&c.node, s))?;
+        }
+        for c in p.primary.iter().chain(&p.fenced).chain(&p.stale) {
+            self.cluster.repoll(&c.node);
         }
         Ok(csi::ControllerUnpublishVolumeResponse {})
     }

@@ -100,13 +100,33 @@ pub struct BerthNodeStatus {
     doc = "Where a berth volume lives: its primary node, epoch and replicas. Written by the berth controller only.",
     printcolumn(name = "Claim", type_ = "string", json_path = ".spec.claim"),
     printcolumn(name = "Primary", type_ = "string", json_path = ".spec.primary"),
+    // A printer column shows one value (the API server takes a JSONPath's first match), so
+    // each replica has columns of its own: the first by default, the second in `-o wide`.
     printcolumn(
-        name = "Replicas",
+        name = "Replica",
         type_ = "string",
-        json_path = ".spec.replicas[*].node"
+        json_path = ".spec.replicas[0].node"
+    ),
+    // A date renders as an age: how old the replica's newest snapshot is, its lag.
+    printcolumn(
+        name = "Replica Age",
+        type_ = "date",
+        json_path = ".spec.replicas[0].snapshotTime"
     ),
     printcolumn(name = "Epoch", type_ = "integer", json_path = ".spec.epoch"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".spec.phase"),
+    printcolumn(
+        name = "Replica 2",
+        type_ = "string",
+        json_path = ".spec.replicas[1].node",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Replica 2 Age",
+        type_ = "date",
+        json_path = ".spec.replicas[1].snapshotTime",
+        priority = 1
+    ),
     printcolumn(
         name = "Moving To",
         type_ = "string",
