@@ -134,7 +134,7 @@ impl ClusterController {
         let existing = self.cluster.record(&id).await?;
         let (node, version) = match existing {
             Some(r) if r.record.is_live() => {
-                if let Some(reason) = self.cluster.silent(&r.record.primary) {
+                if let Some(reason) = self.cluster.reachable(&r.record.primary).await {
                     return Err(Error::Unreachable {
                         node: r.record.primary.clone(),
                         reason: format!("volume {id} is being made there: {reason}"),
@@ -274,7 +274,7 @@ impl ClusterController {
                 "{holder} (a clone is made on the node holding its source)"
             )));
         }
-        if let Some(reason) = self.cluster.silent(&holder) {
+        if let Some(reason) = self.cluster.reachable(&holder).await {
             return Err(Error::Unreachable {
                 node: holder,
                 reason: format!("it holds the clone's source {src}: {reason}"),
@@ -294,7 +294,7 @@ impl ClusterController {
             return Ok(());
         }
         let from = &snap.node;
-        if let Some(reason) = self.cluster.silent(from) {
+        if let Some(reason) = self.cluster.reachable(from).await {
             return Err(Error::Unreachable {
                 node: from.clone(),
                 reason: format!("it holds snapshot {id}: {reason}"),
@@ -408,16 +408,22 @@ impl ClusterController {
         if cur.record.phase == PlacementPhase::Deleted {
             return Ok(csi::DeleteVolumeResponse {});
         }
-        // Recorded first: a create of the name waits for the delete to finish, and a crash
-        // from here on resumes the delete, never brings the volume back.
-        if cur.record.phase != PlacementPhase::Deleting {
+        let p = self.cluster.locate(&id).await?;
+        // Deleting what we can see would leave a copy to resurface when the node returns.
+        // Checked before anything is recorded: a delete refused now leaves the volume as it
+        // was, listed and reported on.
+        p.require_all(&id)?;
+        // Recorded before any copy goes: a create of the name waits for the delete to
+        // finish, and a crash from here on resumes the delete, never brings the volume back.
+        if let Some(cur) = p
+            .record
+            .as_ref()
+            .filter(|c| c.record.phase != PlacementPhase::Deleting)
+        {
             let mut r = cur.record.clone();
             r.phase = PlacementPhase::Deleting;
             self.cluster.store.replace(&r, &cur.version).await?;
         }
-        let p = self.cluster.locate(&id).await?;
-        // Deleting what we can see would leave a copy to resurface when the node returns.
-        p.require_all(&id)?;
         // The writable copy first: once it is gone the volume is gone, whatever else
         // remains to tidy.
         for c in p.primary.iter().chain(&p.fenced).chain(&p.stale) {
@@ -489,7 +495,7 @@ impl ClusterController {
         if p.is_empty() {
             return Err(Error::VolumeNotFound(id.to_string()));
         }
-        if let Some(reason) = self.cluster.silent(&node) {
+        if let Some(reason) = self.cluster.reachable(&node).await {
             return Err(Error::Unreachable {
                 node: node.clone(),
                 reason: format!("volume {id} cannot be published there: {reason}"),
@@ -809,8 +815,8 @@ impl ClusterController {
     }
 
     /// Fails naming `node` when it is silent: the call needs it.
-    fn answering(&self, node: &str, what: String) -> Result<()> {
-        match self.cluster.silent(node) {
+    async fn answering(&self, node: &str, what: String) -> Result<()> {
+        match self.cluster.reachable(node).await {
             None => Ok(()),
             Some(why) => Err(Error::Unreachable {
                 node: node.to_string(),
@@ -837,7 +843,8 @@ impl ClusterController {
             .collect();
         nodes.dedup();
         for node in &nodes {
-            self.answering(node, format!("it holds a copy of snapshot {id}"))?;
+            self.answering(node, format!("it holds a copy of snapshot {id}"))
+                .await?;
         }
         for node in nodes {
             self.on_node(node, req.clone(), |mut c, r| async move {
@@ -910,7 +917,8 @@ impl ClusterController {
             return Err(Error::SnapshotNotFound(req.snapshot_id.clone()));
         };
         let (_, snap) = self.snapshot_holder(&id).await?;
-        self.answering(&snap.node, format!("it holds snapshot {id}"))?;
+        self.answering(&snap.node, format!("it holds snapshot {id}"))
+            .await?;
         self.on_node(&snap.node, req, |mut c, r| async move {
             c.get_snapshot(r).await
         })
@@ -1292,7 +1300,8 @@ impl ClusterController {
             }
             return Ok(None);
         };
-        self.answering(&node, format!("it holds group snapshot {gid}"))?;
+        self.answering(&node, format!("it holds group snapshot {gid}"))
+            .await?;
         Ok(Some((node, members)))
     }
 }

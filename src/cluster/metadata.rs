@@ -45,7 +45,7 @@ impl ClusterMetadata {
             .find(|s| s.snapshot_id == sid.as_str())
             .map(|s| s.node.clone())
             .unwrap_or_default();
-        if let Some(reason) = self.cluster.silent(&node) {
+        if let Some(reason) = self.cluster.reachable(&node).await {
             return Err(Error::Unreachable {
                 node,
                 reason: format!("it holds snapshot {sid}: {reason}"),

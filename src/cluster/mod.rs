@@ -247,7 +247,7 @@ impl Cluster {
                 node: id.clone(),
                 reason,
             };
-            let r = if let Some(reason) = self.silent(id) {
+            let r = if let Some(reason) = self.reachable(id).await {
                 Err(unreachable(reason))
             } else {
                 match self.agent(id) {

@@ -60,6 +60,15 @@ impl Cluster {
             .and_then(|v| v.silent.clone())
     }
 
+    /// Why `node` cannot be asked now, if it cannot: a node the monitor knows to be silent
+    /// is polled once more first (at most [`POLL_TIMEOUT`]), so that one back from a restart
+    /// is not refused until the next round of polls.
+    pub async fn reachable(&self, node: &str) -> Option<String> {
+        self.silent(node)?;
+        self.poll(node).await;
+        self.silent(node)
+    }
+
     /// The last inventories of the nodes that answered their last poll.
     pub fn answering(&self) -> Vec<(String, Arc<pb::InventoryResponse>)> {
         let members: BTreeSet<String> = self.node_ids().into_iter().collect();
