@@ -1893,3 +1893,298 @@ async fn a_move_shows_in_the_controllers_metrics() {
         ) >= 1.0
     );
 }
+
+/// Where `vol`'s copies are on the nodes at `answering`, next to what its placement record
+/// says: the writable copies with their epochs, the replicas' nodes, the CSI snapshots with
+/// the node of each, and whether a hand-off is in flight. Returns what differs.
+async fn record_vs_nodes(c: &TestCluster, vol: &str, answering: &[usize]) -> Result<(), String> {
+    use std::collections::BTreeSet;
+    let r = record_of(c, vol);
+    let mut writable = Vec::new();
+    let mut replicas = BTreeSet::new();
+    let mut snapshots = BTreeSet::new();
+    for &i in answering {
+        let inv = c.inventory(i).await;
+        let node = c.nodes[i].id.clone();
+        for v in inv.volumes.iter().filter(|v| v.volume_id == vol) {
+            match pb::Role::try_from(v.role).unwrap() {
+                pb::Role::Primary | pb::Role::Fenced => writable.push((node.clone(), v.epoch)),
+                pb::Role::Replica => {
+                    replicas.insert(node.clone());
+                }
+                pb::Role::Unspecified => {}
+            }
+        }
+        for s in inv.snapshots.iter().filter(|s| s.source_volume_id == vol) {
+            snapshots.insert((s.snapshot_id.clone(), node.clone()));
+        }
+    }
+    let nodes = (writable, replicas, snapshots, None);
+    let record = (
+        vec![(r.primary.clone(), r.epoch)],
+        r.replicas.iter().map(|x| x.node.clone()).collect(),
+        r.snapshots
+            .iter()
+            .map(|s| (s.snapshot_id.clone(), s.node.clone()))
+            .collect(),
+        r.handoff.clone(),
+    );
+    match nodes == record {
+        true => Ok(()),
+        false => Err(format!(
+            "(writable copies, replicas, snapshots, hand-off)\n  nodes:  {nodes:?}\n  record: {record:?}"
+        )),
+    }
+}
+
+/// Waits until `vol`'s record agrees with the nodes at `answering` ([`record_vs_nodes`]):
+/// a replication round adds its target to the record before the data arrives there.
+async fn assert_record_agrees(c: &TestCluster, vol: &str, answering: &[usize], what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match record_vs_nodes(c, vol, answering).await {
+            Ok(()) => return,
+            Err(diff) if std::time::Instant::now() > deadline => {
+                panic!(
+                    "{what}: the record of {vol} disagrees with the nodes\n{diff}\n{}",
+                    c.logs()
+                )
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Issue 12, item 5: two controllers over one placement store (two replicas that each
+/// believe they lead, or a stale leader) move one volume to two different nodes at once.
+/// The compare-and-swap on the record, and the nodes' epochs behind it, let exactly one win:
+/// one primary in the end, the record naming it at its epoch, the data intact.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_controllers_racing_a_move_agree_on_one_owner() {
+    let c = TestCluster::start(3).await;
+    let second = c.second_controller().await;
+    let (vol, hash) = volume_with_data(&c, "pvc-race", 32, &[]).await;
+    let mut outcomes: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut at = 0;
+    // The second publish starts this much later (ms): at once both read one version of the
+    // record; later, the second finds the first's hand-off recorded, its fence made, its
+    // data on the way, or the volume moved and published already.
+    let delays = [0, 0, 10, 50, 150, 300, 600, 1200];
+    for (round, delay) in delays.into_iter().enumerate() {
+        let others: Vec<usize> = (0..3).filter(|&i| i != at).collect();
+        // Swapped every other round, so each controller aims at each node and goes first.
+        let ((t1, d1), (t2, d2)) = match round % 2 {
+            0 => ((others[0], 0), (others[1], delay)),
+            _ => ((others[1], delay), (others[0], 0)),
+        };
+        let (mut ctl1, mut ctl2) = (c.ctl().await, second.ctl().await);
+        let (r1, r2) = tokio::join!(
+            async {
+                tokio::time::sleep(Duration::from_millis(d1)).await;
+                ctl1.controller_publish_volume(ctl_publish(&vol, &c.nodes[t1].id))
+                    .await
+            },
+            async {
+                tokio::time::sleep(Duration::from_millis(d2)).await;
+                ctl2.controller_publish_volume(ctl_publish(&vol, &c.nodes[t2].id))
+                    .await
+            },
+        );
+        let (winner, which, lost) = match (&r1, &r2) {
+            (Ok(_), Err(e)) => (t1, "controller 1", e),
+            (Err(e), Ok(_)) => (t2, "controller 2", e),
+            _ => panic!(
+                "round {round}: exactly one publish succeeds: {r1:?} {r2:?}\n{}\n--- controller 2\n{}",
+                c.logs(),
+                second.log()
+            ),
+        };
+        eprintln!("round {round} ({delay} ms): {which} won; the other: {lost:?}");
+        // How the other lost: it read the record at the version the winner's hand-off
+        // replaced (ABORTED, nothing touched); or it went first and the winner, finding
+        // its hand-off under way, cancelled it and moved the volume to its own target (the
+        // interrupted move is UNAVAILABLE: a retry resumes it); or it came after the winner
+        // published the volume (FAILED_PRECONDITION, the spec's code for a volume published
+        // on another node).
+        let why = match lost.code() {
+            tonic::Code::Aborted => "changed concurrently",
+            tonic::Code::Unavailable => "moving volume",
+            tonic::Code::FailedPrecondition => "is published to node",
+            _ => "",
+        };
+        assert!(
+            !why.is_empty() && lost.message().contains(why),
+            "round {round}: {lost:?}\n{}\n--- controller 2\n{}",
+            c.logs(),
+            second.log()
+        );
+        *outcomes
+            .entry(format!(
+                "{delay} ms: {which} won, the other {:?}",
+                lost.code()
+            ))
+            .or_default() += 1;
+        ctl_unpublish(&c, &vol, &c.nodes[winner].id).await;
+        assert_record_agrees(&c, &vol, &[0, 1, 2], &format!("round {round}")).await;
+        assert_eq!(record_of(&c, &vol).primary, c.nodes[winner].id);
+        assert_moved(&c, winner, &vol, &hash).await;
+        at = winner;
+    }
+    eprintln!("outcomes of the racing rounds: {outcomes:?}");
+}
+
+/// Issue 12, item 5: the controller dies while it cancels a hand-off (the CO publishes the
+/// volume back where it was after the controller died mid-move): after the epoch floors
+/// were raised, and after the unfence but before the record caught up. A new controller's
+/// retry completes the cancel; the record and the nodes agree on the primary and its epoch,
+/// with no hand-off left, and a later move clears the floors the cancels left.
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_controller_while_it_cancels_a_hand_off_loses_nothing() {
+    let mut c = TestCluster::start(2).await;
+    let (vol, hash) = volume_with_data(&c, "pvc-cancel-crash", 32, &[]).await;
+    for step in ["cancel:after-floors", "cancel:after-unfence"] {
+        c.restart_controller(Some("handoff:after-fence")).await;
+        assert!(
+            try_publish(&c, 1, &vol).await.is_err(),
+            "{step}: the controller died after the fence"
+        );
+        assert_eq!(c.copies(&vol).await, vec![(0, pb::Role::Fenced)], "{step}");
+        c.restart_controller(Some(step)).await;
+        assert!(
+            try_publish(&c, 0, &vol).await.is_err(),
+            "{step}: the controller died cancelling"
+        );
+        assert!(
+            c.controller_log()
+                .lines()
+                .any(|l| l.contains("failpoint reached, killing") && l.contains(step)),
+            "{step} never fired\n{}",
+            c.logs()
+        );
+        c.restart_controller(None).await;
+        try_publish(&c, 0, &vol)
+            .await
+            .unwrap_or_else(|e| panic!("{step}: retry: {e:?}\n{}", c.logs()));
+        ctl_unpublish(&c, &vol, "node-a").await;
+        assert_record_agrees(&c, &vol, &[0, 1], step).await;
+        assert_eq!(record_of(&c, &vol).primary, "node-a", "{step}");
+        assert_moved(&c, 0, &vol, &hash).await;
+    }
+    try_publish(&c, 1, &vol)
+        .await
+        .unwrap_or_else(|e| panic!("move after the cancels: {e:?}\n{}", c.logs()));
+    ctl_unpublish(&c, &vol, "node-b").await;
+    assert_record_agrees(&c, &vol, &[0, 1], "moved after the cancels").await;
+    assert_moved(&c, 1, &vol, &hash).await;
+}
+
+/// Issue 12, item 4: an upgrade from the release before placement records. Nothing on the
+/// nodes changed with them (`git diff e8d22b6 9c39e29 --stat -- src/storage src/agent
+/// src/service` is empty): the pools these nodes make are the pools that release made. What
+/// it did not have is the controller's store, so the upgrade starts from deleting it, with
+/// node-c down at the time. The nodes that answer are adopted at once: every volume on them
+/// gets one record matching its copies and snapshots, listed once, and a create of an
+/// existing name finds it. A new name is UNAVAILABLE, naming node-c, until node-c answers
+/// (it may hold a volume of that name: the documented price); then node-c is adopted too,
+/// and nothing is duplicated.
+#[tokio::test(flavor = "multi_thread")]
+async fn volumes_made_before_placement_records_are_adopted() {
+    let mut c = TestCluster::start(3).await;
+    let ctl = c.ctl().await;
+    let (plain, plain_hash) = volume_with_data(&c, "pvc-up-plain", 8, &[]).await;
+    let snap = create_snapshot(&ctl, "snap-up-plain", &plain).await;
+    // A volume that moved to node-b after a snapshot of it was cut: the snapshot stays on
+    // node-a, where nothing else of the volume is.
+    let (moved, moved_hash) = volume_with_data(&c, "pvc-up-moved", 8, &[]).await;
+    let moved_snap = create_snapshot(&ctl, "snap-up-moved", &moved).await;
+    try_publish(&c, 1, &moved).await.unwrap();
+    ctl_unpublish(&c, &moved, "node-b").await;
+    let on_c = create_block(&c, "pvc-up-c", 2, &[]).await;
+    // Replicated, its primary on node-b; after its first round, no other until the upgrade
+    // is over (a round would add its target to the record, which is not adoption's doing).
+    let repl = create_block(
+        &c,
+        "pvc-up-repl",
+        1,
+        &[("replicas", "2"), ("replicationInterval", "1h")],
+    )
+    .await;
+    c.wait_until(
+        "the first replication round",
+        Duration::from_secs(60),
+        || async {
+            c.copies(&repl)
+                .await
+                .iter()
+                .any(|(_, r)| *r == pb::Role::Replica)
+        },
+    )
+    .await;
+    let volumes = [&plain, &moved, &on_c, &repl];
+
+    c.kill_controller();
+    std::fs::remove_dir_all(c.controller_state().join("placement")).unwrap();
+    c.kill_node(2);
+    c.restart_controller(None).await;
+    let ctl = c.ctl().await;
+    for v in [&plain, &moved, &repl] {
+        assert_record_agrees(&c, v, &[0, 1], "adopted with node-c down").await;
+    }
+    assert_eq!(record_of(&c, &plain).primary, "node-a");
+    assert_eq!(record_of(&c, &moved).primary, "node-b");
+    assert_eq!(record_of(&c, &repl).primary, "node-b");
+    let mut listed = list_volume_ids(&ctl).await;
+    listed.sort();
+    let mut want = vec![plain.clone(), moved.clone(), repl.clone()];
+    want.sort();
+    assert_eq!(
+        listed, want,
+        "each adopted volume listed once, node-c's not yet"
+    );
+    let mark = berth::cluster::monitor::adoption_mark().to_string();
+    let mut snaps = list_snapshot_ids(&ctl).await;
+    snaps.sort();
+    let mut want_snaps = vec![snap.snapshot_id.clone(), moved_snap.snapshot_id.clone()];
+    want_snaps.sort();
+    assert_eq!(snaps, want_snaps);
+    // A repeated create of an adopted name is the volume there, even when it prefers
+    // another node: no second copy.
+    let mut again = create_req("pvc-up-plain", VOL, block_cap());
+    again.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![],
+        preferred: vec![csi::Topology {
+            segments: [("topology.berth.csi.dev/node".to_string(), "node-b".into())].into(),
+        }],
+    });
+    assert_eq!(create_volume(&ctl, again).await.volume_id, plain);
+    assert_eq!(c.copies(&plain).await[..], [(0, pb::Role::Primary)]);
+    // A new name may be node-c's volume: it waits for node-c.
+    let new = create_req("pvc-up-new", VOL, block_cap());
+    let err = ctl.clone().create_volume(new.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("node-c"), "{err:?}");
+
+    c.restart_node(2, None).await;
+    let on_c_record = c
+        .controller_state()
+        .join("placement")
+        .join(format!("{on_c}.json"));
+    c.wait_until("node-c adopted", Duration::from_secs(30), || async {
+        on_c_record.exists()
+    })
+    .await;
+    let created = create_volume(&ctl, new).await.volume_id;
+    for v in volumes.iter().copied().chain([&created]) {
+        assert_record_agrees(&c, v, &[0, 1, 2], "every node adopted").await;
+    }
+    assert_eq!(record_of(&c, &on_c).primary, "node-c");
+    let mut listed = list_volume_ids(&ctl).await;
+    listed.sort();
+    let mut want: Vec<String> = volumes.iter().map(|v| v.to_string()).collect();
+    want.push(created);
+    want.sort();
+    assert_eq!(listed, want, "every volume listed once");
+    assert!(!listed.contains(&mark), "the adoption mark is not a volume");
+    assert_moved(&c, 0, &plain, &plain_hash).await;
+    assert_moved(&c, 1, &moved, &moved_hash).await;
+}

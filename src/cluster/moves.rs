@@ -304,9 +304,14 @@ impl Cluster {
         next.handoff = Some(want);
         match self.store.replace(&next, &cur.version).await {
             Ok(_) => Ok(()),
-            Err(Error::Conflict { reason, .. }) => Err(Error::Aborted(format!(
-                "the placement of volume {vol} changed while this controller decided to move it to {to} ({reason}); retry"
-            ))),
+            // Conflict, not Aborted: Aborted's message is "an operation on {0} is already
+            // in progress", which this sentence is not.
+            Err(Error::Conflict { what, reason }) => Err(Error::Conflict {
+                what,
+                reason: format!(
+                    "{reason}, while this controller decided to move the volume to {to}; retry"
+                ),
+            }),
             Err(e) => Err(e),
         }
     }
@@ -408,6 +413,7 @@ impl Cluster {
             .into_iter()
             .filter(|n| n != &home.node && n != target);
         futures::future::try_join_all(others.map(raise)).await?;
+        failpoint::hit("cancel:after-floors");
         self.agent(&home.node)?
             .unfence(pb::UnfenceRequest {
                 volume_id: vol.to_string(),
@@ -416,6 +422,7 @@ impl Cluster {
             .await
             .map_err(|s| peer(&home.node, s))?;
         tracing::info!(volume.id = %vol, node = %home.node, epoch, "hand-off cancelled: the fenced copy is the primary again");
+        failpoint::hit("cancel:after-unfence");
         let home = home.node.clone();
         self.update_record(vol, |r| {
             let mut r = r.clone();
