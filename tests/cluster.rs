@@ -2093,12 +2093,22 @@ async fn volumes_made_before_placement_records_are_adopted() {
     let ctl = c.ctl().await;
     let (plain, plain_hash) = volume_with_data(&c, "pvc-up-plain", 8, &[]).await;
     let snap = create_snapshot(&ctl, "snap-up-plain", &plain).await;
-    // A volume that moved to node-b after a snapshot of it was cut: the snapshot stays on
-    // node-a, where nothing else of the volume is.
-    let (moved, moved_hash) = volume_with_data(&c, "pvc-up-moved", 8, &[]).await;
+    // Volumes that moved after a snapshot of them was cut: the snapshot stays where it was
+    // cut. One moved from node-b to node-a, node-b keeping its old copy as a replica; one
+    // from node-a to node-b without keeping it, node-a keeping the snapshot only.
+    let moved = create_block(&c, "pvc-up-moved", 1, &[]).await;
+    let dev = attach(&c, 1, &moved).await;
+    write_pattern(&dev, 0, 8 << 20, 3);
+    let moved_hash = device_hash(&dev);
+    detach(&c, 1, &moved).await;
     let moved_snap = create_snapshot(&ctl, "snap-up-moved", &moved).await;
-    try_publish(&c, 1, &moved).await.unwrap();
-    ctl_unpublish(&c, &moved, "node-b").await;
+    try_publish(&c, 0, &moved).await.unwrap();
+    ctl_unpublish(&c, &moved, "node-a").await;
+    let (dropped, dropped_hash) =
+        volume_with_data(&c, "pvc-up-dropped", 8, &[("moveKeepsSource", "false")]).await;
+    let dropped_snap = create_snapshot(&ctl, "snap-up-dropped", &dropped).await;
+    try_publish(&c, 1, &dropped).await.unwrap();
+    ctl_unpublish(&c, &dropped, "node-b").await;
     let on_c = create_block(&c, "pvc-up-c", 2, &[]).await;
     // Replicated, its primary on node-b; after its first round, no other until the upgrade
     // is over (a round would add its target to the record, which is not adoption's doing).
@@ -2120,22 +2130,23 @@ async fn volumes_made_before_placement_records_are_adopted() {
         },
     )
     .await;
-    let volumes = [&plain, &moved, &on_c, &repl];
+    let volumes = [&plain, &moved, &dropped, &on_c, &repl];
 
     c.kill_controller();
     std::fs::remove_dir_all(c.controller_state().join("placement")).unwrap();
     c.kill_node(2);
     c.restart_controller(None).await;
     let ctl = c.ctl().await;
-    for v in [&plain, &moved, &repl] {
+    for v in [&plain, &moved, &dropped, &repl] {
         assert_record_agrees(&c, v, &[0, 1], "adopted with node-c down").await;
     }
     assert_eq!(record_of(&c, &plain).primary, "node-a");
-    assert_eq!(record_of(&c, &moved).primary, "node-b");
+    assert_eq!(record_of(&c, &moved).primary, "node-a");
+    assert_eq!(record_of(&c, &dropped).primary, "node-b");
     assert_eq!(record_of(&c, &repl).primary, "node-b");
     let mut listed = list_volume_ids(&ctl).await;
     listed.sort();
-    let mut want = vec![plain.clone(), moved.clone(), repl.clone()];
+    let mut want = vec![plain.clone(), moved.clone(), dropped.clone(), repl.clone()];
     want.sort();
     assert_eq!(
         listed, want,
@@ -2144,7 +2155,11 @@ async fn volumes_made_before_placement_records_are_adopted() {
     let mark = berth::cluster::monitor::adoption_mark().to_string();
     let mut snaps = list_snapshot_ids(&ctl).await;
     snaps.sort();
-    let mut want_snaps = vec![snap.snapshot_id.clone(), moved_snap.snapshot_id.clone()];
+    let mut want_snaps = vec![
+        snap.snapshot_id.clone(),
+        moved_snap.snapshot_id.clone(),
+        dropped_snap.snapshot_id.clone(),
+    ];
     want_snaps.sort();
     assert_eq!(snaps, want_snaps);
     // A repeated create of an adopted name is the volume there, even when it prefers
@@ -2157,7 +2172,7 @@ async fn volumes_made_before_placement_records_are_adopted() {
         }],
     });
     assert_eq!(create_volume(&ctl, again).await.volume_id, plain);
-    assert_eq!(c.copies(&plain).await[..], [(0, pb::Role::Primary)]);
+    assert_record_agrees(&c, &plain, &[0, 1], "a repeated create").await;
     // A new name may be node-c's volume: it waits for node-c.
     let new = create_req("pvc-up-new", VOL, block_cap());
     let err = ctl.clone().create_volume(new.clone()).await.unwrap_err();
@@ -2173,11 +2188,30 @@ async fn volumes_made_before_placement_records_are_adopted() {
         on_c_record.exists()
     })
     .await;
-    let created = create_volume(&ctl, new).await.volume_id;
+    // The CO's retries of the new name succeed once node-c's adoption is complete (its
+    // volumes' records are written before the mark that ends it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let created = loop {
+        match ctl.clone().create_volume(new.clone()).await {
+            Ok(r) => break r.into_inner().volume.unwrap().volume_id,
+            Err(e)
+                if e.code() == tonic::Code::Unavailable
+                    && e.message().contains("node-c")
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("create after node-c's adoption: {e:?}\n{}", c.logs()),
+        }
+    };
     for v in volumes.iter().copied().chain([&created]) {
         assert_record_agrees(&c, v, &[0, 1, 2], "every node adopted").await;
     }
     assert_eq!(record_of(&c, &on_c).primary, "node-c");
+    eprintln!(
+        "replicas of the replicated volume at the end: {:?}",
+        record_of(&c, &repl).replicas
+    );
     let mut listed = list_volume_ids(&ctl).await;
     listed.sort();
     let mut want: Vec<String> = volumes.iter().map(|v| v.to_string()).collect();
@@ -2186,5 +2220,6 @@ async fn volumes_made_before_placement_records_are_adopted() {
     assert_eq!(listed, want, "every volume listed once");
     assert!(!listed.contains(&mark), "the adoption mark is not a volume");
     assert_moved(&c, 0, &plain, &plain_hash).await;
-    assert_moved(&c, 1, &moved, &moved_hash).await;
+    assert_moved(&c, 0, &moved, &moved_hash).await;
+    assert_moved(&c, 1, &dropped, &dropped_hash).await;
 }

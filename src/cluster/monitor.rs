@@ -309,6 +309,70 @@ impl Cluster {
                 }
             }
         }
+        // A record is made from the first node holding a copy of its volume, with that node's
+        // snapshots; a volume's copies and snapshots can span nodes, adopted now or later
+        // (a volume moves without its CSI snapshots, and leaves its old copy as a replica).
+        // Every adopted node's share joins the record: its copy as a replica (a copy of a
+        // higher epoch is then seen by the next look-up, which asks the record's nodes),
+        // its snapshots where they are. Else a snapshot would be unknown (listed nowhere,
+        // deleted as if gone, not restorable) and a copy never reached by a delete.
+        for (node, inv) in &fresh {
+            let ids: BTreeSet<&str> = inv
+                .volumes
+                .iter()
+                .map(|c| c.volume_id.as_str())
+                .chain(inv.snapshots.iter().map(|s| s.source_volume_id.as_str()))
+                .collect();
+            for id in ids {
+                let Some(vol) = VolumeId::parse(id) else {
+                    continue;
+                };
+                let Some(cur) = self.store.get(&vol).await?.filter(|r| r.record.is_live()) else {
+                    continue;
+                };
+                let copy = inv.volumes.iter().find(|c| c.volume_id == id);
+                let named = |r: &VolumePlacement| {
+                    &r.primary == node || r.replicas.iter().any(|x| &x.node == node)
+                };
+                let held = |r: &VolumePlacement, s: &placement::SnapshotPlacement| {
+                    r.snapshots
+                        .iter()
+                        .any(|x| x.snapshot_id == s.snapshot_id && x.node == s.node)
+                };
+                let snaps: Vec<placement::SnapshotPlacement> = inv
+                    .snapshots
+                    .iter()
+                    .filter(|s| s.source_volume_id == id)
+                    .map(|s| placement::SnapshotPlacement {
+                        snapshot_id: s.snapshot_id.clone(),
+                        node: node.clone(),
+                        size_bytes: s.size_bytes,
+                        created_unix_nanos: 0,
+                        group_snapshot_id: String::new(),
+                    })
+                    .collect();
+                if (copy.is_none() || named(&cur.record))
+                    && snaps.iter().all(|s| held(&cur.record, s))
+                {
+                    continue;
+                }
+                self.update_record(&vol, |r| {
+                    let mut r = r.clone();
+                    if let Some(c) = copy
+                        && !named(&r)
+                    {
+                        r.replicas.push(replica_of(node, c));
+                    }
+                    for s in &snaps {
+                        if !held(&r, s) {
+                            r.snapshots.push(s.clone());
+                        }
+                    }
+                    Ok(r)
+                })
+                .await?;
+            }
+        }
         let nodes: Vec<String> = fresh.iter().map(|(n, _)| n.clone()).collect();
         placement::upsert(self.store.as_ref(), &mark_id, |r| {
             let mut r = r.cloned().unwrap_or_else(|| VolumePlacement {
