@@ -2109,6 +2109,11 @@ async fn volumes_made_before_placement_records_are_adopted() {
     let dropped_snap = create_snapshot(&ctl, "snap-up-dropped", &dropped).await;
     try_publish(&c, 1, &dropped).await.unwrap();
     ctl_unpublish(&c, &dropped, "node-b").await;
+    // A volume deleted before the upgrade whose snapshot was kept (a VolumeSnapshot
+    // outlives its claim): that snapshot on node-a is all that is left of it.
+    let (gone, gone_hash) = volume_with_data(&c, "pvc-up-gone", 8, &[]).await;
+    let gone_snap = create_snapshot(&ctl, "snap-up-gone", &gone).await;
+    delete_volume(&ctl, &gone).await;
     let on_c = create_block(&c, "pvc-up-c", 2, &[]).await;
     // Replicated, its primary on node-b; after its first round, no other until the upgrade
     // is over (a round would add its target to the record, which is not adoption's doing).
@@ -2161,6 +2166,7 @@ async fn volumes_made_before_placement_records_are_adopted() {
         dropped_snap.snapshot_id.clone(),
     ];
     want_snaps.sort();
+    // Not yet the deleted volume's snapshot: node-c may hold that volume.
     assert_eq!(snaps, want_snaps);
     // A repeated create of an adopted name is the volume there, even when it prefers
     // another node: no second copy.
@@ -2204,8 +2210,39 @@ async fn volumes_made_before_placement_records_are_adopted() {
             Err(e) => panic!("create after node-c's adoption: {e:?}\n{}", c.logs()),
         }
     };
-    for v in volumes.iter().copied().chain([&created]) {
+    // The snapshot of the deleted volume is adopted once every node has answered (node-c
+    // might have held the volume): listed, restorable, deleted for real.
+    let mut snaps = list_snapshot_ids(&ctl).await;
+    snaps.sort();
+    want_snaps.push(gone_snap.snapshot_id.clone());
+    want_snaps.sort();
+    assert_eq!(snaps, want_snaps);
+    let restored = create_volume(
+        &ctl,
+        from_snapshot(
+            create_req("pvc-up-restored", VOL, block_cap()),
+            &gone_snap.snapshot_id,
+        ),
+    )
+    .await
+    .volume_id;
+    for v in volumes.iter().copied().chain([&created, &restored]) {
         assert_record_agrees(&c, v, &[0, 1, 2], "every node adopted").await;
+    }
+    let at = c
+        .nodes
+        .iter()
+        .position(|n| n.id == record_of(&c, &restored).primary)
+        .unwrap();
+    assert_moved(&c, at, &restored, &gone_hash).await;
+    delete_snapshot(&ctl, &gone_snap.snapshot_id).await;
+    for i in 0..3 {
+        let inv = c.inventory(i).await;
+        assert!(
+            inv.snapshots.iter().all(|s| s.source_volume_id != gone),
+            "{:?}",
+            inv.snapshots
+        );
     }
     assert_eq!(record_of(&c, &on_c).primary, "node-c");
     eprintln!(
@@ -2216,6 +2253,7 @@ async fn volumes_made_before_placement_records_are_adopted() {
     listed.sort();
     let mut want: Vec<String> = volumes.iter().map(|v| v.to_string()).collect();
     want.push(created);
+    want.push(restored);
     want.sort();
     assert_eq!(listed, want, "every volume listed once");
     assert!(!listed.contains(&mark), "the adoption mark is not a volume");

@@ -248,7 +248,7 @@ impl Cluster {
                 }
             }
         }
-        for (node, inv) in &fresh {
+        for (_, inv) in &fresh {
             for c in &inv.volumes {
                 let Some(id) = VolumeId::parse(&c.volume_id) else {
                     continue;
@@ -288,18 +288,8 @@ impl Cluster {
                     } else {
                         format!("{}/{}", primary.pvc_namespace, primary.pvc_name)
                     },
-                    snapshots: inv
-                        .snapshots
-                        .iter()
-                        .filter(|s| s.source_volume_id == c.volume_id)
-                        .map(|s| placement::SnapshotPlacement {
-                            snapshot_id: s.snapshot_id.clone(),
-                            node: node.clone(),
-                            size_bytes: s.size_bytes,
-                            created_unix_nanos: 0,
-                            group_snapshot_id: String::new(),
-                        })
-                        .collect(),
+                    // From every answering node: a volume moves without its snapshots.
+                    snapshots: snapshots_of(answering.iter(), &c.volume_id),
                 };
                 match self.store.create(&record).await {
                     Ok(_) | Err(Error::Conflict { .. }) => {
@@ -316,7 +306,8 @@ impl Cluster {
         // higher epoch is then seen by the next look-up, which asks the record's nodes),
         // its snapshots where they are. Else a snapshot would be unknown (listed nowhere,
         // deleted as if gone, not restorable) and a copy never reached by a delete.
-        for (node, inv) in &fresh {
+        for node_inv in &fresh {
+            let (node, inv) = node_inv;
             let ids: BTreeSet<&str> = inv
                 .volumes
                 .iter()
@@ -339,18 +330,7 @@ impl Cluster {
                         .iter()
                         .any(|x| x.snapshot_id == s.snapshot_id && x.node == s.node)
                 };
-                let snaps: Vec<placement::SnapshotPlacement> = inv
-                    .snapshots
-                    .iter()
-                    .filter(|s| s.source_volume_id == id)
-                    .map(|s| placement::SnapshotPlacement {
-                        snapshot_id: s.snapshot_id.clone(),
-                        node: node.clone(),
-                        size_bytes: s.size_bytes,
-                        created_unix_nanos: 0,
-                        group_snapshot_id: String::new(),
-                    })
-                    .collect();
+                let snaps = snapshots_of(std::iter::once(*node_inv), id);
                 if (copy.is_none() || named(&cur.record))
                     && snaps.iter().all(|s| held(&cur.record, s))
                 {
@@ -373,7 +353,55 @@ impl Cluster {
                 .await?;
             }
         }
-        let nodes: Vec<String> = fresh.iter().map(|(n, _)| n.clone()).collect();
+        // CSI snapshots whose volume has no record, and no copy on an answering node: the
+        // volume was deleted before the upgrade and its snapshots kept (a VolumeSnapshot
+        // outlives its claim), or its copies are on a node that has not answered. Only when
+        // every member is adopted or answering is it the first, and the snapshots get a
+        // record of a deleted volume, as DeleteVolume leaves one: listed, restorable,
+        // deletable. Until then the node holding them is not adopted (a name or snapshot
+        // without a record stays UNAVAILABLE, as it is anyway while a member is missing).
+        let everyone = self
+            .node_ids()
+            .iter()
+            .all(|n| done.contains(n) || answering.iter().any(|(a, _)| a == n));
+        let mut waiting = BTreeSet::new();
+        for (node, inv) in &fresh {
+            for s in &inv.snapshots {
+                let Some(vol) = VolumeId::parse(&s.source_volume_id) else {
+                    continue;
+                };
+                if owners.contains_key(&s.source_volume_id) || self.store.get(&vol).await?.is_some()
+                {
+                    continue;
+                }
+                if !everyone {
+                    waiting.insert(node.clone());
+                    continue;
+                }
+                let record = VolumePlacement {
+                    volume_id: s.source_volume_id.clone(),
+                    // The volume's name is not known any more; its id stands in.
+                    name: s.source_volume_id.clone(),
+                    phase: PlacementPhase::Deleted,
+                    snapshots: snapshots_of(answering.iter(), &s.source_volume_id),
+                    ..Default::default()
+                };
+                match self.store.create(&record).await {
+                    Ok(_) | Err(Error::Conflict { .. }) => {
+                        tracing::info!(volume.id = %vol, "snapshots of a deleted volume adopted into a placement record");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let nodes: Vec<String> = fresh
+            .iter()
+            .map(|(n, _)| n.clone())
+            .filter(|n| !waiting.contains(n))
+            .collect();
+        if nodes.is_empty() {
+            return Ok(());
+        }
         placement::upsert(self.store.as_ref(), &mark_id, |r| {
             let mut r = r.cloned().unwrap_or_else(|| VolumePlacement {
                 volume_id: mark_id.to_string(),
@@ -404,6 +432,26 @@ impl Cluster {
             .filter(|n| !adopted.contains(n))
             .collect()
     }
+}
+
+/// The CSI snapshots of volume `id` that `invs` hold, with the node holding each.
+fn snapshots_of<'a>(
+    invs: impl Iterator<Item = &'a (String, Arc<pb::InventoryResponse>)>,
+    id: &str,
+) -> Vec<placement::SnapshotPlacement> {
+    invs.flat_map(|(node, inv)| {
+        inv.snapshots
+            .iter()
+            .filter(move |s| s.source_volume_id == id)
+            .map(move |s| placement::SnapshotPlacement {
+                snapshot_id: s.snapshot_id.clone(),
+                node: node.clone(),
+                size_bytes: s.size_bytes,
+                created_unix_nanos: 0,
+                group_snapshot_id: String::new(),
+            })
+    })
+    .collect()
 }
 
 /// A replica's entry in a record, from its copy.
