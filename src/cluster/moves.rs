@@ -263,7 +263,25 @@ impl Cluster {
                 },
                 on_progress,
             )
-            .await?;
+            .await;
+        let shipped = match shipped {
+            Ok(s) => s,
+            // The target refuses this epoch: a cancel of this hand-off raised its floor
+            // (another controller's, or one killed before its unfence), so the fence can
+            // never complete, and resuming it, as every publish to `to` would, is refused
+            // forever. The cancel is finished here; the next publish hands off above it.
+            Err(Error::Peer { node, status })
+                if node == to && status.code() == Code::FailedPrecondition =>
+            {
+                tracing::warn!(volume.id = %vol, to, epoch, reason = status.message(), "hand-off refused by its target; cancelling it");
+                let p = self.locate(vol).await?;
+                if p.primary.is_none() && !p.fenced.is_empty() {
+                    self.cancel_hand_off(vol, &p).await?;
+                }
+                return Err(Error::Peer { node, status });
+            }
+            Err(e) => return Err(e),
+        };
         failpoint::hit("handoff:after-ship");
         self.agent(to)?
             .promote(pb::PromoteRequest {
