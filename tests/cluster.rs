@@ -2327,3 +2327,56 @@ async fn volumes_made_before_placement_records_are_adopted() {
     assert_moved(&c, 0, &moved, &moved_hash).await;
     assert_moved(&c, 1, &dropped, &dropped_hash).await;
 }
+
+/// Two controllers each record their hand-off from the record they read; when the second
+/// reads after the first's write, its write stays while the nodes' fence is the first's. If
+/// the first then promotes its target and dies before recording it, the record names the
+/// second's target and not the promoted primary. Made here directly: the controller dies at
+/// handoff:after-promote (node-b promoted), and the record's hand-off is rewritten to
+/// node-c. A publish on node-c must find node-b through node-a's fence, not cancel forever
+/// against it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_promoted_target_missing_from_the_record_is_found_by_its_fence() {
+    let mut c = TestCluster::start(3).await;
+    let (vol, hash) = volume_with_data(&c, "pvc-lost-target", 16, &[]).await;
+    c.restart_controller(Some("handoff:after-promote")).await;
+    assert!(try_publish(&c, 1, &vol).await.is_err());
+    c.kill_controller();
+    let path = c
+        .controller_state()
+        .join("placement")
+        .join(format!("{vol}.json"));
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(v["record"]["handoff"]["to"], "node-b");
+    v["record"]["handoff"]["to"] = "node-c".into();
+    std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+    c.restart_controller(None).await;
+    publish_retrying(&c, 2, &vol, 5)
+        .await
+        .unwrap_or_else(|e| panic!("publish on node-c: {e:?}\n{}", c.logs()));
+    ctl_unpublish(&c, &vol, "node-c").await;
+    let record = record_of(&c, &vol);
+    let copy = c
+        .inventory(2)
+        .await
+        .volumes
+        .into_iter()
+        .find(|v| v.volume_id == vol)
+        .unwrap();
+    assert_eq!(
+        (record.primary.as_str(), record.epoch, record.handoff),
+        ("node-c", copy.epoch, None)
+    );
+    let primaries: Vec<usize> = c
+        .copies(&vol)
+        .await
+        .into_iter()
+        .filter(|(_, r)| *r == pb::Role::Primary)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(primaries, vec![2]);
+    let dev = attach(&c, 2, &vol).await;
+    assert_eq!(device_hash(&dev), hash);
+    detach(&c, 2, &vol).await;
+}
