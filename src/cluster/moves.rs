@@ -274,8 +274,11 @@ impl Cluster {
                 if node == to && status.code() == Code::FailedPrecondition =>
             {
                 tracing::warn!(volume.id = %vol, to, epoch, reason = status.message(), "hand-off refused by its target; cancelling it");
+                // Only this hand-off's fence: a newer one (another controller's, above the
+                // floor) is not this refusal's to cancel.
                 let p = self.locate(vol).await?;
-                if p.primary.is_none() && !p.fenced.is_empty() {
+                let ours = |f: &Copy| f.info.fenced_to == to && f.info.fence_epoch == epoch;
+                if p.primary.is_none() && p.fenced.iter().any(ours) {
                     self.cancel_hand_off(vol, &p).await?;
                 }
                 return Err(Error::Peer { node, status });
