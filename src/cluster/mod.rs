@@ -305,7 +305,23 @@ impl Cluster {
                 ..Default::default()
             });
         }
-        let invs = self.inventories_of(&record.record.nodes()).await;
+        let nodes = record.record.nodes();
+        let mut invs = self.inventories_of(&nodes).await;
+        // A fence names its target, which the record may not: two controllers each record
+        // their hand-off from what they read, and the later write stays while the node's
+        // fence is the earlier one's. That target may be promoted already; unasked, every
+        // cancel would be refused by it and every move away from it fail.
+        let mut targets: Vec<String> = invs
+            .iter()
+            .filter_map(|(_, i)| i.as_ref().ok())
+            .flat_map(|i| &i.volumes)
+            .filter(|c| c.volume_id == vol.as_str() && c.role == pb::Role::Fenced as i32)
+            .map(|c| c.fenced_to.clone())
+            .filter(|t| !nodes.contains(t) && self.member(t).is_ok())
+            .collect();
+        targets.sort();
+        targets.dedup();
+        invs.extend(self.inventories_of(&targets).await);
         let mut p = match Placement::of(vol, &invs) {
             Err(Error::Unreachable { node, .. }) if record.record.replicas.is_empty() => {
                 return Err(Error::Unreachable {

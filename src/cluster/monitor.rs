@@ -257,7 +257,7 @@ impl Cluster {
                 }
             }
         }
-        for (node, inv) in &fresh {
+        for (_, inv) in &fresh {
             for c in &inv.volumes {
                 let Some(id) = VolumeId::parse(&c.volume_id) else {
                     continue;
@@ -297,18 +297,8 @@ impl Cluster {
                     } else {
                         format!("{}/{}", primary.pvc_namespace, primary.pvc_name)
                     },
-                    snapshots: inv
-                        .snapshots
-                        .iter()
-                        .filter(|s| s.source_volume_id == c.volume_id)
-                        .map(|s| placement::SnapshotPlacement {
-                            snapshot_id: s.snapshot_id.clone(),
-                            node: node.clone(),
-                            size_bytes: s.size_bytes,
-                            created_unix_nanos: 0,
-                            group_snapshot_id: String::new(),
-                        })
-                        .collect(),
+                    // From every answering node: a volume moves without its snapshots.
+                    snapshots: snapshots_of(answering.iter(), &c.volume_id),
                 };
                 match self.store.create(&record).await {
                     Ok(_) | Err(Error::Conflict { .. }) => {
@@ -318,7 +308,109 @@ impl Cluster {
                 }
             }
         }
-        let nodes: Vec<String> = fresh.iter().map(|(n, _)| n.clone()).collect();
+        // A record is made from the first node holding a copy of its volume, with that node's
+        // snapshots; a volume's copies and snapshots can span nodes, adopted now or later
+        // (a volume moves without its CSI snapshots, and leaves its old copy as a replica).
+        // Every adopted node's share joins the record: its copy as a replica (a copy of a
+        // higher epoch is then seen by the next look-up, which asks the record's nodes),
+        // its snapshots where they are. Else a snapshot would be unknown (listed nowhere,
+        // deleted as if gone, not restorable) and a copy never reached by a delete.
+        for node_inv in &fresh {
+            let (node, inv) = node_inv;
+            let ids: BTreeSet<&str> = inv
+                .volumes
+                .iter()
+                .map(|c| c.volume_id.as_str())
+                .chain(inv.snapshots.iter().map(|s| s.source_volume_id.as_str()))
+                .collect();
+            for id in ids {
+                let Some(vol) = VolumeId::parse(id) else {
+                    continue;
+                };
+                let Some(cur) = self.store.get(&vol).await?.filter(|r| r.record.is_live()) else {
+                    continue;
+                };
+                let copy = inv.volumes.iter().find(|c| c.volume_id == id);
+                let named = |r: &VolumePlacement| {
+                    &r.primary == node || r.replicas.iter().any(|x| &x.node == node)
+                };
+                let held = |r: &VolumePlacement, s: &placement::SnapshotPlacement| {
+                    r.snapshots
+                        .iter()
+                        .any(|x| x.snapshot_id == s.snapshot_id && x.node == s.node)
+                };
+                let snaps = snapshots_of(std::iter::once(*node_inv), id);
+                if (copy.is_none() || named(&cur.record))
+                    && snaps.iter().all(|s| held(&cur.record, s))
+                {
+                    continue;
+                }
+                self.update_record(&vol, |r| {
+                    let mut r = r.clone();
+                    if let Some(c) = copy
+                        && !named(&r)
+                    {
+                        r.replicas.push(replica_of(node, c));
+                    }
+                    for s in &snaps {
+                        if !held(&r, s) {
+                            r.snapshots.push(s.clone());
+                        }
+                    }
+                    Ok(r)
+                })
+                .await?;
+            }
+        }
+        // CSI snapshots whose volume has no record, and no copy on an answering node: the
+        // volume was deleted before the upgrade and its snapshots kept (a VolumeSnapshot
+        // outlives its claim), or its copies are on a node that has not answered. Only when
+        // every member is adopted or answering is it the first, and the snapshots get a
+        // record of a deleted volume, as DeleteVolume leaves one: listed, restorable,
+        // deletable. Until then the node holding them is not adopted (a name or snapshot
+        // without a record stays UNAVAILABLE, as it is anyway while a member is missing).
+        let everyone = self
+            .node_ids()
+            .iter()
+            .all(|n| done.contains(n) || answering.iter().any(|(a, _)| a == n));
+        let mut waiting = BTreeSet::new();
+        for (node, inv) in &fresh {
+            for s in &inv.snapshots {
+                let Some(vol) = VolumeId::parse(&s.source_volume_id) else {
+                    continue;
+                };
+                if owners.contains_key(&s.source_volume_id) || self.store.get(&vol).await?.is_some()
+                {
+                    continue;
+                }
+                if !everyone {
+                    waiting.insert(node.clone());
+                    continue;
+                }
+                let record = VolumePlacement {
+                    volume_id: s.source_volume_id.clone(),
+                    // The volume's name is not known any more; its id stands in.
+                    name: s.source_volume_id.clone(),
+                    phase: PlacementPhase::Deleted,
+                    snapshots: snapshots_of(answering.iter(), &s.source_volume_id),
+                    ..Default::default()
+                };
+                match self.store.create(&record).await {
+                    Ok(_) | Err(Error::Conflict { .. }) => {
+                        tracing::info!(volume.id = %vol, "snapshots of a deleted volume adopted into a placement record");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let nodes: Vec<String> = fresh
+            .iter()
+            .map(|(n, _)| n.clone())
+            .filter(|n| !waiting.contains(n))
+            .collect();
+        if nodes.is_empty() {
+            return Ok(());
+        }
         placement::upsert(self.store.as_ref(), &mark_id, |r| {
             let mut r = r.cloned().unwrap_or_else(|| VolumePlacement {
                 volume_id: mark_id.to_string(),
@@ -349,6 +441,26 @@ impl Cluster {
             .filter(|n| !adopted.contains(n))
             .collect()
     }
+}
+
+/// The CSI snapshots of volume `id` that `invs` hold, with the node holding each.
+fn snapshots_of<'a>(
+    invs: impl Iterator<Item = &'a (String, Arc<pb::InventoryResponse>)>,
+    id: &str,
+) -> Vec<placement::SnapshotPlacement> {
+    invs.flat_map(|(node, inv)| {
+        inv.snapshots
+            .iter()
+            .filter(move |s| s.source_volume_id == id)
+            .map(move |s| placement::SnapshotPlacement {
+                snapshot_id: s.snapshot_id.clone(),
+                node: node.clone(),
+                size_bytes: s.size_bytes,
+                created_unix_nanos: 0,
+                group_snapshot_id: String::new(),
+            })
+    })
+    .collect()
 }
 
 /// A replica's entry in a record, from its copy.

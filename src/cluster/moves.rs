@@ -263,7 +263,28 @@ impl Cluster {
                 },
                 on_progress,
             )
-            .await?;
+            .await;
+        let shipped = match shipped {
+            Ok(s) => s,
+            // The target refuses this epoch: a cancel of this hand-off raised its floor
+            // (another controller's, or one killed before its unfence), so the fence can
+            // never complete, and resuming it, as every publish to `to` would, is refused
+            // forever. The cancel is finished here; the next publish hands off above it.
+            Err(Error::Peer { node, status })
+                if node == to && status.code() == Code::FailedPrecondition =>
+            {
+                tracing::warn!(volume.id = %vol, to, epoch, reason = status.message(), "hand-off refused by its target; cancelling it");
+                // Only this hand-off's fence: a newer one (another controller's, above the
+                // floor) is not this refusal's to cancel.
+                let p = self.locate(vol).await?;
+                let ours = |f: &Copy| f.info.fenced_to == to && f.info.fence_epoch == epoch;
+                if p.primary.is_none() && p.fenced.iter().any(ours) {
+                    self.cancel_hand_off(vol, &p).await?;
+                }
+                return Err(Error::Peer { node, status });
+            }
+            Err(e) => return Err(e),
+        };
         failpoint::hit("handoff:after-ship");
         self.agent(to)?
             .promote(pb::PromoteRequest {
@@ -304,9 +325,14 @@ impl Cluster {
         next.handoff = Some(want);
         match self.store.replace(&next, &cur.version).await {
             Ok(_) => Ok(()),
-            Err(Error::Conflict { reason, .. }) => Err(Error::Aborted(format!(
-                "the placement of volume {vol} changed while this controller decided to move it to {to} ({reason}); retry"
-            ))),
+            // Conflict, not Aborted: Aborted's message is "an operation on {0} is already
+            // in progress", which this sentence is not.
+            Err(Error::Conflict { what, reason }) => Err(Error::Conflict {
+                what,
+                reason: format!(
+                    "{reason}, while this controller decided to move the volume to {to}; retry"
+                ),
+            }),
             Err(e) => Err(e),
         }
     }
@@ -408,6 +434,7 @@ impl Cluster {
             .into_iter()
             .filter(|n| n != &home.node && n != target);
         futures::future::try_join_all(others.map(raise)).await?;
+        failpoint::hit("cancel:after-floors");
         self.agent(&home.node)?
             .unfence(pb::UnfenceRequest {
                 volume_id: vol.to_string(),
@@ -416,6 +443,7 @@ impl Cluster {
             .await
             .map_err(|s| peer(&home.node, s))?;
         tracing::info!(volume.id = %vol, node = %home.node, epoch, "hand-off cancelled: the fenced copy is the primary again");
+        failpoint::hit("cancel:after-unfence");
         let home = home.node.clone();
         self.update_record(vol, |r| {
             let mut r = r.clone();
