@@ -86,19 +86,15 @@ impl ScaleCluster {
         args.push("controller".into());
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         run(p(&cfg.berth), &a).await?;
-        let mut nodes = Vec::new();
-        let mut nodes_file = String::new();
-        for id in ids {
-            let port = free_port()?;
-            nodes_file.push_str(&format!("{id} 127.0.0.1:{port}\n"));
-            nodes.push(ScaleNode {
+        let nodes = ids
+            .into_iter()
+            .map(|id| ScaleNode {
                 dir: dir.join(&id),
                 id,
-                port,
+                port: 0,
                 child: None,
-            });
-        }
-        fs::write(dir.join("nodes"), nodes_file)?;
+            })
+            .collect();
         // Built before the processes start, so that an error half-way still cleans up.
         let mut c = ScaleCluster {
             dir: dir.clone(),
@@ -106,66 +102,67 @@ impl ScaleCluster {
             controller: None,
             ctl: None,
             agents: Vec::new(),
-            metrics_port: free_port()?,
+            metrics_port: 0,
         };
+        let mut nodes_file = String::new();
         for node in &mut c.nodes {
             fs::create_dir_all(&node.dir)?;
-            let args = vec![
-                "node".to_string(),
-                "--endpoint".into(),
-                node.endpoint(),
-                "--state-dir".into(),
-                s(node.dir.join("state")),
-                "--node-id".into(),
-                node.id.clone(),
-                "--pool-size".into(),
-                cfg.cli.scale_pool_size.clone(),
-                "--agent-listen".into(),
-                format!("127.0.0.1:{}", node.port),
-                "--tls-dir".into(),
-                s(certs.join(&node.id)),
-            ];
-            node.child = Some(
-                spawn_berth(
-                    &cfg.berth,
-                    &args,
-                    &node.dir.join("berth.log"),
-                    &node.socket(),
-                    &node.endpoint(),
-                    Some(node.port),
-                )
-                .await?,
-            );
+            let (log, socket, endpoint) =
+                (node.dir.join("berth.log"), node.socket(), node.endpoint());
+            let (child, port) =
+                spawn_on_free_port(|port| {
+                    let args = vec![
+                        "node".to_string(),
+                        "--endpoint".into(),
+                        endpoint.clone(),
+                        "--state-dir".into(),
+                        s(node.dir.join("state")),
+                        "--node-id".into(),
+                        node.id.clone(),
+                        "--pool-size".into(),
+                        cfg.cli.scale_pool_size.clone(),
+                        "--agent-listen".into(),
+                        format!("127.0.0.1:{port}"),
+                        "--tls-dir".into(),
+                        s(certs.join(&node.id)),
+                    ];
+                    let (log, socket, endpoint) = (&log, &socket, &endpoint);
+                    async move {
+                        spawn_berth(&cfg.berth, &args, log, socket, endpoint, Some(port)).await
+                    }
+                })
+                .await?;
+            node.child = Some(child);
+            node.port = port;
+            nodes_file.push_str(&format!("{} 127.0.0.1:{port}\n", node.id));
         }
+        fs::write(dir.join("nodes"), nodes_file)?;
         let csock = dir.join("controller.sock");
         let cend = format!("unix://{}", csock.display());
-        let args = vec![
-            "controller".to_string(),
-            "--endpoint".into(),
-            cend.clone(),
-            "--node-id".into(),
-            "controller".into(),
-            "--nodes".into(),
-            s(dir.join("nodes")),
-            "--tls-dir".into(),
-            s(certs.join("controller")),
-            // Its own: a controller that keeps records on disk must not use /var/lib/berth.
-            "--state-dir".into(),
-            s(dir.join("controller-state")),
-            "--metrics-listen".into(),
-            format!("127.0.0.1:{}", c.metrics_port),
-        ];
-        c.controller = Some(
-            spawn_berth(
-                &cfg.berth,
-                &args,
-                &dir.join("controller.log"),
-                &csock,
-                &cend,
-                Some(c.metrics_port),
-            )
-            .await?,
-        );
+        let (child, port) = spawn_on_free_port(|port| {
+            let args = vec![
+                "controller".to_string(),
+                "--endpoint".into(),
+                cend.clone(),
+                "--node-id".into(),
+                "controller".into(),
+                "--nodes".into(),
+                s(dir.join("nodes")),
+                "--tls-dir".into(),
+                s(certs.join("controller")),
+                // Its own: a controller that keeps records on disk must not use
+                // /var/lib/berth.
+                "--state-dir".into(),
+                s(dir.join("controller-state")),
+                "--metrics-listen".into(),
+                format!("127.0.0.1:{port}"),
+            ];
+            let (log, csock, cend) = (dir.join("controller.log"), &csock, &cend);
+            async move { spawn_berth(&cfg.berth, &args, &log, csock, cend, Some(port)).await }
+        })
+        .await?;
+        c.controller = Some(child);
+        c.metrics_port = port;
         c.ctl = Some(ControllerClient::new(berth::client::connect(&cend).await?));
         let tls = berth::tls::TlsMaterial::load(&certs.join("controller"))
             .map_err(|e| format!("controller TLS material: {e}"))?;
@@ -257,6 +254,27 @@ impl Drop for ScaleCluster {
             stop_child(&mut n.child);
         }
         cleanup_tree(&self.dir);
+    }
+}
+
+/// Starts a process listening on a port picked free; picks another and retries when some
+/// other process took the port in between (tests and builds share this machine).
+async fn spawn_on_free_port<F, Fut>(mut spawn: F) -> Result<(Child, u16)>
+where
+    F: FnMut(u16) -> Fut,
+    Fut: std::future::Future<Output = Result<Child>>,
+{
+    let mut attempt = 0;
+    loop {
+        let port = free_port()?;
+        match spawn(port).await {
+            Ok(child) => return Ok((child, port)),
+            Err(e) if attempt < 5 && e.to_string().contains("Address already in use") => {
+                note!("scale: port {port} was taken meanwhile; another");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -575,6 +593,19 @@ pub(super) async fn bench_scale(cfg: &Cfg) -> Result<()> {
         }
         drop(c);
         note!("scale: N={n} done in {:.0} s", t.elapsed().as_secs_f64());
+        for (label, r) in [("healthy", &healthy), ("one stopped", &stopped)] {
+            note!(
+                "scale: N={n} {label}: create p50 {} p99 {}, publish p50 {} p99 {}, agent calls/create {:.1}, /publish {:.1}, errors {} + {}",
+                fmt_secs(r.create.median()),
+                fmt_secs(r.create.p99()),
+                fmt_secs(r.publish.median()),
+                fmt_secs(r.publish.p99()),
+                r.create_calls.median(),
+                r.publish_calls.median(),
+                r.create_errors,
+                r.publish_errors
+            );
+        }
         results.push((n, healthy, stopped));
     }
 
