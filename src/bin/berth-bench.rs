@@ -9,7 +9,8 @@
 //! - "p99": the 99th percentile (nearest rank) of all samples of all rounds pooled; with one
 //!   sample per round that is the worst round.
 //!
-//! Section 7 (`--only move`) starts a two-node cluster instead (src/bin/bench/move.rs).
+//! Section 7 (`--only move`) starts a two-node cluster instead (src/bin/bench/move.rs), and
+//! section 8 (`--only scale`) clusters of 2 to 16 nodes (src/bin/bench/scale.rs).
 //!
 //! Tables go to stdout, progress to stderr: `berth-bench > results.md`. Needs root (berth
 //! attaches loop devices and mounts), fio, filefrag, xfs_io and coreutils. Everything the
@@ -48,6 +49,8 @@ macro_rules! note {
 // After the macros: a module sees only the macros defined above its declaration.
 #[path = "bench/move.rs"]
 mod move_section;
+#[path = "bench/scale.rs"]
+mod scale_section;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -132,6 +135,24 @@ struct Cli {
     /// move: copy the controller's and nodes' logs into this directory before cleaning up.
     #[arg(long)]
     move_keep_logs: Option<PathBuf>,
+    /// scale: node counts, one cluster each (the last node of each is the one stopped).
+    #[arg(long, value_delimiter = ',', default_value = "2,8,16")]
+    scale_nodes: Vec<usize>,
+    /// scale: size of each node's embedded pool image (sparse; 512Mi is berth's minimum).
+    #[arg(long, default_value = "512Mi")]
+    scale_pool_size: String,
+    /// scale: CreateVolume (and then ControllerPublishVolume) calls per round, all nodes up.
+    #[arg(long, default_value_t = 40)]
+    scale_volumes: usize,
+    /// scale: CreateVolume and ControllerPublishVolume calls per round with one node stopped.
+    #[arg(long, default_value_t = 20)]
+    scale_stopped_volumes: usize,
+    /// scale: client deadline of each CSI call; a call past it counts as an error.
+    #[arg(long, default_value_t = 30)]
+    scale_deadline_secs: u64,
+    /// scale: wait after stopping the node, before measuring.
+    #[arg(long, default_value_t = 15)]
+    scale_settle_secs: u64,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,16 +171,19 @@ enum Section {
     Fio,
     /// 7. Moving volumes between the nodes of a two-node cluster.
     Move,
+    /// 8. Cost of a CSI call by cluster size (2-16 nodes), and one stopped node.
+    Scale,
 }
 
 impl Section {
-    const ALL: [Section; 6] = [
+    const ALL: [Section; 7] = [
         Section::Rpc,
         Section::Snapshot,
         Section::Stage,
         Section::Memory,
         Section::Fio,
         Section::Move,
+        Section::Scale,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -169,6 +193,7 @@ impl Section {
             Section::Memory => "memory",
             Section::Fio => "fio",
             Section::Move => "move",
+            Section::Scale => "scale",
         }
     }
 }
@@ -2169,6 +2194,7 @@ async fn bench(cfg: &Cfg, sections: &[Section]) -> Result<()> {
             Section::Memory => bench_memory(cfg).await?,
             Section::Fio => bench_fio(cfg).await?,
             Section::Move => move_section::bench_move(cfg).await?,
+            Section::Scale => scale_section::bench_scale(cfg).await?,
         }
         say(&format!(
             "_Section took {:.1} s; load average after: {}._\n",

@@ -78,13 +78,13 @@ struct TestCluster {
     keep_logs_to: Option<PathBuf>,
 }
 
-fn free_port() -> Result<u16> {
+pub(super) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Spawns berth with `args`, its output appended to `log`, and waits until `endpoint`
 /// accepts a connection (and `port`, if any, a TCP connection).
-async fn spawn_berth(
+pub(super) async fn spawn_berth(
     berth: &Path,
     args: &[String],
     log: &Path,
@@ -131,7 +131,7 @@ async fn spawn_berth(
     }
 }
 
-fn s(x: impl AsRef<std::ffi::OsStr>) -> String {
+pub(super) fn s(x: impl AsRef<std::ffi::OsStr>) -> String {
     x.as_ref().to_string_lossy().into_owned()
 }
 
