@@ -2908,3 +2908,59 @@ async fn a_promoted_target_missing_from_the_record_is_found_by_its_fence() {
     assert_eq!(device_hash(&dev), hash);
     detach(&c, 2, &vol).await;
 }
+
+/// A controller that starts while a volume's replica node is down has never seen that
+/// node's inventory; the record still names the replica, and no second one is made
+/// elsewhere in its place. When the node returns, rounds go to it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_controller_keeps_a_silent_replica_instead_of_making_another() {
+    let mut c = TestCluster::start(3).await;
+    let vol = create_block(
+        &c,
+        "pvc-keep-replica",
+        0,
+        &[("replicas", "2"), ("replicationInterval", "1s")],
+    )
+    .await;
+    c.wait_until("a first replica", Duration::from_secs(30), || async {
+        c.copies(&vol).await.len() == 2
+    })
+    .await;
+    let replica = c
+        .copies(&vol)
+        .await
+        .into_iter()
+        .find(|(_, r)| *r == pb::Role::Replica)
+        .map(|(i, _)| i)
+        .unwrap();
+    let other = 3 - replica;
+    c.kill_node(replica);
+    c.restart_controller(None).await;
+    // Several rounds' worth of ticks: a round per second is due all along.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let on_other = c
+        .inventory(other)
+        .await
+        .volumes
+        .into_iter()
+        .any(|v| v.volume_id == vol);
+    assert!(
+        !on_other,
+        "a second replica was made on {}",
+        c.nodes[other].id
+    );
+    let replicas: Vec<String> = record_of(&c, &vol)
+        .replicas
+        .into_iter()
+        .map(|r| r.node)
+        .collect();
+    assert_eq!(replicas, [c.nodes[replica].id.clone()]);
+    c.restart_node(replica, None).await;
+    let before = c.counters(replica).await.transfers_completed;
+    c.wait_until(
+        "a round to the returned replica",
+        Duration::from_secs(30),
+        || async { c.counters(replica).await.transfers_completed > before },
+    )
+    .await;
+}

@@ -744,7 +744,24 @@ pub async fn replication_loop(
             let Some(primary) = p.primary.clone() else {
                 continue;
             };
-            let targets = cluster.replica_targets(&p, &primary, &invs);
+            let mut targets = cluster.replica_targets(&p, &primary, &invs);
+            // A target that holds nothing yet is a new replica: the record may know of one
+            // on a node whose inventory this controller has not seen (silent since it
+            // started), which must not be replaced by a second one elsewhere.
+            if targets.iter().any(|t| p.copy_on(t).is_none())
+                && let Ok(Some(r)) = cluster.store.get(&vol).await
+            {
+                let recorded: Vec<String> = r
+                    .record
+                    .replicas
+                    .iter()
+                    .map(|x| x.node.clone())
+                    .filter(|n| n != &primary.node)
+                    .collect();
+                if recorded.len() >= targets.len() {
+                    targets = recorded.into_iter().take(targets.len()).collect();
+                }
+            }
             let newest_age_nanos = |node: &str| -> Option<i64> {
                 let r = p.replicas.iter().find(|r| r.node == node)?;
                 let s = r.info.shipping.last()?;
