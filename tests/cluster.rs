@@ -2964,3 +2964,33 @@ async fn a_restarted_controller_keeps_a_silent_replica_instead_of_making_another
     )
     .await;
 }
+
+/// A hand-off that promoted its target but died before settling its source leaves a fenced
+/// copy behind; a later move to a third node settles it on the way, so no fenced copy
+/// outlives the hand-offs that made it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_move_onwards_settles_the_source_an_earlier_move_left_fenced() {
+    let mut c = TestCluster::start(3).await;
+    let (vol, hash) = volume_with_data(&c, "pvc-onwards", 16, &[]).await;
+    c.restart_controller(Some("handoff:after-promote")).await;
+    assert!(
+        try_publish(&c, 1, &vol).await.is_err(),
+        "the controller died"
+    );
+    c.restart_controller(None).await;
+    assert!(
+        c.copies(&vol).await.contains(&(0, pb::Role::Fenced)),
+        "node-a is left fenced: {:?}",
+        c.copies(&vol).await
+    );
+    try_publish(&c, 2, &vol)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", c.logs()));
+    ctl_unpublish(&c, &vol, "node-c").await;
+    let copies = c.copies(&vol).await;
+    assert!(
+        !copies.iter().any(|(_, r)| *r == pb::Role::Fenced),
+        "{copies:?}"
+    );
+    assert_moved(&c, 2, &vol, &hash).await;
+}

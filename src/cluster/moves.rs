@@ -118,6 +118,20 @@ impl Cluster {
         {
             return self.settle_fenced(vol, &p, primary).await;
         }
+        // An earlier hand-off that promoted its target but never settled its source (the
+        // controller died in between) is tidied first, wherever this one goes: nothing else
+        // would settle it once the volume has moved on.
+        let p = match &p.primary {
+            Some(primary)
+                if p.fenced
+                    .iter()
+                    .any(|f| f.info.fence_epoch <= primary.info.epoch) =>
+            {
+                self.settle_fenced(vol, &p, primary).await?;
+                self.locate(vol).await?
+            }
+            _ => p,
+        };
         let pvc = p.pvc();
         let started = std::time::Instant::now();
         let from = p.holder().map(|c| c.node.clone()).unwrap_or_default();
