@@ -1060,11 +1060,12 @@ async fn berth_volumes_keep_the_placement_store_contract() {
     no_lost_update(stores, 25).await;
     // What `kubectl get berthvolumes` shows, from the CRD's printer columns: each replica's
     // node and, as an age, how old its newest snapshot is (its lag).
-    // Half an hour past the full hour, so that a second either way does not change what
-    // kubectl prints (3h less a second would be "179m").
+    // Half a minute past the given minute (and half an hour past the hour), so that seconds
+    // either way (rounding, the time until kubectl runs) do not change what kubectl prints:
+    // 4h30m less half a second would be "4h29m", 3h less a second "179m".
     let ago = |minutes: i64| {
         (k8s_openapi::jiff::Timestamp::now()
-            - k8s_openapi::jiff::SignedDuration::from_mins(minutes))
+            - k8s_openapi::jiff::SignedDuration::from_secs(minutes * 60 + 30))
         .round(k8s_openapi::jiff::Unit::Second)
         .unwrap()
         .to_string()
