@@ -81,6 +81,10 @@ pub enum Error {
     /// semantics decided on the node holding the data reach the CO.
     #[error("node {node}: {}", status.message())]
     Peer { node: String, status: Status },
+    /// An error of an operation another task ran (a move joined by a CO's retry), passed
+    /// on with its code and its whole message, which already names the node it concerns.
+    #[error("{message}")]
+    Relayed { code: Code, message: String },
     /// A peer node could not be reached (down, or refused our certificate).
     #[error("node {node} is unreachable: {reason}")]
     Unreachable { node: String, reason: String },
@@ -136,6 +140,7 @@ impl Error {
             | Error::Timeout { .. }
             | Error::Corrupt { .. } => Code::Internal,
             Error::Peer { status, .. } => status.code(),
+            Error::Relayed { code, .. } => *code,
             Error::Unreachable { .. } | Error::MoveInterrupted { .. } => Code::Unavailable,
             Error::Verification { .. } => Code::DataLoss,
             // Probe's table: "Plugin not healthy" is FAILED_PRECONDITION.

@@ -700,10 +700,9 @@ impl Moves {
             running.remove(&key);
         }
         drop(running);
-        result.map_err(|(code, msg)| Error::Peer {
-            node: to,
-            status: tonic::Status::new(code, msg),
-        })
+        // The message names its node already ("moving volume … stopped at node …"): a
+        // second prefix would name the target for what happened elsewhere.
+        result.map_err(|(code, message)| Error::Relayed { code, message })
     }
 }
 
