@@ -143,9 +143,8 @@ impl ClusterController {
                 (r.record.primary.clone(), r.version)
             }
             Some(r) if r.record.phase == PlacementPhase::Deleting => {
-                return Err(Error::Aborted(format!(
-                    "volume {id} of this name is being deleted"
-                )));
+                // Display: "an operation on volume … (its delete) is already in progress".
+                return Err(Error::Aborted(format!("volume {id} (its delete)")));
             }
             // No volume of the name (none ever, or one deleted whose snapshots remain).
             gone => {
@@ -226,12 +225,10 @@ impl ClusterController {
             .map_or(0, |v| v.capacity_bytes.max(0) as u64);
         self.cluster
             .update_record(&id, |r| {
-                let mut r = r.clone();
                 if r.phase == PlacementPhase::Creating {
                     r.phase = PlacementPhase::Ready;
                 }
                 r.capacity_bytes = r.capacity_bytes.max(capacity);
-                Ok(r)
             })
             .await?;
         self.cluster.repoll(&node);
@@ -337,11 +334,9 @@ impl ClusterController {
                 };
                 self.cluster
                     .update_record(&vol, |r| {
-                        let mut r = r.clone();
                         if !r.snapshots.contains(&copy) {
                             r.snapshots.push(copy.clone());
                         }
-                        Ok(r)
                     })
                     .await?;
                 return Ok(());
@@ -372,15 +367,7 @@ impl ClusterController {
     ) -> Result<Option<(VolumePlacement, SnapshotPlacement)>> {
         let found = placement::find_snapshot(self.cluster.store.as_ref(), id.as_str()).await?;
         if found.is_none() {
-            let pending = self.cluster.not_adopted();
-            if !pending.is_empty() {
-                return Err(Error::Unreachable {
-                    node: pending.join(", "),
-                    reason: format!(
-                        "snapshot {id} has no record, and these nodes have not answered since records began"
-                    ),
-                });
-            }
+            self.cluster.known_absent(&format!("snapshot {id}"))?;
         }
         Ok(found.map(|v| {
             let snap = v
@@ -402,13 +389,14 @@ impl ClusterController {
             return Ok(csi::DeleteVolumeResponse {});
         };
         let _g = self.cluster.inflight.try_lock([id.to_string()])?;
-        let Some(cur) = self.cluster.record(&id).await? else {
-            return Ok(csi::DeleteVolumeResponse {});
-        };
-        if cur.record.phase == PlacementPhase::Deleted {
+        let p = self.cluster.locate(&id).await?;
+        // No record, or one kept only for the snapshots of a deleted volume: already gone.
+        if p.record
+            .as_ref()
+            .is_none_or(|r| r.record.phase == PlacementPhase::Deleted)
+        {
             return Ok(csi::DeleteVolumeResponse {});
         }
-        let p = self.cluster.locate(&id).await?;
         // Deleting what we can see would leave a copy to resurface when the node returns.
         // Checked before anything is recorded: a delete refused now leaves the volume as it
         // was, listed and reported on.
@@ -547,8 +535,6 @@ impl ClusterController {
                 .controller_unpublish_volume(req.clone())
                 .await
                 .map_err(|s| peer(&c.node, s))?;
-        }
-        for c in p.primary.iter().chain(&p.fenced).chain(&p.stale) {
             self.cluster.repoll(&c.node);
         }
         Ok(csi::ControllerUnpublishVolumeResponse {})
@@ -766,7 +752,6 @@ impl ClusterController {
     ) -> Result<()> {
         self.cluster
             .update_record(vol, |r| {
-                let mut r = r.clone();
                 for s in snaps {
                     if r.snapshots.iter().any(|x| x.snapshot_id == s.snapshot_id) {
                         continue;
@@ -780,7 +765,6 @@ impl ClusterController {
                         group_snapshot_id: group.to_string(),
                     });
                 }
-                Ok(r)
             })
             .await
             .map(|_| ())
@@ -841,6 +825,7 @@ impl ClusterController {
             .filter(|s| s.snapshot_id == id.as_str())
             .map(|s| &s.node)
             .collect();
+        nodes.sort();
         nodes.dedup();
         for node in &nodes {
             self.answering(node, format!("it holds a copy of snapshot {id}"))
@@ -939,9 +924,7 @@ impl ClusterController {
         let size = resp.capacity_bytes.max(0) as u64;
         self.cluster
             .update_record(&id, |r| {
-                let mut r = r.clone();
                 r.capacity_bytes = r.capacity_bytes.max(size);
-                Ok(r)
             })
             .await?;
         Ok(resp)
@@ -993,21 +976,20 @@ impl ClusterController {
             .await?;
         resp.volume = resp.volume.map(|v| self.cluster_volume(v));
         let wanted = p.primary.as_ref().map_or(1, |c| c.info.replicas);
-        let mut notes: Vec<String> = lag_report(&p, wanted).into_iter().collect();
         let silent = self.condition(&record.record);
         if let Some(status) = resp.status.as_mut() {
             let cond = status.volume_condition.get_or_insert_with(Default::default);
             cond.abnormal |= silent.abnormal;
-            if !silent.message.is_empty() {
-                notes.push(silent.message);
-            }
-            for n in notes {
-                cond.message = if cond.message.is_empty() {
-                    n
-                } else {
-                    format!("{}; {n}", cond.message)
-                };
-            }
+            let parts = [
+                std::mem::take(&mut cond.message),
+                lag_report(&p, wanted).unwrap_or_default(),
+                silent.message,
+            ];
+            cond.message = parts
+                .into_iter()
+                .filter(|m| !m.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
         }
         Ok(resp)
     }
@@ -1289,15 +1271,8 @@ impl ClusterController {
             members.push((v.record.volume_id, ids));
         }
         let Some(node) = node else {
-            let pending = self.cluster.not_adopted();
-            if !pending.is_empty() {
-                return Err(Error::Unreachable {
-                    node: pending.join(", "),
-                    reason: format!(
-                        "group snapshot {gid} has no record, and these nodes have not answered since records began"
-                    ),
-                });
-            }
+            self.cluster
+                .known_absent(&format!("group snapshot {gid}"))?;
             return Ok(None);
         };
         self.answering(&node, format!("it holds group snapshot {gid}"))

@@ -236,8 +236,9 @@ impl Cluster {
     }
 
     /// The inventories of `nodes`, asked in parallel. A node the monitor knows to be silent
-    /// is not asked (the answer would be a timeout); one that does not answer within
-    /// [`monitor::POLL_TIMEOUT`] is an error in its slot, not a failure of the whole.
+    /// is polled once more ([`Cluster::reachable`]) and, if it answers now, that answer is
+    /// used; one that does not answer within [`monitor::POLL_TIMEOUT`] is an error in its
+    /// slot, not a failure of the whole.
     pub async fn inventories_of(
         &self,
         nodes: &[String],
@@ -247,8 +248,12 @@ impl Cluster {
                 node: id.clone(),
                 reason,
             };
+            let was_silent = self.silent(id).is_some();
             let r = if let Some(reason) = self.reachable(id).await {
                 Err(unreachable(reason))
+            } else if let Some(inv) = self.view(id).filter(|_| was_silent) {
+                // The re-poll just asked it: no second call.
+                Ok((*inv).clone())
             } else {
                 match self.agent(id) {
                     Ok(mut c) => match tokio::time::timeout(
@@ -279,15 +284,21 @@ impl Cluster {
     pub async fn record(&self, vol: &VolumeId) -> Result<Option<Versioned>> {
         match self.store.get(vol).await? {
             Some(r) => Ok(Some(r)),
-            None => match self.not_adopted() {
-                pending if pending.is_empty() => Ok(None),
-                pending => Err(Error::Unreachable {
-                    node: pending.join(", "),
-                    reason: format!(
-                        "volume {vol} has no placement record, and these nodes have not answered since records began; one of them may hold it"
-                    ),
-                }),
-            },
+            None => self.known_absent(&format!("volume {vol}")).map(|()| None),
+        }
+    }
+
+    /// What has no record is gone, once every node is adopted; before that it may be on a
+    /// node not adopted yet, which is UNAVAILABLE naming those nodes.
+    pub fn known_absent(&self, what: &str) -> Result<()> {
+        match self.not_adopted() {
+            pending if pending.is_empty() => Ok(()),
+            pending => Err(Error::Unreachable {
+                node: pending.join(", "),
+                reason: format!(
+                    "{what} has no placement record, and these nodes have not answered since records began; one of them may hold it"
+                ),
+            }),
         }
     }
 
@@ -362,12 +373,18 @@ impl Cluster {
         }
     }
 
-    /// Changes `vol`'s record with `change` until the write lands (`placement::update`).
-    pub async fn update_record<F>(&self, vol: &VolumeId, change: F) -> Result<Versioned>
+    /// Changes `vol`'s record in place with `change` until the write lands
+    /// (`placement::update`): for changes right whatever the record became meanwhile.
+    pub async fn update_record<F>(&self, vol: &VolumeId, mut change: F) -> Result<Versioned>
     where
-        F: FnMut(&VolumePlacement) -> Result<VolumePlacement> + Send,
+        F: FnMut(&mut VolumePlacement) + Send,
     {
-        placement::update(self.store.as_ref(), vol, change).await
+        placement::update(self.store.as_ref(), vol, |r| {
+            let mut next = r.clone();
+            change(&mut next);
+            Ok(next)
+        })
+        .await
     }
 }
 

@@ -11,7 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use futures::future::join_all;
@@ -38,7 +38,6 @@ pub const POLL_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct NodeView {
     /// The last inventory it answered with.
     pub inventory: Option<Arc<pb::InventoryResponse>>,
-    pub answered_at: Option<Instant>,
     /// Why its last poll failed; none while it answers.
     pub silent: Option<String>,
 }
@@ -126,11 +125,10 @@ impl Cluster {
         self.metrics.node_polled(node, answer.is_ok());
         let mut views = self.views.write().expect("views lock poisoned");
         let v = views.entry(node.to_string()).or_default();
-        let was_silent = v.silent.is_some() || v.answered_at.is_none();
+        let was_silent = v.silent.is_some() || v.inventory.is_none();
         match answer {
             Ok(inv) => {
                 v.inventory = Some(Arc::new(inv));
-                v.answered_at = Some(Instant::now());
                 v.silent = None;
                 was_silent
             }
@@ -346,18 +344,16 @@ impl Cluster {
                     continue;
                 }
                 self.update_record(&vol, |r| {
-                    let mut r = r.clone();
                     if let Some(c) = copy
-                        && !named(&r)
+                        && !named(r)
                     {
                         r.replicas.push(replica_of(node, c));
                     }
                     for s in &snaps {
-                        if !held(&r, s) {
+                        if !held(r, s) {
                             r.snapshots.push(s.clone());
                         }
                     }
-                    Ok(r)
                 })
                 .await?;
             }

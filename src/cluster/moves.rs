@@ -364,7 +364,6 @@ impl Cluster {
         from: &str,
     ) -> Result<()> {
         self.update_record(vol, |r| {
-            let mut r = r.clone();
             if r.epoch <= epoch {
                 r.primary = to.to_string();
                 r.epoch = epoch;
@@ -377,7 +376,6 @@ impl Cluster {
                     });
                 }
             }
-            Ok(r)
         })
         .await
         .map(|_| ())
@@ -397,9 +395,7 @@ impl Cluster {
             .map_err(|s| peer(&source.node, s))?;
         if !source.info.keep_source {
             self.update_record(vol, |r| {
-                let mut r = r.clone();
                 r.replicas.retain(|x| x.node != source.node);
-                Ok(r)
             })
             .await?;
         }
@@ -460,14 +456,12 @@ impl Cluster {
         failpoint::hit("cancel:after-unfence");
         let home = home.node.clone();
         self.update_record(vol, |r| {
-            let mut r = r.clone();
             if r.epoch < epoch {
                 r.primary = home.clone();
                 r.epoch = epoch;
                 r.handoff = None;
                 r.replicas.retain(|x| x.node != home);
             }
-            Ok(r)
         })
         .await?;
         Ok(())
@@ -499,7 +493,6 @@ impl Cluster {
         // The targets join the record before any data moves: a delete, or a cancelled
         // hand-off's epoch floor, then reaches a receive under way there.
         self.update_record(vol, |r| {
-            let mut r = r.clone();
             for t in targets {
                 if t != &r.primary && !r.replicas.iter().any(|x| &x.node == t) {
                     r.replicas.push(ReplicaPlacement {
@@ -508,7 +501,6 @@ impl Cluster {
                     });
                 }
             }
-            Ok(r)
         })
         .await?;
         let p = self.locate(vol).await?;
@@ -519,10 +511,10 @@ impl Cluster {
         let primary = match &p.primary {
             Some(c) if c.node == primary.node => c.clone(),
             _ => {
-                return Err(Error::Aborted(format!(
-                    "the primary of volume {vol} is no longer on node {}",
-                    primary.node
-                )));
+                return Err(Error::Conflict {
+                    what: format!("the primary of volume {vol}"),
+                    reason: format!("it is no longer on node {}", primary.node),
+                });
             }
         };
         let primary = &primary;
@@ -573,12 +565,10 @@ impl Cluster {
         }
         let shipped: Vec<String> = out.iter().map(|(t, _)| t.clone()).collect();
         self.update_record(vol, |r| {
-            let mut r = r.clone();
             for x in r.replicas.iter_mut().filter(|x| shipped.contains(&x.node)) {
                 x.snapshot = snap.clone();
                 x.snapshot_time = super::monitor::rfc3339(created);
             }
-            Ok(r)
         })
         .await?;
         Ok(out)
