@@ -363,7 +363,7 @@ impl TestCluster {
             .collect();
         std::fs::write(c.dir.path().join("nodes"), nodes_file).unwrap();
         for i in 0..n {
-            c.start_node(i).await;
+            c.spawn_node(i).await;
         }
         c.spawn_controller().await;
         c
@@ -388,6 +388,8 @@ impl TestCluster {
         std::fs::read_to_string(self.dir.path().join("controller.log")).unwrap_or_default()
     }
 
+    /// Starts node `i`; a node with a network namespace runs inside it, its agent on the
+    /// namespace's end of the veth pair.
     pub async fn spawn_node(&mut self, i: usize) {
         let certs = self.certs();
         let n = &mut self.nodes[i];
@@ -398,7 +400,20 @@ impl TestCluster {
             .append(true)
             .open(n.dir.join("berth.log"))
             .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+        let mut cmd = match &n.netns {
+            None => Command::new(env!("CARGO_BIN_EXE_berth")),
+            // nsenter enters the network namespace only and execs berth (the child is
+            // berth itself, for signals); `ip netns exec` would also give it a mount
+            // namespace of its own, where its mounts would be out of the test's sight.
+            Some(ns) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net=/run/netns/{}", ns.name))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_berth"));
+                cmd
+            }
+        };
+        let host = n.agent_host();
         cmd.arg("node")
             .arg("--endpoint")
             .arg(n.endpoint())
@@ -412,7 +427,7 @@ impl TestCluster {
             .arg("--pool-size")
             .arg("8Gi")
             .arg("--agent-listen")
-            .arg(format!("127.0.0.1:{}", n.port))
+            .arg(format!("{host}:{}", n.port))
             .arg("--tls-dir")
             .arg(certs.join(&n.id))
             .env("RUST_LOG", "info,berth=debug")
@@ -431,75 +446,11 @@ impl TestCluster {
         .await;
         // The agent port opens after the CSI socket; wait for it too.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", n.port)).is_err() {
+        while std::net::TcpStream::connect((host.as_str(), n.port)).is_err() {
             assert!(Instant::now() < deadline, "agent of {} did not open", n.id);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         n.child = Some(child);
-    }
-
-    /// As [`TestCluster::spawn_node`], inside the node's network namespace, its agent on
-    /// the namespace's end of the veth pair.
-    pub async fn spawn_node_in_netns(&mut self, i: usize) {
-        let certs = self.certs();
-        let n = &mut self.nodes[i];
-        let ns = n.netns.as_ref().expect("a namespaced node");
-        std::fs::create_dir_all(&n.dir).unwrap();
-        let _ = std::fs::remove_file(n.socket());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(n.dir.join("berth.log"))
-            .unwrap();
-        // nsenter enters the network namespace only and execs berth (the child is berth
-        // itself, for signals); `ip netns exec` would also give it a mount namespace of its
-        // own, where its mounts would be out of the test's sight.
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", ns.name))
-            .arg("--")
-            .arg(env!("CARGO_BIN_EXE_berth"))
-            .arg("node")
-            .arg("--endpoint")
-            .arg(n.endpoint())
-            .arg("--state-dir")
-            .arg(n.dir.join("state"))
-            .arg("--node-id")
-            .arg(&n.id)
-            .arg("--pool-size")
-            .arg("8Gi")
-            .arg("--agent-listen")
-            .arg(format!("{}:{}", ns.node_addr, n.port))
-            .arg("--tls-dir")
-            .arg(certs.join(&n.id))
-            .env("RUST_LOG", "info,berth=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        match &n.failpoint {
-            Some(fp) => cmd.env("BERTH_FAILPOINT", fp),
-            None => cmd.env_remove("BERTH_FAILPOINT"),
-        };
-        let mut child = cmd.spawn().expect("spawn berth node in its namespace");
-        let (socket, endpoint, dir) = (n.socket(), n.endpoint(), n.dir.clone());
-        wait_for_socket(&mut child, &socket, &endpoint, || {
-            std::fs::read_to_string(dir.join("berth.log")).unwrap_or_default()
-        })
-        .await;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect((ns.node_addr, n.port)).is_err() {
-            assert!(Instant::now() < deadline, "agent of {} did not open", n.id);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        n.child = Some(child);
-    }
-
-    /// Starts node `i`, in its network namespace if it has one.
-    async fn start_node(&mut self, i: usize) {
-        if self.nodes[i].netns.is_some() {
-            self.spawn_node_in_netns(i).await;
-        } else {
-            self.spawn_node(i).await;
-        }
     }
 
     pub async fn spawn_controller(&mut self) {
@@ -593,7 +544,7 @@ impl TestCluster {
     pub async fn restart_node(&mut self, i: usize, failpoint: Option<&str>) {
         self.kill_node(i);
         self.nodes[i].failpoint = failpoint.map(str::to_string);
-        self.start_node(i).await;
+        self.spawn_node(i).await;
     }
 
     pub fn kill_controller(&mut self) {

@@ -131,6 +131,25 @@ pub(super) async fn spawn_berth(
     }
 }
 
+/// `berth controller` over the nodes file in `dir`, serving `endpoint`, with a state
+/// directory of its own there (a controller keeps its placement records on disk and must
+/// not use /var/lib/berth).
+pub(super) fn controller_args(endpoint: &str, dir: &Path, certs: &Path) -> Vec<String> {
+    vec![
+        "controller".to_string(),
+        "--endpoint".into(),
+        endpoint.to_string(),
+        "--node-id".into(),
+        "controller".into(),
+        "--nodes".into(),
+        s(dir.join("nodes")),
+        "--state-dir".into(),
+        s(dir.join("controller-state")),
+        "--tls-dir".into(),
+        s(certs.join("controller")),
+    ]
+}
+
 pub(super) fn s(x: impl AsRef<std::ffi::OsStr>) -> String {
     x.as_ref().to_string_lossy().into_owned()
 }
@@ -197,19 +216,7 @@ impl TestCluster {
         }
         let csock = dir.join("controller.sock");
         let cend = format!("unix://{}", csock.display());
-        let args = vec![
-            "controller".to_string(),
-            "--endpoint".into(),
-            cend.clone(),
-            "--node-id".into(),
-            "controller".into(),
-            "--nodes".into(),
-            s(dir.join("nodes")),
-            "--state-dir".into(),
-            s(dir.join("controller-state")),
-            "--tls-dir".into(),
-            s(certs.join("controller")),
-        ];
+        let args = controller_args(&cend, &dir, &certs);
         c.controller = Some(
             spawn_berth(
                 &cfg.berth,

@@ -35,7 +35,7 @@ use nix::{
     unistd::Pid,
 };
 
-use super::move_section::{free_port, s, spawn_berth};
+use super::move_section::{controller_args, free_port, s, spawn_berth};
 use super::*;
 
 const TOPOLOGY_KEY: &str = "topology.berth.csi.dev/node";
@@ -140,23 +140,8 @@ impl ScaleCluster {
         let csock = dir.join("controller.sock");
         let cend = format!("unix://{}", csock.display());
         let (child, port) = spawn_on_free_port(|port| {
-            let args = vec![
-                "controller".to_string(),
-                "--endpoint".into(),
-                cend.clone(),
-                "--node-id".into(),
-                "controller".into(),
-                "--nodes".into(),
-                s(dir.join("nodes")),
-                "--tls-dir".into(),
-                s(certs.join("controller")),
-                // Its own: a controller that keeps records on disk must not use
-                // /var/lib/berth.
-                "--state-dir".into(),
-                s(dir.join("controller-state")),
-                "--metrics-listen".into(),
-                format!("127.0.0.1:{port}"),
-            ];
+            let mut args = controller_args(&cend, &dir, &certs);
+            args.extend(["--metrics-listen".into(), format!("127.0.0.1:{port}")]);
             let (log, csock, cend) = (dir.join("controller.log"), &csock, &cend);
             async move { spawn_berth(&cfg.berth, &args, &log, csock, cend, Some(port)).await }
         })
@@ -317,6 +302,23 @@ impl Batch {
     }
 }
 
+/// CreateVolume of each `(name, node)`, placed on that node, in order: the created ids.
+async fn create_batch(
+    c: &ScaleCluster,
+    names: &[(String, String)],
+    deadline: Duration,
+) -> Result<(Batch, Vec<Option<String>>)> {
+    batch(c, names, deadline, |(name, node)| {
+        let mut ctl = c.ctl();
+        let req = create_on(name, node);
+        async move {
+            let v = ctl.create_volume(req).await?.into_inner().volume;
+            Ok(v.map(|v| v.volume_id).unwrap_or_default())
+        }
+    })
+    .await
+}
+
 /// Runs `call` for each item in order, each under `deadline`.
 async fn batch<T, F, Fut>(
     c: &ScaleCluster,
@@ -422,15 +424,7 @@ async fn scale_round(
     let names: Vec<(String, String)> = (0..cfg.cli.scale_volumes)
         .map(|i| (format!("scale-{n}-r{round}-h{i}"), target(i)))
         .collect();
-    let (create, ids) = batch(c, &names, deadline, |(name, node)| {
-        let mut ctl = c.ctl();
-        let req = create_on(name, node);
-        async move {
-            let v = ctl.create_volume(req).await?.into_inner().volume;
-            Ok(v.map(|v| v.volume_id).unwrap_or_default())
-        }
-    })
-    .await?;
+    let (create, ids) = create_batch(c, &names, deadline).await?;
     if !create.errors.is_empty() {
         bail!(
             "scale: {} of {} CreateVolume calls failed with every node up; first: {}",
@@ -494,15 +488,7 @@ async fn scale_round(
         let names: Vec<(String, String)> = (0..cfg.cli.scale_stopped_volumes)
             .map(|i| (format!("scale-{n}-r{round}-s{i}"), target(i)))
             .collect();
-        let (create, ids) = batch(c, &names, deadline, |(name, node)| {
-            let mut ctl = c.ctl();
-            let req = create_on(name, node);
-            async move {
-                let v = ctl.create_volume(req).await?.into_inner().volume;
-                Ok(v.map(|v| v.volume_id).unwrap_or_default())
-            }
-        })
-        .await?;
+        let (create, ids) = create_batch(c, &names, deadline).await?;
         let pubs: Vec<(String, String)> = pubs
             .iter()
             .take(cfg.cli.scale_stopped_volumes)
