@@ -3003,3 +3003,50 @@ async fn a_move_onwards_settles_the_source_an_earlier_move_left_fenced() {
     );
     assert_moved(&c, 2, &vol, &hash).await;
 }
+
+/// Two controllers given the same CreateVolume at once (two replicas of the provisioner's
+/// leader, or a retry landing on another replica): the record's create makes one of them
+/// place it, the other answers ABORTED or the same volume, and exactly one copy exists.
+/// Each round lets the two go at a different offset.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_controllers_creating_one_name_make_one_volume() {
+    let c = TestCluster::start(3).await;
+    let second = c.second_controller().await;
+    let (one, two) = (c.ctl().await, second.ctl().await);
+    for (round, delay) in [0u64, 0, 2, 5, 10].into_iter().enumerate() {
+        let name = format!("pvc-twice-{round}");
+        let req = create_req(&name, VOL, block_cap());
+        let (mut x, mut y) = (one.clone(), two.clone());
+        let (a, b) = tokio::join!(x.create_volume(req.clone()), async {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            y.create_volume(req.clone()).await
+        });
+        let ids: Vec<String> = [&a, &b]
+            .into_iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|r| r.get_ref().volume.as_ref().unwrap().volume_id.clone())
+            .collect();
+        assert!(
+            !ids.is_empty(),
+            "round {round}: neither made it: {a:?} {b:?}"
+        );
+        assert!(ids.iter().all(|i| i == &ids[0]), "round {round}: {ids:?}");
+        for r in [&a, &b] {
+            if let Err(e) = r {
+                assert_eq!(e.code(), tonic::Code::Aborted, "round {round}: {e:?}");
+            }
+        }
+        // The loser's retry, as the CO makes it, answers the same volume.
+        let again = create_volume(&two, req).await;
+        assert_eq!(again.volume_id, ids[0], "round {round}");
+        assert_eq!(
+            c.copies(&ids[0]).await,
+            vec![(c.copies(&ids[0]).await[0].0, pb::Role::Primary)],
+            "round {round}: one copy"
+        );
+        assert_eq!(
+            record_of(&c, &ids[0]).phase,
+            berth::placement::PlacementPhase::Ready
+        );
+    }
+}
