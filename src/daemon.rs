@@ -14,6 +14,7 @@ use crate::{
     cluster::{self, Cluster, ClusterHealth, admin::ClusterMigrator},
     error::{Error, Result},
     kube::{self, ClusterApi, KubeApi, crd::BerthNodeSpec},
+    lease::{LeaseTimings, NodeLease},
     metrics::{self, Metrics},
     proto::{
         admin::v1::admin_server::AdminServer,
@@ -37,6 +38,7 @@ pub struct AgentConfig {
     /// In Kubernetes: the address peers reach the agent at, published in the node's
     /// BerthNode object so the controller finds it.
     pub advertise: Option<String>,
+    pub lease: LeaseTimings,
 }
 
 /// Where a node's agent gets its certificate.
@@ -109,6 +111,7 @@ pub struct ClusterConfig {
     /// With a nodes file, the placement records live in `placement/` here (in Kubernetes,
     /// they are BerthVolume objects).
     pub state_dir: PathBuf,
+    pub lease: LeaseTimings,
 }
 
 /// How many volumes a node attaches unless told otherwise. Loop devices are made on demand
@@ -272,6 +275,15 @@ pub async fn run(cfg: Config) -> Result<()> {
             shutdown.clone(),
         ));
     }
+    // Before the agent serves: a lease that lapsed while no agent ran fences at once.
+    let lease = match &cfg.agent {
+        Some(a) => {
+            let lease = NodeLease::start(ctx.pool.clone(), &cfg.state_dir, a.lease.fence_after)?;
+            tokio::spawn(lease.clone().watch(shutdown.clone()));
+            Some(lease)
+        }
+        None => None,
+    };
     let Some((a, tls)) = cfg.agent.zip(tls) else {
         return server::serve(
             server::csi_router(ctx.clone(), cfg.roles, &metrics),
@@ -306,7 +318,15 @@ pub async fn run(cfg: Config) -> Result<()> {
                 kube::csr::request_node_certificate(client, &node_id, &ca, CSR_POLL).await?
             }
         };
-        agent::serve(ctx, a.listen, tls, counters, server::stopped(shutdown)).await
+        agent::serve(
+            ctx,
+            a.listen,
+            tls,
+            counters,
+            lease,
+            server::stopped(shutdown),
+        )
+        .await
     };
     let agent = async move {
         let r = agent.await;
@@ -338,13 +358,17 @@ pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
             // One controller per nodes file: it always leads.
             let _ = leader_tx.send(true);
             let store = crate::placement::FileStore::open(&cfg.state_dir.join("placement"))?;
-            Arc::new(Cluster::load(
-                path,
-                &tls,
-                cfg.domain.clone(),
-                metrics.clone(),
-                Arc::new(store),
-            )?)
+            let leases = cluster::failover::FileLeases::open(cfg.state_dir.join("leases"))?;
+            Arc::new(
+                Cluster::load(
+                    path,
+                    &tls,
+                    cfg.domain.clone(),
+                    metrics.clone(),
+                    Arc::new(store),
+                )?
+                .with_leases(Arc::new(leases), cfg.lease),
+            )
         }
         Discovery::Kubernetes {
             namespace,
@@ -432,6 +456,15 @@ pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
         )));
     tokio::spawn(cluster::monitor::monitor_loop(
         cluster.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(cluster::failover::renewal_loop(
+        cluster.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(cluster::failover::failover_loop(
+        cluster.clone(),
+        leader.clone(),
         shutdown.clone(),
     ));
     tokio::spawn(cluster::moves::replication_loop(

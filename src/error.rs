@@ -98,6 +98,13 @@ pub enum Error {
     /// Received data did not verify; nothing of it was kept as a snapshot.
     #[error("transfer of {snapshot} failed verification: {reason}")]
     Verification { snapshot: String, reason: String },
+    /// A copy this node fenced when its lease lapsed: the volume may have failed over
+    /// meanwhile, so only the controller, from the placement record, may give it back.
+    /// Retryable: the controller resumes it within a lease period if it is still ours.
+    #[error(
+        "volume {0} was fenced on this node when its lease lapsed; the cluster controller resumes it once the placement record shows this node is still its primary"
+    )]
+    Suspended(String),
     /// The pool is not mounted/writable; the driver cannot serve until it is.
     #[error("storage pool unavailable: {0}")]
     PoolUnavailable(String),
@@ -141,7 +148,9 @@ impl Error {
             | Error::Corrupt { .. } => Code::Internal,
             Error::Peer { status, .. } => status.code(),
             Error::Relayed { code, .. } => *code,
-            Error::Unreachable { .. } | Error::MoveInterrupted { .. } => Code::Unavailable,
+            Error::Unreachable { .. } | Error::MoveInterrupted { .. } | Error::Suspended(_) => {
+                Code::Unavailable
+            }
             Error::Verification { .. } => Code::DataLoss,
             // Probe's table: "Plugin not healthy" is FAILED_PRECONDITION.
             Error::PoolUnavailable(_) => Code::FailedPrecondition,

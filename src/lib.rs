@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod error;
 pub mod kube;
+pub mod lease;
 pub mod metrics;
 pub mod placement;
 pub mod proto;

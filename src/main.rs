@@ -2,7 +2,10 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use berth::{
     daemon::{self, AgentConfig, AgentTls, ClusterConfig, Config, Discovery, NodeSigner},
-    proto::admin::v1::{MigrateRequest, admin_client::AdminClient},
+    lease::LeaseTimings,
+    proto::admin::v1::{
+        DeclareNodeGoneRequest, MigrateRequest, PromoteRequest, admin_client::AdminClient,
+    },
     server::{Endpoint, Roles},
     storage::setup::PoolSource,
 };
@@ -82,8 +85,39 @@ enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Fails VOLUME over to a replica because its primary's node is lost (lease expired or
+    /// declared gone): for `failover: manual` volumes, or to pick the replica.
+    Promote {
+        volume: String,
+        /// The replica's node (default: the one with the newest snapshot).
+        #[arg(long)]
+        to: Option<String>,
+        /// The cluster controller's endpoint.
+        #[arg(
+            long,
+            env = "CSI_ENDPOINT",
+            default_value = "unix:///var/lib/berth/csi.sock"
+        )]
+        endpoint: String,
+    },
+    /// Declares NODE gone for good: its replicated volumes fail over now, without waiting
+    /// for its lease to expire. Only once the node is powered off or cut from its disks.
+    NodeGone {
+        node: String,
+        /// The cluster controller's endpoint.
+        #[arg(
+            long,
+            env = "CSI_ENDPOINT",
+            default_value = "unix:///var/lib/berth/csi.sock"
+        )]
+        endpoint: String,
+    },
     /// Prints the CustomResourceDefinitions berth uses (BerthNode, VolumeMigration).
     Crd,
+    /// Started by a node agent: fences the node's replicated primaries when its lease
+    /// lapses, even if the agent is frozen or dead (docs/moving.md).
+    #[command(hide = true)]
+    FenceKeeper,
     /// Pre-warms a move: ships VOLUME to NODE while it stays in use where it is, so the
     /// cut-over (the next publish on NODE) ships only the last seconds of change.
     Migrate {
@@ -113,6 +147,45 @@ struct ClusterArgs {
     /// The topology domain volumes move within (reported as topology.berth.csi.dev/domain).
     #[arg(long, default_value = "default")]
     topology_domain: String,
+    /// How often a node's liveness lease is renewed (docs/moving.md, "When a node dies").
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    lease_period: std::time::Duration,
+    /// How long after a node's last renewal the controller may fail its volumes over.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    lease_duration: std::time::Duration,
+    /// How long after its last renewal a node fences its replicated primaries; shorter
+    /// than --lease-duration by a margin for clock drift and a late fence.
+    #[arg(long, default_value = "6s", value_parser = parse_duration)]
+    lease_fence_after: std::time::Duration,
+}
+
+impl ClusterArgs {
+    fn lease(&self) -> Option<LeaseTimings> {
+        let t = LeaseTimings {
+            period: self.lease_period,
+            duration: self.lease_duration,
+            fence_after: self.lease_fence_after,
+        };
+        match t.check() {
+            Ok(()) => Some(t),
+            Err(e) => {
+                eprintln!("berth: {e}");
+                None
+            }
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 2s or 500ms"))?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "s" => Ok(std::time::Duration::from_secs(n)),
+        _ => Err(format!("{s:?} is not a duration like 2s or 500ms")),
+    }
 }
 
 #[derive(Args, Clone)]
@@ -217,10 +290,8 @@ fn node_id(given: Option<String>) -> String {
 
 /// `berth migrate`: prints progress lines until the target is ready to cut over.
 async fn migrate(endpoint: &str, volume: String, to: String) -> Result<(), String> {
-    let channel = berth::client::connect(endpoint)
-        .await
-        .map_err(|e| format!("cannot reach the controller at {endpoint}: {e}"))?;
-    let mut stream = AdminClient::new(channel)
+    let mut stream = admin(endpoint)
+        .await?
         .migrate(MigrateRequest {
             volume_id: volume.clone(),
             to_node_id: to.clone(),
@@ -254,6 +325,60 @@ async fn migrate(endpoint: &str, volume: String, to: String) -> Result<(), Strin
     Err("the controller ended the migration without reaching ready".into())
 }
 
+async fn admin(endpoint: &str) -> Result<AdminClient<tonic::transport::Channel>, String> {
+    let channel = berth::client::connect(endpoint)
+        .await
+        .map_err(|e| format!("cannot reach the controller at {endpoint}: {e}"))?;
+    Ok(AdminClient::new(channel))
+}
+
+async fn promote(endpoint: &str, volume: String, to: Option<String>) -> Result<(), String> {
+    let r = admin(endpoint)
+        .await?
+        .promote(PromoteRequest {
+            volume_id: volume.clone(),
+            to_node_id: to.unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    println!("volume {volume} now lives on {}", r.primary_node_id);
+    Ok(())
+}
+
+async fn node_gone(endpoint: &str, node: String) -> Result<(), String> {
+    let r = admin(endpoint)
+        .await?
+        .declare_node_gone(DeclareNodeGoneRequest {
+            node_id: node.clone(),
+        })
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    for v in &r.failed_over {
+        println!("failed over: {v}");
+    }
+    for v in &r.left {
+        println!("not failed over: {v}");
+    }
+    println!(
+        "node {node} declared gone: {} volume(s) failed over, {} left",
+        r.failed_over.len(),
+        r.left.len()
+    );
+    Ok(())
+}
+
+fn report(r: Result<(), String>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berth: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (roles, c, agent) = match cli.command {
@@ -276,17 +401,20 @@ fn main() -> ExitCode {
             to,
             endpoint,
         } => {
-            return match runtime().block_on(migrate(&endpoint, volume, to)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("berth: {e}");
-                    ExitCode::FAILURE
-                }
-            };
+            return report(runtime().block_on(migrate(&endpoint, volume, to)));
         }
         Command::Crd => {
             print!("{}", berth::kube::crd::crds_yaml());
             return ExitCode::SUCCESS;
+        }
+        Command::FenceKeeper => return finish(berth::lease::run_keeper()),
+        Command::Promote {
+            volume,
+            to,
+            endpoint,
+        } => return report(runtime().block_on(promote(&endpoint, volume, to))),
+        Command::NodeGone { node, endpoint } => {
+            return report(runtime().block_on(node_gone(&endpoint, node)));
         }
         Command::Controller {
             common,
@@ -318,7 +446,11 @@ fn main() -> ExitCode {
                     instance: node_id.clone(),
                 },
             };
+            let Some(lease) = cluster.lease() else {
+                return ExitCode::from(2);
+            };
             let cfg = ClusterConfig {
+                lease,
                 endpoint,
                 driver_name: common.driver_name,
                 node_id,
@@ -347,6 +479,9 @@ fn main() -> ExitCode {
             agent_ca,
             cluster,
         } => {
+            let Some(lease) = cluster.lease() else {
+                return ExitCode::from(2);
+            };
             let advertise = match (node_discovery, agent_advertise, agent_listen) {
                 (None, _, _) => None,
                 (Some(_), Some(a), _) => Some(a),
@@ -383,6 +518,7 @@ fn main() -> ExitCode {
                         },
                         domain: cluster.topology_domain,
                         advertise,
+                        lease,
                     }),
                 },
             )

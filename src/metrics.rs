@@ -114,6 +114,7 @@ pub struct Metrics {
     lag: Family<VolumeLabels, Gauge<f64, AtomicU64>>,
     polls: Family<PollLabels, Counter>,
     reachable: Family<NodeLabels, Gauge>,
+    failovers: Family<NodeLabels, Counter>,
     /// The volumes `lag` has a sample for, so that one gone is removed.
     lagging: Mutex<BTreeSet<String>>,
     transfer: Arc<Counters>,
@@ -182,6 +183,12 @@ impl Default for Metrics {
             "1 while the node answered the controller's last poll, else 0",
             reachable.clone(),
         );
+        let failovers = Family::default();
+        registry.register(
+            "berth_failovers",
+            "Volumes failed over away from a lost node, by the node lost",
+            failovers.clone(),
+        );
         let transfer = Arc::<Counters>::default();
         registry.register_collector(Box::new(TransferCollector(transfer.clone())));
         Metrics {
@@ -196,6 +203,7 @@ impl Default for Metrics {
             lag,
             polls,
             reachable,
+            failovers,
             lagging: Mutex::default(),
             transfer,
         }
@@ -269,6 +277,15 @@ impl Metrics {
                 .set(*secs);
         }
         *lagging = now;
+    }
+
+    /// A volume failed over away from lost `node`.
+    pub fn failed_over(&self, node: &str) {
+        self.failovers
+            .get_or_create(&NodeLabels {
+                node: node.to_string(),
+            })
+            .inc();
     }
 
     /// A background poll of `node` ended.

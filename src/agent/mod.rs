@@ -23,6 +23,7 @@ use tonic::{
 
 use crate::{
     error::{Error, Result},
+    lease::NodeLease,
     proto::{
         agent::v1::{
             self as pb,
@@ -94,6 +95,8 @@ pub struct AgentService {
     /// round must not make a NodePublish on the same volume fail with ABORTED.
     shipping: InFlight,
     fetches: Arc<Fetches>,
+    /// Renewed by the controller's RenewLease when it renews this node's lease for it.
+    lease: Option<Arc<NodeLease>>,
 }
 
 /// The receives running here, by volume, so that forgetting a volume (its deletion) stops
@@ -119,8 +122,14 @@ impl Fetches {
 
 impl AgentService {
     /// `counters` are shared with /metrics.
-    pub fn new(ctx: Arc<Context>, tls: TlsMaterial, counters: Arc<Counters>) -> Self {
+    pub fn new(
+        ctx: Arc<Context>,
+        tls: TlsMaterial,
+        counters: Arc<Counters>,
+        lease: Option<Arc<NodeLease>>,
+    ) -> Self {
         Self {
+            lease,
             ctx,
             tls,
             counters,
@@ -162,6 +171,7 @@ impl AgentService {
                     pb::Role::Primary
                 } as i32,
                 fenced_to: v.fence.as_ref().map(|f| f.to.clone()).unwrap_or_default(),
+                suspended: v.suspended,
                 fence_epoch: v.fence.as_ref().map_or(0, |f| f.epoch),
                 published_node_ids: v.published.keys().cloned().collect(),
                 shipping: shipping(&v.id)?,
@@ -194,6 +204,7 @@ impl AgentService {
             snapshots,
             counters: Some(self.counters.to_proto()),
             reflink: pool.reflink(),
+            lease_lapsed: self.lease.as_ref().is_some_and(|l| l.lapsed()),
         })
     }
 }
@@ -225,6 +236,7 @@ fn shipping_proto(s: &crate::storage::SnapshotRecord) -> pb::ShippingSnapshot {
 fn template(v: &VolumeRecord) -> pb::VolumeTemplate {
     let t = VolumeRecord {
         fence: None,
+        suspended: false,
         published: Default::default(),
         ..v.clone()
     };
@@ -448,6 +460,81 @@ impl Agent for AgentService {
         )
     }
 
+    async fn renew_lease(
+        &self,
+        req: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+        let req = req.into_inner();
+        respond(match &self.lease {
+            Some(lease) => {
+                lease.controller_renewal(req.confirm, req.token);
+                Ok(pb::RenewLeaseResponse {})
+            }
+            None => Err(Error::FailedPrecondition(
+                "this node renews its own Lease in Kubernetes; the controller does not renew it"
+                    .into(),
+            )),
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id, epoch = req.get_ref().epoch))]
+    async fn resume(
+        &self,
+        req: Request<pb::ResumeRequest>,
+    ) -> Result<Response<pb::ResumeResponse>, Status> {
+        let req = req.into_inner();
+        respond(
+            async {
+                let id = volume_id(&req.volume_id)?;
+                if self.lease.as_ref().is_some_and(|l| l.lapsed()) {
+                    return Err(Error::Suspended(id.to_string()));
+                }
+                let _g = self.ctx.inflight.try_lock([id.to_string()])?;
+                let epoch = self.ctx.pool.resume(&id, req.epoch).await?;
+                tracing::info!("primary resumed: the placement record still names this node");
+                Ok(pb::ResumeResponse { epoch })
+            }
+            .await,
+        )
+    }
+
+    #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id, epoch = req.get_ref().epoch))]
+    async fn demote(
+        &self,
+        req: Request<pb::DemoteRequest>,
+    ) -> Result<Response<pb::DemoteResponse>, Status> {
+        let req = req.into_inner();
+        respond(
+            async {
+                let id = volume_id(&req.volume_id)?;
+                if req.kept_snapshot_name.is_empty() {
+                    return Err(Error::Missing("kept_snapshot_name"));
+                }
+                let _g = self.ctx.inflight.try_lock([id.to_string()])?;
+                let _s = self.shipping.try_lock([id.to_string()])?;
+                let kept = self
+                    .ctx
+                    .pool
+                    .demote(
+                        &id,
+                        req.epoch,
+                        &req.new_primary_node_id,
+                        &req.kept_snapshot_name,
+                    )
+                    .await?;
+                tracing::info!(new_primary = %req.new_primary_node_id, kept = ?kept.as_ref().map(|s| &s.id), "stale primary demoted after a failover; what it held is kept as a snapshot");
+                Ok(pb::DemoteResponse {
+                    kept: kept.map(|s| pb::SnapshotCopy {
+                        snapshot_id: s.id.to_string(),
+                        source_volume_id: s.source_volume.to_string(),
+                        size_bytes: s.size_bytes,
+                    }),
+                })
+            }
+            .await,
+        )
+    }
+
     async fn forget(
         &self,
         req: Request<pb::ForgetRequest>,
@@ -471,13 +558,14 @@ pub async fn serve(
     addr: SocketAddr,
     tls: TlsMaterial,
     counters: Arc<Counters>,
+    lease: Option<Arc<NodeLease>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(Error::io("bind", addr.to_string()))?;
     tracing::info!(agent = %addr, "serving the node agent (mutual TLS)");
-    let agent = AgentServer::new(AgentService::new(ctx.clone(), tls.clone(), counters))
+    let agent = AgentServer::new(AgentService::new(ctx.clone(), tls.clone(), counters, lease))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     Server::builder()
@@ -531,6 +619,7 @@ mod tests {
             ctx.clone(),
             TlsMaterial::load(&tls_dir[0]).unwrap(),
             Arc::default(),
+            None,
         );
         for i in 0..VOLUMES {
             let v = ctx

@@ -84,6 +84,33 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id, to = %req.get_ref().to_node_id))]
+    async fn promote(
+        &self,
+        req: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::PromoteResponse>, Status> {
+        let req = req.into_inner();
+        let vol = convert::existing_volume_id(&req.volume_id)?;
+        let to = (!req.to_node_id.is_empty()).then_some(req.to_node_id.as_str());
+        let node = self.cluster.promote_by_hand(&vol, to).await?;
+        Ok(Response::new(pb::PromoteResponse {
+            primary_node_id: node,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(node = %req.get_ref().node_id))]
+    async fn declare_node_gone(
+        &self,
+        req: Request<pb::DeclareNodeGoneRequest>,
+    ) -> Result<Response<pb::DeclareNodeGoneResponse>, Status> {
+        let node = convert::required(&req.get_ref().node_id, "node_id")?.to_string();
+        let (failed_over, left) = self.cluster.declare_gone(&node).await?;
+        Ok(Response::new(pb::DeclareNodeGoneResponse {
+            failed_over,
+            left,
+        }))
+    }
+
     type MigrateStream = ReceiverStream<Result<pb::MigrateProgress, Status>>;
 
     #[tracing::instrument(skip_all, fields(volume.id = %req.get_ref().volume_id, to = %req.get_ref().to_node_id))]

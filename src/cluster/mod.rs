@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod controller;
+pub mod failover;
 pub mod metadata;
 pub mod monitor;
 pub mod moves;
@@ -24,6 +25,7 @@ use tonic::{Status, transport::Channel};
 use crate::{
     error::{Error, Result},
     kube::ClusterApi,
+    lease::LeaseTimings,
     metrics::{AgentChannel, Metrics},
     placement::{self, PlacementStore, Versioned, VolumePlacement},
     proto::{
@@ -64,6 +66,8 @@ pub struct Cluster {
     views: RwLock<BTreeMap<String, monitor::NodeView>>,
     /// Nodes whose volumes all have records (`monitor::adopt`).
     adopted: RwLock<BTreeSet<String>>,
+    /// The nodes' leases, when this controller fails volumes over (`failover`).
+    pub liveness: Option<failover::Liveness>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -123,6 +127,7 @@ impl Cluster {
             store,
             views: RwLock::default(),
             adopted: RwLock::default(),
+            liveness: None,
         };
         c.set_members(nodes)?;
         Ok(c)
@@ -137,6 +142,16 @@ impl Cluster {
     ) -> Result<Cluster> {
         let text = std::fs::read_to_string(path).map_err(Error::io("read", path))?;
         Cluster::new(parse_nodes(&text)?, tls, domain, None, metrics, store)
+    }
+
+    /// Keeps the nodes' leases in `leases` and fails volumes over when one expires.
+    pub fn with_leases(
+        mut self,
+        leases: Arc<dyn failover::LeaseStore>,
+        timings: LeaseTimings,
+    ) -> Self {
+        self.liveness = Some(failover::Liveness::new(leases, timings));
+        self
     }
 
     /// Whether Events have anywhere to go.

@@ -297,6 +297,7 @@ impl Cluster {
                     },
                     // From every answering node: a volume moves without its snapshots.
                     snapshots: snapshots_of(answering.iter(), &c.volume_id),
+                    failover: None,
                 };
                 match self.store.create(&record).await {
                     Ok(_) | Err(Error::Conflict { .. }) => {

@@ -69,6 +69,10 @@ pub struct VolumePlacement {
     /// there).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub claim: String,
+    /// The volume failed over from a lost node: kept until that node's stale copy has
+    /// been demoted (its writes set aside as a snapshot), so that it is never served again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailedOver>,
     /// The CSI snapshots cut from this volume, and the node holding each: a snapshot call
     /// goes to that node only. They outlive the volume (phase `Deleted`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -90,6 +94,21 @@ pub struct SnapshotPlacement {
     /// The group snapshot it belongs to, if any.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub group_snapshot_id: String,
+}
+
+/// A failover: the replica promoted in place of a lost primary, and from what.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailedOver {
+    /// The lost node, which may still hold a stale copy.
+    pub from: String,
+    /// The shipping snapshot the new primary was promoted from.
+    pub snapshot: String,
+    /// When that snapshot was cut (RFC 3339): writes after it on the lost node are not in
+    /// the new primary.
+    pub snapshot_time: String,
+    /// When the failover was recorded (RFC 3339).
+    pub at: String,
 }
 
 /// The lifecycle of a volume's record.

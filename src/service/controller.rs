@@ -115,6 +115,9 @@ impl ControllerService {
                 f.to, f.epoch
             )));
         }
+        if v.suspended {
+            return Err(Error::Suspended(id.to_string()));
+        }
         if let Some(why) = convert::fits(&v, cap) {
             return Err(Error::invalid("volume_capability", why));
         }

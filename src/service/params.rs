@@ -44,6 +44,28 @@ pub struct CreateParams {
     /// PVC/PV names, kept for events and for operators reading records.
     pub labels: BTreeMap<String, String>,
     pub replication: Replication,
+    pub failover: Failover,
+}
+
+/// Who decides to promote a replica when the primary's node is lost (`failover`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Failover {
+    /// The controller, once the node's lease has expired.
+    #[default]
+    Auto,
+    /// An operator, with `berth promote` (or `berth node-gone`).
+    Manual,
+}
+
+impl Failover {
+    /// The setting of a volume from its recorded CreateVolume parameters, validated when
+    /// it was created; a volume adopted without parameters fails over automatically.
+    pub fn of(params: &BTreeMap<String, String>) -> Failover {
+        match params.get(FAILOVER_KEY).map(String::as_str) {
+            Some("manual") => Failover::Manual,
+            _ => Failover::Auto,
+        }
+    }
 }
 
 /// StorageClass keys for replication and moves (creation only: a volume's copies are laid
@@ -51,6 +73,7 @@ pub struct CreateParams {
 const REPLICAS_KEY: &str = "replicas";
 const INTERVAL_KEY: &str = "replicationInterval";
 const KEEP_SOURCE_KEY: &str = "moveKeepsSource";
+const FAILOVER_KEY: &str = "failover";
 /// More copies than this is a typo, not a plan: every copy is a full volume on a node.
 const MAX_REPLICAS: u32 = 5;
 
@@ -134,6 +157,17 @@ pub fn create_params(
             out.replication.interval_seconds = parse_interval(v)?;
         } else if k == KEEP_SOURCE_KEY {
             out.replication.keep_source = parse_bool("parameters", v)?;
+        } else if k == FAILOVER_KEY {
+            out.failover = match v.as_str() {
+                "auto" => Failover::Auto,
+                "manual" => Failover::Manual,
+                other => {
+                    return Err(Error::invalid(
+                        "parameters",
+                        format!("{FAILOVER_KEY} {other:?} is not \"auto\" or \"manual\""),
+                    ));
+                }
+            };
         } else {
             rest.insert(k.clone(), v.clone());
         }
@@ -230,6 +264,10 @@ mod tests {
                 Err("replicationInterval"),
             ),
             (vec![("moveKeepsSource", "maybe")], vec![], Err("maybe")),
+            (vec![("failover", "manual")], vec![], Ok((None, false))),
+            (vec![("failover", "sometimes")], vec![], Err("sometimes")),
+            // Who promotes is decided at creation, like the copies.
+            (vec![], vec![("failover", "auto")], Err("failover")),
             // Replication is laid out at creation; it is not a mutable parameter.
             (vec![], vec![("replicas", "2")], Err("replicas")),
             (
@@ -282,6 +320,21 @@ mod tests {
         for (params, want) in cases {
             let got = create_params(&map(&params), &HashMap::new()).unwrap();
             assert_eq!(got.replication, want, "{params:?}");
+        }
+    }
+
+    #[test]
+    fn failover_is_automatic_unless_the_class_says_manual() {
+        let cases = [
+            (vec![], Failover::Auto),
+            (vec![("failover", "auto")], Failover::Auto),
+            (vec![("failover", "manual")], Failover::Manual),
+        ];
+        for (params, want) in cases {
+            let got = create_params(&map(&params), &HashMap::new()).unwrap();
+            assert_eq!(got.failover, want, "{params:?}");
+            let recorded: BTreeMap<_, _> = map(&params).into_iter().collect();
+            assert_eq!(Failover::of(&recorded), want, "{params:?}");
         }
     }
 

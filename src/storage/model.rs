@@ -163,6 +163,11 @@ pub struct VolumeRecord {
     /// Set while the copy hands off to another node: no publish or stage is accepted.
     #[serde(default)]
     pub fence: Option<Fence>,
+    /// Set when this node's lease lapsed while it held the volume as a replicated primary:
+    /// its devices were fenced, and no publish or stage is accepted until the controller,
+    /// having checked the placement record, resumes the copy or demotes it (`lease`).
+    #[serde(default)]
+    pub suspended: bool,
     #[serde(default)]
     pub replication: Replication,
 }

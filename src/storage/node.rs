@@ -130,6 +130,9 @@ impl NodeState {
                 f.to
             )));
         }
+        if vol.suspended {
+            return Err(Error::Suspended(id.to_string()));
+        }
         let fs_type = check_usage(&vol, &usage)?;
         if let Some(existing) = self.record(id)? {
             if existing.staging_path != staging {

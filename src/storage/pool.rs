@@ -461,6 +461,7 @@ impl Pool {
                 created_unix_nanos: now_nanos(),
                 epoch: 0,
                 fence: None,
+                suspended: false,
                 replication: req.replication.clone(),
             };
             self.save_volume(&record)?;

@@ -304,6 +304,7 @@ impl Pool {
             state: RecordState::Creating,
             epoch,
             fence: None,
+            suspended: false,
             published: Default::default(),
             ..r.volume.clone()
         };
@@ -446,6 +447,7 @@ impl Pool {
             (true, Some(snapshot)) => {
                 let template = VolumeRecord {
                     fence: None,
+                    suspended: false,
                     published: Default::default(),
                     ..v.clone()
                 };
@@ -466,6 +468,145 @@ impl Pool {
                 self.forget(vol)
             }
         }
+    }
+
+    /// The copies a lapsed lease fences: replicated primaries, which the controller may
+    /// promote a replica of elsewhere once the lease has expired. An unreplicated volume
+    /// has nowhere else to live, so fencing it would stop its database for nothing.
+    pub fn fenceable(&self) -> Result<Vec<VolumeRecord>> {
+        Ok(self
+            .volumes()?
+            .into_iter()
+            .filter(|v| {
+                v.state == RecordState::Ready
+                    && v.fence.is_none()
+                    && !v.suspended
+                    && v.replication.replicas > 1
+            })
+            .collect())
+    }
+
+    /// Suspends a primary whose lease lapsed: recorded first, so that no stage or publish
+    /// starts after this returns, then every writable device of it is fenced.
+    pub async fn suspend(&self, vol: &VolumeId) -> Result<()> {
+        let mut v = self.ready_volume(vol)?;
+        if !v.suspended {
+            v.suspended = true;
+            self.save_volume(&v)?;
+        }
+        for dev in loopdev::all_for(&self.volume_image(vol)).await? {
+            if !dev.read_only && !dev.fenced {
+                loopdev::set_fenced(&dev.device, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives a suspended primary its writes back, at `epoch`: the controller recorded this
+    /// node as the primary at `epoch` by compare-and-swap, so no promotion elsewhere can
+    /// have happened or still happen at it. The devices come back before the record, so a
+    /// crash between leaves a copy that refuses new stages until resumed again, never one
+    /// recorded writable and still fenced. Repeating is success.
+    pub async fn resume(&self, vol: &VolumeId, epoch: u64) -> Result<u64> {
+        let mut v = self.ready_volume(vol)?;
+        if !v.suspended && v.epoch >= epoch {
+            return Ok(v.epoch);
+        }
+        if v.fence.is_some() || epoch < v.epoch || epoch < self.epoch_floor(vol)? {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {vol} is held here at epoch {}{}; it cannot resume at epoch {epoch}",
+                v.epoch,
+                if v.fence.is_some() {
+                    " (handing off)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        for dev in loopdev::all_for(&self.volume_image(vol)).await? {
+            if dev.fenced {
+                loopdev::set_fenced(&dev.device, false)?;
+            }
+        }
+        v.suspended = false;
+        v.epoch = epoch;
+        self.save_volume(&v)?;
+        Ok(v.epoch)
+    }
+
+    /// After the volume failed over to `new_primary` at `epoch`: this stale copy keeps
+    /// what it holds as the CSI snapshot `kept` (the writes it took after its last
+    /// shipment, for an operator: never merged, never dropped), and becomes a replica of
+    /// the new primary from its newest shipping snapshot, the base the two copies share,
+    /// so the next round ships only what differs. Without a shipping snapshot it is
+    /// removed. Refused while the copy is still attached here. Repeating is success.
+    pub async fn demote(
+        &self,
+        vol: &VolumeId,
+        epoch: u64,
+        new_primary: &str,
+        kept: &str,
+    ) -> Result<Option<SnapshotRecord>> {
+        let Some(mut v) = self.volume(vol)? else {
+            return Ok(self
+                .snapshot(&SnapshotId::for_name(kept))?
+                .filter(|s| s.state == RecordState::Ready));
+        };
+        if v.state == RecordState::Ready && v.epoch >= epoch {
+            return Err(Error::FailedPrecondition(format!(
+                "node holds volume {vol} at epoch {}, not below {epoch}",
+                v.epoch
+            )));
+        }
+        if let Some(dev) = loopdev::all_for(&self.volume_image(vol)).await?.first() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {vol} is still attached here as {}; unstage it before it can follow node {new_primary}",
+                dev.device.display()
+            )));
+        }
+        let snap = if v.state == RecordState::Ready {
+            Some(match self.begin_snapshot(kept, vol, None).await? {
+                Ok(rec) => {
+                    self.copy_snapshot(&rec).await?;
+                    self.finish_snapshot(rec)?
+                }
+                Err(done) => done,
+            })
+        } else {
+            None
+        };
+        // Its publishes are the lost node's, which the controller already let go.
+        if !v.published.is_empty() {
+            v.published.clear();
+            self.save_volume(&v)?;
+        }
+        match self.shipping_snapshots(vol)?.pop() {
+            Some(base) => {
+                let template = VolumeRecord {
+                    fence: None,
+                    suspended: false,
+                    published: Default::default(),
+                    state: RecordState::Ready,
+                    ..v
+                };
+                fsutil::write_json(
+                    &self.replica_meta(vol),
+                    &ReplicaRecord {
+                        volume: template,
+                        epoch,
+                        primary: new_primary.to_string(),
+                        snapshot: base.id,
+                        base: None,
+                    },
+                )?;
+                self.delete_volume(vol).await?;
+            }
+            None => {
+                self.delete_volume(vol).await?;
+                self.forget(vol)?;
+            }
+        }
+        Ok(snap)
     }
 
     /// Removes every copy of a volume here that is not a volume record: the replica record,

@@ -1,0 +1,691 @@
+//! When a node dies: its leases, and the failover of its replicated volumes to their
+//! freshest replicas (docs/moving.md, "When a node dies").
+//!
+//! A node is lost once its lease has not been renewed for the lease duration, by this
+//! controller's clock from when it *saw* the last renewal ([`Liveness`]), or once an
+//! operator or Kubernetes (the `node.kubernetes.io/out-of-service` taint) says it is gone.
+//! The node fenced its replicated primaries before that (`crate::lease`). For each
+//! replicated volume whose primary was there, one compare-and-swap on the placement record
+//! makes the replica with the newest snapshot the primary at epoch + 1; then that node
+//! promotes its replica. Nothing else may decide ownership, so of two controllers racing,
+//! one record write lands and the other's is refused.
+//!
+//! When the lost node answers again, its copies are stale: the record no longer names it.
+//! Each is demoted ([`Cluster::demote`]): what it holds is kept as a CSI snapshot for an
+//! operator, and it becomes a replica of the new primary. A node that was only cut off
+//! long enough to fence, and whose volumes did not fail over, gets them back with one
+//! compare-and-swap each ([`Cluster::resume`]).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+
+use super::{Cluster, monitor, peer};
+use crate::{
+    error::{Error, Result},
+    lease::LeaseTimings,
+    placement::{self, FailedOver, PlacementPhase, Versioned, VolumePlacement},
+    proto::agent::v1 as pb,
+    service::params::Failover,
+    storage::VolumeId,
+    util::fsutil,
+};
+
+/// Where the controller reads nodes' lease renewals, and records the ones it makes.
+#[async_trait]
+pub trait LeaseStore: Send + Sync {
+    /// Whether the controller renews the nodes' leases (a nodes file), or the nodes renew
+    /// their own (Kubernetes Leases).
+    fn renewed_by_controller(&self) -> bool;
+
+    /// Records a renewal of `node`'s lease, before the node is told it holds.
+    async fn renew(&self, node: &str) -> Result<()>;
+
+    /// Every node's renewal mark: a value that changes with each renewal.
+    async fn marks(&self) -> Result<BTreeMap<String, String>>;
+}
+
+/// Leases as files beside the placement records (a nodes file): every controller sharing
+/// the records sees the renewals any of them made.
+pub struct FileLeases {
+    dir: PathBuf,
+}
+
+impl FileLeases {
+    pub fn open(dir: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&dir).map_err(Error::io("create", &dir))?;
+        Ok(FileLeases { dir })
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LeaseFile {
+    mark: String,
+}
+
+#[async_trait]
+impl LeaseStore for FileLeases {
+    fn renewed_by_controller(&self) -> bool {
+        true
+    }
+
+    async fn renew(&self, node: &str) -> Result<()> {
+        // Node ids are DNS names (parse_nodes), safe as file names.
+        let path = self.dir.join(format!("{node}.json"));
+        let mark = uuid::Uuid::new_v4().to_string();
+        tokio::task::spawn_blocking(move || fsutil::write_json(&path, &LeaseFile { mark }))
+            .await
+            .expect("lease write panicked")
+    }
+
+    async fn marks(&self) -> Result<BTreeMap<String, String>> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = BTreeMap::new();
+            for e in std::fs::read_dir(&dir).map_err(Error::io("list", &dir))? {
+                let path = e.map_err(Error::io("list", &dir))?.path();
+                let Some(node) = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".json"))
+                else {
+                    continue;
+                };
+                if let Some(f) = fsutil::read_json::<LeaseFile>(&path)? {
+                    out.insert(node.to_string(), f.mark);
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .expect("lease scan panicked")
+    }
+}
+
+/// What this controller knows of the nodes' leases.
+pub struct Liveness {
+    store: Arc<dyn LeaseStore>,
+    pub timings: LeaseTimings,
+    started: Instant,
+    /// Each node's last mark, and when this controller first saw it.
+    seen: Mutex<BTreeMap<String, (String, Instant)>>,
+    /// Each node's last renewal token it answered, to confirm with the next renewal.
+    tokens: Mutex<BTreeMap<String, u64>>,
+    /// Nodes an operator declared gone, or Kubernetes tainted out-of-service.
+    gone: Mutex<BTreeSet<String>>,
+    /// Volumes whose lack of a replica was already reported, by lost node.
+    told: Mutex<BTreeSet<(String, String)>>,
+    rounds: std::sync::atomic::AtomicU64,
+}
+
+impl Liveness {
+    pub fn new(store: Arc<dyn LeaseStore>, timings: LeaseTimings) -> Self {
+        Liveness {
+            store,
+            timings,
+            started: Instant::now(),
+            seen: Mutex::default(),
+            tokens: Mutex::default(),
+            gone: Mutex::default(),
+            told: Mutex::default(),
+            rounds: Default::default(),
+        }
+    }
+
+    /// Renews `node`'s lease for it, when that is the controller's job: confirms the
+    /// token the node answered last time (recorded in the store since), and leaves a new
+    /// one to confirm next time. A renewal whose record failed is never confirmed.
+    pub async fn renew(
+        &self,
+        node: &str,
+        agent: &mut pb::agent_client::AgentClient<tonic::transport::Channel>,
+    ) {
+        if !self.store.renewed_by_controller() {
+            return;
+        }
+        let confirm = self
+            .tokens
+            .lock()
+            .expect("tokens lock")
+            .remove(node)
+            .unwrap_or(0);
+        let token = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
+        let answered = agent
+            .renew_lease(pb::RenewLeaseRequest { confirm, token })
+            .await
+            .is_ok();
+        if answered {
+            match self.store.renew(node).await {
+                Ok(()) => {
+                    self.tokens
+                        .lock()
+                        .expect("tokens lock")
+                        .insert(node.to_string(), token);
+                }
+                Err(e) => tracing::warn!(node, error = %e, "cannot record a lease renewal"),
+            }
+        }
+    }
+
+    /// Reads every mark; a changed one counts as a renewal now.
+    async fn refresh(&self) -> Result<()> {
+        let marks = self.store.marks().await?;
+        let now = Instant::now();
+        let mut seen = self.seen.lock().expect("seen lock");
+        for (node, mark) in marks {
+            match seen.get(&node) {
+                Some((m, _)) if *m == mark => {}
+                _ => {
+                    seen.insert(node, (mark, now));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `node`'s lease has expired: no renewal seen for the lease duration (counted
+    /// from this controller's start for a node never seen), or the node was declared gone.
+    pub fn lost(&self, node: &str) -> bool {
+        if self.gone.lock().expect("gone lock").contains(node) {
+            return true;
+        }
+        let since = self
+            .seen
+            .lock()
+            .expect("seen lock")
+            .get(node)
+            .map_or(self.started, |(_, at)| *at);
+        since.elapsed() > self.timings.duration
+    }
+
+    /// When `node`'s last renewal was seen, if ever.
+    fn last_seen(&self, node: &str) -> Option<Instant> {
+        self.seen
+            .lock()
+            .expect("seen lock")
+            .get(node)
+            .map(|(_, at)| *at)
+    }
+
+    pub fn declare_gone(&self, node: &str) {
+        self.gone
+            .lock()
+            .expect("gone lock")
+            .insert(node.to_string());
+    }
+
+    /// Nodes gone by Kubernetes' say (the out-of-service taint), replacing the last list;
+    /// an operator's declaration stays.
+    pub fn set_out_of_service(&self, nodes: &BTreeSet<String>, before: &BTreeSet<String>) {
+        let mut gone = self.gone.lock().expect("gone lock");
+        for n in before.difference(nodes) {
+            gone.remove(n);
+        }
+        gone.extend(nodes.iter().cloned());
+    }
+}
+
+/// Who asked for a failover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The controller, on lease expiry: only volumes with `failover: auto`.
+    Lease,
+    /// An operator (`berth promote`, `berth node-gone`): any replicated volume.
+    Operator,
+}
+
+/// The kept snapshot of a demoted copy: one name per volume, node and epoch, so a retry
+/// finds the one it made.
+fn kept_name(vol: &str, node: &str, epoch: u64) -> String {
+    format!("berth-diverged-{vol}-{node}-epoch-{epoch}")
+}
+
+impl Cluster {
+    /// One round of the failover loop: fail over what lost nodes held, finish failovers a
+    /// crash left half-way, demote stale copies of nodes that came back, resume copies
+    /// fenced by a lapse that cost nothing.
+    pub async fn failover_round(&self) -> Result<()> {
+        let Some(live) = &self.liveness else {
+            return Ok(());
+        };
+        // Every record is read only when there may be something to do: a lost node, a
+        // copy fenced by a lapse, or every tenth round (a promotion a crash left
+        // unmade).
+        live.refresh().await?;
+        let round = live
+            .rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let lost = self.node_ids().iter().any(|n| live.lost(n));
+        let fenced = self
+            .answering()
+            .iter()
+            .any(|(_, inv)| inv.volumes.iter().any(|c| c.suspended));
+        if !lost && !fenced && round % 10 != 0 {
+            return Ok(());
+        }
+        // The records first, then the marks: a node that renewed and whose volume was
+        // resumed (a record write after the renewal's) is seen renewed by any decision
+        // made on a record read after that write (docs/moving.md).
+        let records = placement::all(self.store.as_ref()).await?;
+        live.refresh().await?;
+        for r in records {
+            if r.record.phase != PlacementPhase::Ready {
+                continue;
+            }
+            let vol = match VolumeId::parse(&r.record.volume_id) {
+                Some(v) => v,
+                None => continue,
+            };
+            let result = self.settle_one(&vol, r, live).await;
+            if let Err(e) = result {
+                // Every second until it can: a returning node still attached, say.
+                tracing::info!(volume.id = %vol, error = %e, "failover step not done; retrying next round");
+            }
+        }
+        Ok(())
+    }
+
+    async fn settle_one(&self, vol: &VolumeId, r: Versioned, live: &Liveness) -> Result<()> {
+        // A publish or round of the volume in flight goes first; the next round decides.
+        let Ok(_g) = self.inflight.try_lock([vol.to_string()]) else {
+            return Ok(());
+        };
+        let rec = &r.record;
+        if rec.handoff.is_some() {
+            return Ok(());
+        }
+        if !rec.primary.is_empty() && live.lost(&rec.primary) {
+            if Failover::of(&rec.parameters) == Failover::Manual
+                && !live.gone.lock().expect("gone lock").contains(&rec.primary)
+            {
+                self.tell_once(live, rec, "VolumeFailoverWaiting", |node| {
+                    format!("node {node}, the primary of volume {}, is lost; the volume has failover: manual, so it waits for `berth promote`", rec.volume_id)
+                });
+                return Ok(());
+            }
+            return self
+                .fail_over(vol, r, None, Trigger::Lease)
+                .await
+                .map(|_| ());
+        }
+        // A promotion recorded and not yet made (a crash between the two).
+        if let Some(f) = &rec.failover
+            && let Some(inv) = self.view(&rec.primary)
+            && holds(&inv, vol, pb::Role::Replica)
+        {
+            self.promote_replica(vol, &rec.primary, rec.epoch, &f.snapshot)
+                .await?;
+        }
+        for (node, inv) in self.answering() {
+            let Some(c) = inv
+                .volumes
+                .iter()
+                .find(|c| c.volume_id == vol.as_str() && c.role == pb::Role::Primary as i32)
+            else {
+                continue;
+            };
+            if node != rec.primary && c.epoch < rec.epoch {
+                self.demote(vol, rec, &node).await?;
+            } else if node == rec.primary && c.suspended && !inv.lease_lapsed {
+                self.resume(vol, &r, &node, c.epoch).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `to` (default: the replica with the newest snapshot) the primary of `vol`
+    /// in place of its lost primary: one compare-and-swap on the record read before the
+    /// leases were, then the promotion on `to`. Returns the new primary.
+    pub async fn fail_over(
+        &self,
+        vol: &VolumeId,
+        r: Versioned,
+        to: Option<&str>,
+        trigger: Trigger,
+    ) -> Result<String> {
+        let live = self.liveness.as_ref().ok_or_else(|| {
+            Error::FailedPrecondition("this controller keeps no node leases".into())
+        })?;
+        let rec = &r.record;
+        let lost = rec.primary.clone();
+        let mut candidates: Vec<(String, String, i64)> = Vec::new();
+        for x in &rec.replicas {
+            if x.snapshot.is_empty() || live.lost(&x.node) || to.is_some_and(|t| t != x.node) {
+                continue;
+            }
+            let Some(inv) = self.view(&x.node) else {
+                continue;
+            };
+            let Some(c) = inv
+                .volumes
+                .iter()
+                .find(|c| c.volume_id == vol.as_str() && c.role == pb::Role::Replica as i32)
+            else {
+                continue;
+            };
+            if let Some(s) = c.shipping.iter().find(|s| s.snapshot_id == x.snapshot) {
+                candidates.push((x.node.clone(), s.snapshot_id.clone(), s.created_unix_nanos));
+            }
+        }
+        let Some((node, snapshot, cut)) = candidates.into_iter().max_by_key(|c| c.2) else {
+            let why = if rec.replicas.is_empty() {
+                format!(
+                    "volume {vol} lives only on lost node {lost} and has no replica: it cannot fail over, and comes back when node {lost} does"
+                )
+            } else {
+                format!(
+                    "volume {vol} lost its primary node {lost}, and no replica of it answers with a complete snapshot{}",
+                    to.map(|t| format!(" on node {t}")).unwrap_or_default()
+                )
+            };
+            if trigger == Trigger::Lease {
+                self.tell_once(live, rec, "VolumeUnavailable", |_| why.clone());
+            }
+            return Err(Error::FailedPrecondition(why));
+        };
+        let mut next = rec.clone();
+        next.primary = node.clone();
+        next.epoch += 1;
+        next.replicas.retain(|x| x.node != node && x.node != lost);
+        next.failover = Some(FailedOver {
+            from: lost.clone(),
+            snapshot: snapshot.clone(),
+            snapshot_time: monitor::rfc3339(cut),
+            at: monitor::rfc3339(now_nanos()),
+        });
+        let written = self.store.replace(&next, &r.version).await?;
+        tracing::warn!(volume.id = %vol, from = %lost, to = %node, epoch = next.epoch, snapshot.id = %snapshot, "volume failed over from a lost node");
+        self.metrics.failed_over(&lost);
+        self.promote_replica(vol, &node, next.epoch, &snapshot)
+            .await?;
+        let age = |at: Instant| {
+            let nanos = now_nanos() - at.elapsed().as_nanos() as i64;
+            Duration::from_nanos((nanos - cut).max(0) as u64)
+        };
+        let rpo = live
+            .last_seen(&lost)
+            .map(|at| format!("{:.1}", age(at).as_secs_f64()))
+            .unwrap_or_else(|| "an unknown number of".into());
+        self.pvc_event(
+            monitor::claim(&written.record.claim),
+            "VolumeFailedOver",
+            format!(
+                "node {lost} was lost; volume {vol} now lives on node {node} (epoch {}), from snapshot {snapshot} cut at {}: up to {rpo} s of writes on node {lost} before it was last heard from are not in it",
+                next.epoch,
+                monitor::rfc3339(cut)
+            ),
+            true,
+        );
+        self.after_failover(vol, &lost);
+        Ok(node)
+    }
+
+    /// Kubernetes' side of a failover: the old attachment and the pods still on the lost
+    /// node go, so the workload restarts elsewhere.
+    fn after_failover(&self, _vol: &VolumeId, _lost: &str) {}
+
+    async fn promote_replica(
+        &self,
+        vol: &VolumeId,
+        node: &str,
+        epoch: u64,
+        snapshot: &str,
+    ) -> Result<()> {
+        self.agent(node)?
+            .promote(pb::PromoteRequest {
+                volume_id: vol.to_string(),
+                epoch,
+                snapshot_id: snapshot.to_string(),
+            })
+            .await
+            .map_err(|s| peer(node, s))?;
+        tracing::info!(volume.id = %vol, node, epoch, "replica promoted after a failover");
+        Ok(())
+    }
+
+    /// A lost node is back with a stale copy of `vol`: it keeps what it held as a snapshot
+    /// and follows the new primary. The record gains the snapshot and the replica, and
+    /// forgets the failover.
+    async fn demote(&self, vol: &VolumeId, rec: &VolumePlacement, node: &str) -> Result<()> {
+        let name = kept_name(vol.as_str(), node, rec.epoch);
+        let kept = self
+            .agent(node)?
+            .demote(pb::DemoteRequest {
+                volume_id: vol.to_string(),
+                epoch: rec.epoch,
+                new_primary_node_id: rec.primary.clone(),
+                kept_snapshot_name: name,
+            })
+            .await
+            .map_err(|s| peer(node, s))?
+            .into_inner()
+            .kept;
+        let (node_s, primary) = (node.to_string(), rec.primary.clone());
+        let kept2 = kept.clone();
+        let written = self
+            .update_record(vol, |r| {
+                if let Some(k) = &kept2
+                    && !r
+                        .snapshots
+                        .iter()
+                        .any(|s| s.snapshot_id == k.snapshot_id && s.node == node_s)
+                {
+                    r.snapshots.push(placement::SnapshotPlacement {
+                        snapshot_id: k.snapshot_id.clone(),
+                        node: node_s.clone(),
+                        size_bytes: k.size_bytes,
+                        created_unix_nanos: now_nanos(),
+                        group_snapshot_id: String::new(),
+                    });
+                }
+                if r.failover.as_ref().is_some_and(|f| f.from == node_s) {
+                    r.failover = None;
+                }
+            })
+            .await?;
+        tracing::warn!(volume.id = %vol, node, new_primary = %primary, kept = ?kept.as_ref().map(|k| &k.snapshot_id), "stale copy demoted; what it held is kept as a snapshot");
+        if let Some(k) = kept {
+            self.pvc_event(
+                monitor::claim(&written.record.claim),
+                "DivergedWritesKept",
+                format!(
+                    "node {node} came back with the copy of volume {vol} it held before the failover; it is kept as snapshot {} (it may hold writes made after the snapshot the volume failed over from), and node {node} now follows node {primary}",
+                    k.snapshot_id
+                ),
+                true,
+            );
+        }
+        Ok(())
+    }
+
+    /// `node`'s lease lapsed and came back while the record still names it: its fenced
+    /// copy of `vol` is given back. The record's epoch is raised first, by compare-and-swap,
+    /// so that a controller that decided to fail the volume over from an older read loses
+    /// its write; the node then serves at the new epoch.
+    async fn resume(&self, vol: &VolumeId, r: &Versioned, node: &str, held: u64) -> Result<()> {
+        let epoch = if held < r.record.epoch {
+            r.record.epoch
+        } else {
+            let mut next = r.record.clone();
+            next.epoch += 1;
+            self.store.replace(&next, &r.version).await?.record.epoch
+        };
+        self.agent(node)?
+            .resume(pb::ResumeRequest {
+                volume_id: vol.to_string(),
+                epoch,
+            })
+            .await
+            .map_err(|s| peer(node, s))?;
+        tracing::info!(volume.id = %vol, node, epoch, "volume resumed after a lease lapse: no failover happened");
+        Ok(())
+    }
+
+    /// `berth promote`: fails `vol` over to `to` (or its freshest replica), which only a
+    /// lost primary allows: a live one hands off by a move instead.
+    pub async fn promote_by_hand(&self, vol: &VolumeId, to: Option<&str>) -> Result<String> {
+        let live = self.liveness.as_ref().ok_or_else(|| {
+            Error::FailedPrecondition("this controller keeps no node leases".into())
+        })?;
+        let _g = self.inflight.try_lock([vol.to_string()])?;
+        let r = self
+            .store
+            .get(vol)
+            .await?
+            .ok_or_else(|| Error::VolumeNotFound(vol.to_string()))?;
+        live.refresh().await?;
+        let rec = &r.record;
+        if to == Some(rec.primary.as_str()) {
+            return Ok(rec.primary.clone());
+        }
+        if rec.phase != PlacementPhase::Ready || rec.handoff.is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {vol} is {:?}{}; promote it once that is over",
+                rec.phase,
+                if rec.handoff.is_some() {
+                    " and moving"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if !live.lost(&rec.primary) {
+            return Err(Error::FailedPrecondition(format!(
+                "node {}, the primary of volume {vol}, still holds its lease; publish the volume elsewhere to move it, or declare the node gone (`berth node-gone`) if it is and you have stopped it",
+                rec.primary
+            )));
+        }
+        self.fail_over(vol, r, to, Trigger::Operator).await
+    }
+
+    /// `berth node-gone`: `node` is lost from now on, and every replicated volume whose
+    /// primary it held fails over at once. Returns what failed over and what could not.
+    pub async fn declare_gone(&self, node: &str) -> Result<(Vec<String>, Vec<String>)> {
+        self.member(node)?;
+        let live = self.liveness.as_ref().ok_or_else(|| {
+            Error::FailedPrecondition("this controller keeps no node leases".into())
+        })?;
+        live.declare_gone(node);
+        tracing::warn!(node, "node declared gone by an operator");
+        let (mut done, mut left) = (Vec::new(), Vec::new());
+        for r in placement::all(self.store.as_ref()).await? {
+            if r.record.primary != node || r.record.phase != PlacementPhase::Ready {
+                continue;
+            }
+            let Some(vol) = VolumeId::parse(&r.record.volume_id) else {
+                continue;
+            };
+            let _g = match self.inflight.try_lock([vol.to_string()]) {
+                Ok(g) => g,
+                Err(e) => {
+                    left.push(format!("{vol}: {e}"));
+                    continue;
+                }
+            };
+            match self.fail_over(&vol, r, None, Trigger::Operator).await {
+                Ok(to) => done.push(format!("{vol} -> {to}")),
+                Err(e) => left.push(format!("{vol}: {e}")),
+            }
+        }
+        Ok((done, left))
+    }
+
+    /// An Event, once per volume and lost node.
+    fn tell_once(
+        &self,
+        live: &Liveness,
+        rec: &VolumePlacement,
+        reason: &'static str,
+        message: impl Fn(&str) -> String,
+    ) {
+        let key = (rec.volume_id.clone(), rec.primary.clone());
+        if live.told.lock().expect("told lock").insert(key) {
+            let m = message(&rec.primary);
+            tracing::warn!(volume.id = %rec.volume_id, "{m}");
+            self.pvc_event(monitor::claim(&rec.claim), reason, m, true);
+        }
+    }
+}
+
+fn holds(inv: &pb::InventoryResponse, vol: &VolumeId, role: pb::Role) -> bool {
+    inv.volumes
+        .iter()
+        .any(|c| c.volume_id == vol.as_str() && c.role == role as i32)
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// Runs [`Cluster::failover_round`] twice per lease period while this controller leads.
+pub async fn failover_loop(
+    cluster: Arc<Cluster>,
+    leader: tokio::sync::watch::Receiver<bool>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let Some(period) = cluster.liveness.as_ref().map(|l| l.timings.period / 2) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        if !*leader.borrow() {
+            continue;
+        }
+        if let Err(e) = cluster.failover_round().await {
+            tracing::warn!(error = %e, "failover round failed");
+        }
+    }
+}
+
+/// Renews every node's lease once per lease period, when that is the controller's job.
+/// Each node on its own: a silent node's renewal waits out its deadline without delaying
+/// anyone else's, since a late renewal brings a live node closer to fencing itself.
+pub async fn renewal_loop(cluster: Arc<Cluster>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let Some(live) = &cluster.liveness else {
+        return;
+    };
+    if !live.store.renewed_by_controller() {
+        return;
+    }
+    let period = live.timings.period;
+    let running: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        for node in cluster.node_ids() {
+            if !running.lock().expect("renewals lock").insert(node.clone()) {
+                continue;
+            }
+            let (cluster, running) = (cluster.clone(), running.clone());
+            tokio::spawn(async move {
+                if let (Some(live), Ok(m)) = (&cluster.liveness, cluster.member(&node)) {
+                    let mut c = pb::agent_client::AgentClient::new(m.channel);
+                    let _ = tokio::time::timeout(period, live.renew(&node, &mut c)).await;
+                }
+                running.lock().expect("renewals lock").remove(&node);
+            });
+        }
+    }
+}

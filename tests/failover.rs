@@ -1,0 +1,404 @@
+//! When a node dies (issue 13): a replicated volume whose primary's node is killed or cut
+//! off fails over to its replica within the lease duration, the old node fences its copy
+//! before that, and when it comes back its copy is kept aside as a snapshot and follows the
+//! new primary, shipping only what differs.
+
+mod common;
+
+use std::{
+    io::Read,
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use berth::{placement::VolumePlacement, proto::agent::v1 as pb};
+use common::{cluster::TestCluster, *};
+
+const VOL: i64 = 256 * MIB;
+const BLOCK: u64 = 4096;
+/// The writer writes the first half of the volume; the second half holds data written
+/// before it starts, which a full copy would have to ship again.
+const WRITER_BLOCKS: u64 = VOL as u64 / 2 / BLOCK;
+const PREFILL: usize = 32 << 20;
+
+async fn create_replicated(
+    c: &TestCluster,
+    name: &str,
+    on: usize,
+    extra: &[(&str, &str)],
+) -> String {
+    let mut req = create_req(name, VOL, block_cap());
+    let mut p = vec![("replicas", "2"), ("replicationInterval", "1s")];
+    p.extend_from_slice(extra);
+    req.parameters = common::params(&p);
+    req.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![],
+        preferred: vec![csi::Topology {
+            segments: [(
+                "topology.berth.csi.dev/node".to_string(),
+                c.nodes[on].id.clone(),
+            )]
+            .into(),
+        }],
+    });
+    create_volume(&c.ctl().await, req).await.volume_id
+}
+
+fn ctl_publish(volume_id: &str, node: &str) -> csi::ControllerPublishVolumeRequest {
+    csi::ControllerPublishVolumeRequest {
+        volume_id: volume_id.into(),
+        node_id: node.into(),
+        volume_capability: Some(block_cap()),
+        ..Default::default()
+    }
+}
+
+/// ControllerPublish + NodeStage + NodePublish on node `i`, retried while the CO would
+/// retry (UNAVAILABLE, ABORTED) until `within`. Returns the device path.
+async fn attach_within(c: &TestCluster, i: usize, vol: &str, within: Duration) -> PathBuf {
+    let node = c.nodes[i].id.clone();
+    let deadline = Instant::now() + within;
+    loop {
+        let r = c
+            .ctl()
+            .await
+            .controller_publish_volume(ctl_publish(vol, &node))
+            .await;
+        match r {
+            Ok(_) => break,
+            Err(e)
+                if matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Aborted)
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("publish on {node}: {e:?}\n{}", c.logs()),
+        }
+    }
+    let staging = c.nodes[i].path(&format!("{vol}/staging"));
+    let target = c.nodes[i].path(&format!("{vol}/target"));
+    let mut n = c.node(i).await;
+    loop {
+        match n
+            .node_stage_volume(stage_req(vol, &staging, block_cap()))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("stage on {node}: {e:?}\n{}", c.logs()),
+        }
+    }
+    n.node_publish_volume(publish_req(vol, &staging, &target, block_cap(), false))
+        .await
+        .unwrap();
+    target
+}
+
+async fn attach(c: &TestCluster, i: usize, vol: &str) -> PathBuf {
+    attach_within(c, i, vol, Duration::from_secs(30)).await
+}
+
+/// NodeUnpublish + NodeUnstage on node `i`: what its kubelet does once the pod is gone.
+async fn unstage(c: &TestCluster, i: usize, vol: &str) {
+    let staging = c.nodes[i].path(&format!("{vol}/staging"));
+    let target = c.nodes[i].path(&format!("{vol}/target"));
+    let mut n = c.node(i).await;
+    n.node_unpublish_volume(unpublish_req(vol, &target))
+        .await
+        .unwrap();
+    n.node_unstage_volume(unstage_req(vol, &staging))
+        .await
+        .unwrap();
+}
+
+fn record_of(c: &TestCluster, vol: &str) -> VolumePlacement {
+    let store = c.controller_state().join("placement");
+    let text = std::fs::read_to_string(store.join(format!("{vol}.json"))).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    serde_json::from_value(v["record"].clone()).unwrap()
+}
+
+fn block_of(seq: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK as usize];
+    for chunk in b.chunks_mut(8) {
+        chunk.copy_from_slice(&(seq + 1).to_le_bytes());
+    }
+    b
+}
+
+/// What a writer on the old primary managed: how many blocks landed (in order, each
+/// synced), and when its first write failed.
+#[derive(Default)]
+struct Writes {
+    done: u64,
+    failed_at: Option<Instant>,
+    error: String,
+}
+
+/// Writes block after block (block `n` holds `n + 1`), each synced, until a write fails.
+fn start_writer(dev: &Path) -> Arc<Mutex<Writes>> {
+    let w = Arc::new(Mutex::new(Writes::default()));
+    let (w2, dev) = (w.clone(), dev.to_path_buf());
+    std::thread::spawn(move || {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DSYNC)
+            .open(&dev)
+            .unwrap();
+        for n in 0..WRITER_BLOCKS {
+            if let Err(e) = f.write_all_at(&block_of(n), n * BLOCK) {
+                let mut w = w2.lock().unwrap();
+                w.failed_at = Some(Instant::now());
+                w.error = e.to_string();
+                return;
+            }
+            w2.lock().unwrap().done = n + 1;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    w
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+/// Data in the second half of the volume, written before the writer starts.
+fn prefill(dev: &Path) {
+    let f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
+    let data: Vec<u8> = (0..PREFILL).map(|i| (i % 251) as u8).collect();
+    f.write_all_at(&data, (VOL as u64) / 2 + (8 << 20)).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// How many leading blocks hold the writer's pattern; every block after them must be
+/// untouched (zero): the copy is a prefix of what the writer did, never a mix.
+fn written_prefix(dev: &Path) -> u64 {
+    let mut f = std::fs::File::open(dev).unwrap();
+    let mut buf = vec![0u8; BLOCK as usize];
+    let mut n = 0;
+    loop {
+        if f.read_exact(&mut buf).is_err() {
+            return n;
+        }
+        if buf != block_of(n) {
+            break;
+        }
+        n += 1;
+    }
+    let zero = vec![0u8; BLOCK as usize];
+    assert_eq!(buf, zero, "block {n} is neither the pattern nor untouched");
+    // A sample of the rest of the writer's half: it writes in order, so nothing past the
+    // prefix.
+    for b in (n + 1..WRITER_BLOCKS).step_by(97) {
+        f.read_exact_at(&mut buf, b * BLOCK).unwrap();
+        assert_eq!(buf, zero, "block {b} past the prefix {n} was written");
+    }
+    n
+}
+
+fn file_hash(p: &Path) -> String {
+    let mut f = std::fs::File::open(p).unwrap();
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// Waits until the record names a replica whose snapshot was cut after `after` (unix
+/// nanoseconds), i.e. the replica holds what was written before it.
+async fn wait_replicated_after(c: &TestCluster, vol: &str, after: i64) {
+    c.wait_until(
+        "a replica newer than the writes",
+        Duration::from_secs(30),
+        || async {
+            record_of(c, vol).replicas.iter().any(|r| {
+                !r.snapshot.is_empty()
+                    && berth_time(&r.snapshot_time).is_some_and(|t| t > after / 1_000_000_000)
+            })
+        },
+    )
+    .await;
+}
+
+fn berth_time(rfc3339: &str) -> Option<i64> {
+    let t: k8s_openapi::jiff::Timestamp = rfc3339.parse().ok()?;
+    Some(t.as_second())
+}
+
+fn unix_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+/// Polls the record until it shows a failover; returns when that was first seen.
+async fn wait_failover(c: &TestCluster, vol: &str, within: Duration) -> (Instant, VolumePlacement) {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = record_of(c, vol);
+        if r.failover.is_some() {
+            return (Instant::now(), r);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failover of {vol} within {within:?}: {r:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn node_index(c: &TestCluster, id: &str) -> usize {
+    c.nodes.iter().position(|n| n.id == id).unwrap()
+}
+
+/// kill -9 of the primary's node process while a writer writes through its device (the
+/// host lives on: the kernel keeps the loop device and the writer). The fence keeper the
+/// agent left fences the device within fence-after, before the controller promotes the
+/// replica; the volume is then published on the replica's node with exactly the data of
+/// the last replicated snapshot. The old node returns after new writes on the new
+/// primary: its copy is kept aside as a snapshot, and it follows the new primary, sent
+/// only what differs.
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_primarys_node_fails_over_to_the_replica_and_it_returns_as_a_replica() {
+    // Two nodes: the returning node is the only place a replica can go back to.
+    let mut c = TestCluster::start(2).await;
+    let vol = create_replicated(&c, "pvc-killed", 0, &[]).await;
+    let dev = attach(&c, 0, &vol).await;
+    prefill(&dev);
+    let writes = start_writer(&dev);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_replicated_after(&c, &vol, unix_nanos()).await;
+
+    let epoch = record_of(&c, &vol).epoch;
+    c.kill_node(0);
+    let killed = Instant::now();
+    let (failed_over, rec) = wait_failover(&c, &vol, Duration::from_secs(30)).await;
+    let fenced = writes
+        .lock()
+        .unwrap()
+        .failed_at
+        .expect("the writer was fenced");
+    let to = node_index(&c, &rec.primary);
+    assert_ne!(to, 0);
+    eprintln!(
+        "killed at 0; writes failed at {:?} ({}); failover recorded at {:?}",
+        fenced - killed,
+        writes.lock().unwrap().error,
+        failed_over - killed
+    );
+    assert!(
+        fenced - killed <= Duration::from_secs(7),
+        "the keeper fences within fence-after (6 s)"
+    );
+    assert!(fenced < failed_over, "fenced before the promotion");
+    let f = rec.failover.clone().unwrap();
+    assert_eq!(f.from, c.nodes[0].id);
+    assert_eq!(rec.epoch, epoch + 1, "one compare-and-swap: epoch + 1");
+
+    let new_dev = attach(&c, to, &vol).await;
+    let storage_part = killed.elapsed();
+    eprintln!(
+        "published and staged on {} {storage_part:?} after the kill",
+        rec.primary
+    );
+    let snapshot = c.nodes[0]
+        .pool_root()
+        .join("berth/snapshots")
+        .join(format!("{}.img", f.snapshot));
+    assert_eq!(
+        file_hash(&new_dev),
+        file_hash(&snapshot),
+        "the new primary holds exactly the last replicated snapshot"
+    );
+    let prefix = written_prefix(&new_dev);
+    let done = writes.lock().unwrap().done;
+    assert!(prefix > 0 && prefix <= done, "{prefix} of {done} writes");
+    eprintln!("writes: {done} landed on the old primary, {prefix} are in the failed-over copy");
+
+    // New writes on the new primary, then the old node comes back. Its kubelet unstages
+    // (the pod was deleted); the controller demotes the stale copy.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&new_dev)
+        .unwrap()
+        .write_all_at(&vec![0xab; 1 << 20], (VOL as u64) / 2 + (4 << 20))
+        .unwrap();
+    let old_copy = file_hash(
+        &c.nodes[0]
+            .pool_root()
+            .join("berth/volumes")
+            .join(format!("{vol}.img")),
+    );
+    let before = c.counters(to).await.sent_data_bytes;
+    c.restart_node(0, None).await;
+    let got = c.inventory(0).await;
+    let stale = got.volumes.iter().find(|v| v.volume_id == vol).unwrap();
+    assert!(
+        stale.suspended,
+        "the returning node's copy stays fenced: {stale:?}"
+    );
+    // A stale copy is never staged again.
+    let staging = c.nodes[0].path(&format!("{vol}/staging"));
+    let refused = c
+        .node(0)
+        .await
+        .node_stage_volume(stage_req(&vol, &staging, block_cap()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    unstage(&c, 0, &vol).await;
+    c.wait_until(
+        "the stale copy demoted",
+        Duration::from_secs(30),
+        || async { record_of(&c, &vol).failover.is_none() },
+    )
+    .await;
+    let rec = record_of(&c, &vol);
+    let kept = rec
+        .snapshots
+        .iter()
+        .find(|s| s.node == c.nodes[0].id)
+        .expect("the stale copy is kept as a snapshot");
+    let kept_img = c.nodes[0]
+        .pool_root()
+        .join("berth/snapshots")
+        .join(format!("{}.img", kept.snapshot_id));
+    assert_eq!(
+        file_hash(&kept_img),
+        old_copy,
+        "kept as it was, nothing merged or dropped"
+    );
+    c.wait_until(
+        "the old node is a replica again",
+        Duration::from_secs(30),
+        || async {
+            c.inventory(0).await.volumes.iter().any(|v| {
+                v.volume_id == vol
+                    && v.role == pb::Role::Replica as i32
+                    && v.primary_node_id == c.nodes[to].id
+            }) && record_of(&c, &vol)
+                .replicas
+                .iter()
+                .any(|r| r.node == c.nodes[0].id && !r.snapshot.is_empty())
+        },
+    )
+    .await;
+    let sent = c.counters(to).await.sent_data_bytes - before;
+    eprintln!("resync of the returning node sent {sent} bytes of data");
+    assert!(
+        sent < (PREFILL as u64) / 2,
+        "only what differs ships ({sent} bytes; the volume holds over {PREFILL})"
+    );
+    unstage(&c, to, &vol).await;
+}
