@@ -402,3 +402,228 @@ async fn killing_the_primarys_node_fails_over_to_the_replica_and_it_returns_as_a
     );
     unstage(&c, to, &vol).await;
 }
+
+/// Writes one block at `block` of `dev`, synced; whether it landed.
+fn try_write(dev: &Path, block: u64) -> bool {
+    let Ok(f) = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DSYNC)
+        .open(dev)
+    else {
+        return false;
+    };
+    f.write_all_at(&vec![0xee; BLOCK as usize], block * BLOCK)
+        .is_ok()
+}
+
+/// A partition instead of a crash: the node's agent lives on, cut off. It fences its
+/// copy (writes fail) before the controller promotes the replica, and no write lands on
+/// the old copy after its fence: what the old node kept is exactly what its writer saw
+/// acknowledged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_cut_off_fences_itself_before_its_volume_fails_over() {
+    let c = TestCluster::start_isolable(2, &[0]).await;
+    let vol = create_replicated(&c, "pvc-cut", 0, &[]).await;
+    let dev = attach(&c, 0, &vol).await;
+    let writes = start_writer(&dev);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_replicated_after(&c, &vol, unix_nanos()).await;
+
+    c.isolate_node(0);
+    let cut = Instant::now();
+    let (failed_over, rec) = wait_failover(&c, &vol, Duration::from_secs(30)).await;
+    let fenced = writes
+        .lock()
+        .unwrap()
+        .failed_at
+        .expect("the writer was fenced");
+    eprintln!(
+        "cut at 0; writes failed at {:?} ({}); failover recorded at {:?}",
+        fenced - cut,
+        writes.lock().unwrap().error,
+        failed_over - cut
+    );
+    assert!(
+        fenced - cut <= Duration::from_secs(7),
+        "fenced within fence-after"
+    );
+    assert!(
+        failed_over - fenced >= Duration::from_secs(2),
+        "the fence comes well before the promotion"
+    );
+    // Nothing lands on the fenced copy, wherever it is written.
+    let done = writes.lock().unwrap().done;
+    let late: Vec<u64> = (0..8).map(|i| WRITER_BLOCKS - 1 - i * 1000).collect();
+    for b in &late {
+        assert!(
+            !try_write(&dev, *b),
+            "a write at block {b} landed after the fence"
+        );
+    }
+    let new_dev = attach(&c, 1, &vol).await;
+    let prefix = written_prefix(&new_dev);
+    assert!(prefix > 0 && prefix <= done, "{prefix} of {done}");
+
+    // Back on the network: the stale copy stays fenced until demoted, and what it kept is
+    // exactly the acknowledged writes.
+    c.reconnect_node(0);
+    c.wait_until("the old node answers", Duration::from_secs(30), || async {
+        c.inventory(0)
+            .await
+            .volumes
+            .iter()
+            .any(|v| v.volume_id == vol && v.suspended)
+    })
+    .await;
+    assert!(
+        !try_write(&dev, 1),
+        "still fenced after the partition healed"
+    );
+    unstage(&c, 0, &vol).await;
+    c.wait_until(
+        "the stale copy demoted",
+        Duration::from_secs(30),
+        || async { record_of(&c, &vol).failover.is_none() },
+    )
+    .await;
+    let kept = record_of(&c, &vol)
+        .snapshots
+        .into_iter()
+        .find(|s| s.node == c.nodes[0].id)
+        .expect("the stale copy is kept as a snapshot");
+    let kept_img = c.nodes[0]
+        .pool_root()
+        .join("berth/snapshots")
+        .join(format!("{}.img", kept.snapshot_id));
+    assert_eq!(
+        written_prefix(&kept_img),
+        done,
+        "the kept copy holds every acknowledged write and nothing after the fence"
+    );
+    assert_eq!(rec.failover.unwrap().from, c.nodes[0].id);
+    unstage(&c, 1, &vol).await;
+}
+
+/// A partition shorter than the lease: the node fences itself, but its lease is renewed
+/// before it expires, so nothing fails over. The controller gives the copy back by one
+/// compare-and-swap (epoch + 1) and writes work again on the same device.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_partition_fences_and_the_controller_resumes_the_copy() {
+    let c = TestCluster::start_isolable(2, &[0]).await;
+    let vol = create_replicated(&c, "pvc-blip", 0, &[]).await;
+    let dev = attach(&c, 0, &vol).await;
+    let writes = start_writer(&dev);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_replicated_after(&c, &vol, unix_nanos()).await;
+    let epoch = record_of(&c, &vol).epoch;
+
+    c.isolate_node(0);
+    let cut = Instant::now();
+    c.wait_until(
+        "the node fences itself",
+        Duration::from_secs(10),
+        || async { writes.lock().unwrap().failed_at.is_some() },
+    )
+    .await;
+    c.reconnect_node(0);
+    eprintln!("fenced and reconnected {:?} after the cut", cut.elapsed());
+    c.wait_until("the copy resumed", Duration::from_secs(20), || async {
+        try_write(&dev, WRITER_BLOCKS - 1)
+    })
+    .await;
+    let rec = record_of(&c, &vol);
+    assert!(rec.failover.is_none(), "no failover: {rec:?}");
+    assert_eq!(rec.primary, c.nodes[0].id);
+    assert_eq!(
+        rec.epoch,
+        epoch + 1,
+        "resumed at a new epoch, by compare-and-swap"
+    );
+    let inv = c.inventory(0).await;
+    let v = inv.volumes.iter().find(|v| v.volume_id == vol).unwrap();
+    assert!(!v.suspended && v.epoch == rec.epoch, "{v:?}");
+    unstage(&c, 0, &vol).await;
+}
+
+/// Two controllers decide to fail the same volume over from the same record: the one
+/// that writes second (held by a failpoint) loses its compare-and-swap. One promotion,
+/// one epoch step, nodes and record agree.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_controllers_racing_to_promote_make_one_primary() {
+    let mut c = TestCluster::start(3).await;
+    let vol = create_replicated(&c, "pvc-race", 0, &[]).await;
+    let dev = attach(&c, 0, &vol).await;
+    prefill(&dev);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_replicated_after(&c, &vol, unix_nanos()).await;
+    let epoch = record_of(&c, &vol).epoch;
+    c.restart_controller(Some("failover:before-record:sleep=4000"))
+        .await;
+    // The second decides 2 s after the first, which is held 4 s before it writes: both
+    // decide from the same record, and the second writes first.
+    let second = c.second_controller_with(&["--lease-duration", "12s"]).await;
+    c.kill_node(0);
+    let (_, rec) = wait_failover(&c, &vol, Duration::from_secs(30)).await;
+    // The held controller wakes and writes from its stale read.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let rec2 = record_of(&c, &vol);
+    assert_eq!(rec2.epoch, epoch + 1, "exactly one promotion: {rec2:?}");
+    assert_eq!(rec2.primary, rec.primary);
+    let held = c.controller_log();
+    assert!(
+        held.contains("failpoint reached, holding") && held.contains("changed concurrently"),
+        "the held controller decided to promote too, and lost its write\n{held}"
+    );
+    let logs = format!("{held}{}", second.log());
+    let wins = logs.matches("volume failed over from a lost node").count();
+    assert_eq!(wins, 1, "one controller's write landed\n{logs}");
+    let to = node_index(&c, &rec.primary);
+    let primaries: Vec<_> = c
+        .inventory(to)
+        .await
+        .volumes
+        .into_iter()
+        .filter(|v| v.volume_id == vol && v.role == pb::Role::Primary as i32)
+        .collect();
+    assert_eq!(primaries.len(), 1);
+    assert_eq!(primaries[0].epoch, rec2.epoch);
+    drop(second);
+    let _ = attach(&c, to, &vol).await;
+    unstage(&c, to, &vol).await;
+}
+
+/// The controller dies between the record's failover and the promotion: the next one
+/// finds the promotion recorded and not made, and makes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_controller_killed_mid_failover_is_finished_by_the_next() {
+    let mut c = TestCluster::start(2).await;
+    let vol = create_replicated(&c, "pvc-midway", 0, &[]).await;
+    let dev = attach(&c, 0, &vol).await;
+    prefill(&dev);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_replicated_after(&c, &vol, unix_nanos()).await;
+    c.restart_controller(Some("failover:after-record")).await;
+    c.kill_node(0);
+    let (_, rec) = wait_failover(&c, &vol, Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.controller.as_mut().unwrap().try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the failpoint never fired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        c.inventory(1)
+            .await
+            .volumes
+            .iter()
+            .any(|v| v.volume_id == vol && v.role == pb::Role::Replica as i32),
+        "recorded, not yet promoted"
+    );
+    c.restart_controller(None).await;
+    let new_dev = attach(&c, 1, &vol).await;
+    let snapshot = c.nodes[0]
+        .pool_root()
+        .join("berth/snapshots")
+        .join(format!("{}.img", rec.failover.unwrap().snapshot));
+    assert_eq!(file_hash(&new_dev), file_hash(&snapshot));
+    unstage(&c, 1, &vol).await;
+}

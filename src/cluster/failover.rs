@@ -33,7 +33,7 @@ use crate::{
     proto::agent::v1 as pb,
     service::params::Failover,
     storage::VolumeId,
-    util::fsutil,
+    util::{failpoint, fsutil},
 };
 
 /// Where the controller reads nodes' lease renewals, and records the ones it makes.
@@ -398,7 +398,10 @@ impl Cluster {
             snapshot_time: monitor::rfc3339(cut),
             at: monitor::rfc3339(now_nanos()),
         });
+        // A controller that decided from the same record and writes later loses here.
+        failpoint::hit("failover:before-record");
         let written = self.store.replace(&next, &r.version).await?;
+        failpoint::hit("failover:after-record");
         tracing::warn!(volume.id = %vol, from = %lost, to = %node, epoch = next.epoch, snapshot.id = %snapshot, "volume failed over from a lost node");
         self.metrics.failed_over(&lost);
         self.promote_replica(vol, &node, next.epoch, &snapshot)

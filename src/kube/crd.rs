@@ -133,6 +133,12 @@ pub struct BerthNodeStatus {
         json_path = ".spec.handoff.to",
         priority = 1
     ),
+    // Shown by default: a failed-over volume's stale copy waits on that node.
+    printcolumn(
+        name = "Failed Over From",
+        type_ = "string",
+        json_path = ".spec.failover.from"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",

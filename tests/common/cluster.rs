@@ -496,6 +496,11 @@ impl TestCluster {
     /// controller replicas are when each believes it leads (two `--nodes` controllers, or
     /// a leader and one whose Lease lapsed). Killed when the returned value is dropped.
     pub async fn second_controller(&self) -> SecondController {
+        self.second_controller_with(&[]).await
+    }
+
+    /// [`TestCluster::second_controller`] with extra arguments.
+    pub async fn second_controller_with(&self, args: &[&str]) -> SecondController {
         let dir = self.dir.path().join("controller-2");
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("controller.sock");
@@ -516,6 +521,7 @@ impl TestCluster {
             .arg(self.controller_state())
             .arg("--tls-dir")
             .arg(self.certs().join("controller"))
+            .args(args)
             .env("RUST_LOG", "info,berth=debug")
             .env_remove("BERTH_FAILPOINT")
             .stdin(Stdio::null())
