@@ -669,8 +669,10 @@ impl ClusterApi for KubeApi {
                 .list(&ListParams::default())
                 .await
                 .map_err(api_error("list VolumeAttachments"))?;
+            // One already being deleted is the external-attacher's to finish.
             for va in list.items.into_iter().filter(|va| {
-                va.spec.attacher == self.driver
+                va.metadata.deletion_timestamp.is_none()
+                    && va.spec.attacher == self.driver
                     && va.spec.node_name == node
                     && va.spec.source.persistent_volume_name.as_deref() == Some(pv_name.as_str())
             }) {

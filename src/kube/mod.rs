@@ -168,8 +168,9 @@ pub trait ClusterApi: Send + Sync + 'static {
     /// another node. Force-deletes (grace period 0, guarded by the uid listed) the pods on
     /// `node` that use the volume's claim, recording a `PodEvicted` Warning Event on each;
     /// then deletes the VolumeAttachments of this driver that attach the volume's
-    /// PersistentVolume to `node`. Other pods and attachments are left alone; anything
-    /// already gone is success (RBAC: persistentvolumes list; pods list, delete;
+    /// PersistentVolume to `node` (one already being deleted is left to the
+    /// external-attacher). Other pods and attachments are left alone; anything already gone
+    /// is success (RBAC: persistentvolumes list; pods list, delete;
     /// volumeattachments list, delete; events.k8s.io events create).
     async fn release_from_node(&self, volume_handle: &str, node: &str) -> Result<Released>;
 }

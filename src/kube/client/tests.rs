@@ -1078,6 +1078,8 @@ struct Answers {
     pod_delete: u16,
     va_delete: u16,
     event: u16,
+    /// berth's attachment on node-a is already being deleted.
+    va_deleting: bool,
 }
 
 /// A cluster where volume vol-1 is PV pv-1, bound to claim db/data-pg-0: on node-a, pod
@@ -1122,7 +1124,13 @@ fn cluster(answers: Answers) -> impl FnMut(&Seen, crate::kube::testing::Reply) +
                 "VolumeAttachmentList",
                 vec![
                     va("va-b", "berth.csi.dev", "node-b", "pv-1"),
-                    va("va-a", "berth.csi.dev", "node-a", "pv-1"),
+                    {
+                        let mut v = va("va-a", "berth.csi.dev", "node-a", "pv-1");
+                        if answers.va_deleting {
+                            v["metadata"]["deletionTimestamp"] = json!("2026-03-01T10:00:00Z");
+                        }
+                        v
+                    },
                     va("va-a2", "berth.csi.dev", "node-a", "pv-2"),
                     va("va-ebs", "ebs.csi.aws.com", "node-a", "pv-1"),
                 ],
@@ -1150,6 +1158,7 @@ const OK: Answers = Answers {
     pod_delete: 200,
     va_delete: 200,
     event: 201,
+    va_deleting: false,
 };
 
 #[tokio::test]
@@ -1209,7 +1218,7 @@ async fn release_from_node_takes_gone_as_done() {
         let (r, log) = release(Answers {
             pod_delete,
             va_delete: 404,
-            event: 201,
+            ..OK
         })
         .await;
         assert_eq!(r.unwrap(), Released::default(), "{pod_delete}");
@@ -1218,6 +1227,18 @@ async fn release_from_node_takes_gone_as_done() {
             "{pod_delete}: an Event about a pod not deleted"
         );
     }
+    // An attachment already being deleted (the external-attacher has yet to detach it) is
+    // not deleted again, nor reported.
+    let (r, log) = release(Answers {
+        va_deleting: true,
+        ..OK
+    })
+    .await;
+    assert_eq!(r.unwrap().attachments, Vec::<String>::new());
+    assert!(
+        !log.iter()
+            .any(|s| s.method == "DELETE" && s.uri.contains("volumeattachments"))
+    );
 }
 
 #[tokio::test]
