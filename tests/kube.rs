@@ -1294,6 +1294,41 @@ async fn the_charts_rbac_allows_every_call_berth_makes_and_refuses_others() {
     let page = records.list(None, 10).await.expect("list BerthVolumes");
     assert!(page.records.contains(&updated));
 
+    // Node loss: the node plugin creates and renews its Lease in the release namespace; the
+    // controller lists those Leases and the out-of-service Nodes, and releases a volume it
+    // failed over from a lost node (every request of release_from_node, the deletes and the
+    // Event included).
+    let lost_ns = "rbac-lost";
+    namespace(&admin, lost_ns).await;
+    lost_node(&admin, lost_ns, "rbac", "vol-rbac-lost").await;
+    for _ in 0..2 {
+        node.renew_node_lease(release, "node-rbac", 10)
+            .await
+            .expect("the node plugin creates, then renews, its Lease");
+    }
+    let leases = controller.node_leases(release).await.expect("list Leases");
+    assert!(leases.contains_key("node-rbac"), "{leases:?}");
+    let oos = controller.out_of_service_nodes().await.expect("list Nodes");
+    assert!(oos.contains("rbac-lost"), "{oos:?}");
+    assert_eq!(
+        controller
+            .release_from_node("vol-rbac-lost", "rbac-lost")
+            .await
+            .expect("list PVs, pods and VolumeAttachments; delete a pod and a VolumeAttachment"),
+        Released {
+            attachments: vec!["rbac-va-lost".into()],
+            pods: vec![format!("{lost_ns}/pg-0")],
+        }
+    );
+    // A failed Event does not fail the call: see that it was recorded.
+    assert!(
+        events_in(&admin, lost_ns)
+            .await
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("PodEvicted")),
+        "no PodEvicted Event"
+    );
+
     // What each identity must not do.
     assert_eq!(code(node.list_nodes().await), Code::PermissionDenied);
     assert_eq!(
@@ -1326,7 +1361,7 @@ async fn the_charts_rbac_allows_every_call_berth_makes_and_refuses_others() {
     );
     // Only the controller writes placement records: a node plugin's token can neither make
     // one nor change who is primary.
-    let node_records = PlacementApi::new(node_client);
+    let node_records = PlacementApi::new(node_client.clone());
     assert_eq!(
         code(node_records.create(&record("pvc-node", "node-a")).await),
         Code::PermissionDenied
@@ -1358,6 +1393,52 @@ async fn the_charts_rbac_allows_every_call_berth_makes_and_refuses_others() {
                 .await
         ),
         Code::PermissionDenied
+    );
+    // Node loss: the node plugin renews its Lease, in the release namespace only, and does
+    // nothing else of failover; the controller never writes a node's Lease.
+    assert_eq!(
+        code(node.renew_node_lease("default", "node-rbac", 10).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(controller.renew_node_lease(release, "node-x", 10).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(node.node_leases(release).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(node.out_of_service_nodes().await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(node.release_from_node("vol-rbac-lost", "rbac-lost").await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        http_status(
+            Api::<Pod>::namespaced(node_client.clone(), lost_ns)
+                .delete("pg-1", &DeleteParams::default())
+                .await
+        ),
+        403
+    );
+    assert_eq!(
+        http_status(
+            Api::<VolumeAttachment>::all(node_client.clone())
+                .delete("rbac-va-live", &DeleteParams::default())
+                .await
+        ),
+        403
+    );
+    assert_eq!(
+        http_status(
+            Api::<Lease>::namespaced(node_client.clone(), release)
+                .delete("berth-node-node-rbac", &DeleteParams::default())
+                .await
+        ),
+        403
     );
 }
 
