@@ -1,8 +1,8 @@
 //! berth's Kubernetes layer (src/kube) against a real API server (etcd and kube-apiserver
 //! v1.32, tests/common/apiserver.rs): every object berth writes, the CRDs of `berth crd` with
 //! their schemas and CEL rules, watches, resourceVersion conflicts, the tasks (heartbeat,
-//! discovery, leader election, the migrations loop) and the chart's RBAC under tokens of its
-//! own ServiceAccounts. The tower_test mocks in src/kube assert the exact requests; these
+//! node Lease, discovery, leader election, the migrations loop), the clean-up after a node
+//! is lost, and the chart's RBAC under tokens of its own ServiceAccounts. The tower_test mocks in src/kube assert the exact requests; these
 //! prove the API server accepts them, which a mock cannot: it took `generateName: "pg."`.
 //!
 //! One API server serves every test of this binary (started by the first test, with the

@@ -1,6 +1,6 @@
 //! The thin Kubernetes layer: berth's custom resources ([`crd`]), the few API calls berth
 //! makes ([`ClusterApi`], implemented over kube-rs by [`KubeApi`]) and the background tasks
-//! built on them ([`node_heartbeat`], [`discover_nodes`], [`leader_election`],
+//! built on them ([`node_heartbeat`], [`node_lease`], [`discover_nodes`], [`leader_election`],
 //! [`migrations`]); and the nodes' certificates through the CSR API ([`csr`], which talks
 //! to kube-rs directly and is tested against a real API server instead).
 //!
