@@ -44,11 +44,11 @@ pub const FIELD_MANAGER: &str = "berth";
 pub const REPORTING_CONTROLLER: &str = "berth.csi.dev/controller";
 /// The label of berth's node Leases, with an empty value: a node name may be 253 characters
 /// long, a label value only 63, so the Lease's name carries the node.
-pub const NODE_LEASE_LABEL: &str = "berth.csi.dev/node-lease";
+const NODE_LEASE_LABEL: &str = "berth.csi.dev/node-lease";
 const NODE_LEASE_PREFIX: &str = "berth-node-";
 /// The taint of Kubernetes' non-graceful node shutdown: the node is down for good and what
 /// ran there may run elsewhere.
-pub const OUT_OF_SERVICE_TAINT: &str = "node.kubernetes.io/out-of-service";
+const OUT_OF_SERVICE_TAINT: &str = "node.kubernetes.io/out-of-service";
 /// A Lease's name is a DNS subdomain: at most 253 characters.
 const SUBDOMAIN_MAX: usize = 253;
 /// What errors name as the unreachable or answering peer.

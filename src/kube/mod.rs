@@ -29,10 +29,7 @@ use futures::stream::BoxStream;
 
 use self::crd::{BerthNodeSpec, BerthNodeStatus, VolumeMigration, VolumeMigrationStatus};
 pub use self::{
-    client::{
-        FIELD_MANAGER, KubeApi, NODE_LEASE_LABEL, OUT_OF_SERVICE_TAINT, REPORTING_CONTROLLER,
-        connect, node_lease_name,
-    },
+    client::{FIELD_MANAGER, KubeApi, REPORTING_CONTROLLER, connect, node_lease_name},
     migrations::{Migrator, migrations},
     placement::PlacementApi,
     tasks::{discover_nodes, leader_election, node_heartbeat, node_lease},
