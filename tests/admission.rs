@@ -1,6 +1,7 @@
-//! The chart's admission policy (templates/berthnode-policy.yaml) against a real
-//! kube-apiserver (`../shared/k8s/up`): a node plugin's ServiceAccount token, bound to a pod
-//! on node-a, lets berth's own publishing code write BerthNode node-a and no other.
+//! The chart's admission policies (templates/berthnode-policy.yaml,
+//! templates/node-lease-policy.yaml) against a real kube-apiserver (`../shared/k8s/up`): a
+//! node plugin's ServiceAccount token, bound to a pod on node-a, lets berth's own code write
+//! BerthNode node-a and no other, and renew node-a's Lease and no other.
 //!
 //! The API server and helm come from the shared harness (tests/common/apiserver.rs): without
 //! what they need the test says so once and passes, except under CI, where it must run.
@@ -34,10 +35,11 @@ async fn publish(api: &KubeApi, node: &str) -> berth::error::Result<()> {
     .await
 }
 
-/// The node plugin's token, bound to its pod on node-a, may write BerthNode node-a only; a
-/// token of the same ServiceAccount bound to no node may write none.
+/// The node plugin's token, bound to its pod on node-a, may write BerthNode node-a and renew
+/// Lease berth-node-node-a only; a token of the same ServiceAccount bound to no node may
+/// write neither.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_node_may_write_only_its_own_berthnode() {
+async fn a_node_may_write_only_its_own_berthnode_and_lease() {
     let Some(helm) = helm() else {
         return;
     };
@@ -53,6 +55,7 @@ async fn a_node_may_write_only_its_own_berthnode() {
             "templates/serviceaccounts.yaml",
             "templates/rbac-node.yaml",
             "templates/berthnode-policy.yaml",
+            "templates/node-lease-policy.yaml",
         ],
     );
     // Two nodes, the plugin's pod on one.
@@ -93,4 +96,40 @@ async fn a_node_may_write_only_its_own_berthnode() {
     assert!(e.to_string().contains("bound to no node"), "{e}");
     let got = kc(&["get", "berthnodes", "-o", "name"], "");
     assert_eq!(got.trim(), "berthnode.berth.csi.dev/node-a");
+
+    // Its node Lease: the policy was loaded with the other one, but is waited for the same
+    // way. Refused before it exists (a create) and once it does (a patch).
+    let start = Instant::now();
+    let denied = loop {
+        match node_a.renew_node_lease(NS, "node-b", 10).await {
+            Err(e) => break e.to_string(),
+            Ok(()) if start.elapsed() < Duration::from_secs(30) => {
+                kc(&["delete", "lease", "berth-node-node-b", "-n", NS], "");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(()) => panic!("node-a's token renewed node-b's Lease"),
+        }
+    };
+    assert!(
+        denied.contains("only the Lease of its own node"),
+        "denied for another reason: {denied}"
+    );
+    for _ in 0..2 {
+        node_a
+            .renew_node_lease(NS, "node-a", 10)
+            .await
+            .expect("node-a's token creates, then renews, node-a's Lease");
+    }
+    let admin = berth::kube::KubeApi::new(server.admin().await, "berth.csi.dev", "test");
+    admin.renew_node_lease(NS, "node-b", 10).await.unwrap();
+    let e = node_a
+        .renew_node_lease(NS, "node-b", 10)
+        .await
+        .expect_err("node-a's token renewed node-b's existing Lease");
+    assert!(e.to_string().contains("bound to node node-a"), "{e}");
+    let e = no_node
+        .renew_node_lease(NS, "node-a", 10)
+        .await
+        .expect_err("a token bound to no node renewed a Lease");
+    assert!(e.to_string().contains("bound to no node"), "{e}");
 }

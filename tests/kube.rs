@@ -1,8 +1,8 @@
 //! berth's Kubernetes layer (src/kube) against a real API server (etcd and kube-apiserver
 //! v1.32, tests/common/apiserver.rs): every object berth writes, the CRDs of `berth crd` with
 //! their schemas and CEL rules, watches, resourceVersion conflicts, the tasks (heartbeat,
-//! discovery, leader election, the migrations loop) and the chart's RBAC under tokens of its
-//! own ServiceAccounts. The tower_test mocks in src/kube assert the exact requests; these
+//! node Lease, discovery, leader election, the migrations loop), the clean-up after a node
+//! is lost, and the chart's RBAC under tokens of its own ServiceAccounts. The tower_test mocks in src/kube assert the exact requests; these
 //! prove the API server accepts them, which a mock cannot: it took `generateName: "pg."`.
 //!
 //! One API server serves every test of this binary (started by the first test, with the
@@ -11,7 +11,7 @@
 mod common;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     future::Future,
     process::Command,
     sync::{
@@ -27,12 +27,12 @@ use berth::placement::{PlacementStore, ReplicaPlacement};
 use berth::{
     error::Result,
     kube::{
-        ClusterApi, KubeApi, MigrationEvent, Migrator, PlacementApi,
+        ClusterApi, KubeApi, MigrationEvent, Migrator, PlacementApi, Released,
         crd::{
             BerthNode, BerthNodeSpec, BerthNodeStatus, MigrationPhase, VolumeMigration,
             VolumeMigrationStatus,
         },
-        discover_nodes, leader_election, migrations, node_heartbeat,
+        discover_nodes, leader_election, migrations, node_heartbeat, node_lease,
     },
 };
 use common::{
@@ -42,8 +42,9 @@ use common::{
 use futures::{StreamExt, future::BoxFuture};
 use k8s_openapi::api::{
     coordination::v1::Lease,
-    core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim},
+    core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, ServiceAccount},
     events::v1::Event,
+    storage::v1::VolumeAttachment,
 };
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
@@ -162,6 +163,143 @@ async fn create_migration(admin: &kube::Client, ns: &str, name: &str, pvc: &str)
         )
         .await
         .unwrap();
+}
+
+/// What Kubernetes still holds of volume `handle` after node `<p>-lost` died, as the
+/// scheduler, the PV controller and the attach/detach controller would have written it (none
+/// runs here), in namespace `ns`: claim data-pg-0 bound to PV `<p>-pv` (the volume), claim
+/// data-other to `<p>-pv-other`; Nodes `<p>-lost` (tainted out-of-service) and `<p>-live`;
+/// pods pg-0 (lost node, data-pg-0), pg-1 (live node, data-pg-0), web-0 (lost node,
+/// data-other), cache-0 (lost node, no claim); VolumeAttachments `<p>-va-lost` (the volume on
+/// the lost node, with the external-attacher's finalizer), `<p>-va-live` (the volume on the
+/// live node) and `<p>-va-other` (the other volume on the lost node).
+async fn lost_node(admin: &kube::Client, ns: &str, p: &str, handle: &str) {
+    // The default ServiceAccount, which the pods run as (no controller-manager makes it).
+    Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+        .create(
+            &PostParams::default(),
+            &from_json(json!({ "metadata": { "name": "default" } })),
+        )
+        .await
+        .unwrap();
+    let nodes = Api::<Node>::all(admin.clone());
+    for (node, taints) in [
+        (
+            format!("{p}-lost"),
+            json!([{ "key": "node.kubernetes.io/out-of-service", "value": "nodeshutdown", "effect": "NoExecute" }]),
+        ),
+        (format!("{p}-live"), json!([])),
+    ] {
+        nodes
+            .create(
+                &PostParams::default(),
+                &from_json(json!({ "metadata": { "name": node }, "spec": { "taints": taints } })),
+            )
+            .await
+            .unwrap();
+    }
+    let claims = Api::<PersistentVolumeClaim>::namespaced(admin.clone(), ns);
+    let pvs = Api::<PersistentVolume>::all(admin.clone());
+    for (claim, pv, volume) in [
+        ("data-pg-0", format!("{p}-pv"), handle.to_string()),
+        (
+            "data-other",
+            format!("{p}-pv-other"),
+            format!("{handle}-other"),
+        ),
+    ] {
+        let c = claims
+            .create(
+                &PostParams::default(),
+                &from_json(json!({
+                    "metadata": { "name": claim },
+                    "spec": {
+                        "accessModes": ["ReadWriteOnce"], "storageClassName": "berth",
+                        "resources": { "requests": { "storage": "1Gi" } }, "volumeName": pv,
+                    },
+                })),
+            )
+            .await
+            .unwrap();
+        pvs.create(
+            &PostParams::default(),
+            &from_json(json!({
+                "metadata": { "name": pv },
+                "spec": {
+                    "capacity": { "storage": "1Gi" }, "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": "berth",
+                    "csi": { "driver": DRIVER, "volumeHandle": volume },
+                    "claimRef": {
+                        "kind": "PersistentVolumeClaim", "apiVersion": "v1", "namespace": ns,
+                        "name": claim, "uid": c.metadata.uid,
+                    },
+                },
+            })),
+        )
+        .await
+        .unwrap();
+    }
+    let pods = Api::<Pod>::namespaced(admin.clone(), ns);
+    for (pod, node, claim) in [
+        ("pg-0", "lost", Some("data-pg-0")),
+        ("pg-1", "live", Some("data-pg-0")),
+        ("web-0", "lost", Some("data-other")),
+        ("cache-0", "lost", None),
+    ] {
+        let volumes: Vec<Value> = claim
+            .map(|c| json!({ "name": "data", "persistentVolumeClaim": { "claimName": c } }))
+            .into_iter()
+            .collect();
+        pods.create(
+            &PostParams::default(),
+            &from_json(json!({
+                "metadata": { "name": pod },
+                "spec": {
+                    "nodeName": format!("{p}-{node}"),
+                    "containers": [{ "name": "db", "image": "postgres" }],
+                    "volumes": volumes,
+                },
+            })),
+        )
+        .await
+        .unwrap();
+    }
+    let vas = Api::<VolumeAttachment>::all(admin.clone());
+    for (va, node, pv, finalizers) in [
+        (
+            "va-lost",
+            "lost",
+            "pv",
+            json!(["external-attacher/berth-csi-dev"]),
+        ),
+        ("va-live", "live", "pv", json!([])),
+        ("va-other", "lost", "pv-other", json!([])),
+    ] {
+        vas.create(
+            &PostParams::default(),
+            &from_json(json!({
+                "metadata": { "name": format!("{p}-{va}"), "finalizers": finalizers },
+                "spec": {
+                    "attacher": DRIVER, "nodeName": format!("{p}-{node}"),
+                    "source": { "persistentVolumeName": format!("{p}-{pv}") },
+                },
+            })),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// The pods left in `ns`, by name.
+async fn pods_in(admin: &kube::Client, ns: &str) -> BTreeSet<String> {
+    Api::<Pod>::namespaced(admin.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect()
 }
 
 /// Polls `f` every 200 ms until it yields a value; panics after `secs` naming `what`.
@@ -683,6 +821,183 @@ async fn leader_election_hands_the_lease_over_when_the_leader_stops() {
     task_b.await.unwrap();
 }
 
+#[tokio::test]
+async fn node_leases_are_created_renewed_by_the_task_and_listed_by_their_label() {
+    let Some(s) = server() else { return };
+    let admin = s.admin().await;
+    let ns = "node-leases";
+    namespace(&admin, ns).await;
+    let api = Arc::new(KubeApi::new(admin.clone(), DRIVER, "node-a"));
+    let leases = Api::<Lease>::namespaced(admin.clone(), ns);
+
+    api.renew_node_lease(ns, "node-a", 10)
+        .await
+        .expect("created");
+    let first = api.node_leases(ns).await.unwrap();
+    api.renew_node_lease(ns, "node-a", 10)
+        .await
+        .expect("renewed");
+    let second = api.node_leases(ns).await.unwrap();
+    assert_eq!(first.keys().collect::<Vec<_>>(), ["node-a"]);
+    assert_ne!(
+        first["node-a"], second["node-a"],
+        "a renewal changes the mark"
+    );
+    let lease = leases.get("berth-node-node-a").await.unwrap();
+    let labels = lease.metadata.labels.unwrap();
+    assert_eq!(
+        labels.get("berth.csi.dev/node-lease").map(String::as_str),
+        Some("")
+    );
+    let spec = lease.spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("node-a"));
+    assert_eq!(spec.lease_duration_seconds, Some(10));
+    assert!(spec.renew_time.is_some());
+
+    // The longest node id a Lease name can carry is accepted; one longer is refused by
+    // berth before the API server sees it.
+    let longest = "n".repeat(242);
+    api.renew_node_lease(ns, &longest, 10)
+        .await
+        .expect("a 253-character Lease name");
+    assert_eq!(
+        code(api.renew_node_lease(ns, &"n".repeat(243), 10).await),
+        Code::InvalidArgument
+    );
+    // Another Lease of the namespace (the controllers' election) is no node's.
+    assert!(
+        api.try_acquire_lease(ns, "berth-controller", "c-0", 15)
+            .await
+            .unwrap()
+    );
+    let listed = api.node_leases(ns).await.unwrap();
+    assert_eq!(
+        listed.keys().cloned().collect::<BTreeSet<_>>(),
+        BTreeSet::from(["node-a".to_string(), longest.clone()])
+    );
+
+    // The task: renews at once, then every second, each accepted renewal reported.
+    let (stop_tx, stop) = watch::channel(false);
+    let renewed = Arc::new(Mutex::new(Vec::new()));
+    let sink = renewed.clone();
+    let task = tokio::spawn(node_lease(
+        api.clone(),
+        ns.into(),
+        "node-b".into(),
+        Duration::from_secs(1),
+        Duration::from_secs(10),
+        move |sent| sink.lock().unwrap().push(sent),
+        stop,
+    ));
+    let marks = Arc::new(Mutex::new(BTreeSet::new()));
+    eventually(
+        "three renewals of node-b, each seen as a new mark",
+        20,
+        || async {
+            let now = api.node_leases(ns).await.unwrap();
+            let mut marks = marks.lock().unwrap();
+            if let Some(m) = now.get("node-b") {
+                marks.insert(m.clone());
+            }
+            (marks.len() >= 3).then_some(())
+        },
+    )
+    .await;
+    stop_tx.send(true).unwrap();
+    task.await.unwrap();
+    assert!(renewed.lock().unwrap().len() >= 3);
+}
+
+#[tokio::test]
+async fn release_from_node_evicts_only_the_claims_pod_there_and_deletes_only_its_attachment_there()
+{
+    let Some(s) = server() else { return };
+    let admin = s.admin().await;
+    let ns = "release";
+    namespace(&admin, ns).await;
+    lost_node(&admin, ns, "rel", "vol-rel").await;
+    let api = KubeApi::new(admin.clone(), DRIVER, "controller-0");
+
+    // The standard signal: the lost node is out of service, the live one is not.
+    let oos = api.out_of_service_nodes().await.unwrap();
+    assert!(
+        oos.contains("rel-lost") && !oos.contains("rel-live"),
+        "{oos:?}"
+    );
+
+    // Deleted as Kubernetes does on its own: without a kubelet to confirm, the pod on the
+    // dead node stays Terminating.
+    let pods = Api::<Pod>::namespaced(admin.clone(), ns);
+    pods.delete("pg-0", &DeleteParams::default()).await.unwrap();
+    let terminating = pods.get("pg-0").await.unwrap();
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+
+    let released = api.release_from_node("vol-rel", "rel-lost").await.unwrap();
+    assert_eq!(
+        released,
+        Released {
+            attachments: vec!["rel-va-lost".into()],
+            pods: vec![format!("{ns}/pg-0")],
+        }
+    );
+    // The pod using the claim on the lost node is gone; the claim's pod elsewhere, and the
+    // lost node's pods that do not use it, are left.
+    assert_eq!(
+        pods_in(&admin, ns).await,
+        BTreeSet::from(["cache-0", "pg-1", "web-0"].map(String::from))
+    );
+    // The attachment there is being deleted, its finalizer left for the external-attacher
+    // (after its ControllerUnpublishVolume); the others are untouched.
+    let vas = Api::<VolumeAttachment>::all(admin.clone());
+    let lost = vas.get("rel-va-lost").await.unwrap();
+    assert!(lost.metadata.deletion_timestamp.is_some());
+    assert_eq!(
+        lost.metadata.finalizers,
+        Some(vec!["external-attacher/berth-csi-dev".to_string()])
+    );
+    for other in ["rel-va-live", "rel-va-other"] {
+        let va = vas.get(other).await.unwrap();
+        assert!(va.metadata.deletion_timestamp.is_none(), "{other}");
+    }
+    // What the user sees on the pod.
+    let events: Vec<Event> = events_in(&admin, ns)
+        .await
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("PodEvicted"))
+        .collect();
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let e = &events[0];
+    let regarding = e.regarding.as_ref().unwrap();
+    assert_eq!(
+        (regarding.kind.as_deref(), regarding.name.as_deref()),
+        (Some("Pod"), Some("pg-0"))
+    );
+    assert_eq!(regarding.uid, terminating.metadata.uid);
+    assert_eq!(e.type_.as_deref(), Some("Warning"));
+    let note = e.note.as_deref().unwrap();
+    assert!(
+        note.contains("vol-rel") && note.contains("rel-lost"),
+        "{note}"
+    );
+    assert_eq!(
+        e.related.as_ref().and_then(|r| r.name.as_deref()),
+        Some("data-pg-0")
+    );
+
+    // Done: a second call finds nothing left to do.
+    assert_eq!(
+        api.release_from_node("vol-rel", "rel-lost").await.unwrap(),
+        Released::default()
+    );
+    // A volume with no PersistentVolume (not Kubernetes') has nothing to release.
+    assert_eq!(
+        api.release_from_node("vol-unknown", "rel-lost")
+            .await
+            .unwrap(),
+        Released::default()
+    );
+}
+
 type Hook = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>;
 
 /// A real connection that runs `hook` once, just before forwarding the first request with
@@ -979,6 +1294,41 @@ async fn the_charts_rbac_allows_every_call_berth_makes_and_refuses_others() {
     let page = records.list(None, 10).await.expect("list BerthVolumes");
     assert!(page.records.contains(&updated));
 
+    // Node loss: the node plugin creates and renews its Lease in the release namespace; the
+    // controller lists those Leases and the out-of-service Nodes, and releases a volume it
+    // failed over from a lost node (every request of release_from_node, the deletes and the
+    // Event included).
+    let lost_ns = "rbac-lost";
+    namespace(&admin, lost_ns).await;
+    lost_node(&admin, lost_ns, "rbac", "vol-rbac-lost").await;
+    for _ in 0..2 {
+        node.renew_node_lease(release, "node-rbac", 10)
+            .await
+            .expect("the node plugin creates, then renews, its Lease");
+    }
+    let leases = controller.node_leases(release).await.expect("list Leases");
+    assert!(leases.contains_key("node-rbac"), "{leases:?}");
+    let oos = controller.out_of_service_nodes().await.expect("list Nodes");
+    assert!(oos.contains("rbac-lost"), "{oos:?}");
+    assert_eq!(
+        controller
+            .release_from_node("vol-rbac-lost", "rbac-lost")
+            .await
+            .expect("list PVs, pods and VolumeAttachments; delete a pod and a VolumeAttachment"),
+        Released {
+            attachments: vec!["rbac-va-lost".into()],
+            pods: vec![format!("{lost_ns}/pg-0")],
+        }
+    );
+    // A failed Event does not fail the call: see that it was recorded.
+    assert!(
+        events_in(&admin, lost_ns)
+            .await
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("PodEvicted")),
+        "no PodEvicted Event"
+    );
+
     // What each identity must not do.
     assert_eq!(code(node.list_nodes().await), Code::PermissionDenied);
     assert_eq!(
@@ -1011,7 +1361,7 @@ async fn the_charts_rbac_allows_every_call_berth_makes_and_refuses_others() {
     );
     // Only the controller writes placement records: a node plugin's token can neither make
     // one nor change who is primary.
-    let node_records = PlacementApi::new(node_client);
+    let node_records = PlacementApi::new(node_client.clone());
     assert_eq!(
         code(node_records.create(&record("pvc-node", "node-a")).await),
         Code::PermissionDenied
@@ -1043,6 +1393,52 @@ async fn the_charts_rbac_allows_every_call_berth_makes_and_refuses_others() {
                 .await
         ),
         Code::PermissionDenied
+    );
+    // Node loss: the node plugin renews its Lease, in the release namespace only, and does
+    // nothing else of failover; the controller never writes a node's Lease.
+    assert_eq!(
+        code(node.renew_node_lease("default", "node-rbac", 10).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(controller.renew_node_lease(release, "node-x", 10).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(node.node_leases(release).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(node.out_of_service_nodes().await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(node.release_from_node("vol-rbac-lost", "rbac-lost").await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        http_status(
+            Api::<Pod>::namespaced(node_client.clone(), lost_ns)
+                .delete("pg-1", &DeleteParams::default())
+                .await
+        ),
+        403
+    );
+    assert_eq!(
+        http_status(
+            Api::<VolumeAttachment>::all(node_client.clone())
+                .delete("rbac-va-live", &DeleteParams::default())
+                .await
+        ),
+        403
+    );
+    assert_eq!(
+        http_status(
+            Api::<Lease>::namespaced(node_client.clone(), release)
+                .delete("berth-node-node-rbac", &DeleteParams::default())
+                .await
+        ),
+        403
     );
 }
 

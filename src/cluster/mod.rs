@@ -771,6 +771,18 @@ mod tests {
         async fn release_lease(&self, _: &str, _: &str, _: &str) -> Result<()> {
             unreachable!()
         }
+        async fn renew_node_lease(&self, _: &str, _: &str, _: u32) -> Result<()> {
+            Ok(())
+        }
+        async fn node_leases(&self, _: &str) -> Result<BTreeMap<String, String>> {
+            Ok(Default::default())
+        }
+        async fn out_of_service_nodes(&self) -> Result<std::collections::BTreeSet<String>> {
+            Ok(Default::default())
+        }
+        async fn release_from_node(&self, _: &str, _: &str) -> Result<crate::kube::Released> {
+            Ok(Default::default())
+        }
     }
 
     #[tokio::test]

@@ -1,6 +1,10 @@
 //! [`ClusterApi`] over a `kube::Client`.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Mutex,
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use futures::{
@@ -10,22 +14,26 @@ use futures::{
 use k8s_openapi::{
     api::{
         coordination::v1::{Lease, LeaseSpec},
-        core::v1::{ObjectReference, PersistentVolume, PersistentVolumeClaim},
+        core::v1::{Node, ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod},
         events::v1::Event,
+        storage::v1::VolumeAttachment,
     },
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
     jiff::Timestamp,
 };
 use kube::{
     Api, Client,
-    api::{ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams},
+    api::{
+        DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions, WatchEvent,
+        WatchParams,
+    },
 };
 use serde_json::json;
 use tokio::time::Instant;
 use tonic::{Code, Status};
 
 use super::{
-    ClusterApi, DiscoveredNode, MigrationEvent,
+    ClusterApi, DiscoveredNode, MigrationEvent, Released,
     crd::{BerthNode, BerthNodeSpec, BerthNodeStatus, VolumeMigration, VolumeMigrationStatus},
 };
 use crate::error::{Error, Result};
@@ -34,6 +42,15 @@ use crate::error::{Error, Result};
 pub const FIELD_MANAGER: &str = "berth";
 /// `reportingController` of berth's Events.
 pub const REPORTING_CONTROLLER: &str = "berth.csi.dev/controller";
+/// The label of berth's node Leases, with an empty value: a node name may be 253 characters
+/// long, a label value only 63, so the Lease's name carries the node.
+const NODE_LEASE_LABEL: &str = "berth.csi.dev/node-lease";
+const NODE_LEASE_PREFIX: &str = "berth-node-";
+/// The taint of Kubernetes' non-graceful node shutdown: the node is down for good and what
+/// ran there may run elsewhere.
+const OUT_OF_SERVICE_TAINT: &str = "node.kubernetes.io/out-of-service";
+/// A Lease's name is a DNS subdomain: at most 253 characters.
+const SUBDOMAIN_MAX: usize = 253;
 /// What errors name as the unreachable or answering peer.
 const API_SERVER: &str = "kubernetes api";
 /// Watches ask the API server to end them after this long (its default is a random 30 to 60
@@ -87,6 +104,36 @@ impl KubeApi {
     /// Connects with the pod's service account (or `$KUBECONFIG` outside a cluster).
     pub async fn connect(driver: impl Into<String>, instance: impl Into<String>) -> Result<Self> {
         Ok(KubeApi::new(connect().await?, driver, instance))
+    }
+
+    /// An events.k8s.io/v1 Event about `regarding` (in its namespace), reported by this
+    /// instance of berth.
+    fn event(
+        &self,
+        regarding: ObjectReference,
+        related: Option<ObjectReference>,
+        reason: &str,
+        message: &str,
+        warning: bool,
+    ) -> Event {
+        let name = regarding.name.as_deref().unwrap_or_default();
+        Event {
+            metadata: ObjectMeta {
+                generate_name: Some(event_name_prefix(name)),
+                namespace: regarding.namespace.clone(),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(now()),
+            action: Some(reason.to_string()),
+            reason: Some(reason.to_string()),
+            note: Some(truncate(message, NOTE_MAX)),
+            type_: Some(if warning { "Warning" } else { "Normal" }.to_string()),
+            reporting_controller: Some(REPORTING_CONTROLLER.to_string()),
+            reporting_instance: Some(self.instance.clone()),
+            regarding: Some(regarding),
+            related,
+            ..Event::default()
+        }
     }
 
     fn lease_expired(
@@ -160,6 +207,30 @@ pub(super) fn api_error(what: impl std::fmt::Display) -> impl FnOnce(kube::Error
 
 fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+/// The name of `node`'s Lease, `berth-node-<node>`. A node id is the Kubernetes node's name,
+/// a DNS subdomain already; the prefix can make it too long for one, which is refused here
+/// rather than by the API server at every renewal.
+pub fn node_lease_name(node: &str) -> Result<String> {
+    let name = format!("{NODE_LEASE_PREFIX}{node}");
+    if name.len() > SUBDOMAIN_MAX {
+        return Err(Error::invalid(
+            "node",
+            format!(
+                "node id {node} is {} characters long; its Lease {NODE_LEASE_PREFIX}<node id> \
+                 would exceed the {SUBDOMAIN_MAX} characters of a Kubernetes name, so the node \
+                 id must be at most {} characters",
+                node.len(),
+                SUBDOMAIN_MAX - NODE_LEASE_PREFIX.len()
+            ),
+        ));
+    }
+    Ok(name)
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -262,29 +333,15 @@ impl ClusterApi for KubeApi {
             .await
             .map_err(api_error(&what))?
             .and_then(|c| c.metadata.uid);
-        let event = Event {
-            metadata: ObjectMeta {
-                generate_name: Some(event_name_prefix(name)),
-                namespace: Some(namespace.to_string()),
-                ..ObjectMeta::default()
-            },
-            event_time: Some(now()),
-            action: Some(reason.to_string()),
-            reason: Some(reason.to_string()),
-            note: Some(truncate(message, NOTE_MAX)),
-            type_: Some(if warning { "Warning" } else { "Normal" }.to_string()),
-            reporting_controller: Some(REPORTING_CONTROLLER.to_string()),
-            reporting_instance: Some(self.instance.clone()),
-            regarding: Some(ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("PersistentVolumeClaim".into()),
-                namespace: Some(namespace.to_string()),
-                name: Some(name.to_string()),
-                uid,
-                ..ObjectReference::default()
-            }),
-            ..Event::default()
+        let regarding = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("PersistentVolumeClaim".into()),
+            namespace: Some(namespace.to_string()),
+            name: Some(name.to_string()),
+            uid,
+            ..ObjectReference::default()
         };
+        let event = self.event(regarding, None, reason, message, warning);
         Api::<Event>::namespaced(self.client.clone(), namespace)
             .create(&PostParams::default(), &event)
             .await
@@ -481,6 +538,238 @@ impl ClusterApi for KubeApi {
             Err(e) if is_conflict(&e) => Ok(()),
             r => r.map(drop).map_err(api_error(&what)),
         }
+    }
+
+    async fn renew_node_lease(
+        &self,
+        namespace: &str,
+        node: &str,
+        duration_secs: u32,
+    ) -> Result<()> {
+        let name = node_lease_name(node)?;
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), namespace);
+        let what = format!("Lease {namespace}/{name}");
+        let duration = i32::try_from(duration_secs).unwrap_or(i32::MAX);
+        let now = now();
+        // A merge patch rather than a read and an update: the node is the Lease's one
+        // writer, so there is no race for a resourceVersion to settle, and a renewal is one
+        // request, which halves both the load of every node's renewals on the API server
+        // and the ways a renewal can fail. renewTime (microseconds) differs at every
+        // renewal, so each one is a write that moves the resourceVersion on.
+        let patch = json!({
+            "metadata": { "labels": { NODE_LEASE_LABEL: "" } },
+            "spec": {
+                "holderIdentity": node,
+                "leaseDurationSeconds": duration,
+                "renewTime": now,
+            },
+        });
+        let renew = async || {
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map(drop)
+        };
+        match renew().await {
+            Err(e) if is_not_found(&e) => {}
+            r => return r.map_err(api_error(&what)),
+        }
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(namespace.to_string()),
+                labels: Some([(NODE_LEASE_LABEL.to_string(), String::new())].into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(node.to_string()),
+                lease_duration_seconds: Some(duration),
+                acquire_time: Some(now.clone()),
+                renew_time: Some(now),
+                lease_transitions: Some(0),
+                ..LeaseSpec::default()
+            }),
+        };
+        match api.create(&PostParams::default(), &lease).await {
+            // Created meanwhile by another pod of this node (a rolling update of the
+            // DaemonSet overlaps the old and the new one): renew it.
+            Err(e) if is_conflict(&e) => renew().await.map_err(api_error(&what)),
+            r => r.map(drop).map_err(api_error(&what)),
+        }
+    }
+
+    async fn node_leases(&self, namespace: &str) -> Result<BTreeMap<String, String>> {
+        let list = Api::<Lease>::namespaced(self.client.clone(), namespace)
+            .list(&ListParams::default().labels(NODE_LEASE_LABEL))
+            .await
+            .map_err(api_error(format!("list node Leases in {namespace}")))?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|l| {
+                // The name, not holderIdentity, says whose it is: the name is what the node
+                // renews, whatever else wrote the holder.
+                let node = l
+                    .metadata
+                    .name?
+                    .strip_prefix(NODE_LEASE_PREFIX)?
+                    .to_string();
+                Some((node, l.metadata.resource_version.unwrap_or_default()))
+            })
+            .collect())
+    }
+
+    async fn out_of_service_nodes(&self) -> Result<BTreeSet<String>> {
+        // Taints cannot be selected by the API server: every Node is listed.
+        let list = Api::<Node>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(api_error("list Nodes"))?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter(|n| {
+                n.spec
+                    .as_ref()
+                    .and_then(|s| s.taints.as_ref())
+                    .is_some_and(|taints| {
+                        taints.iter().any(|t| {
+                            t.key == OUT_OF_SERVICE_TAINT
+                                && matches!(t.effect.as_str(), "NoExecute" | "NoSchedule")
+                        })
+                    })
+            })
+            .filter_map(|n| n.metadata.name)
+            .collect())
+    }
+
+    async fn release_from_node(&self, volume_handle: &str, node: &str) -> Result<Released> {
+        // A PersistentVolume cannot be selected by its CSI volume handle: every one is
+        // listed, once per failed-over volume.
+        let pvs = Api::<PersistentVolume>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(api_error("list PersistentVolumes"))?;
+        let mut released = Released::default();
+        for pv in pvs.items.into_iter().filter(|pv| {
+            pv.spec
+                .as_ref()
+                .and_then(|s| s.csi.as_ref())
+                .is_some_and(|c| c.driver == self.driver && c.volume_handle == volume_handle)
+        }) {
+            let pv_name = pv.metadata.name.unwrap_or_default();
+            // Pods first: while a pod on the node still uses the claim, Kubernetes'
+            // attach/detach controller wants the volume attached there and could attach it
+            // again once its attachment is gone.
+            if let Some(claim) = pv.spec.and_then(|s| s.claim_ref) {
+                self.evict_pods(volume_handle, node, &claim, &mut released)
+                    .await?;
+            }
+            let vas: Api<VolumeAttachment> = Api::all(self.client.clone());
+            let list = vas
+                .list(&ListParams::default())
+                .await
+                .map_err(api_error("list VolumeAttachments"))?;
+            // One already being deleted is the external-attacher's to finish.
+            for va in list.items.into_iter().filter(|va| {
+                va.metadata.deletion_timestamp.is_none()
+                    && va.spec.attacher == self.driver
+                    && va.spec.node_name == node
+                    && va.spec.source.persistent_volume_name.as_deref() == Some(pv_name.as_str())
+            }) {
+                let name = va.metadata.name.unwrap_or_default();
+                // The external-attacher's finalizer stays: it sees the deletion, calls
+                // ControllerUnpublishVolume for the lost node, which berth answers as done
+                // (the volume is not there any more at the current epoch), and removes it.
+                match vas.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => released.attachments.push(name),
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(api_error(format!("VolumeAttachment {name}"))(e)),
+                }
+            }
+        }
+        Ok(released)
+    }
+}
+
+impl KubeApi {
+    /// Force-deletes the pods on `node` that use `claim`, with a `PodEvicted` Event on each.
+    async fn evict_pods(
+        &self,
+        volume_handle: &str,
+        node: &str,
+        claim: &ObjectReference,
+        released: &mut Released,
+    ) -> Result<()> {
+        let (Some(ns), Some(claim_name)) = (claim.namespace.as_deref(), claim.name.as_deref())
+        else {
+            return Ok(());
+        };
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let list = pods
+            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+            .await
+            .map_err(api_error(format!("list Pods on node {node} in {ns}")))?;
+        let uses_claim = |p: &Pod| {
+            p.spec.as_ref().is_some_and(|s| {
+                s.volumes.iter().flatten().any(|v| {
+                    v.persistent_volume_claim
+                        .as_ref()
+                        .is_some_and(|c| c.claim_name == claim_name)
+                })
+            })
+        };
+        for pod in list.items.into_iter().filter(uses_claim) {
+            let name = pod.metadata.name.unwrap_or_default();
+            let uid = pod.metadata.uid;
+            // The uid listed: a StatefulSet recreates its pod under the same name, and that
+            // new pod, wherever it runs, is not to be deleted.
+            let dp = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions {
+                    uid: uid.clone(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match pods.delete(&name, &dp).await {
+                Ok(_) => {}
+                // Gone, or replaced by a new pod of that name (409: the uid differs).
+                Err(e) if is_not_found(&e) || is_conflict(&e) => continue,
+                Err(e) => return Err(api_error(format!("Pod {ns}/{name}"))(e)),
+            }
+            let regarding = ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                namespace: Some(ns.to_string()),
+                name: Some(name.clone()),
+                uid,
+                ..ObjectReference::default()
+            };
+            let related = ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("PersistentVolumeClaim".into()),
+                namespace: Some(ns.to_string()),
+                name: Some(claim_name.to_string()),
+                uid: claim.uid.clone(),
+                ..ObjectReference::default()
+            };
+            let message = format!(
+                "berth failed volume {volume_handle} (claim {claim_name}) over from lost node \
+                 {node} and deleted this pod, so that its controller recreates it on another node"
+            );
+            let event = self.event(regarding, Some(related), "PodEvicted", &message, true);
+            // The pod is gone whatever happens to its Event: a failure to record it does not
+            // undo the eviction, and a retry would find no pod to record it on.
+            if let Err(e) = Api::<Event>::namespaced(self.client.clone(), ns)
+                .create(&PostParams::default(), &event)
+                .await
+            {
+                let e = api_error(format!("Event PodEvicted on Pod {ns}/{name}"))(e);
+                tracing::warn!(error = %e, "cannot record an Event");
+            }
+            released.pods.push(format!("{ns}/{name}"));
+        }
+        Ok(())
     }
 }
 

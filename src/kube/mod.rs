@@ -1,6 +1,6 @@
 //! The thin Kubernetes layer: berth's custom resources ([`crd`]), the few API calls berth
 //! makes ([`ClusterApi`], implemented over kube-rs by [`KubeApi`]) and the background tasks
-//! built on them ([`node_heartbeat`], [`discover_nodes`], [`leader_election`],
+//! built on them ([`node_heartbeat`], [`node_lease`], [`discover_nodes`], [`leader_election`],
 //! [`migrations`]); and the nodes' certificates through the CSR API ([`csr`], which talks
 //! to kube-rs directly and is tested against a real API server instead).
 //!
@@ -22,15 +22,17 @@ mod tasks;
 #[cfg(test)]
 mod testing;
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
 use self::crd::{BerthNodeSpec, BerthNodeStatus, VolumeMigration, VolumeMigrationStatus};
 pub use self::{
-    client::{FIELD_MANAGER, KubeApi, REPORTING_CONTROLLER, connect},
+    client::{FIELD_MANAGER, KubeApi, REPORTING_CONTROLLER, connect, node_lease_name},
     migrations::{Migrator, migrations},
     placement::PlacementApi,
-    tasks::{discover_nodes, leader_election, node_heartbeat},
+    tasks::{discover_nodes, leader_election, node_heartbeat, node_lease},
 };
 use crate::error::Result;
 
@@ -54,6 +56,15 @@ pub enum MigrationEvent {
     /// Created or changed.
     Applied(VolumeMigration),
     Deleted(VolumeMigration),
+}
+
+/// What [`ClusterApi::release_from_node`] deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Released {
+    /// The VolumeAttachments' names.
+    pub attachments: Vec<String>,
+    /// The pods, as `namespace/name`.
+    pub pods: Vec<String>,
 }
 
 /// The Kubernetes API calls berth makes.
@@ -127,4 +138,36 @@ pub trait ClusterApi: Send + Sync + 'static {
     /// Gives up the Lease if `holder` holds it, so that a standby takes over at its next
     /// try instead of after the lease expires (RBAC: leases get, update).
     async fn release_lease(&self, namespace: &str, name: &str, holder: &str) -> Result<()>;
+
+    /// Node plugin: creates or renews the coordination.k8s.io/v1 Lease `berth-node-<node>`
+    /// in `namespace` (holder `node`, valid `duration_secs`, renewTime now, labelled
+    /// `berth.csi.dev/node-lease`). Every renewal changes the object, so its resourceVersion
+    /// moves on. Ok only once the API server accepted the write. A JSON merge patch, and a
+    /// create when the Lease does not exist yet: one request per renewal, no read before it
+    /// (RBAC: leases patch, create).
+    async fn renew_node_lease(&self, namespace: &str, node: &str, duration_secs: u32)
+    -> Result<()>;
+
+    /// Controller: every node Lease in `namespace` (those labelled
+    /// `berth.csi.dev/node-lease`), as node id → a mark that changes at every renewal (its
+    /// resourceVersion). The caller measures expiry with its own clock, from when it first
+    /// saw a mark, never by comparing the renewTime with its clock (see
+    /// [`ClusterApi::try_acquire_lease`]) (RBAC: leases list).
+    async fn node_leases(&self, namespace: &str) -> Result<BTreeMap<String, String>>;
+
+    /// Controller: the Kubernetes Nodes tainted `node.kubernetes.io/out-of-service` (any
+    /// value, effect NoExecute or NoSchedule), the standard signal that a node was shut down
+    /// for good and what ran there may run elsewhere (RBAC: nodes list).
+    async fn out_of_service_nodes(&self) -> Result<BTreeSet<String>>;
+
+    /// Controller, once berth failed `volume_handle` over away from the lost `node`: gets
+    /// what Kubernetes still holds there out of the way, so the workload comes back on
+    /// another node. Force-deletes (grace period 0, guarded by the uid listed) the pods on
+    /// `node` that use the volume's claim, recording a `PodEvicted` Warning Event on each;
+    /// then deletes the VolumeAttachments of this driver that attach the volume's
+    /// PersistentVolume to `node` (one already being deleted is left to the
+    /// external-attacher). Other pods and attachments are left alone; anything already gone
+    /// is success (RBAC: persistentvolumes list; pods list, delete;
+    /// volumeattachments list, delete; events.k8s.io events create).
+    async fn release_from_node(&self, volume_handle: &str, node: &str) -> Result<Released>;
 }

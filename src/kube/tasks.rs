@@ -1,5 +1,5 @@
-//! Background tasks: the node plugin's heartbeat, the controller's node discovery and its
-//! leader election. Each is a plain async fn that returns when `shutdown` turns true (or its
+//! Background tasks: the node plugin's heartbeat and node Lease, the controller's node
+//! discovery and its leader election. Each is a plain async fn that returns when `shutdown` turns true (or its
 //! sender is dropped), for the caller to spawn.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
@@ -217,6 +217,55 @@ pub async fn leader_election(
             Ok(Ok(())) => tracing::info!(lease = %lease_name, "lease released"),
             Ok(Err(e)) => tracing::warn!(lease = %lease_name, error = %e, "cannot release lease"),
             Err(_) => tracing::warn!(lease = %lease_name, "releasing the lease timed out"),
+        }
+    }
+}
+
+/// Node plugin: renews this node's Lease (`berth-node-<node>` in `namespace`, valid
+/// `duration`) at once and then every `every`, and calls `renewed` with the time each
+/// renewal the API server accepted was sent.
+///
+/// The send time, taken before the request leaves, is what the node's self-fencing counts
+/// from: the API server commits the write after it, and the controller counts the Lease's
+/// duration from when it saw that write, so the node's count always starts first. A request
+/// gets at most `every` to answer, so that a hung connection costs one renewal, not all
+/// those after it. A failure is logged and the next renewal comes at the next tick, never
+/// later: every missed renewal brings the node closer to fencing itself.
+pub async fn node_lease(
+    api: Arc<dyn ClusterApi>,
+    namespace: String,
+    node: String,
+    every: Duration,
+    duration: Duration,
+    renewed: impl Fn(std::time::Instant) + Send + Sync,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let secs = u32::try_from(duration.as_secs().max(1)).unwrap_or(u32::MAX);
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let sent = std::time::Instant::now();
+        let attempt = api.renew_node_lease(&namespace, &node, secs);
+        match tokio::time::timeout(every, attempt).await {
+            Ok(Ok(())) => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!(node.id = %node, "node Lease renewed again");
+                }
+                renewed(sent);
+            }
+            Ok(Err(e)) => {
+                failing = true;
+                tracing::warn!(node.id = %node, error = %e, "cannot renew the node Lease");
+            }
+            Err(_) => {
+                failing = true;
+                tracing::warn!(node.id = %node, timeout = ?every, "renewing the node Lease timed out");
+            }
         }
     }
 }

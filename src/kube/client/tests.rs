@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use tonic::Code;
 
 use super::*;
-use crate::kube::testing::{INSTANCE, pair, scrubbed};
+use crate::kube::testing::{INSTANCE, Seen, pair, scrubbed};
 
 const APPLY: &str = "application/apply-patch+yaml";
 const MERGE: &str = "application/merge-patch+json";
@@ -782,4 +782,514 @@ async fn a_watch_that_expires_yields_an_error() {
     let e = e.unwrap().unwrap_err();
     assert_eq!(e.code(), Code::Aborted, "{e}");
     assert!(e.to_string().contains("too old resource version"), "{e}");
+}
+
+const NODE_LEASE: &str =
+    "/apis/coordination.k8s.io/v1/namespaces/berth-system/leases/berth-node-node-a";
+
+/// The renewal's merge patch: holder, duration and a fresh renewTime, and the label.
+fn renewal_patch() -> Value {
+    json!({
+        "metadata": { "labels": { "berth.csi.dev/node-lease": "" } },
+        "spec": { "holderIdentity": "node-a", "leaseDurationSeconds": 10, "renewTime": "<now>" },
+    })
+}
+
+fn node_lease_object(node: &str, version: &str) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {
+            "name": format!("berth-node-{node}"), "namespace": "berth-system",
+            "resourceVersion": version, "labels": { "berth.csi.dev/node-lease": "" },
+        },
+        "spec": { "holderIdentity": node, "leaseDurationSeconds": 10, "renewTime": "2026-03-01T10:00:00.000000Z" },
+    })
+}
+
+#[tokio::test]
+async fn renew_node_lease_is_one_merge_patch_with_a_new_renew_time() {
+    let (api, mut server) = pair();
+    let mut renew_times = vec![];
+    for version in ["7", "8"] {
+        let call = api.renew_node_lease("berth-system", "node-a", 10);
+        let serve = async {
+            let (s, reply) = server.next().await;
+            assert_eq!(s.line(), format!("PATCH {NODE_LEASE}?"));
+            assert_eq!(s.content_type.as_deref(), Some(MERGE));
+            assert_eq!(scrubbed(s.body.clone()), renewal_patch());
+            // MicroTime: microseconds, which is what makes every renewal a change.
+            let t = s.body["spec"]["renewTime"].as_str().unwrap().to_string();
+            assert_eq!(t.len(), "2026-03-01T10:00:00.000000Z".len(), "{t}");
+            reply.json(200, node_lease_object("node-a", version));
+            t
+        };
+        let (r, t) = tokio::join!(call, serve);
+        r.unwrap();
+        renew_times.push(t);
+    }
+    assert_ne!(renew_times[0], renew_times[1]);
+}
+
+#[tokio::test]
+async fn renew_node_lease_creates_the_lease_when_there_is_none() {
+    let (api, mut server) = pair();
+    let call = api.renew_node_lease("berth-system", "node-a", 10);
+    let serve = async {
+        server
+            .expect("PATCH", &format!("{NODE_LEASE}?"))
+            .await
+            .1
+            .status(
+                404,
+                "NotFound",
+                &not_found("leases.coordination.k8s.io", "berth-node-node-a"),
+            );
+        let (body, reply) = server
+            .expect(
+                "POST",
+                "/apis/coordination.k8s.io/v1/namespaces/berth-system/leases?",
+            )
+            .await;
+        assert_eq!(
+            scrubbed(body.clone()),
+            json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {
+                    "name": "berth-node-node-a", "namespace": "berth-system",
+                    "labels": { "berth.csi.dev/node-lease": "" },
+                },
+                "spec": {
+                    "holderIdentity": "node-a", "leaseDurationSeconds": 10,
+                    "acquireTime": "<now>", "renewTime": "<now>", "leaseTransitions": 0,
+                },
+            })
+        );
+        reply.json(201, node_lease_object("node-a", "1"));
+    };
+    let (r, ()) = tokio::join!(call, serve);
+    r.unwrap();
+
+    // Another pod of this node created it between the patch and the create: renewed.
+    let call = api.renew_node_lease("berth-system", "node-a", 10);
+    let serve = async {
+        server
+            .expect("PATCH", &format!("{NODE_LEASE}?"))
+            .await
+            .1
+            .status(404, "NotFound", "not found");
+        server
+            .expect(
+                "POST",
+                "/apis/coordination.k8s.io/v1/namespaces/berth-system/leases?",
+            )
+            .await
+            .1
+            .status(
+                409,
+                "AlreadyExists",
+                "leases.coordination.k8s.io \"berth-node-node-a\" already exists",
+            );
+        let (body, reply) = server.expect("PATCH", &format!("{NODE_LEASE}?")).await;
+        assert_eq!(scrubbed(body), renewal_patch());
+        reply.json(200, node_lease_object("node-a", "2"));
+    };
+    let (r, ()) = tokio::join!(call, serve);
+    r.unwrap();
+}
+
+#[tokio::test]
+async fn a_renewal_the_api_server_did_not_accept_is_an_error() {
+    // (status, reason, code): nothing but a 2xx is a renewal.
+    for (status, reason, want) in [
+        (500, "InternalError", Code::Unavailable),
+        (429, "TooManyRequests", Code::Unavailable),
+        (403, "Forbidden", Code::PermissionDenied),
+        (422, "Invalid", Code::InvalidArgument),
+    ] {
+        let (api, mut server) = pair();
+        let call = api.renew_node_lease("berth-system", "node-a", 10);
+        let serve = async {
+            server
+                .expect("PATCH", &format!("{NODE_LEASE}?"))
+                .await
+                .1
+                .status(status, reason, "refused");
+        };
+        let (r, ()) = tokio::join!(call, serve);
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), want, "{status}: {e}");
+        assert!(
+            e.to_string().contains("berth-system/berth-node-node-a"),
+            "{e}"
+        );
+        drop(api);
+        assert!(server.next_if_any().await.is_none(), "{status}: a retry");
+    }
+}
+
+#[tokio::test]
+async fn a_node_id_too_long_for_a_lease_name_is_refused_before_any_request() {
+    // berth-node- is 11 characters; a name is at most 253.
+    let longest = "n".repeat(242);
+    assert_eq!(
+        node_lease_name(&longest).unwrap(),
+        format!("berth-node-{longest}")
+    );
+    let (api, mut server) = pair();
+    let e = api
+        .renew_node_lease("berth-system", &"n".repeat(243), 10)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.to_string().contains("at most 242 characters"), "{e}");
+    drop(api);
+    assert!(server.next_if_any().await.is_none());
+}
+
+#[tokio::test]
+async fn node_leases_lists_by_label_and_marks_each_node_by_resource_version() {
+    let (api, mut server) = pair();
+    let serve = async {
+        let (body, reply) = server
+            .expect(
+                "GET",
+                "/apis/coordination.k8s.io/v1/namespaces/berth-system/leases?&labelSelector=berth.csi.dev%2Fnode-lease",
+            )
+            .await;
+        assert_eq!(body, Value::Null);
+        // A Lease labelled by someone else, without berth's name, is not a node's.
+        let mut stray = node_lease_object("x", "3");
+        stray["metadata"]["name"] = json!("berth-controller");
+        reply.json(
+            200,
+            json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "LeaseList",
+                "metadata": { "resourceVersion": "50" },
+                "items": [node_lease_object("node-a", "41"), node_lease_object("node-b", "44"), stray],
+            }),
+        );
+    };
+    let (r, ()) = tokio::join!(api.node_leases("berth-system"), serve);
+    assert_eq!(
+        r.unwrap(),
+        BTreeMap::from([
+            ("node-a".to_string(), "41".to_string()),
+            ("node-b".to_string(), "44".to_string()),
+        ])
+    );
+}
+
+fn k8s_node(name: &str, taints: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": { "name": name },
+        "spec": { "taints": taints },
+    })
+}
+
+#[tokio::test]
+async fn out_of_service_nodes_are_those_with_the_taint_with_either_effect() {
+    let (api, mut server) = pair();
+    let serve = async {
+        let (_, reply) = server.expect("GET", "/api/v1/nodes?").await;
+        let oos = |effect: &str, value: Option<&str>| {
+            let mut t = json!({ "key": "node.kubernetes.io/out-of-service", "effect": effect });
+            if let Some(v) = value {
+                t["value"] = json!(v);
+            }
+            t
+        };
+        reply.json(
+            200,
+            json!({
+                "apiVersion": "v1", "kind": "NodeList", "metadata": {},
+                "items": [
+                    k8s_node("node-a", json!([oos("NoExecute", Some("nodeshutdown"))])),
+                    k8s_node("node-b", json!([
+                        { "key": "node.kubernetes.io/unreachable", "effect": "NoExecute" },
+                        oos("NoSchedule", None),
+                    ])),
+                    // Not the signal: merely unreachable, or a weaker effect.
+                    k8s_node("node-c", json!([{ "key": "node.kubernetes.io/unreachable", "effect": "NoExecute" }])),
+                    k8s_node("node-d", json!([oos("PreferNoSchedule", None)])),
+                    { "apiVersion": "v1", "kind": "Node", "metadata": { "name": "node-e" }, "spec": {} },
+                ],
+            }),
+        );
+    };
+    let (r, ()) = tokio::join!(api.out_of_service_nodes(), serve);
+    assert_eq!(
+        r.unwrap(),
+        BTreeSet::from(["node-a".to_string(), "node-b".to_string()])
+    );
+}
+
+const PVS: &str = "/api/v1/persistentvolumes?";
+const PODS_ON_A: &str = "/api/v1/namespaces/db/pods?&fieldSelector=spec.nodeName%3Dnode-a";
+const VAS: &str = "/apis/storage.k8s.io/v1/volumeattachments?";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/db/events?";
+
+fn pv(name: &str, driver: &str, handle: &str, claim: Option<&str>) -> Value {
+    let mut v = json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": { "name": name },
+        "spec": {
+            "capacity": { "storage": "1Gi" },
+            "csi": { "driver": driver, "volumeHandle": handle },
+        },
+    });
+    if let Some(c) = claim {
+        v["spec"]["claimRef"] = json!({
+            "kind": "PersistentVolumeClaim", "apiVersion": "v1",
+            "namespace": "db", "name": c, "uid": format!("uid-{c}"),
+        });
+    }
+    v
+}
+
+fn pod(name: &str, claims: &[&str]) -> Value {
+    let volumes: Vec<Value> = claims
+        .iter()
+        .map(|c| json!({ "name": format!("v-{c}"), "persistentVolumeClaim": { "claimName": c } }))
+        .chain([json!({ "name": "tmp", "emptyDir": {} })])
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "namespace": "db", "uid": format!("uid-{name}") },
+        "spec": { "nodeName": "node-a", "containers": [{ "name": "c", "image": "i" }], "volumes": volumes },
+    })
+}
+
+fn va(name: &str, attacher: &str, node: &str, pv: &str) -> Value {
+    json!({
+        "apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment",
+        "metadata": { "name": name, "finalizers": ["external-attacher/berth-csi-dev"] },
+        "spec": { "attacher": attacher, "nodeName": node, "source": { "persistentVolumeName": pv } },
+    })
+}
+
+fn list(kind: &str, items: Vec<Value>) -> Value {
+    json!({ "apiVersion": "v1", "kind": kind, "metadata": {}, "items": items })
+}
+
+/// The API server's answer to each delete and to the Event, by what is asked.
+#[derive(Clone, Copy)]
+struct Answers {
+    pod_delete: u16,
+    va_delete: u16,
+    event: u16,
+    /// berth's attachment on node-a is already being deleted.
+    va_deleting: bool,
+}
+
+/// A cluster where volume vol-1 is PV pv-1, bound to claim db/data-pg-0: on node-a, pod
+/// pg-0 uses it, pod web uses nothing and pod report another claim; VolumeAttachments hold
+/// pv-1 on node-a (berth's, the one to go) and on node-b, pv-2 on node-a, and pv-1 on node-a
+/// for another attacher.
+fn cluster(answers: Answers) -> impl FnMut(&Seen, crate::kube::testing::Reply) + Send {
+    move |s, reply| match (s.method.as_str(), s.uri.as_str()) {
+        ("GET", PVS) => reply.json(
+            200,
+            list(
+                "PersistentVolumeList",
+                vec![
+                    pv("pv-other", "ebs.csi.aws.com", "vol-1", Some("data-x")),
+                    pv("pv-1", "berth.csi.dev", "vol-1", Some("data-pg-0")),
+                    pv("pv-2", "berth.csi.dev", "vol-2", Some("data-x")),
+                ],
+            ),
+        ),
+        ("GET", PODS_ON_A) => reply.json(
+            200,
+            list(
+                "PodList",
+                vec![
+                    pod("web", &[]),
+                    pod("pg-0", &["data-pg-0"]),
+                    pod("report", &["data-x"]),
+                ],
+            ),
+        ),
+        ("DELETE", "/api/v1/namespaces/db/pods/pg-0?") => match answers.pod_delete {
+            200 => reply.json(200, pod("pg-0", &["data-pg-0"])),
+            code => reply.status(code, "Refused", "refused"),
+        },
+        ("POST", EVENTS) => match answers.event {
+            201 => reply.json(201, s.body.clone()),
+            code => reply.status(code, "Refused", "refused"),
+        },
+        ("GET", VAS) => reply.json(
+            200,
+            list(
+                "VolumeAttachmentList",
+                vec![
+                    va("va-b", "berth.csi.dev", "node-b", "pv-1"),
+                    {
+                        let mut v = va("va-a", "berth.csi.dev", "node-a", "pv-1");
+                        if answers.va_deleting {
+                            v["metadata"]["deletionTimestamp"] = json!("2026-03-01T10:00:00Z");
+                        }
+                        v
+                    },
+                    va("va-a2", "berth.csi.dev", "node-a", "pv-2"),
+                    va("va-ebs", "ebs.csi.aws.com", "node-a", "pv-1"),
+                ],
+            ),
+        ),
+        ("DELETE", "/apis/storage.k8s.io/v1/volumeattachments/va-a?") => match answers.va_delete {
+            200 => reply.json(200, va("va-a", "berth.csi.dev", "node-a", "pv-1")),
+            code => reply.status(code, "Refused", "refused"),
+        },
+        _ => panic!("unexpected request {}", s.line()),
+    }
+}
+
+async fn release(answers: Answers) -> (Result<Released>, Vec<Seen>) {
+    let (api, server) = pair();
+    let (log, task) = server.serve(cluster(answers));
+    let r = api.release_from_node("vol-1", "node-a").await;
+    drop(api);
+    task.await.unwrap();
+    let log = log.lock().unwrap().clone();
+    (r, log)
+}
+
+const OK: Answers = Answers {
+    pod_delete: 200,
+    va_delete: 200,
+    event: 201,
+    va_deleting: false,
+};
+
+#[tokio::test]
+async fn release_from_node_force_deletes_the_claims_pods_there_then_its_attachment_there() {
+    let (r, log) = release(OK).await;
+    assert_eq!(
+        r.unwrap(),
+        Released {
+            attachments: vec!["va-a".into()],
+            pods: vec!["db/pg-0".into()],
+        }
+    );
+    let lines: Vec<String> = log.iter().map(Seen::line).collect();
+    assert_eq!(
+        lines,
+        [
+            format!("GET {PVS}"),
+            format!("GET {PODS_ON_A}"),
+            "DELETE /api/v1/namespaces/db/pods/pg-0?".to_string(),
+            format!("POST {EVENTS}"),
+            format!("GET {VAS}"),
+            "DELETE /apis/storage.k8s.io/v1/volumeattachments/va-a?".to_string(),
+        ]
+    );
+    // Force: no grace period; and only the pod listed, not a new one of the same name.
+    assert_eq!(
+        log[2].body,
+        json!({ "gracePeriodSeconds": 0, "preconditions": { "uid": "uid-pg-0" } })
+    );
+    let event = scrubbed(log[3].body.clone());
+    assert_eq!(
+        event,
+        json!({
+            "apiVersion": "events.k8s.io/v1", "kind": "Event",
+            "metadata": { "generateName": "pg-0-", "namespace": "db" },
+            "eventTime": "<now>",
+            "action": "PodEvicted", "reason": "PodEvicted", "type": "Warning",
+            "note": "berth failed volume vol-1 (claim data-pg-0) over from lost node node-a and deleted this pod, so that its controller recreates it on another node",
+            "reportingController": "berth.csi.dev/controller",
+            "reportingInstance": INSTANCE,
+            "regarding": { "apiVersion": "v1", "kind": "Pod", "namespace": "db", "name": "pg-0", "uid": "uid-pg-0" },
+            "related": {
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim", "namespace": "db",
+                "name": "data-pg-0", "uid": "uid-data-pg-0",
+            },
+        })
+    );
+    // A plain delete: the external-attacher's finalizer is left for it to remove.
+    assert_eq!(log[5].body, json!({}));
+}
+
+#[tokio::test]
+async fn release_from_node_takes_gone_as_done() {
+    // The pod gone (404) or replaced by a new one of its name (409: the uid precondition),
+    // the attachment gone: nothing deleted, no Event, no error.
+    for pod_delete in [404, 409] {
+        let (r, log) = release(Answers {
+            pod_delete,
+            va_delete: 404,
+            ..OK
+        })
+        .await;
+        assert_eq!(r.unwrap(), Released::default(), "{pod_delete}");
+        assert!(
+            !log.iter().any(|s| s.method == "POST"),
+            "{pod_delete}: an Event about a pod not deleted"
+        );
+    }
+    // An attachment already being deleted (the external-attacher has yet to detach it) is
+    // not deleted again, nor reported.
+    let (r, log) = release(Answers {
+        va_deleting: true,
+        ..OK
+    })
+    .await;
+    assert_eq!(r.unwrap().attachments, Vec::<String>::new());
+    assert!(
+        !log.iter()
+            .any(|s| s.method == "DELETE" && s.uri.contains("volumeattachments"))
+    );
+}
+
+#[tokio::test]
+async fn an_eviction_whose_event_fails_still_counts_and_goes_on() {
+    let (r, log) = release(Answers { event: 500, ..OK }).await;
+    assert_eq!(
+        r.unwrap(),
+        Released {
+            attachments: vec!["va-a".into()],
+            pods: vec!["db/pg-0".into()],
+        }
+    );
+    assert_eq!(log.len(), 6);
+}
+
+#[tokio::test]
+async fn a_failed_pod_delete_stops_before_the_attachment() {
+    let (r, log) = release(Answers {
+        pod_delete: 503,
+        ..OK
+    })
+    .await;
+    let e = r.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(e.to_string().contains("Pod db/pg-0"), "{e}");
+    assert!(!log.iter().any(|s| s.uri.contains("volumeattachments")));
+    let (r, _) = release(Answers {
+        va_delete: 403,
+        ..OK
+    })
+    .await;
+    let e = r.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.to_string().contains("VolumeAttachment va-a"), "{e}");
+}
+
+#[tokio::test]
+async fn release_from_node_without_a_persistent_volume_does_nothing() {
+    let (api, mut server) = pair();
+    let call = api.release_from_node("vol-9", "node-a");
+    let serve = async {
+        server.expect("GET", PVS).await.1.json(
+            200,
+            list(
+                "PersistentVolumeList",
+                vec![pv("pv-1", "berth.csi.dev", "vol-1", Some("data-pg-0"))],
+            ),
+        );
+    };
+    let (r, ()) = tokio::join!(call, serve);
+    assert_eq!(r.unwrap(), Released::default());
+    drop(api);
+    assert!(server.next_if_any().await.is_none());
 }

@@ -371,3 +371,62 @@ fn heartbeat_time_is_rfc3339_to_the_second() {
     assert_eq!(t.len(), "2026-03-01T10:00:00Z".len(), "{t}");
     t.parse::<Timestamp>().unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn node_lease_renews_every_period_and_reports_each_accepted_renewal_by_its_send_time() {
+    let (api, server) = pair();
+    let api: Arc<dyn ClusterApi> = Arc::new(api);
+    let start = tokio::time::Instant::now();
+    // Per request: when it came (virtual seconds since start, real instant), and the replies
+    // left unanswered.
+    let arrivals = Arc::new(Mutex::new(Vec::<(u64, std::time::Instant)>::new()));
+    let seen_at = arrivals.clone();
+    let mut held = vec![];
+    let (log, _server) = server.serve(move |s: &Seen, reply: Reply| {
+        let n = {
+            let mut a = seen_at.lock().unwrap();
+            a.push((start.elapsed().as_secs(), std::time::Instant::now()));
+            a.len() - 1
+        };
+        match n {
+            // The API server refuses the second renewal and never answers the third.
+            1 => reply.status(503, "ServiceUnavailable", "etcdserver: leader changed"),
+            2 => held.push(reply),
+            _ => reply.json(200, s.body.clone()),
+        }
+    });
+    let renewals = Arc::new(Mutex::new(Vec::new()));
+    let sink = renewals.clone();
+    // Renews at 0, 2 (fails), 4 (hangs until its 2 s are up), 6 and 8.
+    run_until(Duration::from_secs(9), |shutdown| {
+        node_lease(
+            api,
+            "berth-system".into(),
+            "node-a".into(),
+            Duration::from_secs(2),
+            Duration::from_secs(10),
+            move |sent| sink.lock().unwrap().push(sent),
+            shutdown,
+        )
+    })
+    .await;
+    let path = "/apis/coordination.k8s.io/v1/namespaces/berth-system/leases/berth-node-node-a?";
+    assert_eq!(lines(&log), vec![format!("PATCH {path}"); 5]);
+    for s in log.lock().unwrap().iter() {
+        assert_eq!(s.body["spec"]["leaseDurationSeconds"], 10);
+        assert_eq!(s.body["spec"]["holderIdentity"], "node-a");
+    }
+    let arrivals = arrivals.lock().unwrap().clone();
+    assert_eq!(
+        arrivals.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+        [0, 2, 4, 6, 8],
+        "a failure is retried at the next tick, no later"
+    );
+    // The accepted ones (0, 6, 8), each stamped before the API server had its request.
+    let renewals = renewals.lock().unwrap().clone();
+    assert_eq!(renewals.len(), 3);
+    for (sent, (_, arrived)) in renewals.iter().zip([arrivals[0], arrivals[3], arrivals[4]]) {
+        assert!(*sent <= arrived, "stamped after the request left");
+    }
+    assert!(renewals.windows(2).all(|w| w[0] < w[1]));
+}
