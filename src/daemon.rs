@@ -38,6 +38,8 @@ pub struct AgentConfig {
     /// In Kubernetes: the address peers reach the agent at, published in the node's
     /// BerthNode object so the controller finds it.
     pub advertise: Option<String>,
+    /// In Kubernetes: the namespace of the node's Lease, which the node renews itself.
+    pub namespace: String,
     pub lease: LeaseTimings,
 }
 
@@ -251,11 +253,33 @@ pub async fn run(cfg: Config) -> Result<()> {
     if let Some(l) = metrics_listener {
         tokio::spawn(metrics::serve(l, metrics.clone(), shutdown.clone()));
     }
+    // Before the agent serves: a lease that lapsed while no agent ran fences at once.
+    let lease = match &cfg.agent {
+        Some(a) => {
+            let lease = NodeLease::start(ctx.pool.clone(), &cfg.state_dir, a.lease.fence_after)?;
+            tokio::spawn(lease.clone().watch(shutdown.clone()));
+            Some(lease)
+        }
+        None => None,
+    };
     if let Some(a) = &cfg.agent
         && let Some(advertise) = &a.advertise
     {
         let api: Arc<dyn ClusterApi> =
             Arc::new(KubeApi::connect(cfg.driver_name.clone(), cfg.node_id.clone()).await?);
+        // In Kubernetes the node renews its own Lease; with a nodes file the controller
+        // renews it (RenewLease).
+        if let Some(lease) = lease.clone() {
+            tokio::spawn(kube::node_lease(
+                api.clone(),
+                a.namespace.clone(),
+                cfg.node_id.clone(),
+                a.lease.period,
+                a.lease.duration,
+                move |sent| lease.renewed(sent),
+                shutdown.clone(),
+            ));
+        }
         let spec = BerthNodeSpec {
             agent_address: advertise.clone(),
             domain: a.domain.clone(),
@@ -275,15 +299,6 @@ pub async fn run(cfg: Config) -> Result<()> {
             shutdown.clone(),
         ));
     }
-    // Before the agent serves: a lease that lapsed while no agent ran fences at once.
-    let lease = match &cfg.agent {
-        Some(a) => {
-            let lease = NodeLease::start(ctx.pool.clone(), &cfg.state_dir, a.lease.fence_after)?;
-            tokio::spawn(lease.clone().watch(shutdown.clone()));
-            Some(lease)
-        }
-        None => None,
-    };
     let Some((a, tls)) = cfg.agent.zip(tls) else {
         return server::serve(
             server::csi_router(ctx.clone(), cfg.roles, &metrics),
@@ -377,14 +392,18 @@ pub async fn run_cluster(cfg: ClusterConfig) -> Result<()> {
             let api: Arc<dyn ClusterApi> =
                 Arc::new(KubeApi::connect(cfg.driver_name.clone(), instance.clone()).await?);
             let store = kube::PlacementApi::new(kube::connect().await?);
-            let cluster = Arc::new(Cluster::new(
-                Default::default(),
-                &tls,
-                cfg.domain.clone(),
-                Some(api.clone()),
-                metrics.clone(),
-                Arc::new(store),
-            )?);
+            let leases = cluster::failover::KubeLeases::new(api.clone(), namespace.clone());
+            let cluster = Arc::new(
+                Cluster::new(
+                    Default::default(),
+                    &tls,
+                    cfg.domain.clone(),
+                    Some(api.clone()),
+                    metrics.clone(),
+                    Arc::new(store),
+                )?
+                .with_leases(Arc::new(leases), cfg.lease),
+            );
             if let Some(signer) = &cfg.node_signer {
                 // Every replica signs (a request handled twice fails its resourceVersion
                 // check): nodes get their certificates even while no replica leads.

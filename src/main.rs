@@ -69,6 +69,9 @@ enum Command {
         /// --agent-listen port).
         #[arg(long, env = "BERTH_AGENT_ADVERTISE")]
         agent_advertise: Option<String>,
+        /// With --node-discovery: the namespace of this node's Lease (berth-node-NODE).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        namespace: String,
         #[command(flatten)]
         cluster: ClusterArgs,
     },
@@ -477,6 +480,7 @@ fn main() -> ExitCode {
             node_discovery,
             agent_advertise,
             agent_ca,
+            namespace,
             cluster,
         } => {
             let Some(lease) = cluster.lease() else {
@@ -518,6 +522,7 @@ fn main() -> ExitCode {
                         },
                         domain: cluster.topology_domain,
                         advertise,
+                        namespace,
                         lease,
                     }),
                 },

@@ -28,6 +28,7 @@ use async_trait::async_trait;
 use super::{Cluster, monitor, peer};
 use crate::{
     error::{Error, Result},
+    kube::ClusterApi,
     lease::LeaseTimings,
     placement::{self, FailedOver, PlacementPhase, Versioned, VolumePlacement},
     proto::agent::v1 as pb,
@@ -107,6 +108,36 @@ impl LeaseStore for FileLeases {
     }
 }
 
+/// Leases in Kubernetes: coordination.k8s.io Leases the nodes renew themselves
+/// (`kube::node_lease`); the controller only reads them.
+pub struct KubeLeases {
+    api: Arc<dyn ClusterApi>,
+    namespace: String,
+}
+
+impl KubeLeases {
+    pub fn new(api: Arc<dyn ClusterApi>, namespace: String) -> Self {
+        KubeLeases { api, namespace }
+    }
+}
+
+#[async_trait]
+impl LeaseStore for KubeLeases {
+    fn renewed_by_controller(&self) -> bool {
+        false
+    }
+
+    async fn renew(&self, node: &str) -> Result<()> {
+        Err(Error::FailedPrecondition(format!(
+            "node {node} renews its own Lease in Kubernetes"
+        )))
+    }
+
+    async fn marks(&self) -> Result<BTreeMap<String, String>> {
+        self.api.node_leases(&self.namespace).await
+    }
+}
+
 /// What this controller knows of the nodes' leases.
 pub struct Liveness {
     store: Arc<dyn LeaseStore>,
@@ -121,6 +152,8 @@ pub struct Liveness {
     /// Volumes whose lack of a replica was already reported, by lost node.
     told: Mutex<BTreeSet<(String, String)>>,
     rounds: std::sync::atomic::AtomicU64,
+    /// The nodes Kubernetes tainted out-of-service at the last look.
+    tainted: Mutex<BTreeSet<String>>,
 }
 
 impl Liveness {
@@ -134,6 +167,7 @@ impl Liveness {
             gone: Mutex::default(),
             told: Mutex::default(),
             rounds: Default::default(),
+            tainted: Mutex::default(),
         }
     }
 
@@ -219,16 +253,29 @@ impl Liveness {
             .insert(node.to_string());
     }
 
-    /// Nodes gone by Kubernetes' say (the out-of-service taint), replacing the last list;
-    /// an operator's declaration stays.
-    pub fn set_out_of_service(&self, nodes: &BTreeSet<String>, before: &BTreeSet<String>) {
+    /// Nodes gone by Kubernetes' say (the out-of-service taint), replacing the last list.
+    /// A node whose taint was removed is lost again only by its lease; an operator's
+    /// declaration stays.
+    fn set_out_of_service(&self, nodes: BTreeSet<String>) {
+        let mut tainted = self.tainted.lock().expect("tainted lock");
         let mut gone = self.gone.lock().expect("gone lock");
-        for n in before.difference(nodes) {
+        for n in tainted.difference(&nodes) {
             gone.remove(n);
         }
+        for n in nodes.difference(&tainted) {
+            tracing::warn!(node = %n, "node tainted out-of-service: its volumes fail over now");
+        }
         gone.extend(nodes.iter().cloned());
+        *tainted = nodes;
     }
 }
+
+/// How many failover rounds (half a lease period each) between two looks at the Nodes'
+/// out-of-service taints.
+const TAINT_EVERY: u64 = 3;
+
+/// How often releasing a lost node's pods and attachment is tried.
+const RELEASE_ATTEMPTS: u32 = 4;
 
 /// Who asked for a failover.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,6 +307,15 @@ impl Cluster {
         let round = live
             .rounds
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Kubernetes' non-graceful shutdown signal, every few rounds: a list of every Node.
+        if let Some(api) = &self.events
+            && round % TAINT_EVERY == 0
+        {
+            match api.out_of_service_nodes().await {
+                Ok(nodes) => live.set_out_of_service(nodes),
+                Err(e) => tracing::warn!(error = %e, "cannot list out-of-service nodes"),
+            }
+        }
         let lost = self.node_ids().iter().any(|n| live.lost(n));
         let fenced = self
             .answering()
@@ -300,6 +356,12 @@ impl Cluster {
             return Ok(());
         }
         if !rec.primary.is_empty() && live.lost(&rec.primary) {
+            if rec.replicas.is_empty() {
+                self.tell_once(live, rec, "VolumeUnavailable", |node| {
+                    format!("volume {} lives only on lost node {node} and has no replica: it cannot fail over, and comes back when node {node} does", rec.volume_id)
+                });
+                return Ok(());
+            }
             if Failover::of(&rec.parameters) == Failover::Manual
                 && !live.gone.lock().expect("gone lock").contains(&rec.primary)
             {
@@ -428,9 +490,30 @@ impl Cluster {
         Ok(node)
     }
 
-    /// Kubernetes' side of a failover: the old attachment and the pods still on the lost
-    /// node go, so the workload restarts elsewhere.
-    fn after_failover(&self, _vol: &VolumeId, _lost: &str) {}
+    /// Kubernetes' side of a failover: the pods still on the lost node that use the
+    /// volume are force-deleted and its attachment there goes, so the workload restarts
+    /// elsewhere now rather than after Kubernetes' 6-minute forced detach. In the
+    /// background, retried a few times: the volume already serves on its new node.
+    fn after_failover(&self, vol: &VolumeId, lost: &str) {
+        let Some(api) = self.events.clone() else {
+            return;
+        };
+        let (vol, lost) = (vol.to_string(), lost.to_string());
+        tokio::spawn(async move {
+            for attempt in 1..=RELEASE_ATTEMPTS {
+                match api.release_from_node(&vol, &lost).await {
+                    Ok(r) => {
+                        tracing::info!(volume.id = %vol, node = %lost, pods = ?r.pods, attachments = ?r.attachments, "released the failed-over volume's hold on the lost node");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume.id = %vol, node = %lost, attempt, error = %e, "cannot release the lost node's hold yet");
+                        tokio::time::sleep(Duration::from_secs(2 << attempt)).await;
+                    }
+                }
+            }
+        });
+    }
 
     async fn promote_replica(
         &self,
