@@ -62,12 +62,12 @@ impl LeaseTimings {
     /// Refuses timings under which a node could write after a promotion, or fence itself
     /// between two routine renewals.
     pub fn check(&self) -> Result<()> {
-        // A confirmation arrives one period after the renewal it confirms.
-        if self.fence_after <= self.period * 2 {
+        // One renewal may be lost without a fence.
+        if self.fence_after < self.period * 2 {
             return Err(Error::invalid(
                 "--lease-fence-after",
                 format!(
-                    "{:?} must be more than twice --lease-period ({:?}): a confirmed renewal reaches the node a period after it was sent",
+                    "{:?} must be at least twice --lease-period ({:?}): one lost renewal must not fence a node",
                     self.fence_after, self.period
                 ),
             ));

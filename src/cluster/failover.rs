@@ -145,8 +145,6 @@ pub struct Liveness {
     started: Instant,
     /// Each node's last mark, and when this controller first saw it.
     seen: Mutex<BTreeMap<String, (String, Instant)>>,
-    /// Each node's last renewal token it answered, to confirm with the next renewal.
-    tokens: Mutex<BTreeMap<String, u64>>,
     /// Nodes an operator declared gone, or Kubernetes tainted out-of-service.
     gone: Mutex<BTreeSet<String>>,
     /// Volumes whose lack of a replica was already reported, by lost node.
@@ -163,7 +161,6 @@ impl Liveness {
             timings,
             started: Instant::now(),
             seen: Mutex::default(),
-            tokens: Mutex::default(),
             gone: Mutex::default(),
             told: Mutex::default(),
             rounds: Default::default(),
@@ -171,9 +168,11 @@ impl Liveness {
         }
     }
 
-    /// Renews `node`'s lease for it, when that is the controller's job: confirms the
-    /// token the node answered last time (recorded in the store since), and leaves a new
-    /// one to confirm next time. A renewal whose record failed is never confirmed.
+    /// Renews `node`'s lease for it, when that is the controller's job, in three steps:
+    /// the node notes when it answered a new token; the renewal is recorded in the store
+    /// (where every controller sees it); then the token is confirmed, and the node's lease
+    /// runs from when it answered, which is before any controller can have seen the
+    /// renewal. A renewal whose record failed is never confirmed.
     pub async fn renew(
         &self,
         node: &str,
@@ -182,28 +181,24 @@ impl Liveness {
         if !self.store.renewed_by_controller() {
             return;
         }
-        let confirm = self
-            .tokens
-            .lock()
-            .expect("tokens lock")
-            .remove(node)
-            .unwrap_or(0);
         let token = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
-        let answered = agent
-            .renew_lease(pb::RenewLeaseRequest { confirm, token })
+        if agent
+            .renew_lease(pb::RenewLeaseRequest { confirm: 0, token })
             .await
-            .is_ok();
-        if answered {
-            match self.store.renew(node).await {
-                Ok(()) => {
-                    self.tokens
-                        .lock()
-                        .expect("tokens lock")
-                        .insert(node.to_string(), token);
-                }
-                Err(e) => tracing::warn!(node, error = %e, "cannot record a lease renewal"),
-            }
+            .is_err()
+        {
+            return;
         }
+        if let Err(e) = self.store.renew(node).await {
+            tracing::warn!(node, error = %e, "cannot record a lease renewal");
+            return;
+        }
+        let _ = agent
+            .renew_lease(pb::RenewLeaseRequest {
+                confirm: token,
+                token: 0,
+            })
+            .await;
     }
 
     /// Reads every mark; a changed one counts as a renewal now.
@@ -494,7 +489,7 @@ impl Cluster {
     /// volume are force-deleted and its attachment there goes, so the workload restarts
     /// elsewhere now rather than after Kubernetes' 6-minute forced detach. In the
     /// background, retried a few times: the volume already serves on its new node.
-    fn after_failover(&self, vol: &VolumeId, lost: &str) {
+    pub(super) fn after_failover(&self, vol: &VolumeId, lost: &str) {
         let Some(api) = self.events.clone() else {
             return;
         };

@@ -716,9 +716,14 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::Unavailable);
     }
 
-    /// Records the Events it is asked for; every other call is a test bug.
+    /// Records the Events it is asked for and the lost nodes' releases, answers the
+    /// out-of-service nodes it is given; every other call is a test bug.
     #[derive(Default)]
-    struct Recorder(std::sync::Mutex<Vec<(String, String, String, bool)>>);
+    struct Recorder(
+        std::sync::Mutex<Vec<(String, String, String, bool)>>,
+        std::sync::Mutex<std::collections::BTreeSet<String>>,
+        std::sync::Mutex<Vec<(String, String)>>,
+    );
 
     #[async_trait::async_trait]
     impl ClusterApi for Recorder {
@@ -778,11 +783,82 @@ mod tests {
             Ok(Default::default())
         }
         async fn out_of_service_nodes(&self) -> Result<std::collections::BTreeSet<String>> {
+            Ok(self.1.lock().unwrap().clone())
+        }
+        async fn release_from_node(&self, vol: &str, node: &str) -> Result<crate::kube::Released> {
+            self.2.lock().unwrap().push((vol.into(), node.into()));
             Ok(Default::default())
         }
-        async fn release_from_node(&self, _: &str, _: &str) -> Result<crate::kube::Released> {
-            Ok(Default::default())
+    }
+
+    /// The out-of-service taint makes a node lost at once, without waiting for its lease;
+    /// taken off, the node is lost again only by its lease. A volume there without a
+    /// replica is reported once, on its claim; a failed-over one's hold on the node is
+    /// released in Kubernetes.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_tainted_node_is_lost_at_once_and_its_unreplicated_volumes_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::tls::generate(dir.path(), &["controller".to_string()]).unwrap();
+        let tls = TlsMaterial::load(&dir.path().join("controller")).unwrap();
+        let api = Arc::new(Recorder::default());
+        api.1.lock().unwrap().insert("a".into());
+        let store =
+            Arc::new(crate::placement::FileStore::open(&dir.path().join("placement")).unwrap());
+        let leases = failover::FileLeases::open(dir.path().join("leases")).unwrap();
+        let c = Cluster::new(
+            BTreeMap::from([("a".to_string(), "127.0.0.1:1".to_string())]),
+            &tls,
+            "default".into(),
+            Some(api.clone()),
+            Arc::default(),
+            store.clone(),
+        )
+        .unwrap()
+        .with_leases(Arc::new(leases), LeaseTimings::default());
+        let vol = VolumeId::for_name("pvc-only");
+        store
+            .create(&VolumePlacement {
+                volume_id: vol.to_string(),
+                name: "pvc-only".into(),
+                phase: placement::PlacementPhase::Ready,
+                primary: "a".into(),
+                epoch: 1,
+                claim: "db/pg-data".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let live = c.liveness.as_ref().unwrap();
+        assert!(
+            !live.lost("a"),
+            "a new controller counts a lease from its start"
+        );
+        for _ in 0..2 {
+            c.failover_round().await.unwrap();
         }
+        assert!(live.lost("a"), "tainted out-of-service: lost at once");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(
+            *api.0.lock().unwrap(),
+            vec![(
+                "db".into(),
+                "pg-data".into(),
+                "VolumeUnavailable".into(),
+                true
+            )],
+            "told once, on the claim"
+        );
+        api.1.lock().unwrap().clear();
+        for _ in 0..3 {
+            c.failover_round().await.unwrap();
+        }
+        assert!(!live.lost("a"), "untainted: back to its lease");
+        c.after_failover(&vol, "a");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(
+            *api.2.lock().unwrap(),
+            vec![(vol.to_string(), "a".to_string())]
+        );
     }
 
     #[tokio::test]
