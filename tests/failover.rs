@@ -627,3 +627,77 @@ async fn a_controller_killed_mid_failover_is_finished_by_the_next() {
     assert_eq!(file_hash(&new_dev), file_hash(&snapshot));
     unstage(&c, 1, &vol).await;
 }
+
+/// Runs the `berth` command line against the controller; (success, stdout + stderr).
+fn berth_cli(c: &TestCluster, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(args)
+        .arg("--endpoint")
+        .arg(c.controller_endpoint())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `failover: manual` keeps the decision with an operator: the lost node's volumes wait,
+/// `berth promote` is refused while the node's lease holds and works once it expired, and
+/// `berth node-gone` fails every volume of the node over at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn manual_failover_waits_for_berth_promote_or_node_gone() {
+    let mut c = TestCluster::start(2).await;
+    let manual = [("failover", "manual")];
+    let one = create_replicated(&c, "pvc-manual-1", 0, &manual).await;
+    let two = create_replicated(&c, "pvc-manual-2", 0, &manual).await;
+    for vol in [&one, &two] {
+        let dev = attach(&c, 0, vol).await;
+        prefill(&dev);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let now = unix_nanos();
+    wait_replicated_after(&c, &one, now).await;
+    wait_replicated_after(&c, &two, now).await;
+    let epoch = record_of(&c, &one).epoch;
+
+    c.kill_node(0);
+    let (ok, out) = berth_cli(&c, &["promote", &one]);
+    assert!(!ok && out.contains("still holds its lease"), "{out}");
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    for vol in [&one, &two] {
+        let r = record_of(&c, vol);
+        assert!(
+            r.failover.is_none() && r.primary == c.nodes[0].id,
+            "manual: no failover by itself: {r:?}"
+        );
+    }
+    let (ok, out) = berth_cli(&c, &["promote", &one, "--to", &c.nodes[1].id]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&c.nodes[1].id), "{out}");
+    let r = record_of(&c, &one);
+    assert_eq!(
+        (r.primary.as_str(), r.epoch),
+        (c.nodes[1].id.as_str(), epoch + 1)
+    );
+
+    let (ok, out) = berth_cli(&c, &["node-gone", &c.nodes[0].id]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("failed over: {two} -> {}", c.nodes[1].id)),
+        "{out}"
+    );
+    for vol in [&one, &two] {
+        let dev = attach(&c, 1, vol).await;
+        let snapshot = c.nodes[0].pool_root().join("berth/snapshots").join(format!(
+            "{}.img",
+            record_of(&c, vol).failover.unwrap().snapshot
+        ));
+        assert_eq!(file_hash(&dev), file_hash(&snapshot));
+        unstage(&c, 1, vol).await;
+    }
+}
