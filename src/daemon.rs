@@ -257,6 +257,13 @@ pub async fn run(cfg: Config) -> Result<()> {
     let lease = match &cfg.agent {
         Some(a) => {
             let lease = NodeLease::start(ctx.pool.clone(), &cfg.state_dir, a.lease.fence_after)?;
+            if lease.lapsed() {
+                let n = lease.fence_all().await?;
+                tracing::warn!(
+                    volumes = n,
+                    "the lease lapsed while no agent ran: replicated primaries fenced until the controller resumes them"
+                );
+            }
             tokio::spawn(lease.clone().watch(shutdown.clone()));
             Some(lease)
         }

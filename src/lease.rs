@@ -225,7 +225,8 @@ impl NodeLease {
         }
     }
 
-    async fn fence_all(&self) -> Result<usize> {
+    /// Suspends every replicated primary not suspended yet; how many.
+    pub async fn fence_all(&self) -> Result<usize> {
         let vols = self.pool.fenceable()?;
         for v in &vols {
             self.pool.suspend(&v.id).await?;

@@ -582,3 +582,266 @@ async fn the_node_plugin_serves_with_the_certificate_the_controller_signed() {
     assert!(!status.success(), "{stderr}");
     assert!(stderr.contains("bound to no node"), "{stderr}");
 }
+
+/// Issue 13 in Kubernetes, with the real binaries under the chart's RBAC: each node plugin
+/// renews its own node Lease; when node-a's berth process is killed, its Lease stops
+/// changing and the controller fails node-a's replicated volume over to node-b, then
+/// force-deletes the pod on node-a that uses the claim and deletes its VolumeAttachment
+/// there, with `VolumeFailedOver` on the claim and `PodEvicted` on the pod.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_node_fails_over_and_its_pod_and_attachment_are_released() {
+    let Some(helm) = helm() else {
+        return;
+    };
+    let Some(server) = ApiServer::start() else {
+        return;
+    };
+    server.install_chart(&helm, NS, CHART_IDENTITIES);
+    server.nodes_and_pods(
+        NS,
+        &["node-a", "node-b"],
+        &[
+            ("berth-node-a", "node-a", "berth-node"),
+            ("berth-node-b", "node-b", "berth-node"),
+        ],
+    );
+    let dir = server.dir();
+    let berth = env!("CARGO_BIN_EXE_berth");
+    let certs = dir.join("certs");
+    run(
+        Command::new(berth)
+            .args(["certs", "--out"])
+            .arg(&certs)
+            .arg("controller"),
+        "",
+    );
+    let nodes_dir = dir.join("nodes");
+    std::fs::create_dir(&nodes_dir).unwrap();
+    let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
+    let mut procs = Processes {
+        children: Vec::new(),
+        node_dir: nodes_dir.clone(),
+    };
+    let controller_kc =
+        server.kubeconfig_with_token("controller", &server.token(NS, "berth-controller"));
+    let endpoint = format!("unix://{}/controller.sock", dir.display());
+    procs.children.push(
+        Command::new(berth)
+            .arg("controller")
+            .arg(format!("--endpoint={endpoint}"))
+            .args([
+                "--node-id",
+                "controller-0",
+                "--node-discovery",
+                "kubernetes",
+            ])
+            .arg("--tls-dir")
+            .arg(certs.join("controller"))
+            .arg("--node-ca")
+            .arg(&certs)
+            .args(["--node-service-account", "berth-node", "--namespace", NS])
+            .env("KUBECONFIG", &controller_kc)
+            .env("RUST_LOG", "info")
+            .stdout(log("controller.log"))
+            .stderr(log("controller.log"))
+            .spawn()
+            .unwrap(),
+    );
+    for node in ["node-a", "node-b"] {
+        let kc = server.kubeconfig_with_token(
+            node,
+            &server.pod_token(NS, "berth-node", &format!("berth-{node}")),
+        );
+        let node_dir = nodes_dir.join(node);
+        std::fs::create_dir(&node_dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        procs.children.push(
+            Command::new(berth)
+                .arg("node")
+                .arg(format!(
+                    "--endpoint=unix://{}/node.sock",
+                    node_dir.display()
+                ))
+                .args(["--node-id", node, "--pool-size", "4Gi", "--state-dir"])
+                .arg(node_dir.join("state"))
+                .arg(format!("--agent-listen=127.0.0.1:{port}"))
+                .arg(format!("--agent-advertise=127.0.0.1:{port}"))
+                .arg("--agent-ca")
+                .arg(certs.join("ca.crt"))
+                .args(["--node-discovery", "kubernetes", "--namespace", NS])
+                .env("KUBECONFIG", &kc)
+                .env("RUST_LOG", "info")
+                .stdout(log(&format!("{node}.log")))
+                .stderr(log(&format!("{node}.log")))
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let logs = || {
+        ["controller", "node-a", "node-b"]
+            .iter()
+            .map(|n| {
+                format!(
+                    "--- {n}\n{}",
+                    std::fs::read_to_string(dir.join(format!("{n}.log"))).unwrap_or_default()
+                )
+            })
+            .collect::<String>()
+    };
+    let mut ctl = loop {
+        if let Ok(ch) = berth::client::connect(&endpoint).await {
+            break berth::proto::csi::v1::controller_client::ControllerClient::new(ch);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // A replicated volume on node-a for claim db/data-pg-0, once both nodes are found.
+    server.kubectl(&["create", "namespace", "db"], "");
+    // No controller-manager here to make it.
+    server.kubectl(&["-n", "db", "create", "serviceaccount", "default"], "");
+    let mut req = common::create_req("pvc-failover", 64 << 20, common::block_cap());
+    req.parameters = common::params(&[
+        ("replicas", "2"),
+        ("replicationInterval", "1s"),
+        ("csi.storage.k8s.io/pvc/name", "data-pg-0"),
+        ("csi.storage.k8s.io/pvc/namespace", "db"),
+    ]);
+    req.accessibility_requirements = Some(berth::proto::csi::v1::TopologyRequirement {
+        requisite: vec![],
+        preferred: vec![berth::proto::csi::v1::Topology {
+            segments: [(
+                "topology.berth.csi.dev/node".to_string(),
+                "node-a".to_string(),
+            )]
+            .into(),
+        }],
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let vol = loop {
+        let found = server.kubectl(&["get", "berthnodes", "-o", "name"], "");
+        if found.contains("node-a") && found.contains("node-b") {
+            match ctl.create_volume(req.clone()).await {
+                Ok(r) => break r.into_inner().volume.unwrap().volume_id,
+                Err(e) => assert!(
+                    Instant::now() < deadline
+                        && matches!(
+                            e.code(),
+                            tonic::Code::ResourceExhausted | tonic::Code::Unavailable
+                        ),
+                    "{e:?}\n{}",
+                    logs()
+                ),
+            }
+        }
+        assert!(Instant::now() < deadline, "nodes not found\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let spec = |path: &str| {
+        server.kubectl(
+            &[
+                "get",
+                "berthvolume",
+                &vol,
+                "-o",
+                &format!("jsonpath={path}"),
+            ],
+            "",
+        )
+    };
+    assert_eq!(spec("{.spec.primary}"), "node-a", "{}", logs());
+    // What Kubernetes holds for a StatefulSet pod on node-a using the claim.
+    server.kubectl(
+        &["create", "-f", "-"],
+        &format!(
+            "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: pv-failover}}\n\
+             spec: {{capacity: {{storage: 64Mi}}, accessModes: [ReadWriteOnce], \
+             persistentVolumeReclaimPolicy: Retain, claimRef: {{namespace: db, name: data-pg-0}}, \
+             csi: {{driver: berth.csi.dev, volumeHandle: {vol}}}}}\n---\n\
+             apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: data-pg-0, namespace: db}}\n\
+             spec: {{accessModes: [ReadWriteOnce], volumeName: pv-failover, storageClassName: '', \
+             resources: {{requests: {{storage: 64Mi}}}}}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: pg-0, namespace: db}}\n\
+             spec: {{nodeName: node-a, containers: [{{name: pg, image: postgres}}], \
+             volumes: [{{name: data, persistentVolumeClaim: {{claimName: data-pg-0}}}}]}}\n---\n\
+             apiVersion: storage.k8s.io/v1\nkind: VolumeAttachment\nmetadata: {{name: va-failover}}\n\
+             spec: {{attacher: berth.csi.dev, nodeName: node-a, source: {{persistentVolumeName: pv-failover}}}}\n"
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while spec("{.spec.replicas[*].snapshot}").trim().is_empty() {
+        assert!(Instant::now() < deadline, "no replica\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let leases = server.kubectl(
+        &[
+            "-n",
+            NS,
+            "get",
+            "leases",
+            "-l",
+            "berth.csi.dev/node-lease",
+            "-o",
+            "name",
+        ],
+        "",
+    );
+    assert!(
+        leases.contains("berth-node-node-a") && leases.contains("berth-node-node-b"),
+        "{leases}"
+    );
+
+    // node-a's berth process dies (procs.children[1]).
+    let _ = procs.children[1].kill();
+    let _ = procs.children[1].wait();
+    let killed = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while spec("{.spec.primary}") != "node-b" {
+        assert!(Instant::now() < deadline, "no failover\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let failed_over = killed.elapsed();
+    assert_eq!(spec("{.spec.failover.from}"), "node-a");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pods = server.kubectl(&["-n", "db", "get", "pods", "-o", "name"], "");
+        let vas = server.kubectl(&["get", "volumeattachments", "-o", "name"], "");
+        let reasons = server.kubectl(
+            &[
+                "-n",
+                "db",
+                "get",
+                "events.events.k8s.io",
+                "-o",
+                "jsonpath={.items[*].reason}",
+            ],
+            "",
+        );
+        if !pods.contains("pg-0")
+            && !vas.contains("va-failover")
+            && reasons.contains("VolumeFailedOver")
+            && reasons.contains("PodEvicted")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pods {pods:?}, attachments {vas:?}, events {reasons:?}\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("failed over {failed_over:?} after the kill; pod and attachment released");
+    // The volume is attachable on node-b now.
+    ctl.controller_publish_volume(berth::proto::csi::v1::ControllerPublishVolumeRequest {
+        volume_id: vol.clone(),
+        node_id: "node-b".into(),
+        volume_capability: Some(common::block_cap()),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", logs()));
+}

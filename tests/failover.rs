@@ -648,13 +648,15 @@ fn berth_cli(c: &TestCluster, args: &[&str]) -> (bool, String) {
 
 /// `failover: manual` keeps the decision with an operator: the lost node's volumes wait,
 /// `berth promote` is refused while the node's lease holds and works once it expired, and
-/// `berth node-gone` fails every volume of the node over at once.
+/// `berth node-gone` fails every volume of the node over at once. A volume without a
+/// replica on the lost node answers UNAVAILABLE naming the node and saying it has none.
 #[tokio::test(flavor = "multi_thread")]
 async fn manual_failover_waits_for_berth_promote_or_node_gone() {
     let mut c = TestCluster::start(2).await;
     let manual = [("failover", "manual")];
     let one = create_replicated(&c, "pvc-manual-1", 0, &manual).await;
     let two = create_replicated(&c, "pvc-manual-2", 0, &manual).await;
+    let only = create_replicated(&c, "pvc-only-copy", 0, &[("replicas", "1")]).await;
     for vol in [&one, &two] {
         let dev = attach(&c, 0, vol).await;
         prefill(&dev);
@@ -676,6 +678,19 @@ async fn manual_failover_waits_for_berth_promote_or_node_gone() {
             "manual: no failover by itself: {r:?}"
         );
     }
+    // A volume without a replica never fails over: its calls name the node and say why.
+    let e = c
+        .ctl()
+        .await
+        .controller_publish_volume(ctl_publish(&only, &c.nodes[1].id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains(&c.nodes[0].id) && e.message().contains("no replica"),
+        "{e:?}"
+    );
+    assert!(record_of(&c, &only).failover.is_none());
     let (ok, out) = berth_cli(&c, &["promote", &one, "--to", &c.nodes[1].id]);
     assert!(ok, "{out}");
     assert!(out.contains(&c.nodes[1].id), "{out}");
@@ -687,6 +702,10 @@ async fn manual_failover_waits_for_berth_promote_or_node_gone() {
 
     let (ok, out) = berth_cli(&c, &["node-gone", &c.nodes[0].id]);
     assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("not failed over: {only}")) && out.contains("no replica"),
+        "{out}"
+    );
     assert!(
         out.contains(&format!("failed over: {two} -> {}", c.nodes[1].id)),
         "{out}"

@@ -17,7 +17,7 @@
 //! compare-and-swap each ([`Cluster::resume`]).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -324,6 +324,23 @@ impl Cluster {
         // made on a record read after that write (docs/moving.md).
         let records = placement::all(self.store.as_ref()).await?;
         live.refresh().await?;
+        // The primary copies the answering nodes hold, by volume, and whether each node's
+        // lease holds: one pass over the inventories, not one per record.
+        let mut primaries: HashMap<String, Vec<(String, u64, bool, bool)>> = HashMap::new();
+        for (node, inv) in self.answering() {
+            for c in inv
+                .volumes
+                .iter()
+                .filter(|c| c.role == pb::Role::Primary as i32)
+            {
+                primaries.entry(c.volume_id.clone()).or_default().push((
+                    node.clone(),
+                    c.epoch,
+                    c.suspended,
+                    inv.lease_lapsed,
+                ));
+            }
+        }
         for r in records {
             if r.record.phase != PlacementPhase::Ready {
                 continue;
@@ -332,7 +349,8 @@ impl Cluster {
                 Some(v) => v,
                 None => continue,
             };
-            let result = self.settle_one(&vol, r, live).await;
+            let held = primaries.get(vol.as_str()).map_or(&[][..], Vec::as_slice);
+            let result = self.settle_one(&vol, r, held, live).await;
             if let Err(e) = result {
                 // Every second until it can: a returning node still attached, say.
                 tracing::info!(volume.id = %vol, error = %e, "failover step not done; retrying next round");
@@ -341,16 +359,37 @@ impl Cluster {
         Ok(())
     }
 
-    async fn settle_one(&self, vol: &VolumeId, r: Versioned, live: &Liveness) -> Result<()> {
-        // A publish or round of the volume in flight goes first; the next round decides.
-        let Ok(_g) = self.inflight.try_lock([vol.to_string()]) else {
-            return Ok(());
-        };
+    /// One record's step: `held` are the primary copies of the volume on answering nodes,
+    /// as (node, epoch, suspended, the node's lease lapsed).
+    async fn settle_one(
+        &self,
+        vol: &VolumeId,
+        r: Versioned,
+        held: &[(String, u64, bool, bool)],
+        live: &Liveness,
+    ) -> Result<()> {
         let rec = &r.record;
         if rec.handoff.is_some() {
             return Ok(());
         }
-        if !rec.primary.is_empty() && live.lost(&rec.primary) {
+        let pending_promotion = rec.failover.is_some()
+            && self
+                .view(&rec.primary)
+                .is_some_and(|inv| holds(&inv, vol, pb::Role::Replica));
+        let lost = !rec.primary.is_empty() && live.lost(&rec.primary);
+        let stale = held.iter().any(|(node, epoch, suspended, lapsed)| {
+            (*node != rec.primary && *epoch < rec.epoch)
+                || (*node == rec.primary && *suspended && !*lapsed)
+        });
+        if !lost && !pending_promotion && !stale {
+            return Ok(());
+        }
+        // Only a volume with something to do is locked: a publish or round of it in
+        // flight goes first, and the next round decides again.
+        let Ok(_g) = self.inflight.try_lock([vol.to_string()]) else {
+            return Ok(());
+        };
+        if lost {
             if rec.replicas.is_empty() {
                 self.tell_once(live, rec, "VolumeUnavailable", |node| {
                     format!("volume {} lives only on lost node {node} and has no replica: it cannot fail over, and comes back when node {node} does", rec.volume_id)
@@ -371,25 +410,15 @@ impl Cluster {
                 .map(|_| ());
         }
         // A promotion recorded and not yet made (a crash between the two).
-        if let Some(f) = &rec.failover
-            && let Some(inv) = self.view(&rec.primary)
-            && holds(&inv, vol, pb::Role::Replica)
-        {
+        if let Some(f) = rec.failover.as_ref().filter(|_| pending_promotion) {
             self.promote_replica(vol, &rec.primary, rec.epoch, &f.snapshot)
                 .await?;
         }
-        for (node, inv) in self.answering() {
-            let Some(c) = inv
-                .volumes
-                .iter()
-                .find(|c| c.volume_id == vol.as_str() && c.role == pb::Role::Primary as i32)
-            else {
-                continue;
-            };
-            if node != rec.primary && c.epoch < rec.epoch {
-                self.demote(vol, rec, &node).await?;
-            } else if node == rec.primary && c.suspended && !inv.lease_lapsed {
-                self.resume(vol, &r, &node, c.epoch).await?;
+        for (node, epoch, suspended, lapsed) in held {
+            if *node != rec.primary && *epoch < rec.epoch {
+                self.demote(vol, rec, node).await?;
+            } else if *node == rec.primary && *suspended && !*lapsed {
+                self.resume(vol, &r, node, *epoch).await?;
             }
         }
         Ok(())

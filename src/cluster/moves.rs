@@ -258,9 +258,31 @@ impl Cluster {
                 epoch,
                 keep: base.iter().cloned().collect(),
             })
-            .await
-            .map_err(|s| peer(&source.node, s))?
-            .into_inner();
+            .await;
+        let fenced = match fenced {
+            Ok(f) => f.into_inner(),
+            // The source refused to fence (still published, after another controller's
+            // publish there; or fenced towards another target): it wrote no fence, so the
+            // hand-off just recorded names one that never happened, and nothing would
+            // ever clear it. It goes, if the record still holds it.
+            Err(status)
+                if status.code() == Code::FailedPrecondition
+                    && source.role() == pb::Role::Primary =>
+            {
+                let (to2, epoch2) = (to.to_string(), epoch);
+                self.update_record(vol, |r| {
+                    if r.handoff
+                        .as_ref()
+                        .is_some_and(|h| h.to == to2 && h.epoch == epoch2)
+                    {
+                        r.handoff = None;
+                    }
+                })
+                .await?;
+                return Err(peer(&source.node, status));
+            }
+            Err(status) => return Err(peer(&source.node, status)),
+        };
         let snap = fenced.snapshot.unwrap_or_default().snapshot_id;
         failpoint::hit("handoff:after-fence");
         tracing::info!(volume.id = %vol, from = %source.node, to, epoch, base = ?base, "hand-off: shipping the final snapshot");
