@@ -5,7 +5,7 @@
 mod common;
 
 use std::{
-    io::{Read, Seek, SeekFrom, Write},
+    io::{Seek, SeekFrom, Write},
     path::PathBuf,
     time::Duration,
 };
@@ -109,20 +109,6 @@ fn write_pattern(dev: &PathBuf, offset: u64, len: usize, seed: u8) {
     f.sync_all().unwrap();
 }
 
-fn device_hash(dev: &PathBuf) -> String {
-    let mut f = std::fs::File::open(dev).unwrap();
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 4 << 20];
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    h.finalize().to_hex().to_string()
-}
-
 async fn create_block(c: &TestCluster, name: &str, on: usize, params: &[(&str, &str)]) -> String {
     let mut req = create_req(name, VOL, block_cap());
     req.parameters = common::params(params);
@@ -159,7 +145,7 @@ async fn a_volume_moves_there_and_back_with_only_the_change_on_the_wire() {
     let dev = attach(&c, 0, &vol).await;
     write_pattern(&dev, 0, 32 << 20, 1);
     write_pattern(&dev, 200 << 20, 16 << 20, 2);
-    let on_a = device_hash(&dev);
+    let on_a = content_hash(&dev);
 
     // Still published on A: the spec's FAILED_PRECONDITION for a single-node volume.
     let err = c
@@ -173,7 +159,7 @@ async fn a_volume_moves_there_and_back_with_only_the_change_on_the_wire() {
     detach(&c, 0, &vol).await;
     let before = c.counters(1).await;
     let dev_b = attach(&c, 1, &vol).await;
-    assert_eq!(device_hash(&dev_b), on_a, "bit-identical on B");
+    assert_eq!(content_hash(&dev_b), on_a, "bit-identical on B");
     let first = received(&c.counters(1).await) - received(&before);
     assert!(
         (48 << 20..=56 << 20).contains(&first),
@@ -204,11 +190,11 @@ async fn a_volume_moves_there_and_back_with_only_the_change_on_the_wire() {
             (k % 200) as u8 + 20,
         );
     }
-    let on_b = device_hash(&dev_b);
+    let on_b = content_hash(&dev_b);
     detach(&c, 1, &vol).await;
     let before = c.counters(0).await;
     let dev_a = attach(&c, 0, &vol).await;
-    assert_eq!(device_hash(&dev_a), on_b, "bit-identical back on A");
+    assert_eq!(content_hash(&dev_a), on_b, "bit-identical back on A");
     let back = received(&c.counters(0).await) - received(&before);
     assert!(
         (5 << 20..=7 << 20).contains(&back),
@@ -496,7 +482,7 @@ async fn volume_with_data(
     let vol = create_block(c, name, 0, params).await;
     let dev = attach(c, 0, &vol).await;
     write_pattern(&dev, 0, mib << 20, 7);
-    let hash = device_hash(&dev);
+    let hash = content_hash(&dev);
     detach(c, 0, &vol).await;
     (vol, hash)
 }
@@ -523,7 +509,7 @@ async fn assert_moved(c: &TestCluster, i: usize, vol: &str, hash: &str) {
         c.logs()
     );
     let dev = attach(c, i, vol).await;
-    assert_eq!(device_hash(&dev), hash, "data intact after the fault");
+    assert_eq!(content_hash(&dev), hash, "data intact after the fault");
     detach(c, i, vol).await;
 }
 
@@ -579,7 +565,8 @@ async fn move_through_a_crash(
         c.wait_node_exit(to, Duration::from_secs(30)).await;
         c.restart_node(to, None).await;
     }
-    try_publish(c, to, vol)
+    // As a CO retries: ABORTED while a replication round of the volume runs.
+    publish_retrying(c, to, vol, 100)
         .await
         .unwrap_or_else(|e| panic!("{failpoint:?}: retry: {e:?}\n{}", c.logs()));
     ctl_unpublish(c, vol, &c.nodes[to].id).await;
@@ -616,7 +603,7 @@ async fn an_adopting_promotion_survives_crashes_at_each_step() {
             (k % 100) as u8 + 30,
         );
     }
-    let hash = device_hash(&dev);
+    let hash = content_hash(&dev);
     detach(&c, 0, &vol).await;
 
     let mut at = 0;
@@ -796,11 +783,11 @@ async fn publishing_back_on_the_source_cancels_a_failed_hand_off() {
     let dev = attach(&c, 0, &vol).await;
     assert_eq!(c.copies(&vol).await, vec![(0, pb::Role::Primary)]);
     write_pattern(&dev, 50 << 20, 8 << 20, 42);
-    let hash = device_hash(&dev);
+    let hash = content_hash(&dev);
     detach(&c, 0, &vol).await;
     let dev_b = attach(&c, 1, &vol).await;
     assert_eq!(
-        device_hash(&dev_b),
+        content_hash(&dev_b),
         hash,
         "the change after the cancel arrived"
     );
@@ -981,11 +968,11 @@ async fn replication_keeps_a_fresh_copy_and_reports_its_lag() {
     wait_round(&c, r).await;
     wait_round(&c, r).await;
 
-    let on_a = device_hash(&dev);
+    let on_a = content_hash(&dev);
     detach(&c, 0, &vol).await;
     // The replica holder becomes primary with the latest data.
     let dev_r = attach(&c, r, &vol).await;
-    assert_eq!(device_hash(&dev_r), on_a);
+    assert_eq!(content_hash(&dev_r), on_a);
     detach(&c, r, &vol).await;
 }
 
@@ -1016,7 +1003,7 @@ async fn a_snapshot_restores_on_a_node_that_did_not_hold_it() {
         vec![(1, pb::Role::Primary)]
     );
     let dev = attach(&c, 1, &restored.volume_id).await;
-    assert_eq!(device_hash(&dev), hash);
+    assert_eq!(content_hash(&dev), hash);
     detach(&c, 1, &restored.volume_id).await;
     // SnapshotMetadata through the cluster controller: the holder's answer, passed on.
     let mut meta = csi::snapshot_metadata_client::SnapshotMetadataClient::new(
@@ -1386,7 +1373,7 @@ async fn a_promotion_delayed_past_a_cancel_loses() {
         .await;
     let mut a = c.node(0).await;
     write_pattern(&target, 0, 4 << 20, 99);
-    let hash = device_hash(&target);
+    let hash = content_hash(&target);
 
     // The late promotion lands now, at the cancelled hand-off's epoch.
     let late = first.await.unwrap();
@@ -1407,7 +1394,7 @@ async fn a_promotion_delayed_past_a_cancel_loses() {
         "node-b refused the promotion by its epoch floor\n{}",
         c.nodes[1].log()
     );
-    assert_eq!(device_hash(&target), hash);
+    assert_eq!(content_hash(&target), hash);
     a.node_unpublish_volume(unpublish_req(&vol, &target))
         .await
         .unwrap();
@@ -1701,7 +1688,7 @@ async fn a_trimmed_volume_replicates_and_moves() {
     }
     write_pattern(&big, 0, 96 << 20, 5);
     write_pattern(&target.join("keep"), 0, 1 << 20, 6);
-    let keep = device_hash(&target.join("keep"));
+    let keep = content_hash(&target.join("keep"));
     c.wait_until(
         "the file on the replica",
         Duration::from_secs(60),
@@ -1752,7 +1739,7 @@ async fn a_trimmed_volume_replicates_and_moves() {
         .unwrap();
     ctl_unpublish(&c, &vol, &c.nodes[on].id).await;
     let moved = attach_fs(&c, other, &vol).await;
-    assert_eq!(device_hash(&moved.join("keep")), keep);
+    assert_eq!(content_hash(&moved.join("keep")), keep);
     assert!(!moved.join("big").exists());
 }
 
@@ -1823,7 +1810,7 @@ async fn a_move_into_a_nearly_full_node_is_refused() {
     // Both volumes come home whole: publishing on A cancels the refused hand-offs.
     for (vol, hash) in [(&big, &big_hash), (&small, &small_hash)] {
         let dev = attach(&c, 0, vol).await;
-        assert_eq!(&device_hash(&dev), hash, "data intact after the refusal");
+        assert_eq!(&content_hash(&dev), hash, "data intact after the refusal");
         detach(&c, 0, vol).await;
         assert!(c.copies(vol).await.contains(&(0, pb::Role::Primary)));
     }
@@ -2168,7 +2155,7 @@ async fn one_silent_node_costs_only_its_own_volumes(how: Silence) {
     .is_some()
     {
         let dev = attach(&c, b, &to_move).await;
-        assert_eq!(device_hash(&dev), moved_hash, "moved intact");
+        assert_eq!(content_hash(&dev), moved_hash, "moved intact");
         detach(&c, b, &to_move).await;
         assert!(
             holders(&c, &to_move, &[a, b])
@@ -2702,7 +2689,7 @@ async fn volumes_made_before_placement_records_are_adopted() {
     let moved = create_block(&c, "pvc-up-moved", 1, &[]).await;
     let dev = attach(&c, 1, &moved).await;
     write_pattern(&dev, 0, 8 << 20, 3);
-    let moved_hash = device_hash(&dev);
+    let moved_hash = content_hash(&dev);
     detach(&c, 1, &moved).await;
     let moved_snap = create_snapshot(&ctl, "snap-up-moved", &moved).await;
     try_publish(&c, 0, &moved).await.unwrap();
@@ -2914,7 +2901,7 @@ async fn a_promoted_target_missing_from_the_record_is_found_by_its_fence() {
         .collect();
     assert_eq!(primaries, vec![2]);
     let dev = attach(&c, 2, &vol).await;
-    assert_eq!(device_hash(&dev), hash);
+    assert_eq!(content_hash(&dev), hash);
     detach(&c, 2, &vol).await;
 }
 

@@ -140,14 +140,15 @@ fn every_failpoint_has_a_crash_case() {
         }
     }
     assert!(found.len() >= 14, "failpoints found: {found:?}");
-    // Hand-off and replication failpoints are exercised by the multi-node tests.
-    let cluster_tests =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cluster.rs"))
-            .unwrap();
+    // Hand-off, replication and failover failpoints are exercised by the multi-node tests.
+    let cluster_tests = ["tests/cluster.rs", "tests/failover.rs"]
+        .iter()
+        .map(|f| std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(f)).unwrap())
+        .collect::<String>();
     for (name, file) in found {
         assert!(
             COVERED.contains(&name.as_str()) || cluster_tests.contains(&format!("\"{name}")),
-            "failpoint {name:?} in {} has no crash case in tests/crash.rs or tests/cluster.rs",
+            "failpoint {name:?} in {} has no crash case in tests/crash.rs, tests/cluster.rs or tests/failover.rs",
             file.display()
         );
     }

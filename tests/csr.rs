@@ -360,6 +360,75 @@ impl Drop for Processes {
     }
 }
 
+/// `berth controller` as the chart runs it: Kubernetes discovery, signing node
+/// certificates, with the ServiceAccount token in `kubeconfig`; its log in `log`.
+fn kube_controller(
+    endpoint: &str,
+    certs: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    log: &std::path::Path,
+) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("controller")
+        .arg(format!("--endpoint={endpoint}"))
+        .args([
+            "--node-id",
+            "controller-0",
+            "--node-discovery",
+            "kubernetes",
+        ])
+        .arg("--tls-dir")
+        .arg(certs.join("controller"))
+        .arg("--node-ca")
+        .arg(certs)
+        .args(["--node-service-account", "berth-node", "--namespace", NS])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// `berth node` as the chart runs it, as `node`, its agent on 127.0.0.1:`port`, its
+/// certificate asked of the controller, with the pod token in `kubeconfig`; its state and
+/// socket in `dir`, its log in `log`.
+fn kube_node(
+    node: &str,
+    dir: &std::path::Path,
+    port: u16,
+    certs: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    log: &std::path::Path,
+) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("node")
+        .arg(format!("--endpoint=unix://{}/node.sock", dir.display()))
+        .args(["--node-id", node, "--pool-size", "4Gi", "--state-dir"])
+        .arg(dir.join("state"))
+        .arg(format!("--agent-listen=127.0.0.1:{port}"))
+        .arg(format!("--agent-advertise=127.0.0.1:{port}"))
+        .arg("--agent-ca")
+        .arg(certs.join("ca.crt"))
+        .args(["--node-discovery", "kubernetes", "--namespace", NS])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The chart's wiring, with the real binaries: `berth controller --node-ca` signs what
 /// `berth node --agent-ca` asks for with node-a's pod token, and the node's agent then
 /// serves as node-a (a client dialling node-a accepts it, one dialling node-b refuses it).
@@ -391,62 +460,25 @@ async fn the_node_plugin_serves_with_the_certificate_the_controller_signed() {
     );
     let node_dir = dir.join("node-a");
     std::fs::create_dir(&node_dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
+    let port = free_port();
     let mut procs = Processes {
         children: Vec::new(),
         node_dir: node_dir.clone(),
     };
-    procs.children.push(
-        Command::new(berth)
-            .arg("controller")
-            .arg(format!(
-                "--endpoint=unix://{}/controller.sock",
-                dir.display()
-            ))
-            .args([
-                "--node-id",
-                "controller-0",
-                "--node-discovery",
-                "kubernetes",
-            ])
-            .arg("--tls-dir")
-            .arg(certs.join("controller"))
-            .arg("--node-ca")
-            .arg(&certs)
-            .args(["--node-service-account", "berth-node", "--namespace", NS])
-            .env("KUBECONFIG", &controller_kc)
-            .env("RUST_LOG", "info")
-            .stdout(log("controller.log"))
-            .stderr(log("controller.log"))
-            .spawn()
-            .unwrap(),
-    );
-    procs.children.push(
-        Command::new(berth)
-            .arg("node")
-            .arg(format!(
-                "--endpoint=unix://{}/node.sock",
-                node_dir.display()
-            ))
-            .args(["--node-id", "node-a", "--pool-size", "4Gi", "--state-dir"])
-            .arg(node_dir.join("state"))
-            .arg(format!("--agent-listen=127.0.0.1:{port}"))
-            .arg(format!("--agent-advertise=127.0.0.1:{port}"))
-            .arg("--agent-ca")
-            .arg(certs.join("ca.crt"))
-            .args(["--node-discovery", "kubernetes"])
-            .env("KUBECONFIG", &node_kc)
-            .env("RUST_LOG", "info")
-            .stdout(log("node.log"))
-            .stderr(log("node.log"))
-            .spawn()
-            .unwrap(),
-    );
+    procs.children.push(kube_controller(
+        &format!("unix://{}/controller.sock", dir.display()),
+        &certs,
+        &controller_kc,
+        &dir.join("controller.log"),
+    ));
+    procs.children.push(kube_node(
+        "node-a",
+        &node_dir,
+        port,
+        &certs,
+        &node_kc,
+        &dir.join("node.log"),
+    ));
     let logs = || {
         format!(
             "node:\n{}\ncontroller:\n{}",
@@ -617,7 +649,6 @@ async fn a_killed_node_fails_over_and_its_pod_and_attachment_are_released() {
     );
     let nodes_dir = dir.join("nodes");
     std::fs::create_dir(&nodes_dir).unwrap();
-    let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
     let mut procs = Processes {
         children: Vec::new(),
         node_dir: nodes_dir.clone(),
@@ -625,28 +656,12 @@ async fn a_killed_node_fails_over_and_its_pod_and_attachment_are_released() {
     let controller_kc =
         server.kubeconfig_with_token("controller", &server.token(NS, "berth-controller"));
     let endpoint = format!("unix://{}/controller.sock", dir.display());
-    procs.children.push(
-        Command::new(berth)
-            .arg("controller")
-            .arg(format!("--endpoint={endpoint}"))
-            .args([
-                "--node-id",
-                "controller-0",
-                "--node-discovery",
-                "kubernetes",
-            ])
-            .arg("--tls-dir")
-            .arg(certs.join("controller"))
-            .arg("--node-ca")
-            .arg(&certs)
-            .args(["--node-service-account", "berth-node", "--namespace", NS])
-            .env("KUBECONFIG", &controller_kc)
-            .env("RUST_LOG", "info")
-            .stdout(log("controller.log"))
-            .stderr(log("controller.log"))
-            .spawn()
-            .unwrap(),
-    );
+    procs.children.push(kube_controller(
+        &endpoint,
+        &certs,
+        &controller_kc,
+        &dir.join("controller.log"),
+    ));
     for node in ["node-a", "node-b"] {
         let kc = server.kubeconfig_with_token(
             node,
@@ -654,32 +669,14 @@ async fn a_killed_node_fails_over_and_its_pod_and_attachment_are_released() {
         );
         let node_dir = nodes_dir.join(node);
         std::fs::create_dir(&node_dir).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        procs.children.push(
-            Command::new(berth)
-                .arg("node")
-                .arg(format!(
-                    "--endpoint=unix://{}/node.sock",
-                    node_dir.display()
-                ))
-                .args(["--node-id", node, "--pool-size", "4Gi", "--state-dir"])
-                .arg(node_dir.join("state"))
-                .arg(format!("--agent-listen=127.0.0.1:{port}"))
-                .arg(format!("--agent-advertise=127.0.0.1:{port}"))
-                .arg("--agent-ca")
-                .arg(certs.join("ca.crt"))
-                .args(["--node-discovery", "kubernetes", "--namespace", NS])
-                .env("KUBECONFIG", &kc)
-                .env("RUST_LOG", "info")
-                .stdout(log(&format!("{node}.log")))
-                .stderr(log(&format!("{node}.log")))
-                .spawn()
-                .unwrap(),
-        );
+        procs.children.push(kube_node(
+            node,
+            &node_dir,
+            free_port(),
+            &certs,
+            &kc,
+            &dir.join(format!("{node}.log")),
+        ));
     }
     let logs = || {
         ["controller", "node-a", "node-b"]

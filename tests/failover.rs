@@ -199,20 +199,6 @@ fn written_prefix(dev: &Path) -> u64 {
     n
 }
 
-fn file_hash(p: &Path) -> String {
-    let mut f = std::fs::File::open(p).unwrap();
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 4 << 20];
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    h.finalize().to_hex().to_string()
-}
-
 /// Waits until the record names a replica whose snapshot was cut after `after` (unix
 /// nanoseconds), i.e. the replica holds what was written before it.
 async fn wait_replicated_after(c: &TestCluster, vol: &str, after: i64) {
@@ -256,6 +242,31 @@ async fn wait_failover(c: &TestCluster, vol: &str, within: Duration) -> (Instant
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until node `i`'s stale copy of `vol` has been demoted; the image of the snapshot
+/// it was kept as.
+async fn wait_demoted(c: &TestCluster, vol: &str, i: usize) -> PathBuf {
+    c.wait_until(
+        "the stale copy demoted",
+        Duration::from_secs(30),
+        || async { record_of(c, vol).failover.is_none() },
+    )
+    .await;
+    let kept = record_of(c, vol)
+        .snapshots
+        .into_iter()
+        .find(|s| s.node == c.nodes[i].id)
+        .expect("the stale copy is kept as a snapshot");
+    snapshot_image(c, i, &kept.snapshot_id)
+}
+
+/// Where node `i` keeps the image of snapshot `id`.
+fn snapshot_image(c: &TestCluster, i: usize, id: &str) -> PathBuf {
+    c.nodes[i]
+        .pool_root()
+        .join("berth/snapshots")
+        .join(format!("{id}.img"))
 }
 
 fn node_index(c: &TestCluster, id: &str) -> usize {
@@ -312,13 +323,10 @@ async fn killing_the_primarys_node_fails_over_to_the_replica_and_it_returns_as_a
         "published and staged on {} {storage_part:?} after the kill",
         rec.primary
     );
-    let snapshot = c.nodes[0]
-        .pool_root()
-        .join("berth/snapshots")
-        .join(format!("{}.img", f.snapshot));
+    let snapshot = snapshot_image(&c, 0, &f.snapshot);
     assert_eq!(
-        file_hash(&new_dev),
-        file_hash(&snapshot),
+        content_hash(&new_dev),
+        content_hash(&snapshot),
         "the new primary holds exactly the last replicated snapshot"
     );
     let prefix = written_prefix(&new_dev);
@@ -334,7 +342,7 @@ async fn killing_the_primarys_node_fails_over_to_the_replica_and_it_returns_as_a
         .unwrap()
         .write_all_at(&vec![0xab; 1 << 20], (VOL as u64) / 2 + (4 << 20))
         .unwrap();
-    let old_copy = file_hash(
+    let old_copy = content_hash(
         &c.nodes[0]
             .pool_root()
             .join("berth/volumes")
@@ -358,24 +366,9 @@ async fn killing_the_primarys_node_fails_over_to_the_replica_and_it_returns_as_a
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     unstage(&c, 0, &vol).await;
-    c.wait_until(
-        "the stale copy demoted",
-        Duration::from_secs(30),
-        || async { record_of(&c, &vol).failover.is_none() },
-    )
-    .await;
-    let rec = record_of(&c, &vol);
-    let kept = rec
-        .snapshots
-        .iter()
-        .find(|s| s.node == c.nodes[0].id)
-        .expect("the stale copy is kept as a snapshot");
-    let kept_img = c.nodes[0]
-        .pool_root()
-        .join("berth/snapshots")
-        .join(format!("{}.img", kept.snapshot_id));
+    let kept_img = wait_demoted(&c, &vol, 0).await;
     assert_eq!(
-        file_hash(&kept_img),
+        content_hash(&kept_img),
         old_copy,
         "kept as it was, nothing merged or dropped"
     );
@@ -480,21 +473,7 @@ async fn a_node_cut_off_fences_itself_before_its_volume_fails_over() {
         "still fenced after the partition healed"
     );
     unstage(&c, 0, &vol).await;
-    c.wait_until(
-        "the stale copy demoted",
-        Duration::from_secs(30),
-        || async { record_of(&c, &vol).failover.is_none() },
-    )
-    .await;
-    let kept = record_of(&c, &vol)
-        .snapshots
-        .into_iter()
-        .find(|s| s.node == c.nodes[0].id)
-        .expect("the stale copy is kept as a snapshot");
-    let kept_img = c.nodes[0]
-        .pool_root()
-        .join("berth/snapshots")
-        .join(format!("{}.img", kept.snapshot_id));
+    let kept_img = wait_demoted(&c, &vol, 0).await;
     assert_eq!(
         written_prefix(&kept_img),
         done,
@@ -620,11 +599,8 @@ async fn a_controller_killed_mid_failover_is_finished_by_the_next() {
     );
     c.restart_controller(None).await;
     let new_dev = attach(&c, 1, &vol).await;
-    let snapshot = c.nodes[0]
-        .pool_root()
-        .join("berth/snapshots")
-        .join(format!("{}.img", rec.failover.unwrap().snapshot));
-    assert_eq!(file_hash(&new_dev), file_hash(&snapshot));
+    let snapshot = snapshot_image(&c, 0, &rec.failover.unwrap().snapshot);
+    assert_eq!(content_hash(&new_dev), content_hash(&snapshot));
     unstage(&c, 1, &vol).await;
 }
 
@@ -712,11 +688,8 @@ async fn manual_failover_waits_for_berth_promote_or_node_gone() {
     );
     for vol in [&one, &two] {
         let dev = attach(&c, 1, vol).await;
-        let snapshot = c.nodes[0].pool_root().join("berth/snapshots").join(format!(
-            "{}.img",
-            record_of(&c, vol).failover.unwrap().snapshot
-        ));
-        assert_eq!(file_hash(&dev), file_hash(&snapshot));
+        let snapshot = snapshot_image(&c, 0, &record_of(&c, vol).failover.unwrap().snapshot);
+        assert_eq!(content_hash(&dev), content_hash(&snapshot));
         unstage(&c, 1, vol).await;
     }
 }

@@ -1516,6 +1516,7 @@ async fn berth_volumes_keep_the_placement_store_contract() {
             "REPLICA AGE",
             "EPOCH",
             "PHASE",
+            "FAILED OVER FROM",
             "AGE"
         ],
         "{table}"

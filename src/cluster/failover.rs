@@ -326,19 +326,22 @@ impl Cluster {
         live.refresh().await?;
         // The primary copies the answering nodes hold, by volume, and whether each node's
         // lease holds: one pass over the inventories, not one per record.
-        let mut primaries: HashMap<String, Vec<(String, u64, bool, bool)>> = HashMap::new();
+        let mut primaries: HashMap<String, Vec<Held>> = HashMap::new();
         for (node, inv) in self.answering() {
             for c in inv
                 .volumes
                 .iter()
                 .filter(|c| c.role == pb::Role::Primary as i32)
             {
-                primaries.entry(c.volume_id.clone()).or_default().push((
-                    node.clone(),
-                    c.epoch,
-                    c.suspended,
-                    inv.lease_lapsed,
-                ));
+                primaries
+                    .entry(c.volume_id.clone())
+                    .or_default()
+                    .push(Held {
+                        node: node.clone(),
+                        epoch: c.epoch,
+                        suspended: c.suspended,
+                        lease_lapsed: inv.lease_lapsed,
+                    });
             }
         }
         for r in records {
@@ -359,13 +362,12 @@ impl Cluster {
         Ok(())
     }
 
-    /// One record's step: `held` are the primary copies of the volume on answering nodes,
-    /// as (node, epoch, suspended, the node's lease lapsed).
+    /// One record's step: `held` are the primary copies of the volume on answering nodes.
     async fn settle_one(
         &self,
         vol: &VolumeId,
         r: Versioned,
-        held: &[(String, u64, bool, bool)],
+        held: &[Held],
         live: &Liveness,
     ) -> Result<()> {
         let rec = &r.record;
@@ -377,10 +379,7 @@ impl Cluster {
                 .view(&rec.primary)
                 .is_some_and(|inv| holds(&inv, vol, pb::Role::Replica));
         let lost = !rec.primary.is_empty() && live.lost(&rec.primary);
-        let stale = held.iter().any(|(node, epoch, suspended, lapsed)| {
-            (*node != rec.primary && *epoch < rec.epoch)
-                || (*node == rec.primary && *suspended && !*lapsed)
-        });
+        let stale = held.iter().any(|h| h.stale(rec) || h.resumable(rec));
         if !lost && !pending_promotion && !stale {
             return Ok(());
         }
@@ -414,11 +413,11 @@ impl Cluster {
             self.promote_replica(vol, &rec.primary, rec.epoch, &f.snapshot)
                 .await?;
         }
-        for (node, epoch, suspended, lapsed) in held {
-            if *node != rec.primary && *epoch < rec.epoch {
-                self.demote(vol, rec, node).await?;
-            } else if *node == rec.primary && *suspended && !*lapsed {
-                self.resume(vol, &r, node, *epoch).await?;
+        for h in held {
+            if h.stale(rec) {
+                self.demote(vol, rec, &h.node).await?;
+            } else if h.resumable(rec) {
+                self.resume(vol, &r, &h.node, h.epoch).await?;
             }
         }
         Ok(())
@@ -722,6 +721,28 @@ impl Cluster {
     }
 }
 
+/// A primary copy of a volume on an answering node, from its last inventory.
+struct Held {
+    node: String,
+    epoch: u64,
+    suspended: bool,
+    /// The node's own lease has lapsed.
+    lease_lapsed: bool,
+}
+
+impl Held {
+    /// A primary the record has moved past: a failover happened while its node was away.
+    fn stale(&self, rec: &VolumePlacement) -> bool {
+        self.node != rec.primary && self.epoch < rec.epoch
+    }
+
+    /// Fenced by a lapse that cost nothing: the record still names it, and its node's
+    /// lease holds again.
+    fn resumable(&self, rec: &VolumePlacement) -> bool {
+        self.node == rec.primary && self.suspended && !self.lease_lapsed
+    }
+}
+
 fn holds(inv: &pb::InventoryResponse, vol: &VolumeId, role: pb::Role) -> bool {
     inv.volumes
         .iter()
@@ -743,16 +764,8 @@ pub async fn failover_loop(
     let Some(period) = cluster.liveness.as_ref().map(|l| l.timings.period / 2) else {
         return;
     };
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        if *shutdown.borrow() {
-            return;
-        }
+    let mut tick = ticker(period);
+    while next_tick(&mut tick, &mut shutdown).await {
         if !*leader.borrow() {
             continue;
         }
@@ -774,16 +787,8 @@ pub async fn renewal_loop(cluster: Arc<Cluster>, mut shutdown: tokio::sync::watc
     }
     let period = live.timings.period;
     let running: Arc<Mutex<BTreeSet<String>>> = Arc::default();
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        if *shutdown.borrow() {
-            return;
-        }
+    let mut tick = ticker(period);
+    while next_tick(&mut tick, &mut shutdown).await {
         for node in cluster.node_ids() {
             if !running.lock().expect("renewals lock").insert(node.clone()) {
                 continue;
@@ -798,4 +803,23 @@ pub async fn renewal_loop(cluster: Arc<Cluster>, mut shutdown: tokio::sync::watc
             });
         }
     }
+}
+
+/// A tick every `period`; a late one is not made up for.
+fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
+/// Waits for the next tick; false once the controller shuts down.
+async fn next_tick(
+    tick: &mut tokio::time::Interval,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        _ = tick.tick() => {}
+        _ = shutdown.changed() => return false,
+    }
+    !*shutdown.borrow()
 }

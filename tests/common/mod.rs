@@ -428,6 +428,22 @@ pub fn from_volume(mut req: csi::CreateVolumeRequest, volume_id: &str) -> csi::C
     req
 }
 
+/// The BLAKE3 hash of everything a file or device holds.
+pub fn content_hash(p: &Path) -> String {
+    use std::io::Read;
+    let mut f = std::fs::File::open(p).unwrap();
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize().to_hex().to_string()
+}
+
 pub fn params(kv: &[(&str, &str)]) -> HashMap<String, String> {
     kv.iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

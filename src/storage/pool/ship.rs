@@ -443,31 +443,43 @@ impl Pool {
                 "volume {vol} is not fenced for epoch {epoch} on this node"
             )));
         };
-        match (keep, f.snapshot) {
-            (true, Some(snapshot)) => {
-                let template = VolumeRecord {
-                    fence: None,
-                    suspended: false,
-                    published: Default::default(),
-                    ..v.clone()
-                };
-                fsutil::write_json(
-                    &self.replica_meta(vol),
-                    &ReplicaRecord {
-                        volume: template,
-                        epoch,
-                        primary: new_primary.to_string(),
-                        snapshot,
-                        base: None,
-                    },
-                )?;
-                self.delete_volume(vol).await
-            }
-            _ => {
-                self.delete_volume(vol).await?;
-                self.forget(vol)
-            }
-        }
+        self.follow(v, epoch, new_primary, f.snapshot.filter(|_| keep))
+            .await
+    }
+
+    /// The copy `v` held here turns into a replica of `new_primary` at `epoch` holding
+    /// `snapshot` (its record written before the volume goes), or, without a snapshot,
+    /// goes with everything of the volume here.
+    async fn follow(
+        &self,
+        v: VolumeRecord,
+        epoch: u64,
+        new_primary: &str,
+        snapshot: Option<SnapshotId>,
+    ) -> Result<()> {
+        let vol = v.id.clone();
+        let Some(snapshot) = snapshot else {
+            self.delete_volume(&vol).await?;
+            return self.forget(&vol);
+        };
+        let template = VolumeRecord {
+            fence: None,
+            suspended: false,
+            published: Default::default(),
+            state: RecordState::Ready,
+            ..v
+        };
+        fsutil::write_json(
+            &self.replica_meta(&vol),
+            &ReplicaRecord {
+                volume: template,
+                epoch,
+                primary: new_primary.to_string(),
+                snapshot,
+                base: None,
+            },
+        )?;
+        self.delete_volume(&vol).await
     }
 
     /// The copies a lapsed lease fences: replicated primaries, which the controller may
@@ -580,32 +592,8 @@ impl Pool {
             v.published.clear();
             self.save_volume(&v)?;
         }
-        match self.shipping_snapshots(vol)?.pop() {
-            Some(base) => {
-                let template = VolumeRecord {
-                    fence: None,
-                    suspended: false,
-                    published: Default::default(),
-                    state: RecordState::Ready,
-                    ..v
-                };
-                fsutil::write_json(
-                    &self.replica_meta(vol),
-                    &ReplicaRecord {
-                        volume: template,
-                        epoch,
-                        primary: new_primary.to_string(),
-                        snapshot: base.id,
-                        base: None,
-                    },
-                )?;
-                self.delete_volume(vol).await?;
-            }
-            None => {
-                self.delete_volume(vol).await?;
-                self.forget(vol)?;
-            }
-        }
+        let base = self.shipping_snapshots(vol)?.pop().map(|b| b.id);
+        self.follow(v, epoch, new_primary, base).await?;
         Ok(snap)
     }
 
