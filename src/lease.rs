@@ -12,8 +12,9 @@
 //! The fence must not depend on this process: a frozen (SIGSTOP) or killed agent on a live
 //! host cannot fence anything, while the database above its loop devices writes on. So a
 //! small child, the fence keeper (`berth fence-keeper`), holds the deadline too. It is told
-//! the deadline and the images to fence at every renewal, lives in its own process group,
-//! and fences when the deadline passes without word, whatever became of the agent.
+//! the deadline at every renewal, lives in its own process group, and when the deadline
+//! passes without word, whatever became of the agent, fences the replicated primaries it
+//! finds in the pool's records then: a volume made after the last renewal is fenced too.
 
 use std::{
     collections::VecDeque,
@@ -29,7 +30,7 @@ use tokio::sync::watch;
 
 use crate::{
     error::{Error, Result},
-    storage::{loopdev, pool::Pool},
+    storage::{VolumeRecord, loopdev, pool::Pool},
     util::fsutil,
 };
 
@@ -99,8 +100,6 @@ struct Persisted {
 struct KeeperOrder {
     /// Fence this many milliseconds after reading this line, unless another line comes.
     within_ms: u64,
-    /// The images whose loop devices to fence.
-    images: Vec<PathBuf>,
 }
 
 /// Tokens of renewals answered and not yet confirmed: a few per controller is plenty.
@@ -234,20 +233,9 @@ impl NodeLease {
         Ok(vols.len())
     }
 
-    fn images(&self) -> Vec<PathBuf> {
-        match self.pool.fenceable() {
-            Ok(v) => v.iter().map(|v| self.pool.volume_image(&v.id)).collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list the volumes to fence");
-                Vec::new()
-            }
-        }
-    }
-
     fn tell_keeper(&self, within: Duration) {
         let order = KeeperOrder {
             within_ms: within.as_millis() as u64,
-            images: self.images(),
         };
         let mut line = serde_json::to_vec(&order).expect("orders serialize");
         line.push(b'\n');
@@ -271,6 +259,8 @@ impl NodeLease {
             use std::os::unix::process::CommandExt;
             Command::new(exe)
                 .arg("fence-keeper")
+                .arg("--volumes")
+                .arg(self.pool.volumes_dir())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::null())
                 .process_group(0)
@@ -318,10 +308,12 @@ fn since_epoch() -> Duration {
         .unwrap_or_default()
 }
 
-/// `berth fence-keeper`: reads orders on stdin, fences when one's deadline passes without
-/// a newer one, and exits once the agent is gone (stdin closed) and its last deadline has
-/// been kept. Plain threads, no runtime: it must keep time when nothing else does.
-pub fn run_keeper() -> Result<()> {
+/// `berth fence-keeper --volumes DIR`: reads orders on stdin, fences the replicated
+/// primaries of the pool whose volume images and records are in DIR when an order's
+/// deadline passes without a newer one, and exits once the agent is gone (stdin closed)
+/// and its last deadline has been kept. Plain threads, no runtime: it must keep time when
+/// nothing else does.
+pub fn run_keeper(volumes: &Path) -> Result<()> {
     let (tx, rx) = std::sync::mpsc::channel::<KeeperOrder>();
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines() {
@@ -337,7 +329,7 @@ pub fn run_keeper() -> Result<()> {
         }
     });
     use std::sync::mpsc::RecvTimeoutError;
-    let mut armed: Option<(Instant, Vec<PathBuf>)> = None;
+    let mut armed: Option<Instant> = None;
     let mut agent_gone = false;
     loop {
         let next = match (&armed, agent_gone) {
@@ -349,7 +341,7 @@ pub fn run_keeper() -> Result<()> {
                     continue;
                 }
             },
-            (Some((at, _)), false) => {
+            (Some(at), false) => {
                 match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
                     Ok(o) => Some(o),
                     Err(RecvTimeoutError::Timeout) => None,
@@ -359,27 +351,24 @@ pub fn run_keeper() -> Result<()> {
                     }
                 }
             }
-            (Some((at, _)), true) => {
+            (Some(at), true) => {
                 std::thread::sleep(at.saturating_duration_since(Instant::now()));
                 None
             }
         };
         match next {
-            Some(o) => {
-                armed = Some((
-                    Instant::now() + Duration::from_millis(o.within_ms),
-                    o.images,
-                ))
-            }
+            Some(o) => armed = Some(Instant::now() + Duration::from_millis(o.within_ms)),
             None => {
-                let (_, images) = armed.take().expect("only an armed keeper times out");
-                fence_images(&images);
+                armed = None;
+                fence_replicated(volumes);
             }
         }
     }
 }
 
-fn fence_images(images: &[PathBuf]) {
+/// Fences every writable loop device backed by a volume image in `volumes` whose record
+/// says the volume is replicated: the copies a controller may promote elsewhere.
+fn fence_replicated(volumes: &Path) {
     let devices = match loopdev::list_blocking() {
         Ok(d) => d,
         Err(e) => {
@@ -388,7 +377,15 @@ fn fence_images(images: &[PathBuf]) {
         }
     };
     for d in devices {
-        if d.deleted || d.read_only || d.fenced || !images.contains(&d.backing_file) {
+        if d.deleted || d.read_only || d.fenced || d.backing_file.parent() != Some(volumes) {
+            continue;
+        }
+        let record = d.backing_file.with_extension("json");
+        let replicated = matches!(
+            fsutil::read_json::<VolumeRecord>(&record),
+            Ok(Some(v)) if v.replication.replicas > 1
+        );
+        if !replicated {
             continue;
         }
         match loopdev::set_fenced(&d.device, true) {

@@ -120,7 +120,11 @@ enum Command {
     /// Started by a node agent: fences the node's replicated primaries when its lease
     /// lapses, even if the agent is frozen or dead (docs/moving.md).
     #[command(hide = true)]
-    FenceKeeper,
+    FenceKeeper {
+        /// The pool's volume directory: images and their records.
+        #[arg(long)]
+        volumes: PathBuf,
+    },
     /// Pre-warms a move: ships VOLUME to NODE while it stays in use where it is, so the
     /// cut-over (the next publish on NODE) ships only the last seconds of change.
     Migrate {
@@ -410,7 +414,7 @@ fn main() -> ExitCode {
             print!("{}", berth::kube::crd::crds_yaml());
             return ExitCode::SUCCESS;
         }
-        Command::FenceKeeper => return finish(berth::lease::run_keeper()),
+        Command::FenceKeeper { volumes } => return finish(berth::lease::run_keeper(&volumes)),
         Command::Promote {
             volume,
             to,

@@ -693,3 +693,91 @@ async fn manual_failover_waits_for_berth_promote_or_node_gone() {
         unstage(&c, 1, vol).await;
     }
 }
+
+/// The fence keeper fences what the pool's records say when its deadline passes, not a
+/// list from the agent's last order: a replicated volume made after the last renewal is
+/// fenced too. (The failover bench found it: a volume made a second before its node's
+/// agent died was never fenced, and two nodes wrote it.) An unreplicated one is left
+/// alone: no one can promote it elsewhere.
+#[test]
+fn the_fence_keeper_fences_a_volume_made_after_its_last_order() {
+    use berth::storage::{
+        MutableSettings, RecordState, Replication, VolumeId, VolumeKind, VolumeRecord,
+    };
+    use std::io::Write;
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let volumes = dir.path().join("volumes");
+    std::fs::create_dir_all(&volumes).unwrap();
+    let mut keeper = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("fence-keeper")
+        .arg("--volumes")
+        .arg(&volumes)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut order = keeper.stdin.take().unwrap();
+    writeln!(order, r#"{{"within_ms": 1500}}"#).unwrap();
+    // Made after the order.
+    let mut devices = Vec::new();
+    for (name, replicas) in [("made-late", 2), ("single", 1)] {
+        let id = VolumeId::for_name(name);
+        let image = volumes.join(format!("{id}.img"));
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        let record = VolumeRecord {
+            id: id.clone(),
+            name: name.into(),
+            capacity_bytes: 16 << 20,
+            kind: VolumeKind::Block,
+            source: None,
+            settings: MutableSettings::default(),
+            labels: Default::default(),
+            state: RecordState::Ready,
+            published: Default::default(),
+            created_unix_nanos: 0,
+            epoch: 0,
+            fence: None,
+            suspended: false,
+            replication: Replication {
+                replicas,
+                ..Default::default()
+            },
+        };
+        std::fs::write(
+            volumes.join(format!("{id}.json")),
+            serde_json::to_vec(&record).unwrap(),
+        )
+        .unwrap();
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        devices.push(String::from_utf8(out.stdout).unwrap().trim().to_string());
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let limit = |dev: &str| {
+        let name = Path::new(dev)
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        std::fs::read_to_string(format!("/sys/block/{name}/loop/sizelimit"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let fenced = (limit(&devices[0]), limit(&devices[1]));
+    drop(order);
+    let _ = keeper.wait();
+    for d in &devices {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", d])
+            .status();
+    }
+    assert_eq!(fenced, ("4096".to_string(), "0".to_string()));
+}
