@@ -9,8 +9,9 @@
 //! - "p99": the 99th percentile (nearest rank) of all samples of all rounds pooled; with one
 //!   sample per round that is the worst round.
 //!
-//! Section 7 (`--only move`) starts a two-node cluster instead (src/bin/bench/move.rs), and
-//! section 8 (`--only scale`) clusters of 2 to 16 nodes (src/bin/bench/scale.rs).
+//! Section 7 (`--only move`) starts a two-node cluster instead (src/bin/bench/move.rs),
+//! section 8 (`--only scale`) clusters of 2 to 16 nodes (src/bin/bench/scale.rs), and
+//! section 9 (`--only failover`) a fresh two-node cluster per run (src/bin/bench/failover.rs).
 //!
 //! Tables go to stdout, progress to stderr: `berth-bench > results.md`. Needs root (berth
 //! attaches loop devices and mounts), fio, filefrag, xfs_io and coreutils. Everything the
@@ -47,6 +48,8 @@ macro_rules! note {
 }
 
 // After the macros: a module sees only the macros defined above its declaration.
+#[path = "bench/failover.rs"]
+mod failover_section;
 #[path = "bench/move.rs"]
 mod move_section;
 #[path = "bench/scale.rs"]
@@ -173,10 +176,12 @@ enum Section {
     Move,
     /// 8. Cost of a CSI call by cluster size (2-16 nodes), and one stopped node.
     Scale,
+    /// 9. SIGKILL of a replicated volume's node to publish + stage on another.
+    Failover,
 }
 
 impl Section {
-    const ALL: [Section; 7] = [
+    const ALL: [Section; 8] = [
         Section::Rpc,
         Section::Snapshot,
         Section::Stage,
@@ -184,6 +189,7 @@ impl Section {
         Section::Fio,
         Section::Move,
         Section::Scale,
+        Section::Failover,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -194,6 +200,7 @@ impl Section {
             Section::Fio => "fio",
             Section::Move => "move",
             Section::Scale => "scale",
+            Section::Failover => "failover",
         }
     }
 }
@@ -2195,6 +2202,7 @@ async fn bench(cfg: &Cfg, sections: &[Section]) -> Result<()> {
             Section::Fio => bench_fio(cfg).await?,
             Section::Move => move_section::bench_move(cfg).await?,
             Section::Scale => scale_section::bench_scale(cfg).await?,
+            Section::Failover => failover_section::bench_failover(cfg).await?,
         }
         say(&format!(
             "_Section took {:.1} s; load average after: {}._\n",
