@@ -5,7 +5,7 @@
 //! FILE ...`), all at the default lease timings. A `replicas: "2"`, `replicationInterval:
 //! "5s"` block volume is published on node-a and written (4 KiB synced writes, one after
 //! another); once a replication round cut an interval after the writer started has
-//! shipped (the steady state: the node has renewed its lease since), and a further
+//! shipped (the steady state), and a further
 //! pause that differs per run (so the kills fall at different points of the replication
 //! cycle), node-a's berth process gets SIGKILL. The host lives on, as does the writer.
 //!
@@ -309,9 +309,7 @@ async fn failover_run(cfg: &Cfg, run: usize) -> Result<RunResult> {
     let failed = start_writer(&dev, c.stop_writer.clone())?;
 
     // A round cut an interval after the writer started: the cluster is in its steady
-    // state, the node has renewed its lease since the volume was made (a node's fence
-    // keeper learns which volumes to fence at renewals), and the replica has what the
-    // writer wrote for a while.
+    // state, and the replica has what the writer wrote for a while.
     let steady = writing_since + INTERVAL_SECONDS as i64 * 1_000_000_000;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
