@@ -269,6 +269,30 @@ fn snapshot_image(c: &TestCluster, i: usize, id: &str) -> PathBuf {
         .join(format!("{id}.img"))
 }
 
+/// The writer on the old primary failed within fence-after (6 s, and a second of slack)
+/// of the node's death at `from`, before the failover was recorded; when it failed.
+fn assert_fenced_first(
+    writes: &Mutex<Writes>,
+    from: Instant,
+    failed_over: Instant,
+    how: &str,
+) -> Instant {
+    let w = writes.lock().unwrap();
+    let fenced = w.failed_at.expect("the writer was fenced");
+    eprintln!(
+        "{how} at 0; writes failed at {:?} ({}); failover recorded at {:?}",
+        fenced - from,
+        w.error,
+        failed_over - from
+    );
+    assert!(
+        fenced - from <= Duration::from_secs(7),
+        "fenced within fence-after"
+    );
+    assert!(fenced < failed_over, "fenced before the promotion");
+    fenced
+}
+
 fn node_index(c: &TestCluster, id: &str) -> usize {
     c.nodes.iter().position(|n| n.id == id).unwrap()
 }
@@ -295,24 +319,9 @@ async fn killing_the_primarys_node_fails_over_to_the_replica_and_it_returns_as_a
     c.kill_node(0);
     let killed = Instant::now();
     let (failed_over, rec) = wait_failover(&c, &vol, Duration::from_secs(30)).await;
-    let fenced = writes
-        .lock()
-        .unwrap()
-        .failed_at
-        .expect("the writer was fenced");
+    assert_fenced_first(&writes, killed, failed_over, "killed");
     let to = node_index(&c, &rec.primary);
     assert_ne!(to, 0);
-    eprintln!(
-        "killed at 0; writes failed at {:?} ({}); failover recorded at {:?}",
-        fenced - killed,
-        writes.lock().unwrap().error,
-        failed_over - killed
-    );
-    assert!(
-        fenced - killed <= Duration::from_secs(7),
-        "the keeper fences within fence-after (6 s)"
-    );
-    assert!(fenced < failed_over, "fenced before the promotion");
     let f = rec.failover.clone().unwrap();
     assert_eq!(f.from, c.nodes[0].id);
     assert_eq!(rec.epoch, epoch + 1, "one compare-and-swap: epoch + 1");
@@ -425,21 +434,7 @@ async fn a_node_cut_off_fences_itself_before_its_volume_fails_over() {
     c.isolate_node(0);
     let cut = Instant::now();
     let (failed_over, rec) = wait_failover(&c, &vol, Duration::from_secs(30)).await;
-    let fenced = writes
-        .lock()
-        .unwrap()
-        .failed_at
-        .expect("the writer was fenced");
-    eprintln!(
-        "cut at 0; writes failed at {:?} ({}); failover recorded at {:?}",
-        fenced - cut,
-        writes.lock().unwrap().error,
-        failed_over - cut
-    );
-    assert!(
-        fenced - cut <= Duration::from_secs(7),
-        "fenced within fence-after"
-    );
+    let fenced = assert_fenced_first(&writes, cut, failed_over, "cut");
     assert!(
         failed_over - fenced >= Duration::from_secs(2),
         "the fence comes well before the promotion"

@@ -28,7 +28,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use super::move_section::{controller_args, free_port, s, spawn_berth};
+use super::move_section::{free_port, node_args, s, spawn_berth, start_controller};
 use super::*;
 
 const NODES: [&str; 2] = ["node-a", "node-b"];
@@ -108,21 +108,7 @@ impl FailoverCluster {
         fs::write(dir.join("nodes"), nodes_file)?;
         for (n, port) in c.nodes.iter_mut().zip(ports) {
             fs::create_dir_all(&n.dir)?;
-            let args = vec![
-                "node".to_string(),
-                "--endpoint".into(),
-                n.endpoint(),
-                "--state-dir".into(),
-                s(n.dir.join("state")),
-                "--node-id".into(),
-                n.id.into(),
-                "--pool-size".into(),
-                "4Gi".into(),
-                "--agent-listen".into(),
-                format!("127.0.0.1:{port}"),
-                "--tls-dir".into(),
-                s(certs.join(n.id)),
-            ];
+            let args = node_args(n.id, n.endpoint(), &n.dir, "4Gi", port, &certs);
             let log = n.dir.join("berth.log");
             n.child = Some(
                 spawn_berth(
@@ -139,21 +125,9 @@ impl FailoverCluster {
                 berth::client::connect(&n.endpoint()).await?,
             ));
         }
-        let csock = dir.join("controller.sock");
-        let cend = format!("unix://{}", csock.display());
-        let args = controller_args(&cend, &dir, &certs);
-        c.controller = Some(
-            spawn_berth(
-                &cfg.berth,
-                &args,
-                &dir.join("controller.log"),
-                &csock,
-                &cend,
-                None,
-            )
-            .await?,
-        );
-        c.ctl = Some(ControllerClient::new(berth::client::connect(&cend).await?));
+        let (controller, ctl) = start_controller(&cfg.berth, &dir, &certs).await?;
+        c.controller = Some(controller);
+        c.ctl = Some(ctl);
         Ok(c)
     }
 

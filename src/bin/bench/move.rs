@@ -150,6 +150,57 @@ pub(super) fn controller_args(endpoint: &str, dir: &Path, certs: &Path) -> Vec<S
     ]
 }
 
+/// `berth node` `id` with its agent on 127.0.0.1:`port`, its state in `dir`, serving
+/// `endpoint`, its pool image `pool_size`.
+pub(super) fn node_args(
+    id: &str,
+    endpoint: String,
+    dir: &Path,
+    pool_size: &str,
+    port: u16,
+    certs: &Path,
+) -> Vec<String> {
+    vec![
+        "node".to_string(),
+        "--endpoint".into(),
+        endpoint,
+        "--state-dir".into(),
+        s(dir.join("state")),
+        "--node-id".into(),
+        id.into(),
+        "--pool-size".into(),
+        pool_size.into(),
+        "--agent-listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--tls-dir".into(),
+        s(certs.join(id)),
+    ]
+}
+
+/// Starts the controller of the cluster in `dir` (`controller_args`) and connects to it.
+pub(super) async fn start_controller(
+    berth: &Path,
+    dir: &Path,
+    certs: &Path,
+) -> Result<(Child, ControllerClient<Channel>)> {
+    let csock = dir.join("controller.sock");
+    let cend = format!("unix://{}", csock.display());
+    let args = controller_args(&cend, dir, certs);
+    let child = spawn_berth(
+        berth,
+        &args,
+        &dir.join("controller.log"),
+        &csock,
+        &cend,
+        None,
+    )
+    .await?;
+    Ok((
+        child,
+        ControllerClient::new(berth::client::connect(&cend).await?),
+    ))
+}
+
 pub(super) fn s(x: impl AsRef<std::ffi::OsStr>) -> String {
     x.as_ref().to_string_lossy().into_owned()
 }
@@ -187,21 +238,14 @@ impl TestCluster {
         fs::write(dir.join("nodes"), nodes_file)?;
         for n in &mut c.nodes {
             fs::create_dir_all(&n.dir)?;
-            let args = vec![
-                "node".to_string(),
-                "--endpoint".into(),
+            let args = node_args(
+                n.id,
                 n.endpoint(),
-                "--state-dir".into(),
-                s(n.dir.join("state")),
-                "--node-id".into(),
-                n.id.into(),
-                "--pool-size".into(),
-                cfg.cli.move_pool_size.clone(),
-                "--agent-listen".into(),
-                format!("127.0.0.1:{}", n.port),
-                "--tls-dir".into(),
-                s(certs.join(n.id)),
-            ];
+                &n.dir,
+                &cfg.cli.move_pool_size,
+                n.port,
+                &certs,
+            );
             n.child = Some(
                 spawn_berth(
                     &cfg.berth,
@@ -214,21 +258,9 @@ impl TestCluster {
                 .await?,
             );
         }
-        let csock = dir.join("controller.sock");
-        let cend = format!("unix://{}", csock.display());
-        let args = controller_args(&cend, &dir, &certs);
-        c.controller = Some(
-            spawn_berth(
-                &cfg.berth,
-                &args,
-                &dir.join("controller.log"),
-                &csock,
-                &cend,
-                None,
-            )
-            .await?,
-        );
-        c.ctl = Some(ControllerClient::new(berth::client::connect(&cend).await?));
+        let (controller, ctl) = start_controller(&cfg.berth, &dir, &certs).await?;
+        c.controller = Some(controller);
+        c.ctl = Some(ctl);
         let tls = berth::tls::TlsMaterial::load(&certs.join("controller"))
             .map_err(|e| format!("controller TLS material: {e}"))?;
         for n in &c.nodes {
