@@ -225,12 +225,17 @@ impl NodeLease {
     }
 
     /// Suspends every replicated primary not suspended yet; how many.
+    /// One that cannot be fenced does not keep the others from it; it is tried again at
+    /// the next tick (and the keeper fences its devices anyway).
     pub async fn fence_all(&self) -> Result<usize> {
-        let vols = self.pool.fenceable()?;
-        for v in &vols {
-            self.pool.suspend(&v.id).await?;
+        let mut fenced = 0;
+        for v in self.pool.fenceable()? {
+            match self.pool.suspend(&v.id).await {
+                Ok(()) => fenced += 1,
+                Err(e) => tracing::error!(volume.id = %v.id, error = %e, "cannot fence a volume"),
+            }
         }
-        Ok(vols.len())
+        Ok(fenced)
     }
 
     fn tell_keeper(&self, within: Duration) {

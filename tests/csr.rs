@@ -615,13 +615,33 @@ async fn the_node_plugin_serves_with_the_certificate_the_controller_signed() {
     assert!(stderr.contains("bound to no node"), "{stderr}");
 }
 
-/// Issue 13 in Kubernetes, with the real binaries under the chart's RBAC: each node plugin
-/// renews its own node Lease; when node-a's berth process is killed, its Lease stops
-/// changing and the controller fails node-a's replicated volume over to node-b, then
-/// force-deletes the pod on node-a that uses the claim and deletes its VolumeAttachment
-/// there, with `VolumeFailedOver` on the claim and `PodEvicted` on the pod.
+/// How the controller learns that node-a is gone.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Learns {
+    /// Its Lease stops changing for the lease duration (10 s).
+    FromTheLease,
+    /// An operator taints the Node `node.kubernetes.io/out-of-service` right after it
+    /// died, Kubernetes' non-graceful shutdown signal: no wait for the Lease.
+    FromTheTaint,
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_node_fails_over_and_its_pod_and_attachment_are_released() {
+    node_loss_in_kubernetes(Learns::FromTheLease).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_out_of_service_taint_fails_over_without_waiting_for_the_lease() {
+    node_loss_in_kubernetes(Learns::FromTheTaint).await;
+}
+
+/// Issue 13 in Kubernetes, with the real binaries under the chart's RBAC: each node plugin
+/// renews its own node Lease; when node-a's berth process is killed, the controller fails
+/// node-a's replicated volume over to node-b (once the Lease stopped changing, or at once
+/// on the out-of-service taint), then force-deletes the pod on node-a that uses the claim
+/// and deletes its VolumeAttachment there, with `VolumeFailedOver` on the claim and
+/// `PodEvicted` on the pod.
+async fn node_loss_in_kubernetes(learns: Learns) {
     let Some(helm) = helm() else {
         return;
     };
@@ -795,6 +815,17 @@ async fn a_killed_node_fails_over_and_its_pod_and_attachment_are_released() {
     let _ = procs.children[1].kill();
     let _ = procs.children[1].wait();
     let killed = Instant::now();
+    if learns == Learns::FromTheTaint {
+        server.kubectl(
+            &[
+                "taint",
+                "nodes",
+                "node-a",
+                "node.kubernetes.io/out-of-service=nodeshutdown:NoExecute",
+            ],
+            "",
+        );
+    }
     let deadline = Instant::now() + Duration::from_secs(40);
     while spec("{.spec.primary}") != "node-b" {
         assert!(Instant::now() < deadline, "no failover\n{}", logs());
@@ -802,6 +833,13 @@ async fn a_killed_node_fails_over_and_its_pod_and_attachment_are_released() {
     }
     let failed_over = killed.elapsed();
     assert_eq!(spec("{.spec.failover.from}"), "node-a");
+    match learns {
+        // The controller counts the 10 s from when it saw the last renewal, 0-2 s before
+        // the kill.
+        Learns::FromTheLease => assert!(failed_over >= Duration::from_secs(7), "{failed_over:?}"),
+        // Nodes are listed every 3 s.
+        Learns::FromTheTaint => assert!(failed_over < Duration::from_secs(6), "{failed_over:?}"),
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let pods = server.kubectl(&["-n", "db", "get", "pods", "-o", "name"], "");
@@ -831,7 +869,9 @@ async fn a_killed_node_fails_over_and_its_pod_and_attachment_are_released() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    eprintln!("failed over {failed_over:?} after the kill; pod and attachment released");
+    eprintln!(
+        "{learns:?}: failed over {failed_over:?} after the kill; pod and attachment released"
+    );
     // The volume is attachable on node-b now.
     ctl.controller_publish_volume(berth::proto::csi::v1::ControllerPublishVolumeRequest {
         volume_id: vol.clone(),
