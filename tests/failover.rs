@@ -418,23 +418,46 @@ fn try_write(dev: &Path, block: u64) -> bool {
         .is_ok()
 }
 
-/// A partition instead of a crash: the node's agent lives on, cut off. It fences its
-/// copy (writes fail) before the controller promotes the replica, and no write lands on
-/// the old copy after its fence: what the old node kept is exactly what its writer saw
-/// acknowledged.
+/// How the primary's node goes silent while its host lives on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Silence {
+    /// Cut off the network (its agent fences the copy itself).
+    Cut,
+    /// Its agent frozen by SIGSTOP (the fence keeper fences the copy).
+    Frozen,
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_cut_off_fences_itself_before_its_volume_fails_over() {
-    let c = TestCluster::start_isolable(2, &[0]).await;
+    silent_node_fences_before_its_volume_fails_over(Silence::Cut).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_agent_is_fenced_by_its_keeper_before_its_volume_fails_over() {
+    silent_node_fences_before_its_volume_fails_over(Silence::Frozen).await;
+}
+
+/// A partition or a frozen agent instead of a crash: the node's copy is fenced (writes
+/// fail) before the controller promotes the replica, and no write lands on the old copy
+/// after its fence: what the old node kept is exactly what its writer saw acknowledged.
+async fn silent_node_fences_before_its_volume_fails_over(how: Silence) {
+    let c = match how {
+        Silence::Cut => TestCluster::start_isolable(2, &[0]).await,
+        Silence::Frozen => TestCluster::start(2).await,
+    };
     let vol = create_replicated(&c, "pvc-cut", 0, &[]).await;
     let dev = attach(&c, 0, &vol).await;
     let writes = start_writer(&dev);
     tokio::time::sleep(Duration::from_secs(1)).await;
     wait_replicated_after(&c, &vol, unix_nanos()).await;
 
-    c.isolate_node(0);
+    match how {
+        Silence::Cut => c.isolate_node(0),
+        Silence::Frozen => c.stop_node(0),
+    }
     let cut = Instant::now();
     let (failed_over, rec) = wait_failover(&c, &vol, Duration::from_secs(30)).await;
-    let fenced = assert_fenced_first(&writes, cut, failed_over, "cut");
+    let fenced = assert_fenced_first(&writes, cut, failed_over, &format!("{how:?}"));
     assert!(
         failed_over - fenced >= Duration::from_secs(2),
         "the fence comes well before the promotion"
@@ -454,7 +477,10 @@ async fn a_node_cut_off_fences_itself_before_its_volume_fails_over() {
 
     // Back on the network: the stale copy stays fenced until demoted, and what it kept is
     // exactly the acknowledged writes.
-    c.reconnect_node(0);
+    match how {
+        Silence::Cut => c.reconnect_node(0),
+        Silence::Frozen => c.cont_node(0),
+    }
     c.wait_until("the old node answers", Duration::from_secs(30), || async {
         c.inventory(0)
             .await
@@ -463,10 +489,7 @@ async fn a_node_cut_off_fences_itself_before_its_volume_fails_over() {
             .any(|v| v.volume_id == vol && v.suspended)
     })
     .await;
-    assert!(
-        !try_write(&dev, 1),
-        "still fenced after the partition healed"
-    );
+    assert!(!try_write(&dev, 1), "still fenced after the node came back");
     unstage(&c, 0, &vol).await;
     let kept_img = wait_demoted(&c, &vol, 0).await;
     assert_eq!(

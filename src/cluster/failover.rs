@@ -269,6 +269,10 @@ impl Liveness {
 /// out-of-service taints.
 const TAINT_EVERY: u64 = 3;
 
+/// How many times, 50 ms apart, a failover round tries a volume's lock before it leaves
+/// the volume to the next round.
+const LOCK_TRIES: u32 = 10;
+
 /// How often releasing a lost node's pods and attachment is tried.
 const RELEASE_ATTEMPTS: u32 = 4;
 
@@ -383,10 +387,20 @@ impl Cluster {
         if !lost && !pending_promotion && !stale {
             return Ok(());
         }
-        // Only a volume with something to do is locked: a publish or round of it in
-        // flight goes first, and the next round decides again.
-        let Ok(_g) = self.inflight.try_lock([vol.to_string()]) else {
-            return Ok(());
+        // Only a volume with something to do is locked. A publish or round of it in
+        // flight goes first: a short one is waited out (a loop on the same period as this
+        // one would otherwise hold the lock at every look), a long one left to the next
+        // round.
+        let mut tries = 0;
+        let _g = loop {
+            match self.inflight.try_lock([vol.to_string()]) {
+                Ok(g) => break g,
+                Err(_) if tries < LOCK_TRIES => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(_) => return Ok(()),
+            }
         };
         if lost {
             if rec.replicas.is_empty() {

@@ -615,6 +615,9 @@ impl Cluster {
         let mut free: Vec<(u64, String)> = invs
             .iter()
             .filter_map(|(n, i)| i.as_ref().ok().map(|i| (i.available_bytes, n.clone())))
+            // A node holding another copy (a stale primary a failover left, a fenced one)
+            // cannot receive a replica until that copy is settled or demoted.
+            .filter(|(_, n)| !p.stale.iter().chain(&p.fenced).any(|c| &c.node == n))
             .filter(|(b, n)| {
                 n != &primary.node
                     && !targets.contains(n)
