@@ -518,8 +518,10 @@ impl Placement {
         let mut it = primaries.into_iter();
         p.primary = it.next();
         p.stale = it.collect();
+        // Debug, not warn: after a failover the lost node's copy is stale until it is
+        // demoted, and every poll would say so again; the record and an Event say it once.
         if !p.stale.is_empty() {
-            tracing::warn!(volume.id = %vol, stale = ?p.stale.iter().map(|c| &c.node).collect::<Vec<_>>(),
+            tracing::debug!(volume.id = %vol, stale = ?p.stale.iter().map(|c| &c.node).collect::<Vec<_>>(),
                 "volume has primaries of older epochs; the highest epoch wins");
         }
         if p.is_empty() && !p.unreachable.is_empty() {
