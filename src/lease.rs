@@ -49,7 +49,7 @@ impl Default for LeaseTimings {
     /// 2 s renewals tolerate two lost renewals before a node fences at 6 s; the 4 s left
     /// to the 10 s duration dwarf any clock-rate drift (parts per million) and cover a
     /// fence that runs seconds late on a loaded host. 10 s keeps a failover's storage part
-    /// near 12 s (docs/BENCHMARKS.md).
+    /// near 11 s (docs/BENCHMARKS.md, "Node loss and failover").
     fn default() -> Self {
         LeaseTimings {
             period: Duration::from_secs(2),

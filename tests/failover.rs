@@ -617,6 +617,13 @@ async fn a_controller_killed_mid_failover_is_finished_by_the_next() {
     );
     c.restart_controller(None).await;
     let new_dev = attach(&c, 1, &vol).await;
+    // The next controller also announces it (the Event, the pod's release in Kubernetes).
+    c.wait_until(
+        "the failover announced",
+        Duration::from_secs(10),
+        || async { c.controller_log().contains("failover complete") },
+    )
+    .await;
     let snapshot = snapshot_image(&c, 0, &rec.failover.unwrap().snapshot);
     assert_eq!(content_hash(&new_dev), content_hash(&snapshot));
     unstage(&c, 1, &vol).await;

@@ -487,7 +487,9 @@ impl Agent for AgentService {
             async {
                 let id = volume_id(&req.volume_id)?;
                 if self.lease.as_ref().is_some_and(|l| l.lapsed()) {
-                    return Err(Error::Suspended(id.to_string()));
+                    return Err(Error::FailedPrecondition(format!(
+                        "this node's lease has lapsed: volume {id} resumes once it is renewed"
+                    )));
                 }
                 let _g = self.ctx.inflight.try_lock([id.to_string()])?;
                 let epoch = self.ctx.pool.resume(&id, req.epoch).await?;

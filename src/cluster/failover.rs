@@ -426,6 +426,13 @@ impl Cluster {
         if let Some(f) = rec.failover.as_ref().filter(|_| pending_promotion) {
             self.promote_replica(vol, &rec.primary, rec.epoch, &f.snapshot)
                 .await?;
+            // The record keeps the cut to the second; the controller that recorded it is
+            // gone with the exact time.
+            let cut = f
+                .snapshot_time
+                .parse::<k8s_openapi::jiff::Timestamp>()
+                .map_or(0, |t| t.as_nanosecond() as i64);
+            self.announce(vol, rec, cut, live);
         }
         for h in held {
             if h.stale(rec) {
@@ -505,26 +512,42 @@ impl Cluster {
         self.metrics.failed_over(&lost);
         self.promote_replica(vol, &node, next.epoch, &snapshot)
             .await?;
-        let age = |at: Instant| {
-            let nanos = now_nanos() - at.elapsed().as_nanos() as i64;
-            Duration::from_nanos((nanos - cut).max(0) as u64)
+        self.announce(vol, &written.record, cut, live);
+        Ok(node)
+    }
+
+    /// Once the new primary is promoted: the `VolumeFailedOver` Event, with the writes
+    /// lost (from the snapshot's cut at `cut` to when the lost node was last heard from),
+    /// and Kubernetes' side. Also after a promotion a crashed controller left unmade, so
+    /// that its pod is released all the same.
+    fn announce(&self, vol: &VolumeId, rec: &VolumePlacement, cut: i64, live: &Liveness) {
+        let Some(f) = &rec.failover else {
+            return;
         };
+        let (lost, node) = (&f.from, &rec.primary);
         let rpo = live
-            .last_seen(&lost)
-            .map(|at| format!("{:.1}", age(at).as_secs_f64()))
+            .last_seen(lost)
+            .map(|at| {
+                let seen = now_nanos() - at.elapsed().as_nanos() as i64;
+                format!(
+                    "{:.1}",
+                    Duration::from_nanos((seen - cut).max(0) as u64).as_secs_f64()
+                )
+            })
             .unwrap_or_else(|| "an unknown number of".into());
+        tracing::info!(volume.id = %vol, from = %lost, to = %node, rpo_seconds = %rpo, "failover complete: the new primary serves");
         self.pvc_event(
-            monitor::claim(&written.record.claim),
+            monitor::claim(&rec.claim),
             "VolumeFailedOver",
             format!(
-                "node {lost} was lost; volume {vol} now lives on node {node} (epoch {}), from snapshot {snapshot} cut at {}: up to {rpo} s of writes on node {lost} before it was last heard from are not in it",
-                next.epoch,
+                "node {lost} was lost; volume {vol} now lives on node {node} (epoch {}), from snapshot {} cut at {}: up to {rpo} s of writes on node {lost} before it was last heard from are not in it",
+                rec.epoch,
+                f.snapshot,
                 monitor::rfc3339(cut)
             ),
             true,
         );
-        self.after_failover(vol, &lost);
-        Ok(node)
+        self.after_failover(vol, lost);
     }
 
     /// Kubernetes' side of a failover: the pods still on the lost node that use the
@@ -764,9 +787,7 @@ fn holds(inv: &pb::InventoryResponse, vol: &VolumeId, role: pb::Role) -> bool {
 }
 
 fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
+    crate::storage::now_nanos() as i64
 }
 
 /// Runs [`Cluster::failover_round`] twice per lease period while this controller leads.
