@@ -23,13 +23,14 @@ use berth::{
     tls::{NodeIssuer, Peer, peer_of},
 };
 use common::apiserver::{ApiServer, helm, run};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::{
     ByteString,
     api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestSpec},
 };
 use kube::{
     Api,
-    api::{ObjectMeta, PostParams},
+    api::{ObjectMeta, Patch, PatchParams, PostParams},
 };
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 
@@ -623,6 +624,10 @@ enum Learns {
     /// An operator taints the Node `node.kubernetes.io/out-of-service` right after it
     /// died, Kubernetes' non-graceful shutdown signal: no wait for the Lease.
     FromTheTaint,
+    /// Only berth's process died (a crash loop, an OOM kill): node-a's kubelet keeps
+    /// renewing its own Lease, so the host and the database on it may live on, unfenced,
+    /// and nothing fails over; once the kubelet stops too, the failover follows.
+    WhenItsKubeletStops,
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -633,6 +638,42 @@ async fn a_killed_node_fails_over_and_its_pod_and_attachment_are_released() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_out_of_service_taint_fails_over_without_waiting_for_the_lease() {
     node_loss_in_kubernetes(Learns::FromTheTaint).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_kubelet_still_renews_fails_over_only_once_it_stops() {
+    node_loss_in_kubernetes(Learns::WhenItsKubeletStops).await;
+}
+
+/// What node-a's kubelet does while its host runs: renews `kube-node-lease/node-a` (a 10 s
+/// Lease, renewed every second here) until told to stop.
+fn kubelet_renewing(
+    client: kube::Client,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let leases = Api::<Lease>::namespaced(client, "kube-node-lease");
+        for i in 0u32.. {
+            let renew_time = format!("2026-03-01T10:{:02}:{:02}.000000Z", i / 60 % 60, i % 60);
+            let lease: Lease = serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "node-a" },
+                "spec": { "holderIdentity": "node-a", "leaseDurationSeconds": 10, "renewTime": renew_time },
+            }))
+            .unwrap();
+            if i == 0 {
+                leases.create(&PostParams::default(), &lease).await.unwrap();
+            } else {
+                leases
+                    .patch("node-a", &PatchParams::default(), &Patch::Merge(&lease))
+                    .await
+                    .unwrap();
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    })
 }
 
 /// Issue 13 in Kubernetes, with the real binaries under the chart's RBAC: each node plugin
@@ -788,6 +829,12 @@ async fn node_loss_in_kubernetes(learns: Learns) {
              spec: {{attacher: berth.csi.dev, nodeName: node-a, source: {{persistentVolumeName: pv-failover}}}}\n"
         ),
     );
+    let (stop_kubelet, stop) = tokio::sync::watch::channel(false);
+    let kubelet = if learns == Learns::WhenItsKubeletStops {
+        Some(kubelet_renewing(server.admin().await, stop))
+    } else {
+        None
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     while spec("{.spec.replicas[*].snapshot}").trim().is_empty() {
         assert!(Instant::now() < deadline, "no replica\n{}", logs());
@@ -826,25 +873,8 @@ async fn node_loss_in_kubernetes(learns: Learns) {
             "",
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while spec("{.spec.primary}") != "node-b" {
-        assert!(Instant::now() < deadline, "no failover\n{}", logs());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let failed_over = killed.elapsed();
-    assert_eq!(spec("{.spec.failover.from}"), "node-a");
-    match learns {
-        // The controller counts the 10 s from when it saw the last renewal, 0-2 s before
-        // the kill.
-        Learns::FromTheLease => assert!(failed_over >= Duration::from_secs(7), "{failed_over:?}"),
-        // Nodes are listed every 3 s.
-        Learns::FromTheTaint => assert!(failed_over < Duration::from_secs(6), "{failed_over:?}"),
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let pods = server.kubectl(&["-n", "db", "get", "pods", "-o", "name"], "");
-        let vas = server.kubectl(&["get", "volumeattachments", "-o", "name"], "");
-        let reasons = server.kubectl(
+    let events = || {
+        server.kubectl(
             &[
                 "-n",
                 "db",
@@ -854,7 +884,50 @@ async fn node_loss_in_kubernetes(learns: Learns) {
                 "jsonpath={.items[*].reason}",
             ],
             "",
+        )
+    };
+    let mut since = killed;
+    if let Some(kubelet) = kubelet {
+        // Past berth's 10 s lease and more: the volume waits, and says so on the claim.
+        while killed.elapsed() < Duration::from_secs(16) {
+            assert_eq!(spec("{.spec.primary}"), "node-a", "{}", logs());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert!(
+            events().contains("VolumeFailoverWaiting"),
+            "{}\n{}",
+            events(),
+            logs()
         );
+        stop_kubelet.send(true).unwrap();
+        kubelet.await.unwrap();
+        since = Instant::now();
+    }
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while spec("{.spec.primary}") != "node-b" {
+        assert!(Instant::now() < deadline, "no failover\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let failed_over = since.elapsed();
+    assert_eq!(spec("{.spec.failover.from}"), "node-a");
+    match learns {
+        // The controller counts the 10 s from when it saw the last renewal, 0-2 s before
+        // the kill.
+        Learns::FromTheLease => assert!(failed_over >= Duration::from_secs(7), "{failed_over:?}"),
+        // Nodes are listed every 3 s.
+        Learns::FromTheTaint => assert!(failed_over < Duration::from_secs(6), "{failed_over:?}"),
+        // The kubelet's 10 s Lease counts for 10/4 + 2 s after the controller saw its
+        // last renewal, 0-2 s before it stopped.
+        Learns::WhenItsKubeletStops => assert!(
+            (Duration::from_secs(2)..Duration::from_secs(10)).contains(&failed_over),
+            "{failed_over:?}"
+        ),
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pods = server.kubectl(&["-n", "db", "get", "pods", "-o", "name"], "");
+        let vas = server.kubectl(&["get", "volumeattachments", "-o", "name"], "");
+        let reasons = events();
         if !pods.contains("pg-0")
             && !vas.contains("va-failover")
             && reasons.contains("VolumeFailedOver")
@@ -870,7 +943,7 @@ async fn node_loss_in_kubernetes(learns: Learns) {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     eprintln!(
-        "{learns:?}: failed over {failed_over:?} after the kill; pod and attachment released"
+        "{learns:?}: failed over {failed_over:?} after the kill (or the kubelet's stop); pod and attachment released"
     );
     // The volume is attachable on node-b now.
     ctl.controller_publish_volume(berth::proto::csi::v1::ControllerPublishVolumeRequest {

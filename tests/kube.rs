@@ -1146,6 +1146,49 @@ async fn a_lease_write_on_a_stale_resource_version_gets_409_and_loses() {
 
 /// The chart's RBAC objects as `helm install berth charts/berth -n berth-system` renders
 /// them with default values.
+/// The kubelets' Leases as a kubelet writes them (name = the Node's, in kube-node-lease):
+/// each renewal is a new mark, and the duration is the Lease's own.
+#[tokio::test]
+async fn kubelet_leases_are_listed_by_node_with_their_duration() {
+    let Some(s) = server() else { return };
+    let admin = s.admin().await;
+    let leases = Api::<Lease>::namespaced(admin.clone(), "kube-node-lease");
+    let kubelet = |node: &str, duration: i32| -> Lease {
+        from_json(json!({
+            "metadata": { "name": node },
+            "spec": {
+                "holderIdentity": node,
+                "leaseDurationSeconds": duration,
+                "renewTime": "2026-03-01T10:00:00.000000Z",
+            },
+        }))
+    };
+    leases
+        .create(&PostParams::default(), &kubelet("kl-node-a", 40))
+        .await
+        .unwrap();
+    leases
+        .create(&PostParams::default(), &kubelet("kl-node-b", 20))
+        .await
+        .unwrap();
+    let api = KubeApi::new(admin.clone(), DRIVER, "berth-controller-0");
+    let first = api.kubelet_leases().await.unwrap();
+    assert_eq!(first["kl-node-a"].duration_secs, 40);
+    assert_eq!(first["kl-node-b"].duration_secs, 20);
+    // A renewal, as the kubelet makes it: a new renewTime.
+    leases
+        .patch(
+            "kl-node-a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "renewTime": "2026-03-01T10:00:10.000000Z" } })),
+        )
+        .await
+        .unwrap();
+    let second = api.kubelet_leases().await.unwrap();
+    assert_ne!(first["kl-node-a"].mark, second["kl-node-a"].mark);
+    assert_eq!(first["kl-node-b"].mark, second["kl-node-b"].mark);
+}
+
 fn chart_rbac() -> Option<String> {
     let helm = helm()?;
     let out = Command::new(helm)
@@ -1199,11 +1242,8 @@ async fn the_charts_rbac_allows_every_call_berth_makes_and_refuses_others() {
     s.kubectl(&["apply", "-f", "-"], &rbac);
     claim(&admin, ns, "data-pg-0", Some((DRIVER, "vol-rbac"))).await;
     create_migration(&admin, ns, "m1", "data-pg-0").await;
-    let controller = KubeApi::new(
-        s.with_token(&s.token(release, "berth-controller")).await,
-        DRIVER,
-        "berth-controller-0",
-    );
+    let controller_client = s.with_token(&s.token(release, "berth-controller")).await;
+    let controller = KubeApi::new(controller_client.clone(), DRIVER, "berth-controller-0");
     let node_client = s.with_token(&s.token(release, "berth-node")).await;
     let node = KubeApi::new(node_client.clone(), DRIVER, "node-rbac");
 
@@ -1308,6 +1348,10 @@ async fn the_charts_rbac_allows_every_call_berth_makes_and_refuses_others() {
     }
     let leases = controller.node_leases(release).await.expect("list Leases");
     assert!(leases.contains_key("node-rbac"), "{leases:?}");
+    controller
+        .kubelet_leases()
+        .await
+        .expect("list the kubelets' Leases in kube-node-lease");
     let oos = controller.out_of_service_nodes().await.expect("list Nodes");
     assert!(oos.contains("rbac-lost"), "{oos:?}");
     assert_eq!(
@@ -1411,6 +1455,16 @@ async fn the_charts_rbac_allows_every_call_berth_makes_and_refuses_others() {
     assert_eq!(
         code(node.out_of_service_nodes().await),
         Code::PermissionDenied
+    );
+    assert_eq!(code(node.kubelet_leases().await), Code::PermissionDenied);
+    // Reading the kubelets' Leases is all: the controller never writes one.
+    assert_eq!(
+        http_status(
+            Api::<Lease>::namespaced(controller_client.clone(), "kube-node-lease")
+                .delete("node-rbac", &DeleteParams::default())
+                .await
+        ),
+        403
     );
     assert_eq!(
         code(node.release_from_node("vol-rbac-lost", "rbac-lost").await),

@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use super::{Cluster, monitor, peer};
 use crate::{
     error::{Error, Result},
-    kube::ClusterApi,
+    kube::{ClusterApi, KubeletLease},
     lease::LeaseTimings,
     placement::{self, FailedOver, PlacementPhase, Versioned, VolumePlacement},
     proto::agent::v1 as pb,
@@ -147,11 +147,13 @@ pub struct Liveness {
     seen: Mutex<BTreeMap<String, (String, Instant)>>,
     /// Nodes an operator declared gone, or Kubernetes tainted out-of-service.
     gone: Mutex<BTreeSet<String>>,
-    /// Volumes whose lack of a replica was already reported, by lost node.
-    told: Mutex<BTreeSet<(String, String)>>,
+    /// The Events already sent about a volume and its lost node, by reason.
+    told: Mutex<BTreeSet<(String, String, &'static str)>>,
     rounds: std::sync::atomic::AtomicU64,
     /// The nodes Kubernetes tainted out-of-service at the last look.
     tainted: Mutex<BTreeSet<String>>,
+    /// The kubelets' own Leases, in Kubernetes.
+    kubelets: Mutex<Kubelets>,
 }
 
 impl Liveness {
@@ -165,6 +167,7 @@ impl Liveness {
             told: Mutex::default(),
             rounds: Default::default(),
             tainted: Mutex::default(),
+            kubelets: Mutex::default(),
         }
     }
 
@@ -241,6 +244,15 @@ impl Liveness {
             .map(|(_, at)| *at)
     }
 
+    /// Why `node`'s host may still live, whatever became of berth's node plugin there:
+    /// its kubelet still renews its own Lease, or the kubelets' Leases cannot be read.
+    fn host_may_live(&self, node: &str) -> Option<String> {
+        self.kubelets
+            .lock()
+            .expect("kubelets lock")
+            .may_live(node, Instant::now())
+    }
+
     pub fn declare_gone(&self, node: &str) {
         self.gone
             .lock()
@@ -263,6 +275,73 @@ impl Liveness {
         gone.extend(nodes.iter().cloned());
         *tainted = nodes;
     }
+}
+
+/// What the controller knows of the kubelets' own Leases (`kube-node-lease/<node>`).
+///
+/// In Kubernetes, berth's node plugin (and the fence keeper in its container) can die
+/// while its host, and the database on it, live on: a crash loop, an OOM kill, a slow
+/// DaemonSet update. Nothing fences that node's volumes then, so its lapsed berth lease
+/// alone must not fail them over. The kubelet renews its own Lease every quarter of its
+/// duration (10 s by default) as long as the host runs, so a node's volumes fail over on
+/// lease expiry only once the kubelet's renewals stopped too.
+#[derive(Default)]
+struct Kubelets {
+    /// Each node's last mark, when this controller first saw it, and how long the kubelet
+    /// counts as alive after that.
+    seen: BTreeMap<String, (String, Instant, Duration)>,
+    /// Why the last look failed: then no host can be said dead.
+    failed: Option<String>,
+}
+
+impl Kubelets {
+    /// Takes in one look at the kubelets' Leases, made at `now`; a changed mark counts
+    /// as a renewal then. A Lease gone (its Node deleted) takes its node with it.
+    fn observe(&mut self, look: Result<BTreeMap<String, KubeletLease>>, now: Instant) {
+        let leases = match look {
+            Ok(l) => l,
+            Err(e) => {
+                if self.failed.is_none() {
+                    tracing::warn!(error = %e, "cannot read the kubelets' Leases: no node fails over on its lease alone until they are read");
+                }
+                self.failed = Some(e.to_string());
+                return;
+            }
+        };
+        self.failed = None;
+        self.seen.retain(|node, _| leases.contains_key(node));
+        for (node, l) in leases {
+            let grace = kubelet_grace(l.duration_secs);
+            match self.seen.get_mut(&node) {
+                Some((m, _, g)) if *m == l.mark => *g = grace,
+                _ => {
+                    self.seen.insert(node, (l.mark, now, grace));
+                }
+            }
+        }
+    }
+
+    /// Why `node`'s host may still live at `now`: its kubelet renewed its Lease recently
+    /// enough, or the last look failed. None for a node without a kubelet Lease (not a
+    /// Kubernetes Node, or outside Kubernetes): it has no say here.
+    fn may_live(&self, node: &str, now: Instant) -> Option<String> {
+        if let Some(e) = &self.failed {
+            return Some(format!("the kubelets' Leases cannot be read ({e})"));
+        }
+        self.seen
+            .get(node)
+            .filter(|(_, at, grace)| now.saturating_duration_since(*at) <= *grace)
+            .map(|_| "the node's kubelet still renews its own Lease".to_string())
+    }
+}
+
+/// How long after a kubelet renewal was seen the kubelet still counts as alive: its
+/// renewal interval (a quarter of its Lease's duration, 10 s by default), plus 2 s for the
+/// kubelet's jitter (4 % of the interval), the second between two looks, and the write and
+/// the list in between. A host that dies is so found dead 2-12 s later by default, within
+/// berth's own 10 s lease duration or shortly after it.
+fn kubelet_grace(duration_secs: u32) -> Duration {
+    Duration::from_secs(u64::from(duration_secs)) / 4 + Duration::from_secs(2)
 }
 
 /// How many failover rounds (half a lease period each) between two looks at the Nodes'
@@ -306,13 +385,20 @@ impl Cluster {
         let round = live
             .rounds
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // Kubernetes' non-graceful shutdown signal, every few rounds: a list of every Node.
-        if let Some(api) = &self.events
-            && round % TAINT_EVERY == 0
-        {
-            match api.out_of_service_nodes().await {
-                Ok(nodes) => live.set_out_of_service(nodes),
-                Err(e) => tracing::warn!(error = %e, "cannot list out-of-service nodes"),
+        if let Some(api) = &self.events {
+            // Every round, for the kubelets' renewals to be timed to a round.
+            let look = api.kubelet_leases().await;
+            live.kubelets
+                .lock()
+                .expect("kubelets lock")
+                .observe(look, Instant::now());
+            // Kubernetes' non-graceful shutdown signal, every few rounds: a list of every
+            // Node.
+            if round % TAINT_EVERY == 0 {
+                match api.out_of_service_nodes().await {
+                    Ok(nodes) => live.set_out_of_service(nodes),
+                    Err(e) => tracing::warn!(error = %e, "cannot list out-of-service nodes"),
+                }
             }
         }
         let lost = self.node_ids().iter().any(|n| live.lost(n));
@@ -409,9 +495,15 @@ impl Cluster {
                 });
                 return Ok(());
             }
-            if Failover::of(&rec.parameters) == Failover::Manual
-                && !live.gone.lock().expect("gone lock").contains(&rec.primary)
-            {
+            // Only a lapsed lease says so (not an operator, nor the taint).
+            let by_lease = !live.gone.lock().expect("gone lock").contains(&rec.primary);
+            if let Some(why) = live.host_may_live(&rec.primary).filter(|_| by_lease) {
+                self.tell_once(live, rec, "VolumeFailoverWaiting", |node| {
+                    format!("berth's node plugin on node {node}, the primary of volume {}, stopped renewing its lease, but {why}: the database there may still be writing, so the volume waits. It fails over once the node is found dead, when the Node is tainted node.kubernetes.io/out-of-service, or on `berth node-gone {node}`", rec.volume_id)
+                });
+                return Ok(());
+            }
+            if by_lease && Failover::of(&rec.parameters) == Failover::Manual {
                 self.tell_once(live, rec, "VolumeFailoverWaiting", |node| {
                     format!("node {node}, the primary of volume {}, is lost; the volume has failover: manual, so it waits for `berth promote`", rec.volume_id)
                 });
@@ -741,7 +833,7 @@ impl Cluster {
         Ok((done, left))
     }
 
-    /// An Event, once per volume and lost node.
+    /// An Event, once per volume, lost node and reason.
     fn tell_once(
         &self,
         live: &Liveness,
@@ -749,7 +841,7 @@ impl Cluster {
         reason: &'static str,
         message: impl Fn(&str) -> String,
     ) {
-        let key = (rec.volume_id.clone(), rec.primary.clone());
+        let key = (rec.volume_id.clone(), rec.primary.clone(), reason);
         if live.told.lock().expect("told lock").insert(key) {
             let m = message(&rec.primary);
             tracing::warn!(volume.id = %rec.volume_id, "{m}");
@@ -857,4 +949,88 @@ async fn next_tick(
         _ = shutdown.changed() => return false,
     }
     !*shutdown.borrow()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(mark: &str, duration_secs: u32) -> (String, KubeletLease) {
+        (
+            "a".to_string(),
+            KubeletLease {
+                mark: mark.into(),
+                duration_secs,
+            },
+        )
+    }
+
+    /// A kubelet counts as alive for a quarter of its Lease's duration plus 2 s after the
+    /// controller saw its mark change, never by the Lease's own times.
+    #[test]
+    fn a_host_may_live_while_its_kubelet_renews_its_lease() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        // (what, looks at second n with a's Lease or none, asked at second n, alive)
+        type Look = (u64, Option<(String, KubeletLease)>);
+        let cases: [(&str, Vec<Look>, u64, bool); 7] = [
+            ("never seen", vec![(0, None)], 0, false),
+            (
+                "seen, 40 s Lease: 12 s",
+                vec![(0, Some(lease("1", 40)))],
+                12,
+                true,
+            ),
+            (
+                "unchanged past 12 s",
+                vec![(0, Some(lease("1", 40)))],
+                13,
+                false,
+            ),
+            (
+                "an unchanged mark is no renewal",
+                vec![(0, Some(lease("1", 40))), (10, Some(lease("1", 40)))],
+                13,
+                false,
+            ),
+            (
+                "a changed mark is",
+                vec![(0, Some(lease("1", 40))), (10, Some(lease("2", 40)))],
+                13,
+                true,
+            ),
+            (
+                "a 10 s Lease: 4.5 s",
+                vec![(0, Some(lease("1", 10)))],
+                5,
+                false,
+            ),
+            (
+                "a Lease deleted with its Node",
+                vec![(0, Some(lease("1", 40))), (1, None)],
+                2,
+                false,
+            ),
+        ];
+        for (what, looks, at, alive) in cases {
+            let mut k = Kubelets::default();
+            for (when, l) in looks {
+                k.observe(Ok(l.into_iter().collect()), t0 + s(when));
+            }
+            assert_eq!(k.may_live("a", t0 + s(at)).is_some(), alive, "{what}");
+        }
+        // A failed look says nothing of any host: none counts as dead until one succeeds.
+        let mut k = Kubelets::default();
+        k.observe(
+            Err(Error::Unreachable {
+                node: "api".into(),
+                reason: "down".into(),
+            }),
+            t0,
+        );
+        let why = k.may_live("b", t0 + s(60)).expect("unknown");
+        assert!(why.contains("cannot be read"), "{why}");
+        k.observe(Ok(BTreeMap::new()), t0 + s(61));
+        assert_eq!(k.may_live("b", t0 + s(61)), None);
+    }
 }

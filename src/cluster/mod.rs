@@ -719,12 +719,14 @@ mod tests {
     }
 
     /// Records the Events it is asked for and the lost nodes' releases, answers the
-    /// out-of-service nodes it is given; every other call is a test bug.
+    /// out-of-service nodes and the kubelets' Leases it is given; every other call is a
+    /// test bug.
     #[derive(Default)]
     struct Recorder(
         std::sync::Mutex<Vec<(String, String, String, bool)>>,
         std::sync::Mutex<std::collections::BTreeSet<String>>,
         std::sync::Mutex<Vec<(String, String)>>,
+        std::sync::Mutex<BTreeMap<String, crate::kube::KubeletLease>>,
     );
 
     #[async_trait::async_trait]
@@ -783,6 +785,9 @@ mod tests {
         }
         async fn node_leases(&self, _: &str) -> Result<BTreeMap<String, String>> {
             Ok(Default::default())
+        }
+        async fn kubelet_leases(&self) -> Result<BTreeMap<String, crate::kube::KubeletLease>> {
+            Ok(self.3.lock().unwrap().clone())
         }
         async fn out_of_service_nodes(&self) -> Result<std::collections::BTreeSet<String>> {
             Ok(self.1.lock().unwrap().clone())
@@ -861,6 +866,106 @@ mod tests {
             *api.2.lock().unwrap(),
             vec![(vol.to_string(), "a".to_string())]
         );
+    }
+
+    /// In Kubernetes, a node whose berth lease lapsed while its kubelet still renews its
+    /// own Lease keeps its volumes: berth's plugin died there, not the host, and nothing
+    /// fenced the database still writing. The volume waits, said once on the claim, and
+    /// fails over once the kubelet's renewals stop too.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_node_whose_kubelet_still_renews_does_not_fail_over_on_its_lease_alone() {
+        use std::time::{Duration, Instant};
+        let dir = tempfile::tempdir().unwrap();
+        crate::tls::generate(dir.path(), &["controller".to_string()]).unwrap();
+        let tls = TlsMaterial::load(&dir.path().join("controller")).unwrap();
+        let api = Arc::new(Recorder::default());
+        let store =
+            Arc::new(crate::placement::FileStore::open(&dir.path().join("placement")).unwrap());
+        let leases = failover::FileLeases::open(dir.path().join("leases")).unwrap();
+        let timings = LeaseTimings {
+            period: Duration::from_millis(200),
+            duration: Duration::from_secs(1),
+            fence_after: Duration::from_millis(600),
+        };
+        let c = Cluster::new(
+            BTreeMap::from([("a".to_string(), "127.0.0.1:1".to_string())]),
+            &tls,
+            "default".into(),
+            Some(api.clone()),
+            Arc::default(),
+            store.clone(),
+        )
+        .unwrap()
+        .with_leases(Arc::new(leases), timings);
+        let vol = VolumeId::for_name("pvc-replicated");
+        store
+            .create(&VolumePlacement {
+                volume_id: vol.to_string(),
+                name: "pvc-replicated".into(),
+                phase: placement::PlacementPhase::Ready,
+                primary: "a".into(),
+                epoch: 1,
+                claim: "db/pg-data".into(),
+                replicas: vec![crate::placement::ReplicaPlacement {
+                    node: "b".into(),
+                    snapshot: "s1".into(),
+                    snapshot_time: String::new(),
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let reasons = || {
+            api.0
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|e| e.2.clone())
+                .collect::<Vec<_>>()
+        };
+        // a's kubelet renews its 1 s Lease (2.25 s of grace) at every round, past a's own
+        // lease duration.
+        let renewing = Instant::now();
+        let mut mark = 0;
+        while renewing.elapsed() < Duration::from_millis(2000) {
+            mark += 1;
+            api.3.lock().unwrap().insert(
+                "a".into(),
+                crate::kube::KubeletLease {
+                    mark: mark.to_string(),
+                    duration_secs: 1,
+                },
+            );
+            c.failover_round().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let live = c.liveness.as_ref().unwrap();
+        assert!(live.lost("a"), "a's berth lease lapsed");
+        assert_eq!(
+            reasons(),
+            ["VolumeFailoverWaiting"],
+            "told once, on the claim"
+        );
+        let id = vol.clone();
+        assert_eq!(store.get(&id).await.unwrap().unwrap().record.epoch, 1);
+        // The kubelet stops: a is dead, and the volume tries to fail over (no replica
+        // answers here, which is said too).
+        let stopped = Instant::now();
+        while reasons().len() < 2 {
+            assert!(
+                stopped.elapsed() < Duration::from_secs(5),
+                "{:?}",
+                reasons()
+            );
+            c.failover_round().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            stopped.elapsed() >= Duration::from_secs(2),
+            "{:?}",
+            stopped.elapsed()
+        );
+        assert_eq!(reasons(), ["VolumeFailoverWaiting", "VolumeUnavailable"]);
     }
 
     #[tokio::test]

@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tonic::{Code, Status};
 
 use super::{
-    ClusterApi, DiscoveredNode, MigrationEvent, Released,
+    ClusterApi, DiscoveredNode, KubeletLease, MigrationEvent, Released,
     crd::{BerthNode, BerthNodeSpec, BerthNodeStatus, VolumeMigration, VolumeMigrationStatus},
 };
 use crate::error::{Error, Result};
@@ -46,6 +46,10 @@ pub const REPORTING_CONTROLLER: &str = "berth.csi.dev/controller";
 /// long, a label value only 63, so the Lease's name carries the node.
 const NODE_LEASE_LABEL: &str = "berth.csi.dev/node-lease";
 const NODE_LEASE_PREFIX: &str = "berth-node-";
+/// Where each kubelet renews the Lease named after its Node.
+const KUBELET_LEASE_NAMESPACE: &str = "kube-node-lease";
+/// The kubelet's default `nodeLeaseDurationSeconds`, for a Lease that does not say.
+const KUBELET_LEASE_DEFAULT_SECS: u32 = 40;
 /// The taint of Kubernetes' non-graceful node shutdown: the node is down for good and what
 /// ran there may run elsewhere.
 const OUT_OF_SERVICE_TAINT: &str = "node.kubernetes.io/out-of-service";
@@ -614,6 +618,35 @@ impl ClusterApi for KubeApi {
                     .strip_prefix(NODE_LEASE_PREFIX)?
                     .to_string();
                 Some((node, l.metadata.resource_version.unwrap_or_default()))
+            })
+            .collect())
+    }
+
+    async fn kubelet_leases(&self) -> Result<BTreeMap<String, KubeletLease>> {
+        let list = Api::<Lease>::namespaced(self.client.clone(), KUBELET_LEASE_NAMESPACE)
+            .list(&ListParams::default())
+            .await
+            .map_err(api_error(format!(
+                "list kubelet Leases in {KUBELET_LEASE_NAMESPACE}"
+            )))?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|l| {
+                // The kubelet names its Lease after its Node, and owns nothing else there.
+                let duration = l
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.lease_duration_seconds)
+                    .and_then(|d| u32::try_from(d).ok())
+                    .unwrap_or(KUBELET_LEASE_DEFAULT_SECS);
+                Some((
+                    l.metadata.name?,
+                    KubeletLease {
+                        mark: l.metadata.resource_version.unwrap_or_default(),
+                        duration_secs: duration,
+                    },
+                ))
             })
             .collect())
     }

@@ -67,6 +67,16 @@ pub struct Released {
     pub pods: Vec<String>,
 }
 
+/// A kubelet's node Lease (`kube-node-lease/<node>`), as the controller sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeletLease {
+    /// Changes at every renewal (the resourceVersion).
+    pub mark: String,
+    /// Its spec.leaseDurationSeconds (the kubelet's `nodeLeaseDurationSeconds`, 40 by
+    /// default); the kubelet renews it every quarter of that.
+    pub duration_secs: u32,
+}
+
 /// The Kubernetes API calls berth makes.
 #[async_trait]
 pub trait ClusterApi: Send + Sync + 'static {
@@ -154,6 +164,11 @@ pub trait ClusterApi: Send + Sync + 'static {
     /// saw a mark, never by comparing the renewTime with its clock (see
     /// [`ClusterApi::try_acquire_lease`]) (RBAC: leases list).
     async fn node_leases(&self, namespace: &str) -> Result<BTreeMap<String, String>>;
+
+    /// Controller: every kubelet's Lease in `kube-node-lease`, by node name. The caller
+    /// measures a renewal by its own clock, from when it first saw a mark, as with
+    /// [`ClusterApi::node_leases`] (RBAC: leases list, in `kube-node-lease`).
+    async fn kubelet_leases(&self) -> Result<BTreeMap<String, KubeletLease>>;
 
     /// Controller: the Kubernetes Nodes tainted `node.kubernetes.io/out-of-service` (any
     /// value, effect NoExecute or NoSchedule), the standard signal that a node was shut down

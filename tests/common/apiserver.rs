@@ -169,6 +169,23 @@ impl ApiServer {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        // The API server makes kube-node-lease (where the chart grants the controller a
+        // Role) by itself, just after it reports ready.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !server
+            .kubectl_command()
+            .args(["get", "namespace", "kube-node-lease"])
+            .output()
+            .expect("kubectl")
+            .status
+            .success()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no kube-node-lease namespace"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
         Some(server)
     }
 

@@ -979,6 +979,52 @@ async fn node_leases_lists_by_label_and_marks_each_node_by_resource_version() {
     );
 }
 
+#[tokio::test]
+async fn kubelet_leases_are_every_lease_in_kube_node_lease_by_node_name() {
+    let (api, mut server) = pair();
+    let serve = async {
+        let (body, reply) = server
+            .expect(
+                "GET",
+                "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases?",
+            )
+            .await;
+        assert_eq!(body, Value::Null);
+        let kubelet = |node: &str, version: &str, duration: Option<u32>| {
+            let mut l = json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": { "name": node, "namespace": "kube-node-lease", "resourceVersion": version },
+                "spec": { "holderIdentity": node, "renewTime": "2026-03-01T10:00:00.000000Z" },
+            });
+            if let Some(d) = duration {
+                l["spec"]["leaseDurationSeconds"] = json!(d);
+            }
+            l
+        };
+        reply.json(
+            200,
+            json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "LeaseList",
+                "metadata": { "resourceVersion": "90" },
+                // A Lease without a duration is taken at the kubelet's default, 40 s.
+                "items": [kubelet("node-a", "81", Some(20)), kubelet("node-b", "84", None)],
+            }),
+        );
+    };
+    let (r, ()) = tokio::join!(api.kubelet_leases(), serve);
+    let lease = |mark: &str, duration_secs| KubeletLease {
+        mark: mark.into(),
+        duration_secs,
+    };
+    assert_eq!(
+        r.unwrap(),
+        BTreeMap::from([
+            ("node-a".to_string(), lease("81", 20)),
+            ("node-b".to_string(), lease("84", 40)),
+        ])
+    );
+}
+
 fn k8s_node(name: &str, taints: Value) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Node",
