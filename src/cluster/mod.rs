@@ -798,6 +798,30 @@ mod tests {
         }
     }
 
+    /// A controller whose only member "a" never answers, with node leases in `dir` and
+    /// Kubernetes played by `api`; its placement records.
+    fn lease_keeping_cluster(
+        dir: &std::path::Path,
+        api: Arc<Recorder>,
+        timings: LeaseTimings,
+    ) -> (Cluster, Arc<crate::placement::FileStore>) {
+        crate::tls::generate(dir, &["controller".to_string()]).unwrap();
+        let tls = TlsMaterial::load(&dir.join("controller")).unwrap();
+        let store = Arc::new(crate::placement::FileStore::open(&dir.join("placement")).unwrap());
+        let leases = failover::FileLeases::open(dir.join("leases")).unwrap();
+        let c = Cluster::new(
+            BTreeMap::from([("a".to_string(), "127.0.0.1:1".to_string())]),
+            &tls,
+            "default".into(),
+            Some(api),
+            Arc::default(),
+            store.clone(),
+        )
+        .unwrap()
+        .with_leases(Arc::new(leases), timings);
+        (c, store)
+    }
+
     /// The out-of-service taint makes a node lost at once, without waiting for its lease;
     /// taken off, the node is lost again only by its lease. A volume there without a
     /// replica is reported once, on its claim; a failed-over one's hold on the node is
@@ -805,23 +829,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_tainted_node_is_lost_at_once_and_its_unreplicated_volumes_are_reported() {
         let dir = tempfile::tempdir().unwrap();
-        crate::tls::generate(dir.path(), &["controller".to_string()]).unwrap();
-        let tls = TlsMaterial::load(&dir.path().join("controller")).unwrap();
         let api = Arc::new(Recorder::default());
         api.1.lock().unwrap().insert("a".into());
-        let store =
-            Arc::new(crate::placement::FileStore::open(&dir.path().join("placement")).unwrap());
-        let leases = failover::FileLeases::open(dir.path().join("leases")).unwrap();
-        let c = Cluster::new(
-            BTreeMap::from([("a".to_string(), "127.0.0.1:1".to_string())]),
-            &tls,
-            "default".into(),
-            Some(api.clone()),
-            Arc::default(),
-            store.clone(),
-        )
-        .unwrap()
-        .with_leases(Arc::new(leases), LeaseTimings::default());
+        let (c, store) = lease_keeping_cluster(dir.path(), api.clone(), LeaseTimings::default());
         let vol = VolumeId::for_name("pvc-only");
         store
             .create(&VolumePlacement {
@@ -876,27 +886,13 @@ mod tests {
     async fn a_node_whose_kubelet_still_renews_does_not_fail_over_on_its_lease_alone() {
         use std::time::{Duration, Instant};
         let dir = tempfile::tempdir().unwrap();
-        crate::tls::generate(dir.path(), &["controller".to_string()]).unwrap();
-        let tls = TlsMaterial::load(&dir.path().join("controller")).unwrap();
         let api = Arc::new(Recorder::default());
-        let store =
-            Arc::new(crate::placement::FileStore::open(&dir.path().join("placement")).unwrap());
-        let leases = failover::FileLeases::open(dir.path().join("leases")).unwrap();
         let timings = LeaseTimings {
             period: Duration::from_millis(200),
             duration: Duration::from_secs(1),
             fence_after: Duration::from_millis(600),
         };
-        let c = Cluster::new(
-            BTreeMap::from([("a".to_string(), "127.0.0.1:1".to_string())]),
-            &tls,
-            "default".into(),
-            Some(api.clone()),
-            Arc::default(),
-            store.clone(),
-        )
-        .unwrap()
-        .with_leases(Arc::new(leases), timings);
+        let (c, store) = lease_keeping_cluster(dir.path(), api.clone(), timings);
         let vol = VolumeId::for_name("pvc-replicated");
         store
             .create(&VolumePlacement {
