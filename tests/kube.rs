@@ -1144,8 +1144,6 @@ async fn a_lease_write_on_a_stale_resource_version_gets_409_and_loses() {
     );
 }
 
-/// The chart's RBAC objects as `helm install berth charts/berth -n berth-system` renders
-/// them with default values.
 /// The kubelets' Leases as a kubelet writes them (name = the Node's, in kube-node-lease):
 /// each renewal is a new mark, and the duration is the Lease's own.
 #[tokio::test]
@@ -1189,6 +1187,8 @@ async fn kubelet_leases_are_listed_by_node_with_their_duration() {
     assert_eq!(first["kl-node-b"].mark, second["kl-node-b"].mark);
 }
 
+/// The chart's RBAC objects as `helm install berth charts/berth -n berth-system` renders
+/// them with default values.
 fn chart_rbac() -> Option<String> {
     let helm = helm()?;
     let out = Command::new(helm)

@@ -147,8 +147,9 @@ pub struct Liveness {
     seen: Mutex<BTreeMap<String, (String, Instant)>>,
     /// Nodes an operator declared gone, or Kubernetes tainted out-of-service.
     gone: Mutex<BTreeSet<String>>,
-    /// The Events already sent about a volume and its lost node, by reason.
-    told: Mutex<BTreeSet<(String, String, &'static str)>>,
+    /// The Events already sent about a volume and its lost node (volume, node, message),
+    /// forgotten once the node's lease holds again.
+    told: Mutex<BTreeSet<(String, String, String)>>,
     rounds: std::sync::atomic::AtomicU64,
     /// The nodes Kubernetes tainted out-of-service at the last look.
     tainted: Mutex<BTreeSet<String>>,
@@ -245,12 +246,17 @@ impl Liveness {
     }
 
     /// Why `node`'s host may still live, whatever became of berth's node plugin there:
-    /// its kubelet still renews its own Lease, or the kubelets' Leases cannot be read.
+    /// its kubelet still renewed its own Lease at the last look, or the kubelets' Leases
+    /// cannot be read.
     fn host_may_live(&self, node: &str) -> Option<String> {
-        self.kubelets
-            .lock()
-            .expect("kubelets lock")
-            .may_live(node, Instant::now())
+        self.kubelets.lock().expect("kubelets lock").may_live(node)
+    }
+
+    /// Forgets what was told about the nodes whose leases hold again: a node lost anew is
+    /// told about anew.
+    fn forget_told(&self) {
+        let mut told = self.told.lock().expect("told lock");
+        told.retain(|(_, node, _)| self.lost(node));
     }
 
     pub fn declare_gone(&self, node: &str) {
@@ -285,19 +291,31 @@ impl Liveness {
 /// alone must not fail them over. The kubelet renews its own Lease every quarter of its
 /// duration (10 s by default) as long as the host runs, so a node's volumes fail over on
 /// lease expiry only once the kubelet's renewals stopped too.
+///
+/// A kubelet is judged only on what the looks showed, never on the time a decision is
+/// made: a decision that comes late in a round, or a list that was slow, must not turn a
+/// renewal nobody looked for into a death.
 #[derive(Default)]
 struct Kubelets {
-    /// Each node's last mark, when this controller first saw it, and how long the kubelet
-    /// counts as alive after that.
+    /// Each node's last mark, when the look that first showed it answered (the renewal was
+    /// made before), and how long the kubelet counts as alive after that.
     seen: BTreeMap<String, (String, Instant, Duration)>,
+    /// When the last look that answered was asked: what `seen` says holds until then.
+    looked: Option<Instant>,
     /// Why the last look failed: then no host can be said dead.
     failed: Option<String>,
 }
 
 impl Kubelets {
-    /// Takes in one look at the kubelets' Leases, made at `now`; a changed mark counts
-    /// as a renewal then. A Lease gone (its Node deleted) takes its node with it.
-    fn observe(&mut self, look: Result<BTreeMap<String, KubeletLease>>, now: Instant) {
+    /// Takes in one look at the kubelets' Leases, asked at `asked` and answered at
+    /// `answered`. A changed mark counts as a renewal at `answered`, the latest it can have
+    /// been made. A Lease gone (its Node deleted) takes its node with it.
+    fn observe(
+        &mut self,
+        look: Result<BTreeMap<String, KubeletLease>>,
+        asked: Instant,
+        answered: Instant,
+    ) {
         let leases = match look {
             Ok(l) => l,
             Err(e) => {
@@ -309,28 +327,32 @@ impl Kubelets {
             }
         };
         self.failed = None;
+        self.looked = Some(asked);
         self.seen.retain(|node, _| leases.contains_key(node));
         for (node, l) in leases {
             let grace = kubelet_grace(l.duration_secs);
             match self.seen.get_mut(&node) {
                 Some((m, _, g)) if *m == l.mark => *g = grace,
                 _ => {
-                    self.seen.insert(node, (l.mark, now, grace));
+                    self.seen.insert(node, (l.mark, answered, grace));
                 }
             }
         }
     }
 
-    /// Why `node`'s host may still live at `now`: its kubelet renewed its Lease recently
-    /// enough, or the last look failed. None for a node without a kubelet Lease (not a
-    /// Kubernetes Node, or outside Kubernetes): it has no say here.
-    fn may_live(&self, node: &str, now: Instant) -> Option<String> {
+    /// Why `node`'s host may still live: the last look, asked within the grace of its
+    /// kubelet's last renewal seen, could not have shown a later one; or the last look
+    /// failed. A kubelet is dead only once a look asked after the grace ran out showed
+    /// no renewal. None for a node without a kubelet Lease (not a Kubernetes Node, or
+    /// outside Kubernetes): it has no say here.
+    fn may_live(&self, node: &str) -> Option<String> {
         if let Some(e) = &self.failed {
             return Some(format!("the kubelets' Leases cannot be read ({e})"));
         }
+        let looked = self.looked?;
         self.seen
             .get(node)
-            .filter(|(_, at, grace)| now.saturating_duration_since(*at) <= *grace)
+            .filter(|(_, at, grace)| looked.saturating_duration_since(*at) <= *grace)
             .map(|_| "the node's kubelet still renews its own Lease".to_string())
     }
 }
@@ -338,8 +360,11 @@ impl Kubelets {
 /// How long after a kubelet renewal was seen the kubelet still counts as alive: its
 /// renewal interval (a quarter of its Lease's duration, 10 s by default), plus 2 s for the
 /// kubelet's jitter (4 % of the interval), the second between two looks, and the write and
-/// the list in between. A host that dies is so found dead 2-12 s later by default, within
-/// berth's own 10 s lease duration or shortly after it.
+/// the list in between. A host that dies is so found dead 2-14 s later by default (its
+/// last renewal 0-10.4 s before the death, seen up to a look later, and the grace run out
+/// at the next look), against 8-11 s by berth's own lease. One missed kubelet renewal is
+/// not tolerated: a grace that did would put a failover past 20 s, and it matters only
+/// while berth's plugin on that node is down as well.
 fn kubelet_grace(duration_secs: u32) -> Duration {
     Duration::from_secs(u64::from(duration_secs)) / 4 + Duration::from_secs(2)
 }
@@ -385,13 +410,10 @@ impl Cluster {
         let round = live
             .rounds
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        live.forget_told();
+        // Every round, for the kubelets' renewals to be timed to a round.
+        self.look_at_kubelets(live).await;
         if let Some(api) = &self.events {
-            // Every round, for the kubelets' renewals to be timed to a round.
-            let look = api.kubelet_leases().await;
-            live.kubelets
-                .lock()
-                .expect("kubelets lock")
-                .observe(look, Instant::now());
             // Kubernetes' non-graceful shutdown signal, every few rounds: a list of every
             // Node.
             if round % TAINT_EVERY == 0 {
@@ -452,6 +474,18 @@ impl Cluster {
         Ok(())
     }
 
+    /// One look at the kubelets' Leases, in Kubernetes.
+    async fn look_at_kubelets(&self, live: &Liveness) {
+        if let Some(api) = &self.events {
+            let asked = Instant::now();
+            let look = api.kubelet_leases().await;
+            live.kubelets
+                .lock()
+                .expect("kubelets lock")
+                .observe(look, asked, Instant::now());
+        }
+    }
+
     /// One record's step: `held` are the primary copies of the volume on answering nodes.
     async fn settle_one(
         &self,
@@ -495,15 +529,22 @@ impl Cluster {
                 });
                 return Ok(());
             }
-            // Only a lapsed lease says so (not an operator, nor the taint).
+            // The node is lost by its lease alone: neither an operator nor the taint vouched
+            // that it no longer writes.
             let by_lease = !live.gone.lock().expect("gone lock").contains(&rec.primary);
+            let manual = Failover::of(&rec.parameters) == Failover::Manual;
             if let Some(why) = live.host_may_live(&rec.primary).filter(|_| by_lease) {
+                let then = if manual {
+                    "Once the node is found dead, `berth promote` fails it over (failover: manual)"
+                } else {
+                    "It fails over once the node is found dead"
+                };
                 self.tell_once(live, rec, "VolumeFailoverWaiting", |node| {
-                    format!("berth's node plugin on node {node}, the primary of volume {}, stopped renewing its lease, but {why}: the database there may still be writing, so the volume waits. It fails over once the node is found dead, when the Node is tainted node.kubernetes.io/out-of-service, or on `berth node-gone {node}`", rec.volume_id)
+                    format!("berth's node plugin on node {node}, the primary of volume {}, stopped renewing its lease, but {why}: the database there may still be writing, unfenced, so the volume waits. {then}, when the Node is tainted node.kubernetes.io/out-of-service, or on `berth node-gone {node}`", rec.volume_id)
                 });
                 return Ok(());
             }
-            if by_lease && Failover::of(&rec.parameters) == Failover::Manual {
+            if by_lease && manual {
                 self.tell_once(live, rec, "VolumeFailoverWaiting", |node| {
                     format!("node {node}, the primary of volume {}, is lost; the volume has failover: manual, so it waits for `berth promote`", rec.volume_id)
                 });
@@ -798,6 +839,15 @@ impl Cluster {
                 rec.primary
             )));
         }
+        // A fresh look: on a controller that does not lead, the first one, and the host
+        // counts as alive until a later look shows otherwise.
+        self.look_at_kubelets(live).await;
+        if let Some(why) = live.host_may_live(&rec.primary) {
+            return Err(Error::FailedPrecondition(format!(
+                "berth's node plugin on node {}, the primary of volume {vol}, stopped renewing its lease, but {why}: the database there may still be writing, unfenced. Stop the node, then declare it gone (`berth node-gone`) or taint it node.kubernetes.io/out-of-service",
+                rec.primary
+            )));
+        }
         self.fail_over(vol, r, to, Trigger::Operator).await
     }
 
@@ -833,7 +883,7 @@ impl Cluster {
         Ok((done, left))
     }
 
-    /// An Event, once per volume, lost node and reason.
+    /// An Event, once per volume, lost node and message while the node stays lost.
     fn tell_once(
         &self,
         live: &Liveness,
@@ -841,9 +891,9 @@ impl Cluster {
         reason: &'static str,
         message: impl Fn(&str) -> String,
     ) {
-        let key = (rec.volume_id.clone(), rec.primary.clone(), reason);
+        let m = message(&rec.primary);
+        let key = (rec.volume_id.clone(), rec.primary.clone(), m.clone());
         if live.told.lock().expect("told lock").insert(key) {
-            let m = message(&rec.primary);
             tracing::warn!(volume.id = %rec.volume_id, "{m}");
             self.pvc_event(monitor::claim(&rec.claim), reason, m, true);
         }
@@ -955,69 +1005,80 @@ async fn next_tick(
 mod tests {
     use super::*;
 
-    fn lease(mark: &str, duration_secs: u32) -> (String, KubeletLease) {
-        (
-            "a".to_string(),
-            KubeletLease {
-                mark: mark.into(),
-                duration_secs,
-            },
-        )
+    fn leases(mark: Option<u32>, duration_secs: u32) -> Result<BTreeMap<String, KubeletLease>> {
+        Ok(mark
+            .map(|m| {
+                (
+                    "a".to_string(),
+                    KubeletLease {
+                        mark: m.to_string(),
+                        duration_secs,
+                    },
+                )
+            })
+            .into_iter()
+            .collect())
     }
 
-    /// A kubelet counts as alive for a quarter of its Lease's duration plus 2 s after the
-    /// controller saw its mark change, never by the Lease's own times.
+    /// A kubelet counts as alive until a look asked more than a quarter of its Lease's
+    /// duration plus 2 s after the look that showed its last renewal answered, still
+    /// shows no newer one; never by the Lease's own times, nor by when it is asked about.
     #[test]
     fn a_host_may_live_while_its_kubelet_renews_its_lease() {
         let t0 = Instant::now();
-        let s = Duration::from_secs;
-        // (what, looks at second n with a's Lease or none, asked at second n, alive)
-        type Look = (u64, Option<(String, KubeletLease)>);
-        let cases: [(&str, Vec<Look>, u64, bool); 7] = [
-            ("never seen", vec![(0, None)], 0, false),
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // (what, looks as (asked, answered, a's mark or no Lease) in ms, duration, alive)
+        type Look = (u64, u64, Option<u32>);
+        let cases: [(&str, Vec<Look>, u32, bool); 8] = [
+            ("never seen", vec![(0, 100, None)], 40, false),
+            ("just seen", vec![(0, 100, Some(1))], 40, true),
             (
-                "seen, 40 s Lease: 12 s",
-                vec![(0, Some(lease("1", 40)))],
-                12,
+                "unchanged at a look asked 11.9 s after: 12 s of grace",
+                vec![(0, 100, Some(1)), (12_000, 12_100, Some(1))],
+                40,
                 true,
             ),
             (
-                "unchanged past 12 s",
-                vec![(0, Some(lease("1", 40)))],
-                13,
+                "unchanged at a look asked 12.1 s after",
+                vec![(0, 100, Some(1)), (12_200, 12_300, Some(1))],
+                40,
                 false,
             ),
             (
-                "an unchanged mark is no renewal",
-                vec![(0, Some(lease("1", 40))), (10, Some(lease("1", 40)))],
-                13,
-                false,
-            ),
-            (
-                "a changed mark is",
-                vec![(0, Some(lease("1", 40))), (10, Some(lease("2", 40)))],
-                13,
+                "a slow look that showed the renewal counts from its answer",
+                vec![(0, 3_000, Some(1)), (14_900, 15_000, Some(1))],
+                40,
                 true,
             ),
             (
-                "a 10 s Lease: 4.5 s",
-                vec![(0, Some(lease("1", 10)))],
-                5,
+                "a changed mark is a renewal",
+                vec![
+                    (0, 100, Some(1)),
+                    (10_000, 10_100, Some(2)),
+                    (13_000, 13_100, Some(2)),
+                ],
+                40,
+                true,
+            ),
+            (
+                "a 10 s Lease: 4.5 s of grace",
+                vec![(0, 100, Some(1)), (4_700, 4_800, Some(1))],
+                10,
                 false,
             ),
             (
                 "a Lease deleted with its Node",
-                vec![(0, Some(lease("1", 40))), (1, None)],
-                2,
+                vec![(0, 100, Some(1)), (1_000, 1_100, None)],
+                40,
                 false,
             ),
         ];
-        for (what, looks, at, alive) in cases {
+        for (what, looks, duration, alive) in cases {
             let mut k = Kubelets::default();
-            for (when, l) in looks {
-                k.observe(Ok(l.into_iter().collect()), t0 + s(when));
+            for (asked, answered, mark) in looks {
+                k.observe(leases(mark, duration), ms(asked), ms(answered));
             }
-            assert_eq!(k.may_live("a", t0 + s(at)).is_some(), alive, "{what}");
+            assert_eq!(k.may_live("a").is_some(), alive, "{what}");
         }
         // A failed look says nothing of any host: none counts as dead until one succeeds.
         let mut k = Kubelets::default();
@@ -1027,10 +1088,42 @@ mod tests {
                 reason: "down".into(),
             }),
             t0,
+            t0,
         );
-        let why = k.may_live("b", t0 + s(60)).expect("unknown");
+        let why = k.may_live("b").expect("unknown");
         assert!(why.contains("cannot be read"), "{why}");
-        k.observe(Ok(BTreeMap::new()), t0 + s(61));
-        assert_eq!(k.may_live("b", t0 + s(61)), None);
+        k.observe(leases(None, 40), ms(61_000), ms(61_100));
+        assert_eq!(k.may_live("b"), None);
+    }
+
+    /// At the kubelet's own timings (a 40 s Lease renewed every 10 s with up to 4 %
+    /// jitter, each write landing 0.6 s later) and a look every second taking 0.3 s, a
+    /// live kubelet is never taken for dead, and a dead one is within 14 s.
+    #[test]
+    fn a_kubelet_at_its_default_timings_is_dead_only_once_it_stopped() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // Renewals made at these times, the last one 0.4 s late, each visible 600 ms on.
+        let renewals = [0u64, 10_400, 20_800, 31_200];
+        let died = 31_200 + 1;
+        let mut k = Kubelets::default();
+        let mut found_dead = None;
+        for look in 0..60u64 {
+            let asked = look * 1000;
+            let mark = renewals.iter().filter(|r| *r + 600 <= asked).count() as u32;
+            k.observe(leases(Some(mark), 40), ms(asked), ms(asked + 300));
+            let alive = k.may_live("a").is_some();
+            if asked < died + 10_400 {
+                assert!(alive, "live at the look asked at {asked} ms");
+            }
+            if !alive && found_dead.is_none() {
+                found_dead = Some(asked - died);
+            }
+        }
+        let after = found_dead.expect("found dead");
+        assert!(
+            (10_000..=14_000).contains(&after),
+            "{after} ms after the death"
+        );
     }
 }

@@ -881,7 +881,9 @@ mod tests {
     /// In Kubernetes, a node whose berth lease lapsed while its kubelet still renews its
     /// own Lease keeps its volumes: berth's plugin died there, not the host, and nothing
     /// fenced the database still writing. The volume waits, said once on the claim, and
-    /// fails over once the kubelet's renewals stop too.
+    /// `berth promote` is refused; the out-of-service taint (an operator's word that the
+    /// node is down) still fails it over at once. (That it fails over once the kubelet
+    /// stops: tests/csr.rs.)
     #[tokio::test(flavor = "multi_thread")]
     async fn a_node_whose_kubelet_still_renews_does_not_fail_over_on_its_lease_alone() {
         use std::time::{Duration, Instant};
@@ -919,11 +921,9 @@ mod tests {
                 .map(|e| e.2.clone())
                 .collect::<Vec<_>>()
         };
-        // a's kubelet renews its 1 s Lease (2.25 s of grace) at every round, past a's own
-        // lease duration.
-        let renewing = Instant::now();
+        // a's kubelet renews its 1 s Lease (2.25 s of grace) at every round.
         let mut mark = 0;
-        while renewing.elapsed() < Duration::from_millis(2000) {
+        let mut renew_and_round = async |c: &Cluster| {
             mark += 1;
             api.3.lock().unwrap().insert(
                 "a".into(),
@@ -934,6 +934,10 @@ mod tests {
             );
             c.failover_round().await.unwrap();
             tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let renewing = Instant::now();
+        while renewing.elapsed() < Duration::from_millis(2000) {
+            renew_and_round(&c).await;
         }
         let live = c.liveness.as_ref().unwrap();
         assert!(live.lost("a"), "a's berth lease lapsed");
@@ -942,25 +946,22 @@ mod tests {
             ["VolumeFailoverWaiting"],
             "told once, on the claim"
         );
-        let id = vol.clone();
-        assert_eq!(store.get(&id).await.unwrap().unwrap().record.epoch, 1);
-        // The kubelet stops: a is dead, and the volume tries to fail over (no replica
-        // answers here, which is said too).
-        let stopped = Instant::now();
+        assert_eq!(store.get(&vol).await.unwrap().unwrap().record.epoch, 1);
+        let refused = c.promote_by_hand(&vol, None).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(refused.to_string().contains("kubelet"), "{refused}");
+        // Tainted while its kubelet still renews: it tries to fail over at once (no
+        // replica answers here, which is said too), without waiting for the kubelet.
+        api.1.lock().unwrap().insert("a".into());
+        let tainted = Instant::now();
         while reasons().len() < 2 {
             assert!(
-                stopped.elapsed() < Duration::from_secs(5),
+                tainted.elapsed() < Duration::from_secs(2),
                 "{:?}",
                 reasons()
             );
-            c.failover_round().await.unwrap();
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            renew_and_round(&c).await;
         }
-        assert!(
-            stopped.elapsed() >= Duration::from_secs(2),
-            "{:?}",
-            stopped.elapsed()
-        );
         assert_eq!(reasons(), ["VolumeFailoverWaiting", "VolumeUnavailable"]);
     }
 
