@@ -115,6 +115,7 @@ pub struct Metrics {
     polls: Family<PollLabels, Counter>,
     reachable: Family<NodeLabels, Gauge>,
     failovers: Family<NodeLabels, Counter>,
+    kubelet_looks: Family<OutcomeLabels, Counter>,
     /// The volumes `lag` has a sample for, so that one gone is removed.
     lagging: Mutex<BTreeSet<String>>,
     transfer: Arc<Counters>,
@@ -189,6 +190,12 @@ impl Default for Metrics {
             "Volumes failed over away from a lost node, by the node lost",
             failovers.clone(),
         );
+        let kubelet_looks = Family::default();
+        registry.register(
+            "berth_kubelet_lease_looks",
+            "The leading controller's looks at the kubelets' Leases in kube-node-lease, by outcome; while they fail, no node fails over on its lease alone",
+            kubelet_looks.clone(),
+        );
         let transfer = Arc::<Counters>::default();
         registry.register_collector(Box::new(TransferCollector(transfer.clone())));
         Metrics {
@@ -204,6 +211,7 @@ impl Default for Metrics {
             polls,
             reachable,
             failovers,
+            kubelet_looks,
             lagging: Mutex::default(),
             transfer,
         }
@@ -284,6 +292,15 @@ impl Metrics {
         self.failovers
             .get_or_create(&NodeLabels {
                 node: node.to_string(),
+            })
+            .inc();
+    }
+
+    /// A look at the kubelets' Leases ended.
+    pub fn kubelet_leases_looked(&self, read: bool) {
+        self.kubelet_looks
+            .get_or_create(&OutcomeLabels {
+                outcome: if read { "read" } else { "failed" },
             })
             .inc();
     }
@@ -750,6 +767,9 @@ mod tests {
         m.replication_round("succeeded", 1024);
         m.replication_lags(&[("v1".into(), 1.5), ("v2".into(), 3.0)]);
         m.replication_lags(&[("v2".into(), 2.0)]);
+        m.kubelet_leases_looked(true);
+        m.kubelet_leases_looked(false);
+        m.kubelet_leases_looked(false);
         let text = m.encode().unwrap();
         for line in [
             r#"berth_moves_total{outcome="succeeded"} 1"#,
@@ -758,6 +778,8 @@ mod tests {
             r#"berth_shipped_bytes_total{reason="replication"} 1024"#,
             r#"berth_replication_rounds_total{outcome="succeeded"} 1"#,
             r#"berth_replication_lag_seconds{volume="v2"} 2"#,
+            r#"berth_kubelet_lease_looks_total{outcome="read"} 1"#,
+            r#"berth_kubelet_lease_looks_total{outcome="failed"} 2"#,
             r#"berth_transfer_sent_bytes_total{kind="data"} 0"#,
             "# TYPE berth_transfers_completed_total counter",
         ] {

@@ -479,6 +479,7 @@ impl Cluster {
         if let Some(api) = &self.events {
             let asked = Instant::now();
             let look = api.kubelet_leases().await;
+            self.metrics.kubelet_leases_looked(look.is_ok());
             live.kubelets
                 .lock()
                 .expect("kubelets lock")
