@@ -628,6 +628,10 @@ enum Learns {
     /// renewing its own Lease, so the host and the database on it may live on, unfenced,
     /// and nothing fails over; once the kubelet stops too, the failover follows.
     WhenItsKubeletStops,
+    /// Never: node-a lives, and the API server freezes (SIGSTOP) for 15 s, longer than
+    /// the lease, so no node can renew. Every node fences its replicated primaries; once
+    /// the API server thaws, the controller resumes them, and nothing fails over.
+    NeverWhenTheApiServerFreezes,
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -643,6 +647,17 @@ async fn an_out_of_service_taint_fails_over_without_waiting_for_the_lease() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_whose_kubelet_still_renews_fails_over_only_once_it_stops() {
     node_loss_in_kubernetes(Learns::WhenItsKubeletStops).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_api_server_fences_and_resumes_without_failing_over() {
+    node_loss_in_kubernetes(Learns::NeverWhenTheApiServerFreezes).await;
+}
+
+/// Sends `signal` to the API server of `server`.
+fn signal_api_server(server: &ApiServer, signal: &str) {
+    let pid = std::fs::read_to_string(server.dir().join("pids/kube-apiserver.pid")).unwrap();
+    run(Command::new("kill").args([signal, pid.trim()]), "");
 }
 
 /// What node-a's kubelet does while its host runs: renews `kube-node-lease/node-a` (a 10 s
@@ -858,6 +873,48 @@ async fn node_loss_in_kubernetes(learns: Learns) {
         "{leases}"
     );
 
+    let events = || {
+        server.kubectl(
+            &[
+                "-n",
+                "db",
+                "get",
+                "events.events.k8s.io",
+                "-o",
+                "jsonpath={.items[*].reason}",
+            ],
+            "",
+        )
+    };
+    if learns == Learns::NeverWhenTheApiServerFreezes {
+        let epoch: u64 = spec("{.spec.epoch}").parse().unwrap();
+        signal_api_server(&server, "-STOP");
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        signal_api_server(&server, "-CONT");
+        // The fenced copy is resumed at a new epoch, on node-a.
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while spec("{.spec.epoch}").parse::<u64>().unwrap() <= epoch {
+            assert!(Instant::now() < deadline, "not resumed\n{}", logs());
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // Well past another lease duration: still node-a's, never failed over.
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        assert_eq!(spec("{.spec.primary}"), "node-a", "{}", logs());
+        assert_eq!(spec("{.spec.failover}"), "", "{}", logs());
+        let reasons = events();
+        assert!(!reasons.contains("VolumeFailedOver"), "{reasons}");
+        let log = std::fs::read_to_string(dir.join("controller.log")).unwrap();
+        assert!(
+            log.contains("volume resumed after a lease lapse"),
+            "{}",
+            logs()
+        );
+        eprintln!(
+            "{learns:?}: fenced, resumed at epoch {}",
+            spec("{.spec.epoch}")
+        );
+        return;
+    }
     // node-a's berth process dies (procs.children[1]).
     let _ = procs.children[1].kill();
     let _ = procs.children[1].wait();
@@ -873,19 +930,6 @@ async fn node_loss_in_kubernetes(learns: Learns) {
             "",
         );
     }
-    let events = || {
-        server.kubectl(
-            &[
-                "-n",
-                "db",
-                "get",
-                "events.events.k8s.io",
-                "-o",
-                "jsonpath={.items[*].reason}",
-            ],
-            "",
-        )
-    };
     let mut since = killed;
     if let Some(kubelet) = kubelet {
         // Past berth's 10 s lease and more: the volume waits, and says so on the claim.
@@ -922,6 +966,7 @@ async fn node_loss_in_kubernetes(learns: Learns) {
             (Duration::from_secs(2)..Duration::from_secs(10)).contains(&failed_over),
             "{failed_over:?}"
         ),
+        Learns::NeverWhenTheApiServerFreezes => unreachable!("returned above"),
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -142,9 +142,8 @@ impl LeaseStore for KubeLeases {
 pub struct Liveness {
     store: Arc<dyn LeaseStore>,
     pub timings: LeaseTimings,
-    started: Instant,
-    /// Each node's last mark, and when this controller first saw it.
-    seen: Mutex<BTreeMap<String, (String, Instant)>>,
+    /// What the looks at the nodes' renewal marks showed.
+    looks: Mutex<Looks>,
     /// Nodes an operator declared gone, or Kubernetes tainted out-of-service.
     gone: Mutex<BTreeSet<String>>,
     /// The Events already sent about a volume and its lost node (volume, node, message),
@@ -162,8 +161,12 @@ impl Liveness {
         Liveness {
             store,
             timings,
-            started: Instant::now(),
-            seen: Mutex::default(),
+            looks: Mutex::new(Looks {
+                seen: BTreeMap::new(),
+                start: Instant::now(),
+                looked: None,
+                blind: false,
+            }),
             gone: Mutex::default(),
             told: Mutex::default(),
             rounds: Default::default(),
@@ -205,42 +208,53 @@ impl Liveness {
             .await;
     }
 
-    /// Reads every mark; a changed one counts as a renewal now.
+    /// Looks at every mark; a changed one counts as a renewal when the look answered. A
+    /// look that takes longer than a lease period fails: a store that hangs (an API server
+    /// frozen) is as blind as one that refuses.
     async fn refresh(&self) -> Result<()> {
-        let marks = self.store.marks().await?;
-        let now = Instant::now();
-        let mut seen = self.seen.lock().expect("seen lock");
-        for (node, mark) in marks {
-            match seen.get(&node) {
-                Some((m, _)) if *m == mark => {}
-                _ => {
-                    seen.insert(node, (mark, now));
-                }
-            }
-        }
+        let asked = Instant::now();
+        let marks = within(
+            self.timings.period,
+            "read the lease marks",
+            self.store.marks(),
+        )
+        .await
+        .inspect_err(|_| {
+            self.looks.lock().expect("looks lock").blind = true;
+        })?;
+        self.looks
+            .lock()
+            .expect("looks lock")
+            .take_in(marks, asked, Instant::now());
         Ok(())
     }
 
-    /// Whether `node`'s lease has expired: no renewal seen for the lease duration (counted
-    /// from this controller's start for a node never seen), or the node was declared gone.
+    /// Whether `node`'s lease has expired: the last look was asked more than the lease
+    /// duration after the look that showed its last renewal answered (for a node never
+    /// seen, after this controller's start); or the node was declared gone.
+    ///
+    /// Judged on the looks, never on when it is asked: a renewal made after the last look
+    /// and before the node's fence keeps the node unfenced, and a long round deciding on
+    /// an old look must not count it as missed. A look asked after the lease duration had
+    /// run out would have shown any renewal made before the node's fence.
     pub fn lost(&self, node: &str) -> bool {
         if self.gone.lock().expect("gone lock").contains(node) {
             return true;
         }
-        let since = self
-            .seen
-            .lock()
-            .expect("seen lock")
-            .get(node)
-            .map_or(self.started, |(_, at)| *at);
-        since.elapsed() > self.timings.duration
+        let l = self.looks.lock().expect("looks lock");
+        let Some(looked) = l.looked else {
+            return false;
+        };
+        let since = l.seen.get(node).map_or(l.start, |(_, at)| *at);
+        looked.saturating_duration_since(since) > self.timings.duration
     }
 
     /// When `node`'s last renewal was seen, if ever.
     fn last_seen(&self, node: &str) -> Option<Instant> {
-        self.seen
+        self.looks
             .lock()
-            .expect("seen lock")
+            .expect("looks lock")
+            .seen
             .get(node)
             .map(|(_, at)| *at)
     }
@@ -280,6 +294,50 @@ impl Liveness {
         }
         gone.extend(nodes.iter().cloned());
         *tainted = nodes;
+    }
+}
+
+/// What the looks at the nodes' renewal marks showed.
+struct Looks {
+    /// Each node's last mark, and when the look that first showed it answered.
+    seen: BTreeMap<String, (String, Instant)>,
+    /// What a node never seen counts from: this controller's start.
+    start: Instant,
+    /// When the last look that answered was asked.
+    looked: Option<Instant>,
+    /// A look failed since then.
+    blind: bool,
+}
+
+impl Looks {
+    /// Takes in the marks of a look asked at `asked` and answered at `answered`.
+    ///
+    /// After looks failed, the time since the last one that answered does not count
+    /// towards any lease: the store was out of reach (the API server down, say), so the
+    /// nodes' renewals most likely failed too, and each node is judged again only on
+    /// looks from now on, with what was left of its lease before. Counting that time
+    /// would fail over every node whose first renewal after the outage came later than
+    /// this look: a mass failover of live nodes (fenced by then, so safe, but each
+    /// database moved for nothing).
+    fn take_in(&mut self, marks: BTreeMap<String, String>, asked: Instant, answered: Instant) {
+        if std::mem::take(&mut self.blind)
+            && let Some(prev) = self.looked
+        {
+            let gap = asked.saturating_duration_since(prev);
+            for (_, at) in self.seen.values_mut() {
+                *at += gap;
+            }
+            self.start += gap;
+        }
+        self.looked = Some(asked);
+        for (node, mark) in marks {
+            match self.seen.get(&node) {
+                Some((m, _)) if *m == mark => {}
+                _ => {
+                    self.seen.insert(node, (mark, answered));
+                }
+            }
+        }
     }
 }
 
@@ -326,7 +384,15 @@ impl Kubelets {
                 return;
             }
         };
-        self.failed = None;
+        // As with berth's leases (`Looks::take_in`), time the looks failed does not count.
+        if self.failed.take().is_some()
+            && let Some(prev) = self.looked
+        {
+            let gap = asked.saturating_duration_since(prev);
+            for (_, at, _) in self.seen.values_mut() {
+                *at += gap;
+            }
+        }
         self.looked = Some(asked);
         self.seen.retain(|node, _| leases.contains_key(node));
         for (node, l) in leases {
@@ -403,6 +469,9 @@ impl Cluster {
         let Some(live) = &self.liveness else {
             return Ok(());
         };
+        // Every round, for the kubelets' renewals to be timed to a round; before the
+        // marks, so that an outage that keeps them from being read is one for both.
+        self.look_at_kubelets(live).await;
         // Every record is read only when there may be something to do: a lost node, a
         // copy fenced by a lapse, or every tenth round (a promotion a crash left
         // unmade).
@@ -411,8 +480,6 @@ impl Cluster {
             .rounds
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         live.forget_told();
-        // Every round, for the kubelets' renewals to be timed to a round.
-        self.look_at_kubelets(live).await;
         if let Some(api) = &self.events {
             // Kubernetes' non-graceful shutdown signal, every few rounds: a list of every
             // Node.
@@ -478,7 +545,12 @@ impl Cluster {
     async fn look_at_kubelets(&self, live: &Liveness) {
         if let Some(api) = &self.events {
             let asked = Instant::now();
-            let look = api.kubelet_leases().await;
+            let look = within(
+                live.timings.period,
+                "list the kubelets' Leases",
+                api.kubelet_leases(),
+            )
+            .await;
             self.metrics.kubelet_leases_looked(look.is_ok());
             live.kubelets
                 .lock()
@@ -923,6 +995,20 @@ impl Held {
     }
 }
 
+/// `look` (named `what`), or a timeout once `limit` has passed.
+async fn within<T>(
+    limit: Duration,
+    what: &str,
+    look: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, look).await.unwrap_or_else(|_| {
+        Err(Error::Timeout {
+            command: what.to_string(),
+            timeout: limit,
+        })
+    })
+}
+
 fn holds(inv: &pb::InventoryResponse, vol: &VolumeId, role: pb::Role) -> bool {
     inv.volumes
         .iter()
@@ -1021,6 +1107,92 @@ mod tests {
             .collect())
     }
 
+    /// Renewal marks a test sets, or fails to give.
+    #[derive(Default)]
+    struct Marks {
+        marks: Mutex<BTreeMap<String, String>>,
+        failing: std::sync::atomic::AtomicBool,
+        hanging: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl LeaseStore for Marks {
+        fn renewed_by_controller(&self) -> bool {
+            false
+        }
+        async fn renew(&self, _: &str) -> Result<()> {
+            unreachable!()
+        }
+        async fn marks(&self) -> Result<BTreeMap<String, String>> {
+            if self.hanging.load(std::sync::atomic::Ordering::Relaxed) {
+                std::future::pending::<()>().await;
+            }
+            if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(Error::Unreachable {
+                    node: "api".into(),
+                    reason: "down".into(),
+                });
+            }
+            Ok(self.marks.lock().unwrap().clone())
+        }
+    }
+
+    fn short_leases() -> (Arc<Marks>, Liveness) {
+        let store = Arc::new(Marks::default());
+        store.marks.lock().unwrap().insert("a".into(), "1".into());
+        let timings = LeaseTimings {
+            period: Duration::from_millis(100),
+            duration: Duration::from_millis(500),
+            fence_after: Duration::from_millis(300),
+        };
+        (store.clone(), Liveness::new(store, timings))
+    }
+
+    /// A node is lost only once a look asked more than the lease duration after the look
+    /// that showed its last renewal shows no newer one. A decision made later than the
+    /// look (a long failover round) cannot count a renewal made after the look as missed:
+    /// that renewal may have come before the node's fence, and kept it unfenced.
+    #[tokio::test]
+    async fn a_lease_lapses_by_the_looks_not_by_when_it_is_asked_about() {
+        let (store, live) = short_leases();
+        live.refresh().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(!live.lost("a"), "nothing looked at since the renewal");
+        live.refresh().await.unwrap();
+        assert!(live.lost("a"), "a look 700 ms on shows no renewal");
+        store.marks.lock().unwrap().insert("a".into(), "2".into());
+        live.refresh().await.unwrap();
+        assert!(!live.lost("a"), "renewed");
+    }
+
+    /// Time the controller could not look (the API server down, or frozen: a look that
+    /// takes longer than a lease period fails) does not count towards a lease's expiry:
+    /// every node's renewals failed then too, and a node is judged again only on looks
+    /// after it, with what was left of its lease before.
+    #[tokio::test]
+    async fn time_the_controller_could_not_look_does_not_count() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (store, live) = short_leases();
+        live.refresh().await.unwrap();
+        store.failing.store(true, Relaxed);
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            live.refresh().await.unwrap_err();
+        }
+        store.failing.store(false, Relaxed);
+        store.hanging.store(true, Relaxed);
+        for _ in 0..4 {
+            let e = live.refresh().await.unwrap_err();
+            assert!(e.to_string().contains("did not finish"), "{e}");
+        }
+        store.hanging.store(false, Relaxed);
+        live.refresh().await.unwrap();
+        assert!(!live.lost("a"), "the 800 ms without looks do not count");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        live.refresh().await.unwrap();
+        assert!(live.lost("a"), "600 ms of looks without a renewal do");
+    }
+
     /// A kubelet counts as alive until a look asked more than a quarter of its Lease's
     /// duration plus 2 s after the look that showed its last renewal answered, still
     /// shows no newer one; never by the Lease's own times, nor by when it is asked about.
@@ -1095,6 +1267,25 @@ mod tests {
         assert!(why.contains("cannot be read"), "{why}");
         k.observe(leases(None, 40), ms(61_000), ms(61_100));
         assert_eq!(k.may_live("b"), None);
+        // Nor does the time the looks failed count against a kubelet (its renewals most
+        // likely failed too): 5.9 s of looks before the outage, then 6.5 s after it.
+        let mut k = Kubelets::default();
+        k.observe(leases(Some(1), 40), ms(0), ms(100));
+        k.observe(leases(Some(1), 40), ms(6_000), ms(6_100));
+        let down = || {
+            Err(Error::Unreachable {
+                node: "api".into(),
+                reason: "down".into(),
+            })
+        };
+        k.observe(down(), ms(7_000), ms(7_000));
+        k.observe(leases(Some(1), 40), ms(60_000), ms(60_100));
+        assert!(k.may_live("a").is_some(), "the outage does not count");
+        k.observe(leases(Some(1), 40), ms(66_500), ms(66_600));
+        assert!(
+            k.may_live("a").is_none(),
+            "12.4 s of looks without a renewal do"
+        );
     }
 
     /// At the kubelet's own timings (a 40 s Lease renewed every 10 s with up to 4 %
