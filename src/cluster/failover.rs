@@ -166,12 +166,16 @@ impl Liveness {
                 start: Instant::now(),
                 looked: None,
                 blind: false,
+                tolerance: timings.period,
             }),
             gone: Mutex::default(),
             told: Mutex::default(),
             rounds: Default::default(),
             tainted: Mutex::default(),
-            kubelets: Mutex::default(),
+            kubelets: Mutex::new(Kubelets {
+                tolerance: timings.period,
+                ..Kubelets::default()
+            }),
         }
     }
 
@@ -307,23 +311,25 @@ struct Looks {
     looked: Option<Instant>,
     /// A look failed since then.
     blind: bool,
+    /// How much blind time counts all the same: a lease period, what one missed renewal
+    /// costs a node anyway. Without it, looks that fail every other round would hold
+    /// every lease back for ever.
+    tolerance: Duration,
 }
 
 impl Looks {
     /// Takes in the marks of a look asked at `asked` and answered at `answered`.
     ///
     /// After looks failed, the time since the last one that answered does not count
-    /// towards any lease: the store was out of reach (the API server down, say), so the
-    /// nodes' renewals most likely failed too, and each node is judged again only on
-    /// looks from now on, with what was left of its lease before. Counting that time
-    /// would fail over every node whose first renewal after the outage came later than
-    /// this look: a mass failover of live nodes (fenced by then, so safe, but each
-    /// database moved for nothing).
+    /// towards any lease, beyond `tolerance`: the store was out of reach (the API server
+    /// down, say), so the nodes' renewals most likely failed too, and each node is judged
+    /// again on looks from now on, with about what was left of its lease before. Counting
+    /// that time would fail over every node whose first renewal after the outage came
+    /// later than this look: a mass failover of live nodes (fenced by then, so safe, but
+    /// each database moved for nothing).
     fn take_in(&mut self, marks: BTreeMap<String, String>, asked: Instant, answered: Instant) {
-        if std::mem::take(&mut self.blind)
-            && let Some(prev) = self.looked
-        {
-            let gap = asked.saturating_duration_since(prev);
+        if std::mem::take(&mut self.blind) {
+            let gap = blind_gap(self.looked, asked, self.tolerance);
             for (_, at) in self.seen.values_mut() {
                 *at += gap;
             }
@@ -362,6 +368,8 @@ struct Kubelets {
     looked: Option<Instant>,
     /// Why the last look failed: then no host can be said dead.
     failed: Option<String>,
+    /// How much time the looks failed counts all the same (`Looks::tolerance`).
+    tolerance: Duration,
 }
 
 impl Kubelets {
@@ -385,10 +393,8 @@ impl Kubelets {
             }
         };
         // As with berth's leases (`Looks::take_in`), time the looks failed does not count.
-        if self.failed.take().is_some()
-            && let Some(prev) = self.looked
-        {
-            let gap = asked.saturating_duration_since(prev);
+        if self.failed.take().is_some() {
+            let gap = blind_gap(self.looked, asked, self.tolerance);
             for (_, at, _) in self.seen.values_mut() {
                 *at += gap;
             }
@@ -421,6 +427,14 @@ impl Kubelets {
             .filter(|(_, at, grace)| looked.saturating_duration_since(*at) <= *grace)
             .map(|_| "the node's kubelet still renews its own Lease".to_string())
     }
+}
+
+/// The time from the last look that answered (`prev`) to one asked at `asked` that does
+/// not count, looks having failed in between: all of it beyond `tolerance`.
+fn blind_gap(prev: Option<Instant>, asked: Instant, tolerance: Duration) -> Duration {
+    prev.map_or(Duration::ZERO, |p| {
+        asked.saturating_duration_since(p).saturating_sub(tolerance)
+    })
 }
 
 /// How long after a kubelet renewal was seen the kubelet still counts as alive: its
@@ -1163,6 +1177,23 @@ mod tests {
         store.marks.lock().unwrap().insert("a".into(), "2".into());
         live.refresh().await.unwrap();
         assert!(!live.lost("a"), "renewed");
+    }
+
+    /// Looks that fail every other time do not hold a lease back: only blind time beyond
+    /// a lease period is set aside.
+    #[tokio::test]
+    async fn looks_that_fail_now_and_then_do_not_hold_a_lease_back() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (store, live) = short_leases();
+        live.refresh().await.unwrap();
+        let started = Instant::now();
+        while !live.lost("a") {
+            assert!(started.elapsed() < Duration::from_secs(2), "never lost");
+            let failing = !store.failing.load(Relaxed);
+            store.failing.store(failing, Relaxed);
+            let _ = live.refresh().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Time the controller could not look (the API server down, or frozen: a look that
