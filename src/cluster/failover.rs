@@ -1,8 +1,10 @@
 //! When a node dies: its leases, and the failover of its replicated volumes to their
 //! freshest replicas (docs/moving.md, "When a node dies").
 //!
-//! A node is lost once its lease has not been renewed for the lease duration, by this
-//! controller's clock from when it *saw* the last renewal ([`Liveness`]), or once an
+//! A node is lost once a look at the leases, asked more than the lease duration after the
+//! look that showed its last renewal, shows none, by this controller's clock, with time
+//! it could not look set aside ([`Liveness`]); in Kubernetes, only once its kubelet has
+//! stopped renewing too ([`Kubelets`]). Or once an
 //! operator or Kubernetes (the `node.kubernetes.io/out-of-service` taint) says it is gone.
 //! The node fenced its replicated primaries before that (`crate::lease`). For each
 //! replicated volume whose primary was there, one compare-and-swap on the placement record
@@ -213,12 +215,14 @@ impl Liveness {
     }
 
     /// Looks at every mark; a changed one counts as a renewal when the look answered. A
-    /// look that takes longer than a lease period fails: a store that hangs (an API server
-    /// frozen) is as blind as one that refuses.
+    /// look that takes longer than fence-after fails: a store that hangs (an API server
+    /// frozen) is as blind as one that refuses. (A slow look that answers is safe as it is:
+    /// it is judged from when it was asked; only one that would outlast a node's fence is
+    /// given up.)
     async fn refresh(&self) -> Result<()> {
         let asked = Instant::now();
         let marks = within(
-            self.timings.period,
+            self.timings.fence_after,
             "read the lease marks",
             self.store.marks(),
         )
@@ -560,7 +564,7 @@ impl Cluster {
         if let Some(api) = &self.events {
             let asked = Instant::now();
             let look = within(
-                live.timings.period,
+                live.timings.fence_after,
                 "list the kubelets' Leases",
                 api.kubelet_leases(),
             )
@@ -1218,7 +1222,7 @@ mod tests {
         }
         store.hanging.store(false, Relaxed);
         live.refresh().await.unwrap();
-        assert!(!live.lost("a"), "the 800 ms without looks do not count");
+        assert!(!live.lost("a"), "the time without looks does not count");
         tokio::time::sleep(Duration::from_millis(600)).await;
         live.refresh().await.unwrap();
         assert!(live.lost("a"), "600 ms of looks without a renewal do");

@@ -623,6 +623,8 @@ impl ClusterApi for KubeApi {
     }
 
     async fn kubelet_leases(&self) -> Result<BTreeMap<String, KubeletLease>> {
+        // A consistent read (never resourceVersion=0, a cache that may lag): a renewal
+        // acknowledged before this list was asked must be in it (docs/moving.md, "Leases").
         let list = Api::<Lease>::namespaced(self.client.clone(), KUBELET_LEASE_NAMESPACE)
             .list(&ListParams::default())
             .await
