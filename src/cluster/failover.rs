@@ -163,21 +163,12 @@ impl Liveness {
         Liveness {
             store,
             timings,
-            looks: Mutex::new(Looks {
-                seen: BTreeMap::new(),
-                start: Instant::now(),
-                looked: None,
-                blind: false,
-                tolerance: timings.period,
-            }),
+            looks: Mutex::new(Looks::new(timings.period)),
             gone: Mutex::default(),
             told: Mutex::default(),
             rounds: Default::default(),
             tainted: Mutex::default(),
-            kubelets: Mutex::new(Kubelets {
-                tolerance: timings.period,
-                ..Kubelets::default()
-            }),
+            kubelets: Mutex::new(Kubelets::new(timings.period)),
         }
     }
 
@@ -227,13 +218,11 @@ impl Liveness {
             self.store.marks(),
         )
         .await
-        .inspect_err(|_| {
-            self.looks.lock().expect("looks lock").blind = true;
-        })?;
+        .inspect_err(|_| self.looks.lock().expect("looks lock").failed())?;
         self.looks
             .lock()
             .expect("looks lock")
-            .take_in(marks, asked, Instant::now());
+            .take_in(&marks, asked, Instant::now());
         Ok(())
     }
 
@@ -249,22 +238,16 @@ impl Liveness {
         if self.gone.lock().expect("gone lock").contains(node) {
             return true;
         }
-        let l = self.looks.lock().expect("looks lock");
-        let Some(looked) = l.looked else {
-            return false;
-        };
-        let since = l.seen.get(node).map_or(l.start, |(_, at)| *at);
-        looked.saturating_duration_since(since) > self.timings.duration
+        self.looks
+            .lock()
+            .expect("looks lock")
+            .unrenewed(node)
+            .is_some_and(|d| d > self.timings.duration)
     }
 
     /// When `node`'s last renewal was seen, if ever.
     fn last_seen(&self, node: &str) -> Option<Instant> {
-        self.looks
-            .lock()
-            .expect("looks lock")
-            .seen
-            .get(node)
-            .map(|(_, at)| *at)
+        self.looks.lock().expect("looks lock").last_seen(node)
     }
 
     /// Why `node`'s host may still live, whatever became of berth's node plugin there:
@@ -305,11 +288,14 @@ impl Liveness {
     }
 }
 
-/// What the looks at the nodes' renewal marks showed.
+/// Renewal marks (one per node) as this controller's looks showed them: how long each
+/// node had gone without a renewal at the last look. berth's leases and the kubelets'
+/// are both kept so.
 struct Looks {
-    /// Each node's last mark, and when the look that first showed it answered.
-    seen: BTreeMap<String, (String, Instant)>,
-    /// What a node never seen counts from: this controller's start.
+    /// Each node's last mark, and when it was seen.
+    seen: BTreeMap<String, Seen>,
+    /// What a node never seen counts from: this controller's start, moved on by blind
+    /// time set aside.
     start: Instant,
     /// When the last look that answered was asked.
     looked: Option<Instant>,
@@ -321,8 +307,33 @@ struct Looks {
     tolerance: Duration,
 }
 
+/// A node's last mark.
+struct Seen {
+    mark: String,
+    /// When the look that first showed it answered.
+    at: Instant,
+    /// What its lack of renewal counts from: `at`, moved on by blind time set aside.
+    counts_from: Instant,
+}
+
 impl Looks {
-    /// Takes in the marks of a look asked at `asked` and answered at `answered`.
+    fn new(tolerance: Duration) -> Self {
+        Looks {
+            seen: BTreeMap::new(),
+            start: Instant::now(),
+            looked: None,
+            blind: false,
+            tolerance,
+        }
+    }
+
+    /// A look failed.
+    fn failed(&mut self) {
+        self.blind = true;
+    }
+
+    /// Takes in the marks of a look asked at `asked` and answered at `answered`; a
+    /// changed mark counts as a renewal at `answered`, the latest it can have been made.
     ///
     /// After looks failed, the time since the last one that answered does not count
     /// towards any lease, beyond `tolerance`: the store was out of reach (the API server
@@ -331,23 +342,51 @@ impl Looks {
     /// that time would fail over every node whose first renewal after the outage came
     /// later than this look: a mass failover of live nodes (fenced by then, so safe, but
     /// each database moved for nothing).
-    fn take_in(&mut self, marks: BTreeMap<String, String>, asked: Instant, answered: Instant) {
-        if std::mem::take(&mut self.blind) {
-            let gap = blind_gap(self.looked, asked, self.tolerance);
-            for (_, at) in self.seen.values_mut() {
-                *at += gap;
+    fn take_in<'a>(
+        &mut self,
+        marks: impl IntoIterator<Item = (&'a String, &'a String)>,
+        asked: Instant,
+        answered: Instant,
+    ) {
+        if std::mem::take(&mut self.blind)
+            && let Some(prev) = self.looked
+        {
+            let gap = asked
+                .saturating_duration_since(prev)
+                .saturating_sub(self.tolerance);
+            for s in self.seen.values_mut() {
+                s.counts_from += gap;
             }
             self.start += gap;
         }
         self.looked = Some(asked);
         for (node, mark) in marks {
-            match self.seen.get(&node) {
-                Some((m, _)) if *m == mark => {}
-                _ => {
-                    self.seen.insert(node, (mark, answered));
-                }
+            if self.seen.get(node).is_none_or(|s| s.mark != *mark) {
+                let s = Seen {
+                    mark: mark.clone(),
+                    at: answered,
+                    counts_from: answered,
+                };
+                self.seen.insert(node.clone(), s);
             }
         }
+    }
+
+    /// How long `node` had gone without a renewal at the last look (since this
+    /// controller's start for a node never seen); None before any look answered.
+    ///
+    /// Judged on the looks, never on when it is asked: a renewal made after the last look
+    /// may have kept the node from fencing, and a long round deciding on an old look must
+    /// not count it as missed. A look asked after a lease had run out would have shown any
+    /// renewal made before it ran out.
+    fn unrenewed(&self, node: &str) -> Option<Duration> {
+        let since = self.seen.get(node).map_or(self.start, |s| s.counts_from);
+        Some(self.looked?.saturating_duration_since(since))
+    }
+
+    /// When the look that showed `node`'s last renewal answered, if one did.
+    fn last_seen(&self, node: &str) -> Option<Instant> {
+        self.seen.get(node).map(|s| s.at)
     }
 }
 
@@ -363,23 +402,27 @@ impl Looks {
 /// A kubelet is judged only on what the looks showed, never on the time a decision is
 /// made: a decision that comes late in a round, or a list that was slow, must not turn a
 /// renewal nobody looked for into a death.
-#[derive(Default)]
 struct Kubelets {
-    /// Each node's last mark, when the look that first showed it answered (the renewal was
-    /// made before), and how long the kubelet counts as alive after that.
-    seen: BTreeMap<String, (String, Instant, Duration)>,
-    /// When the last look that answered was asked: what `seen` says holds until then.
-    looked: Option<Instant>,
+    /// The kubelets' renewal marks, as the looks showed them.
+    looks: Looks,
+    /// The grace of each kubelet Lease at the last look (one gone with its Node is not
+    /// here).
+    grace: BTreeMap<String, Duration>,
     /// Why the last look failed: then no host can be said dead.
     failed: Option<String>,
-    /// How much time the looks failed counts all the same (`Looks::tolerance`).
-    tolerance: Duration,
 }
 
 impl Kubelets {
+    fn new(tolerance: Duration) -> Self {
+        Kubelets {
+            looks: Looks::new(tolerance),
+            grace: BTreeMap::new(),
+            failed: None,
+        }
+    }
+
     /// Takes in one look at the kubelets' Leases, asked at `asked` and answered at
-    /// `answered`. A changed mark counts as a renewal at `answered`, the latest it can have
-    /// been made. A Lease gone (its Node deleted) takes its node with it.
+    /// `answered` ([`Looks::take_in`]).
     fn observe(
         &mut self,
         look: Result<BTreeMap<String, KubeletLease>>,
@@ -393,27 +436,17 @@ impl Kubelets {
                     tracing::warn!(error = %e, "cannot read the kubelets' Leases: no node fails over on its lease alone until they are read");
                 }
                 self.failed = Some(e.to_string());
+                self.looks.failed();
                 return;
             }
         };
-        // As with berth's leases (`Looks::take_in`), time the looks failed does not count.
-        if self.failed.take().is_some() {
-            let gap = blind_gap(self.looked, asked, self.tolerance);
-            for (_, at, _) in self.seen.values_mut() {
-                *at += gap;
-            }
-        }
-        self.looked = Some(asked);
-        self.seen.retain(|node, _| leases.contains_key(node));
-        for (node, l) in leases {
-            let grace = kubelet_grace(l.duration_secs);
-            match self.seen.get_mut(&node) {
-                Some((m, _, g)) if *m == l.mark => *g = grace,
-                _ => {
-                    self.seen.insert(node, (l.mark, answered, grace));
-                }
-            }
-        }
+        self.failed = None;
+        self.looks
+            .take_in(leases.iter().map(|(n, l)| (n, &l.mark)), asked, answered);
+        self.grace = leases
+            .iter()
+            .map(|(n, l)| (n.clone(), kubelet_grace(l.duration_secs)))
+            .collect();
     }
 
     /// Why `node`'s host may still live: the last look, asked within the grace of its
@@ -425,20 +458,10 @@ impl Kubelets {
         if let Some(e) = &self.failed {
             return Some(format!("the kubelets' Leases cannot be read ({e})"));
         }
-        let looked = self.looked?;
-        self.seen
-            .get(node)
-            .filter(|(_, at, grace)| looked.saturating_duration_since(*at) <= *grace)
-            .map(|_| "the node's kubelet still renews its own Lease".to_string())
+        let grace = self.grace.get(node)?;
+        (self.looks.unrenewed(node)? <= *grace)
+            .then(|| "the node's kubelet still renews its own Lease".to_string())
     }
-}
-
-/// The time from the last look that answered (`prev`) to one asked at `asked` that does
-/// not count, looks having failed in between: all of it beyond `tolerance`.
-fn blind_gap(prev: Option<Instant>, asked: Instant, tolerance: Duration) -> Duration {
-    prev.map_or(Duration::ZERO, |p| {
-        asked.saturating_duration_since(p).saturating_sub(tolerance)
-    })
 }
 
 /// How long after a kubelet renewal was seen the kubelet still counts as alive: its
@@ -1201,7 +1224,7 @@ mod tests {
     }
 
     /// Time the controller could not look (the API server down, or frozen: a look that
-    /// takes longer than a lease period fails) does not count towards a lease's expiry:
+    /// takes longer than fence-after fails) does not count towards a lease's expiry:
     /// every node's renewals failed then too, and a node is judged again only on looks
     /// after it, with what was left of its lease before.
     #[tokio::test]
@@ -1209,6 +1232,7 @@ mod tests {
         use std::sync::atomic::Ordering::Relaxed;
         let (store, live) = short_leases();
         live.refresh().await.unwrap();
+        let seen = Instant::now();
         store.failing.store(true, Relaxed);
         for _ in 0..4 {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1223,6 +1247,9 @@ mod tests {
         store.hanging.store(false, Relaxed);
         live.refresh().await.unwrap();
         assert!(!live.lost("a"), "the time without looks does not count");
+        // The renewal was seen when it was (the writes a failover loses count from it),
+        // whatever time was set aside.
+        assert!(live.last_seen("a").unwrap() <= seen);
         tokio::time::sleep(Duration::from_millis(600)).await;
         live.refresh().await.unwrap();
         assert!(live.lost("a"), "600 ms of looks without a renewal do");
@@ -1282,14 +1309,14 @@ mod tests {
             ),
         ];
         for (what, looks, duration, alive) in cases {
-            let mut k = Kubelets::default();
+            let mut k = Kubelets::new(Duration::ZERO);
             for (asked, answered, mark) in looks {
                 k.observe(leases(mark, duration), ms(asked), ms(answered));
             }
             assert_eq!(k.may_live("a").is_some(), alive, "{what}");
         }
         // A failed look says nothing of any host: none counts as dead until one succeeds.
-        let mut k = Kubelets::default();
+        let mut k = Kubelets::new(Duration::ZERO);
         k.observe(
             Err(Error::Unreachable {
                 node: "api".into(),
@@ -1304,7 +1331,7 @@ mod tests {
         assert_eq!(k.may_live("b"), None);
         // Nor does the time the looks failed count against a kubelet (its renewals most
         // likely failed too): 5.9 s of looks before the outage, then 6.5 s after it.
-        let mut k = Kubelets::default();
+        let mut k = Kubelets::new(Duration::ZERO);
         k.observe(leases(Some(1), 40), ms(0), ms(100));
         k.observe(leases(Some(1), 40), ms(6_000), ms(6_100));
         let down = || {
@@ -1333,7 +1360,7 @@ mod tests {
         // Renewals made at these times, the last one 0.4 s late, each visible 600 ms on.
         let renewals = [0u64, 10_400, 20_800, 31_200];
         let died = 31_200 + 1;
-        let mut k = Kubelets::default();
+        let mut k = Kubelets::new(Duration::ZERO);
         let mut found_dead = None;
         for look in 0..60u64 {
             let asked = look * 1000;
