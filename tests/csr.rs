@@ -654,12 +654,6 @@ async fn a_frozen_api_server_fences_and_resumes_without_failing_over() {
     node_loss_in_kubernetes(Learns::NeverWhenTheApiServerFreezes).await;
 }
 
-/// Sends `signal` to the API server of `server`.
-fn signal_api_server(server: &ApiServer, signal: &str) {
-    let pid = std::fs::read_to_string(server.dir().join("pids/kube-apiserver.pid")).unwrap();
-    run(Command::new("kill").args([signal, pid.trim()]), "");
-}
-
 /// What node-a's kubelet does while its host runs: renews `kube-node-lease/node-a` (a 10 s
 /// Lease, renewed every second here) until told to stop.
 fn kubelet_renewing(
@@ -888,9 +882,9 @@ async fn node_loss_in_kubernetes(learns: Learns) {
     };
     if learns == Learns::NeverWhenTheApiServerFreezes {
         let epoch: u64 = spec("{.spec.epoch}").parse().unwrap();
-        signal_api_server(&server, "-STOP");
+        server.signal(nix::sys::signal::Signal::SIGSTOP);
         tokio::time::sleep(Duration::from_secs(15)).await;
-        signal_api_server(&server, "-CONT");
+        server.signal(nix::sys::signal::Signal::SIGCONT);
         // The fenced copy is resumed at a new epoch, on node-a.
         let deadline = Instant::now() + Duration::from_secs(40);
         while spec("{.spec.epoch}").parse::<u64>().unwrap() <= epoch {

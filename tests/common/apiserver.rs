@@ -199,6 +199,15 @@ impl ApiServer {
         &self.dir
     }
 
+    /// Sends `signal` to the kube-apiserver process: SIGSTOP freezes it (its clients'
+    /// requests hang), SIGCONT thaws it.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = std::fs::read_to_string(self.dir.join("pids/kube-apiserver.pid"))
+            .expect("the API server's pid file");
+        let pid = pid.trim().parse().expect("a pid");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("kill");
+    }
+
     /// kubectl as admin, to run as the caller likes (e.g. when failing is an answer).
     pub fn kubectl_command(&self) -> Command {
         let mut cmd = Command::new(&self.kubectl);
